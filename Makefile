@@ -1,0 +1,34 @@
+# The commands the README names. `make setup run` on a fresh machine; `make test` for the tests.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DO_NOT_TRACK=1
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export GX_ANALYTICS_ENABLED=False
+export MLFLOW_DISABLE_TELEMETRY=true
+export HF_HUB_OFFLINE=1
+
+.PHONY: setup data run test bench clean
+
+setup: $(BIN)/udaflow
+
+$(BIN)/udaflow: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+data: setup
+	$(BIN)/udaflow data build
+
+run: data
+	$(BIN)/udaflow run --profile quick
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: data
+	$(BIN)/udaflow bench --shifts synth:mnist,mnist:mnistm --methods source_only,oracle,dann,cdan,mcc,cdtrans --seeds 1 --profile quick --out bench.json
+
+clean:
+	rm -rf runs bench.json

@@ -1,0 +1,141 @@
+"""Typed run configuration, loaded from params.yaml.
+
+params.yaml holds every parameter (DVC reads it too). A profile (`quick`, `full`) is a partial
+config deep-merged over the base; `--set a.b=value` overrides are applied last. Every model is
+`extra="forbid"`, so a misspelt key fails with its dotted path instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    root: Path = Path("data/raw")  # where domains live: <root>/<domain>/<class>/<file> + manifest.csv
+    synth_size: int = Field(10000, gt=0)  # images rendered for the built-in `synth` domain
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per-domain stratified split: source val / target test
+    image_size: int = Field(32, gt=0)  # every image is resized to this square size when loaded
+
+
+class ModelConfig(_Strict):
+    backbone: str = "udaflow_vit_tiny"  # any timm model name
+    pretrained: str | None = None  # path to a local weights file, or "timm" for the local timm/HF cache
+    backbone_args: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for timm.create_model
+
+
+class AugmentConfig(_Strict):
+    translate: int = Field(3, ge=0)  # random shift in pixels (pad + crop)
+    color: bool = True  # random brightness/contrast/channel mix per image
+    invert: float = Field(0.0, ge=0, le=1)  # probability of inverting an image
+
+
+class TrainConfig(_Strict):
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = Field(64, gt=0)  # per domain: a step sees batch_size source + batch_size target images
+    lr: float = Field(1e-3, gt=0)  # peak AdamW learning rate for source pretraining
+    adapt_lr: float = Field(3e-4, gt=0)  # peak learning rate when adapting from the source checkpoint
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine decay to 0
+    grad_clip: float = Field(1.0, gt=0)
+    pretrain_steps: int = Field(1000, ge=0)  # source pretraining steps (shared by the methods of a shift)
+    adapt_steps: int = Field(1000, ge=0)  # adaptation steps per method
+    eval_every: int = Field(200, gt=0)  # steps between label-free validator evaluations (checkpoint candidates)
+    checkpoint_every: int = Field(200, gt=0)  # steps between atomic checkpoint writes (resume points)
+    deterministic: bool = True  # torch deterministic algorithms + fixed seeds (CPU runs are bit-identical)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    progress: bool = True  # rich progress bar
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class BenchConfig(_Strict):
+    protocol: Literal["transductive", "holdout"] = "transductive"  # default of `udaflow bench --protocol`
+
+
+class Config(_Strict):
+    seed: int = 0
+    source: str = "synth"
+    target: str = "mnist"
+    method: str = "cdtrans"
+    validator: str = "im"  # label-free score the engine uses to keep its best checkpoint
+    work_dir: Path = Path("runs")  # checkpoints and per-run outputs
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-method options, see methods/*.py
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=0.001` -> (["train", "lr"], 0.001); the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.001")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: key '{key}': {msg}"
+
+
+def load_config(
+    path: str | Path = "params.yaml",
+    profile: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Read params.yaml, merge the profile and the `key=value` overrides, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    profiles = raw.pop("profiles", {}) or {}
+    if profile is not None:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigError(f"{path}: unknown profile '{profile}' (known: {known})")
+        raw = deep_merge(raw, profiles[profile] or {})
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(str(path), exc)) from None

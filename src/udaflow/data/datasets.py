@@ -1,0 +1,170 @@
+"""In-memory image sets and the label firewall.
+
+Domains are small (thousands of 32x32 images), so a domain is decoded once into a uint8 tensor
+and batches are drawn by index: no DataLoader workers to fight over two CPU cores.
+
+The firewall is a type: target adaptation data is an `UnlabelledImages`, which has no label
+field at all, so no training code can read target labels by accident. Labelled target data
+(`LabelledImages`) exists only for evaluation and for the benchmark-only `oracle`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from udaflow.data.manifest import DataError, ManifestRow, read_manifest
+
+
+@dataclass(frozen=True)
+class UnlabelledImages:
+    """Images without labels: (N, 3, H, W) uint8. The only kind of target data training sees."""
+
+    images: torch.Tensor
+    domain: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Images with class indices into `classes`: (N, 3, H, W) uint8 and (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    domain: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def without_labels(self) -> UnlabelledImages:
+        return UnlabelledImages(self.images, self.domain)
+
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """Any PIL-readable image -> (3, size, size) uint8 RGB (16-bit and alpha handled)."""
+    with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float32)
+            img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8), "L")
+        if img.mode in ("RGBA", "LA", "P"):
+            img = img.convert("RGBA")
+            bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(bg, img)
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img).transpose(2, 0, 1).copy()
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A domain on disk: its folder and manifest rows."""
+
+    name: str
+    root: Path
+    rows: tuple[ManifestRow, ...]
+
+    @classmethod
+    def open(cls, data_root: Path, name: str) -> "Domain":
+        root = Path(data_root) / name
+        if not root.is_dir():
+            raise DataError(f"{root}: domain '{name}' not found; build it with `udaflow data build --domains {name}`")
+        return cls(name, root, tuple(read_manifest(root)))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(sorted({r.label for r in self.rows if r.label}, key=_class_key))
+
+    def select(self, split: Literal["train", "test", "all"]) -> list[ManifestRow]:
+        rows = [r for r in self.rows if split == "all" or r.split == split]
+        bad = [r.path for r in rows if not r.decodable]
+        if bad:
+            raise DataError(f"{self.root / bad[0]}: not a decodable image ({len(bad)} such files in '{self.name}')")
+        return rows
+
+    def pixels(self, rows: list[ManifestRow], size: int) -> torch.Tensor:
+        if not rows:
+            raise DataError(f"{self.root}: no images in the requested split of domain '{self.name}'")
+        return torch.from_numpy(np.stack([decode_image(self.root / r.path, size) for r in rows]))
+
+    def labelled(self, split: Literal["train", "test", "all"], classes: tuple[str, ...], size: int) -> LabelledImages:
+        rows = self.select(split)
+        index = {c: i for i, c in enumerate(classes)}
+        unlabelled = [r.path for r in rows if not r.label]
+        if unlabelled:
+            raise DataError(f"{self.root / unlabelled[0]}: has no label but labelled data was requested")
+        unknown = sorted({r.label for r in rows} - set(index))
+        if unknown:
+            raise DataError(
+                f"{self.root}: class(es) {unknown} of domain '{self.name}' are unknown to the source classes {list(classes)}"
+            )
+        labels = torch.tensor([index[r.label] for r in rows], dtype=torch.int64)
+        return LabelledImages(self.pixels(rows, size), labels, classes, self.name)
+
+    def unlabelled(self, split: Literal["train", "test", "all"], size: int) -> UnlabelledImages:
+        # labels are never read here: only paths go to the decoder
+        return UnlabelledImages(self.pixels(self.select(split), size), self.name)
+
+    def has_labels(self, split: Literal["train", "test", "all"]) -> bool:
+        rows = self.select(split)
+        return bool(rows) and all(r.label for r in rows)
+
+
+def _class_key(name: str):
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+@dataclass(frozen=True)
+class ShiftData:
+    """Everything one source -> target shift needs, with the firewall in the types.
+
+    source_train / source_val: labelled source splits.
+    target_adapt: the unlabelled adaptation pool (what training sees of the target).
+    target_eval: labelled target images accuracy is reported on (None when the target has no labels).
+    """
+
+    source_train: LabelledImages
+    source_val: LabelledImages
+    target_adapt: UnlabelledImages
+    target_eval: LabelledImages | None
+    protocol: str
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.source_train.classes
+
+
+def load_shift(
+    data_root: Path, source: str, target: str, image_size: int, protocol: Literal["transductive", "holdout"] = "holdout"
+) -> ShiftData:
+    """Load a shift. `holdout`: adapt on target train, report on target test. `transductive`
+    (the literature's protocol): adapt on every target image, report accuracy over all of them."""
+    if source == target:
+        raise DataError(f"source and target are both '{source}': pick two different domains")
+    src, tgt = Domain.open(data_root, source), Domain.open(data_root, target)
+    classes = src.classes
+    if not classes:
+        raise DataError(f"{src.root}: source domain '{source}' has no labelled images")
+    adapt_split = "all" if protocol == "transductive" else "train"
+    eval_split = "all" if protocol == "transductive" else "test"
+    target_eval = tgt.labelled(eval_split, classes, image_size) if tgt.has_labels(eval_split) else None
+    return ShiftData(
+        source_train=src.labelled("train", classes, image_size),
+        source_val=src.labelled("test", classes, image_size),
+        target_adapt=tgt.unlabelled(adapt_split, image_size),
+        target_eval=target_eval,
+        protocol=protocol,
+    )
+
+
+def load_oracle_data(data_root: Path, target: str, classes: tuple[str, ...], image_size: int) -> LabelledImages:
+    """Target-train WITH labels: for the benchmark-only `oracle` upper bound, never for a candidate."""
+    return Domain.open(data_root, target).labelled("train", classes, image_size)

@@ -1,0 +1,101 @@
+"""Per-domain manifests: one CSV row per image file.
+
+Columns: path (relative to the domain folder), label (class name, empty when unknown), split
+(train | test), sha256, width, height, mode, decodable. The manifest is written in a fixed order
+(sorted by path) so the same files always give byte-identical manifests.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MANIFEST_NAME = "manifest.csv"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    path: str
+    label: str
+    split: str
+    sha256: str
+    width: int
+    height: int
+    mode: str
+    decodable: bool
+
+
+COLUMNS = [f.name for f in fields(ManifestRow)]
+
+
+def describe_image(file: Path, root: Path, label: str, split: str) -> ManifestRow:
+    data = file.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            width, height, mode, ok = img.width, img.height, img.mode, True
+    except Exception:  # noqa: BLE001 - any decoder failure means "not decodable"
+        width, height, mode, ok = 0, 0, "", False
+    return ManifestRow(file.relative_to(root).as_posix(), label, split, digest, width, height, mode, ok)
+
+
+def write_manifest(root: Path, rows: list[ManifestRow]) -> Path:
+    rows = sorted(rows, key=lambda r: r.path)
+    out = root / MANIFEST_NAME
+    tmp = out.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (int(v) if isinstance(v, bool) else v) for k, v in asdict(row).items()})
+    tmp.replace(out)
+    return out
+
+
+def read_manifest(root: Path) -> list[ManifestRow]:
+    path = root / MANIFEST_NAME
+    if not path.exists():
+        raise DataError(f"{path}: no manifest; build the domain with `udaflow data build` or `udaflow data ingest`")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(COLUMNS) - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}: missing columns {sorted(missing)}")
+        return [
+            ManifestRow(
+                r["path"], r["label"], r["split"], r["sha256"],
+                int(r["width"]), int(r["height"]), r["mode"], r["decodable"] in ("1", "True", "true"),
+            )
+            for r in reader
+        ]
+
+
+def stratified_split(labels: list[str], holdout_fraction: float, seed: int) -> list[str]:
+    """Return 'train'/'test' per item: each class keeps ~holdout_fraction of its items in 'test'.
+
+    Unlabelled items (empty label) are split as one group. Seeded, so splits are reproducible.
+    """
+    rng = np.random.default_rng(seed)
+    splits = ["train"] * len(labels)
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    for label in sorted(by_class):
+        idx = np.array(by_class[label])
+        rng.shuffle(idx)
+        n_test = int(round(len(idx) * holdout_fraction))
+        for i in idx[:n_test]:
+            splits[i] = "test"
+    return splits

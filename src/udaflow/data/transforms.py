@@ -1,0 +1,43 @@
+"""Batch transforms on tensors (no per-image PIL work: two CPU cores can't afford it)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from udaflow.config import AugmentConfig
+
+MEAN, STD = 0.5, 0.5
+
+
+def to_input(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> normalised float32 on device."""
+    return (images.to(device, non_blocking=True).float().div_(255.0) - MEAN) / STD
+
+
+def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random shift, colour jitter, channel mixing and inversion: (B, 3, H, W) uint8 -> uint8.
+
+    Randomness comes from `generator` (on CPU) so a seeded run draws the same augmentations.
+    """
+    b, _, h, w = images.shape
+    x = images.float() / 255.0
+    if cfg.translate > 0:
+        t = cfg.translate
+        padded = F.pad(x, (t, t, t, t), mode="replicate")  # (B, 3, H+2t, W+2t)
+        dx = torch.randint(0, 2 * t + 1, (b,), generator=generator).tolist()
+        dy = torch.randint(0, 2 * t + 1, (b,), generator=generator).tolist()
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+    if cfg.color:
+        # random convex channel mix: covers grey<->colour and hue swaps between domains
+        mix = torch.rand(b, 3, 3, generator=generator) + torch.eye(3) * 2.0
+        mix = mix / mix.sum(dim=2, keepdim=True)  # rows sum to 1: (B, 3 out, 3 in)
+        x = torch.einsum("boi,bihw->bohw", mix, x)
+        contrast = 0.6 + 0.8 * torch.rand(b, 1, 1, 1, generator=generator)
+        brightness = 0.3 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * contrast + mean + brightness
+    if cfg.invert > 0:
+        flip = (torch.rand(b, 1, 1, 1, generator=generator) < cfg.invert).float()
+        x = flip * (1.0 - x) + (1.0 - flip) * x
+    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)

@@ -1,0 +1,312 @@
+"""The one training / evaluation loop, for every method.
+
+The engine owns the optimiser (AdamW, no decay on norms and biases), the schedule (linear warm-up
+then cosine), AMP (bf16 autocast on CUDA), checkpoints (atomic, every N steps, resumable to the
+same bits on CPU), the label-free checkpoint selection and the progress bar. Methods only turn a
+batch into named losses.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from udaflow.config import TrainConfig
+from udaflow.data.datasets import LabelledImages, UnlabelledImages
+from udaflow.data.transforms import augment, to_input
+from udaflow.methods.base import Batch, Method, StepContext
+from udaflow.models.heads import Classifier
+from udaflow.validators import get_validator, score_all
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = True, num_threads: int | None = None) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _autocast(device: torch.device, amp: bool):
+    enabled = amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def predict(
+    classifier: Classifier, images: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 512, amp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) and logits (N, K) on CPU, float32, in eval mode; restores the train/eval mode."""
+    device = torch.device(device)
+    was_training = classifier.training
+    classifier.eval()
+    feats, logits = [], []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = to_input(images[i : i + batch_size], device)
+            with _autocast(device, amp):
+                f = classifier.features(x)
+                g = classifier.head(f)
+            feats.append(f.float().cpu())
+            logits.append(g.float().cpu())
+    finally:
+        classifier.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(1) == labels).float().mean() * 100.0)
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    pred = logits.argmax(1)
+    out: list[float | None] = []
+    for k in range(num_classes):
+        mask = labels == k
+        out.append(float((pred[mask] == k).float().mean() * 100.0) if mask.any() else None)
+    return out
+
+
+def evaluate(classifier: Classifier, data: LabelledImages, device: torch.device | str = "cpu") -> dict[str, Any]:
+    _, logits = predict(classifier, data.images, device)
+    return {
+        "acc": accuracy(logits, data.labels),
+        "per_class": per_class_accuracy(logits, data.labels, len(data.classes)),
+        "logits": logits,
+    }
+
+
+@dataclass
+class TrainResult:
+    last_state: dict[str, torch.Tensor]  # classifier weights after the last step
+    selected_state: dict[str, torch.Tensor]  # classifier weights the label-free validator preferred
+    selected_step: int
+    selected_by: str
+    validator_history: list[dict[str, float]]  # one row per evaluation: step + every validator score
+    loss_history: list[dict[str, float]]  # mean of each named loss per evaluation interval
+    steps: int
+    seconds: float  # wall time of the optimisation steps (this call; excludes refresh/eval)
+    train_images: int  # input images the optimisation steps consumed (this call)
+    device: str
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.train_images / self.seconds if self.seconds > 0 else 0.0
+
+
+def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def train(
+    classifier: Classifier,
+    method: Method,
+    source: LabelledImages,
+    target: UnlabelledImages | None,
+    cfg: TrainConfig,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    validator: str = "im",
+    checkpoint_path: Path | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Run `steps` optimisation steps of `method` on labelled `source` and unlabelled `target`.
+
+    `target` also feeds the label-free validator that picks `selected_state` (every
+    `cfg.eval_every` steps). Resumes from `checkpoint_path` when it holds a checkpoint.
+    """
+    get_validator(validator)  # fail before training on an unknown name
+    device = resolve_device(cfg.device)
+    seed_everything(seed, cfg.deterministic, cfg.num_threads)
+    classifier.to(device).train()
+    method.to(device).train()
+    optimiser = torch.optim.AdamW(_param_groups([classifier, method], cfg.weight_decay), lr=lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg.warmup_steps, steps))
+    generator = torch.Generator().manual_seed(seed)
+    use_target = target is not None and (method.uses_target or method.draws_own_batches)
+    source_labels = source.labels
+
+    def source_inputs(idx: torch.Tensor) -> torch.Tensor:
+        return to_input(augment(source.images[idx], cfg.augment, generator), device)
+
+    def target_inputs(idx: torch.Tensor) -> torch.Tensor:
+        return to_input(augment(target.images[idx], cfg.augment, generator), device)
+
+    def embed_source():
+        return predict(classifier, source.images, device, amp=cfg.amp)
+
+    def embed_target():
+        return predict(classifier, target.images, device, amp=cfg.amp)
+
+    start, best_score, best_step, best_state = 0, -math.inf, 0, None
+    validator_history: list[dict[str, float]] = []
+    loss_history: list[dict[str, float]] = []
+    if checkpoint_path is not None and checkpoint_path.exists():
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        classifier.load_state_dict(ckpt["classifier"])
+        method.load_state_dict(ckpt["method"])
+        method.load_extra_state(ckpt["method_extra"])
+        optimiser.load_state_dict(ckpt["optimiser"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start, best_score, best_step = ckpt["step"], ckpt["best_score"], ckpt["best_step"]
+        best_state = ckpt["best_state"]
+        validator_history, loss_history = ckpt["validator_history"], ckpt["loss_history"]
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_path is None:
+            return
+        _atomic_save(
+            {
+                "step": step,
+                "classifier": classifier.state_dict(),
+                "method": method.state_dict(),
+                "method_extra": method.extra_state(),
+                "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "best_score": best_score,
+                "best_step": best_step,
+                "best_state": best_state,
+                "validator_history": validator_history,
+                "loss_history": loss_history,
+            },
+            checkpoint_path,
+        )
+
+    score_fn = get_validator(validator)
+    sums: dict[str, float] = {}
+    count = 0
+    seconds, images = 0.0, 0
+    progress = _progress(cfg.progress, description, steps, start)
+    with progress:
+        task = progress.add_task(description, total=steps, completed=start)
+        for step in range(start, steps):
+            ctx = StepContext(
+                step=step, total_steps=steps, batch_size=cfg.batch_size, generator=generator, device=device,
+                source_inputs=source_inputs, target_inputs=target_inputs, source_labels=source_labels,
+                embed_source=embed_source, embed_target=embed_target,
+            )
+            if method.refresh_every and target is not None and step % method.refresh_every == 0:
+                # on resume between refreshes the method's restored extra state (e.g. pairs) is used
+                method.refresh(classifier, ctx)
+            t0 = time.perf_counter()
+            batch = None
+            if not method.draws_own_batches:
+                s_idx = torch.randint(len(source), (cfg.batch_size,), generator=generator)
+                x_t = t_idx = None
+                if use_target:
+                    t_idx = torch.randint(len(target), (cfg.batch_size,), generator=generator)
+                    x_t = target_inputs(t_idx)
+                batch = Batch(source_inputs(s_idx), source_labels[s_idx].to(device), x_t, t_idx)
+            with _autocast(device, cfg.amp):
+                losses = method(classifier, batch, ctx)
+            optimiser.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimiser.param_groups for p in g["params"]], cfg.grad_clip)
+            optimiser.step()
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - t0
+            images += cfg.batch_size * (2 if use_target else 1)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            count += 1
+            done = step + 1
+            progress.update(task, advance=1, description=f"{description} loss {float(losses['loss'].detach()):.3f}")
+            if done % cfg.eval_every == 0 or done == steps:
+                loss_history.append({"step": done, **{k: v / count for k, v in sums.items()}})
+                sums, count = {}, 0
+                if target is not None:
+                    _, logits = embed_target()
+                    scores = score_all(logits)
+                    validator_history.append({"step": done, **scores})
+                    if scores[validator] > best_score:
+                        best_score, best_step = scores[validator], done
+                        best_state = copy.deepcopy({k: v.cpu() for k, v in classifier.state_dict().items()})
+            if done % cfg.checkpoint_every == 0 or done == steps:
+                checkpoint(done)
+
+    last_state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+    if best_state is None:
+        best_state, best_step = last_state, steps
+    return TrainResult(
+        last_state=last_state,
+        selected_state=best_state,
+        selected_step=best_step,
+        selected_by=validator if target is not None else "last",
+        validator_history=validator_history,
+        loss_history=loss_history,
+        steps=steps,
+        seconds=seconds,
+        train_images=images,
+        device=str(device),
+        resumed_from=start,
+    )
+
+
+def _progress(enabled: bool, description: str, total: int, completed: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=True,
+    )

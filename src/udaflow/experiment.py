@@ -1,0 +1,158 @@
+"""The pipeline's steps as plain functions: pretrain on the source, adapt to the target, evaluate.
+
+`udaflow run`, `udaflow bench` (and the Prefect tasks that wrap them) call these; each is one
+step of the sentence "pretrain on the labelled source, adapt to the unlabelled target, evaluate".
+Source pretraining is cached on disk, keyed on the source manifest's content and every parameter
+that shapes the source model, so methods of one shift share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from udaflow.config import Config
+from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
+from udaflow.data.manifest import MANIFEST_NAME
+from udaflow.engine import TrainResult, evaluate, peak_rss_mb, predict, train
+from udaflow.methods import create_method, get_method_class
+from udaflow.models import Classifier, build_classifier
+from udaflow.validators import score_all
+
+
+def new_classifier(cfg: Config, num_classes: int) -> Classifier:
+    return build_classifier(cfg.model.backbone, num_classes, cfg.model.pretrained, **cfg.model.backbone_args)
+
+
+def source_cache_key(cfg: Config, source: str, num_classes: int) -> str:
+    """Content hash of the source manifest + every parameter the source model depends on."""
+    manifest = (cfg.data.root / source / MANIFEST_NAME).read_bytes()
+    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "progress", "device", "num_threads", "eval_every", "checkpoint_every", "amp"})
+    shaping = {
+        "manifest": hashlib.sha256(manifest).hexdigest(),
+        "model": cfg.model.model_dump(mode="json"),
+        "train": train_cfg,
+        "image_size": cfg.data.image_size,
+        "source_only": cfg.methods.get("source_only", {}),
+        "num_classes": num_classes,
+        "seed": cfg.seed,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StageResult:
+    """A trained classifier (last iterate) plus what the engine measured."""
+
+    classifier: Classifier
+    train: TrainResult
+    wall_seconds: float
+    cached: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path | None = None) -> StageResult:
+    """Supervised source training; reuses a cached result for the same source content and params.
+
+    The unlabelled target pool is passed only to score checkpoints with the label-free validator.
+    """
+    classifier = new_classifier(cfg, len(data.classes))
+    key = source_cache_key(cfg, source, len(data.classes))
+    cache = Path(cache_dir or cfg.work_dir / "cache") / f"source-{source}-{key}.pt"
+    if cache.exists():
+        saved = torch.load(cache, map_location="cpu", weights_only=False)
+        classifier.load_state_dict(saved["result"].last_state)
+        return StageResult(classifier, saved["result"], saved["wall_seconds"], cached=True, info={"cache": str(cache), "key": key})
+    t0 = time.perf_counter()
+    method = create_method("source_only", classifier, cfg.methods.get("source_only"))
+    result = train(
+        classifier, method, data.source_train, data.target_adapt, cfg.train,
+        steps=cfg.train.pretrain_steps, lr=cfg.train.lr, seed=cfg.seed, validator=cfg.validator,
+        checkpoint_path=cache.with_suffix(".ckpt"), description=f"pretrain {source}",
+    )
+    wall = time.perf_counter() - t0
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"result": result, "wall_seconds": wall}, tmp)
+    tmp.replace(cache)
+    cache.with_suffix(".ckpt").unlink(missing_ok=True)
+    return StageResult(classifier, result, wall, info={"cache": str(cache), "key": key})
+
+
+def adapt_to_target(
+    cfg: Config,
+    method_name: str,
+    source_model: StageResult,
+    source_train: LabelledImages,
+    target_adapt: UnlabelledImages,
+    checkpoint_path: Path | None = None,
+) -> StageResult:
+    """Adapt a copy of the source model with `method_name` on labelled source + unlabelled target."""
+    cls = get_method_class(method_name)
+    if cls.uses_target_labels:
+        raise ValueError(f"method '{method_name}' trains on target labels: use train_oracle (benchmark only)")
+    classifier = new_classifier(cfg, len(source_train.classes))
+    classifier.load_state_dict(source_model.train.last_state)
+    method = create_method(method_name, classifier, cfg.methods.get(method_name))
+    t0 = time.perf_counter()
+    result = train(
+        classifier, method, source_train, target_adapt, cfg.train,
+        steps=cfg.train.adapt_steps, lr=cfg.train.adapt_lr, seed=cfg.seed + 1, validator=cfg.validator,
+        checkpoint_path=checkpoint_path, description=f"adapt {method_name}",
+    )
+    return StageResult(classifier, result, time.perf_counter() - t0)
+
+
+def train_oracle(cfg: Config, source_model: StageResult, target_train_labelled: LabelledImages, target_adapt: UnlabelledImages) -> StageResult:
+    """The upper bound: fine-tune the source model on labelled target-train. Benchmark only."""
+    classifier = new_classifier(cfg, len(target_train_labelled.classes))
+    classifier.load_state_dict(source_model.train.last_state)
+    method = create_method("oracle", classifier, cfg.methods.get("oracle"))
+    t0 = time.perf_counter()
+    result = train(
+        classifier, method, target_train_labelled, target_adapt, cfg.train,
+        steps=cfg.train.adapt_steps, lr=cfg.train.adapt_lr, seed=cfg.seed + 1, validator=cfg.validator,
+        description="oracle",
+    )
+    return StageResult(classifier, result, time.perf_counter() - t0)
+
+
+def evaluate_stage(cfg: Config, stage: StageResult, data: ShiftData, target_eval: LabelledImages | None = None) -> dict[str, Any]:
+    """Accuracy of the last iterate and of the validator-selected checkpoint, plus label-free scores.
+
+    Target labels are read here and only here, after training has finished.
+    """
+    from udaflow.engine import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    target_eval = target_eval if target_eval is not None else data.target_eval
+    classifier = stage.classifier
+    out: dict[str, Any] = {}
+    classifier.load_state_dict(stage.train.last_state)
+    classifier.to(device)
+    _, target_logits = predict(classifier, data.target_adapt.images, device)
+    out["validators"] = score_all(target_logits)
+    out["source_val_acc"] = evaluate(classifier, data.source_val, device)["acc"]
+    if target_eval is not None:
+        last = evaluate(classifier, target_eval, device)
+        out["target_acc"] = last["acc"]
+        out["target_per_class_acc"] = last["per_class"]
+    classifier.load_state_dict(stage.train.selected_state)
+    if target_eval is not None:
+        out["target_acc_selected"] = evaluate(classifier, target_eval, device)["acc"]
+    out["source_val_acc_selected"] = evaluate(classifier, data.source_val, device)["acc"]
+    out["selected_by"] = stage.train.selected_by
+    out["selected_step"] = stage.train.selected_step
+    classifier.load_state_dict(stage.train.last_state)  # leave the last iterate in place
+    out["seconds"] = round(stage.wall_seconds, 2)
+    out["train_images_per_s"] = round(stage.train.images_per_s, 1)
+    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    out["device"] = stage.train.device
+    out["cached"] = stage.cached
+    return out

@@ -1,0 +1,87 @@
+"""What every method sees: a batch, a step context, and the Method base class.
+
+A method owns its extra modules (discriminators...) and returns named losses; the engine owns
+optimisers, schedules, AMP and checkpoints. No training loop lives in a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+
+from udaflow.models.heads import Classifier
+
+
+@dataclass
+class Batch:
+    source: torch.Tensor  # (B, 3, H, W) augmented, normalised source images
+    source_labels: torch.Tensor  # (B,) class indices
+    target: torch.Tensor | None  # (B, 3, H, W) augmented, normalised target images; no labels exist here
+    target_index: torch.Tensor | None  # (B,) positions of those images in the unlabelled target set
+
+
+@dataclass
+class StepContext:
+    step: int
+    total_steps: int
+    batch_size: int
+    generator: torch.Generator  # CPU generator for any sampling a method does (seeded, checkpointed)
+    device: torch.device
+    source_inputs: Callable[[torch.Tensor], torch.Tensor]  # indices -> augmented source images (B, 3, H, W)
+    target_inputs: Callable[[torch.Tensor], torch.Tensor]  # indices -> augmented target images
+    source_labels: torch.Tensor  # (Ns,) labels of the whole source set (source labels are allowed)
+    embed_source: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> features (Ns, D), logits (Ns, K), eval mode
+    embed_target: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> features (Nt, D), logits (Nt, K), eval mode
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        return self.step / max(1, self.total_steps)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, a `Config` dataclass, and implement `forward`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type("Config", (), {})
+    uses_target_labels: ClassVar[bool] = False  # True only for the benchmark-only oracle
+    uses_target: ClassVar[bool] = True  # False: batches carry no target images (saves time)
+    draws_own_batches: ClassVar[bool] = False  # True: forward gets batch=None and samples via ctx
+    refresh_every: int | None = None  # steps between `refresh` calls (pseudo-labels); None = never
+
+    def __init__(self, classifier: Classifier, config: Any):
+        super().__init__()
+        self.config = config
+
+    def refresh(self, classifier: Classifier, ctx: StepContext) -> None:
+        """Recompute whatever the method derives from the whole data (e.g. pseudo-labels)."""
+
+    def forward(self, classifier: Classifier, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    # what must survive a resume besides parameters (e.g. pseudo-label pairs)
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def config_from_dict(cls: type, values: dict[str, Any], where: str):
+    """Build a method's Config dataclass; unknown keys and wrong types name their dotted path."""
+    from udaflow.config import ConfigError
+
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(known)})")
+        expected = type(known[key].default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, expected):
+            raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
+    return cls(**values)

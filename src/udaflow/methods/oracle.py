@@ -1,0 +1,32 @@
+"""oracle: supervised on TARGET labels; the upper bound. Benchmark only: never a registered candidate.
+
+    L = CE(g(f(x_t)), y_t)
+
+The engine feeds it labelled target-train images in the source slot of the batch: the caller
+(bench) builds that data explicitly through `load_oracle_data`, the one door to target labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from udaflow.methods import register_method
+from udaflow.methods.base import Method
+
+
+@dataclass
+class OracleConfig:
+    label_smoothing: float = 0.1
+
+
+@register_method("oracle")
+class Oracle(Method):
+    Config = OracleConfig
+    uses_target = False
+    uses_target_labels = True
+
+    def forward(self, classifier, batch, ctx):
+        cls = F.cross_entropy(classifier(batch.source), batch.source_labels, label_smoothing=self.config.label_smoothing)
+        return {"loss": cls, "cls": cls}

@@ -1,0 +1,55 @@
+"""Classifier = backbone + linear head; the shared adversarial blocks (gradient reversal,
+domain discriminator) used by dann and cdan."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Classifier(nn.Module):
+    """backbone (pooled features, (B, D)) -> linear head -> logits (B, K). `forward` always returns logits."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = int(backbone.num_features)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)  # (B, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, K)
+
+
+class _GradientReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, coeff: float) -> torch.Tensor:
+        ctx.coeff = coeff
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.coeff * grad, None
+
+
+def grad_reverse(x: torch.Tensor, coeff: float = 1.0) -> torch.Tensor:
+    """Identity forward; multiplies the gradient by -coeff backward (Ganin & Lempitsky 2015)."""
+    return _GradientReverse.apply(x, coeff)
+
+
+class DomainDiscriminator(nn.Sequential):
+    """MLP (B, in_features) -> (B, 1) logit that the input came from the source domain."""
+
+    def __init__(self, in_features: int, hidden: int = 256):
+        super().__init__(
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, 1),
+        )

@@ -1,0 +1,112 @@
+"""The CLI end to end on tiny data: build, ingest, run (with source-model reuse), bench, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from udaflow.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ws")
+    params = yaml.safe_load(Path(__file__).parents[2].joinpath("params.yaml").read_text())
+    params["data"].update(root=str(root / "data/raw"), synth_size=120)
+    params["work_dir"] = str(root / "runs")
+    params["model"]["backbone"] = "udaflow_vit_micro"
+    params["train"].update(
+        pretrain_steps=30, adapt_steps=12, eval_every=6, checkpoint_every=6, warmup_steps=3,
+        batch_size=16, progress=False,
+    )
+    params["methods"]["cdtrans"]["refresh_every"] = 6
+    params["profiles"]["quick"]["train"] = {"pretrain_steps": 30, "adapt_steps": 12}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def invoke(args: list[str], ws: Path):
+    return runner.invoke(app, [*args, "--params", str(ws / "params.yaml")])
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("data", "run", "bench"):
+        assert cmd in result.output
+    assert runner.invoke(app, ["data", "build", "--help"]).exit_code == 0
+
+
+def test_build_ingest_run_bench(workspace: Path):
+    ws = workspace
+    result = invoke(["data", "build", "--domains", "synth"], ws)
+    assert result.exit_code == 0, result.output
+    assert (ws / "data/raw/synth/manifest.csv").exists()
+
+    # a user ImageFolder made from another synth rendering, ingested as a second domain
+    other = ws / "other"
+    from udaflow.data.domains import build_domain
+
+    build_domain("synth", other, seed=5, synth_size=60)
+    user_folder = other / "synth"
+    (user_folder / "manifest.csv").unlink()
+    result = invoke(["data", "ingest", str(user_folder), "--name", "fonts-b"], ws)
+    assert result.exit_code == 0, result.output
+    rows = (ws / "data/raw/fonts-b/manifest.csv").read_text().splitlines()
+    assert len(rows) == 61 and rows[0].startswith("path,label,split,sha256")
+
+    result = invoke(["run", "--source", "synth", "--target", "fonts-b", "--method", "dann"], ws)
+    assert result.exit_code == 0, result.output
+    assert "source model: trained" in result.output
+    metrics = json.loads((ws / "runs/synth-to-fonts-b/dann/metrics.json").read_text())
+    assert 0.0 <= metrics["target_acc"] <= 100.0
+    assert metrics["selected_by"] == "im"
+    assert set(metrics["validators"]) == {"entropy", "im", "snd", "bnm"}
+
+    # a second method on the same source reuses the cached source model
+    result = invoke(["run", "--source", "synth", "--target", "fonts-b", "--method", "mcc"], ws)
+    assert result.exit_code == 0, result.output
+    assert "source model: reused cached checkpoint" in result.output
+
+    out = ws / "bench.json"
+    result = invoke(
+        ["bench", "--shifts", "synth:fonts-b", "--methods", "source_only,oracle,dann,cdtrans", "--seeds", "1",
+         "--profile", "quick", "--protocol", "holdout", "--out", str(out)],
+        ws,
+    )
+    assert result.exit_code == 0, result.output
+    bench = json.loads(out.read_text())
+    assert [r["method"] for r in bench] == ["source_only", "oracle", "dann", "cdtrans"]
+    for row in bench:
+        for key in ("shift", "seed", "target_acc", "target_acc_selected", "selected_by", "source_val_acc",
+                    "seconds", "train_images_per_s", "peak_rss_mb", "validators"):
+            assert key in row, key
+        assert row["shift"] == "synth:fonts-b"
+        assert 0.0 <= row["target_acc"] <= 100.0
+    assert bench[0]["cached_pretraining"] is True  # pretraining shared with the earlier runs
+    assert bench[2]["train_images_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--method", "nope"], "unknown method 'nope'"),
+        (["run", "--set", "train.lrr=1"], "train.lrr"),
+        (["run", "--set", "train.batch_size=many"], "train.batch_size"),
+        (["run", "--set", "model.backbone=not_a_timm_model", "--source", "synth", "--target", "fonts-b"], "unknown backbone"),
+        (["run", "--source", "synth", "--target", "missing-domain"], "missing-domain"),
+        (["bench", "--shifts", "synth-mnist"], "SOURCE:TARGET"),
+    ],
+)
+def test_errors_are_one_line_and_nonzero(workspace: Path, args, needle):
+    result = invoke(args, workspace)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output
