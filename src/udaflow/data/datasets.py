@@ -93,7 +93,13 @@ class Domain:
     def pixels(self, rows: list[ManifestRow], size: int) -> torch.Tensor:
         if not rows:
             raise DataError(f"{self.root}: no images in the requested split of domain '{self.name}'")
-        return torch.from_numpy(np.stack([decode_image(self.root / r.path, size) for r in rows]))
+        arrays = []
+        for r in rows:
+            try:
+                arrays.append(decode_image(self.root / r.path, size))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise DataError(f"{self.root / r.path}: cannot be decoded ({exc}); rebuild or re-ingest '{self.name}'") from None
+        return torch.from_numpy(np.stack(arrays))
 
     def labelled(self, split: Literal["train", "test", "all"], classes: tuple[str, ...], size: int) -> LabelledImages:
         rows = self.select(split)

@@ -22,7 +22,7 @@ from udaflow.models.heads import DomainDiscriminator
 
 
 def multilinear_map(features: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """(B, D) x (B, K) -> (B, D*K) outer product per sample."""
+    """(B, D) x (B, K) -> (B, K*D) outer product p ⊗ f per sample, class-major."""
     return torch.bmm(probs.unsqueeze(2), features.unsqueeze(1)).flatten(1)  # (B, K, D) -> (B, K*D)
 
 

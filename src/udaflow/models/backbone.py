@@ -120,7 +120,15 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> nn.Mo
             raise BackboneError(f"{path}: pretrained weights file not found")
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if len(missing) == len(list(model.state_dict())):
+        own = model.state_dict()
+        matching = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+        wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if wrong_shape:
+            raise BackboneError(
+                f"{path}: tensor '{wrong_shape[0]}' has shape {tuple(state[wrong_shape[0]].shape)}, "
+                f"backbone '{name}' expects {tuple(own[wrong_shape[0]].shape)} ({len(wrong_shape)} mismatches)"
+            )
+        if not matching:
             raise BackboneError(f"{path}: no tensor in this file matches backbone '{name}'")
+        model.load_state_dict(state, strict=False)
     return model

@@ -1,0 +1,86 @@
+"""Backbones: udaflow's ViTs are real timm models; names and weight files fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from udaflow.models import BackboneError, build_classifier, create_backbone
+from udaflow.models.backbone import ConvStem
+
+
+def test_udaflow_vit_tiny_is_a_timm_vision_transformer():
+    model = timm.create_model("udaflow_vit_tiny", num_classes=10)
+    assert isinstance(model, VisionTransformer)
+    assert isinstance(model.patch_embed, ConvStem)
+    assert model.num_classes == 10 and model.head.out_features == 10
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    # the stem's tokens cover the 32x32 image exactly
+    grid = model.patch_embed.grid_size
+    assert grid[0] * model.patch_embed.patch_size[0] == 32 and model.patch_embed.num_patches == grid[0] * grid[1]
+    assert model.patch_embed(torch.zeros(1, 3, 32, 32)).shape == (1, model.patch_embed.num_patches, model.embed_dim)
+
+
+def test_micro_backbone_returns_pooled_features():
+    bb = create_backbone("udaflow_vit_micro")
+    assert isinstance(bb, VisionTransformer)
+    assert bb.num_classes == 0  # no classifier: forward returns pooled features
+    with torch.no_grad():
+        assert bb.eval()(torch.zeros(3, 3, 32, 32)).shape == (3, bb.num_features)
+    clf = build_classifier("udaflow_vit_micro", 5)
+    with torch.no_grad():
+        assert clf.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_unknown_backbone_raises():
+    with pytest.raises(BackboneError, match="unknown backbone 'not_a_model'"):
+        create_backbone("not_a_model")
+
+
+def test_udaflow_backbones_have_no_published_weights():
+    with pytest.raises(BackboneError, match="model.pretrained"):
+        timm.create_model("udaflow_vit_tiny", pretrained=True)
+
+
+def test_missing_weights_file_raises():
+    with pytest.raises(BackboneError, match="/nonexistent.pt"):
+        create_backbone("udaflow_vit_micro", pretrained="/nonexistent.pt")
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["state_dict", "wrapped_in_state_dict_key"])
+def test_weights_file_round_trip(tmp_path, wrapped):
+    torch.manual_seed(1)
+    original = create_backbone("udaflow_vit_micro")
+    state = original.state_dict()
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": state} if wrapped else state, path)
+    torch.manual_seed(2)
+    loaded = create_backbone("udaflow_vit_micro", pretrained=str(path))
+    assert loaded.state_dict().keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    fresh = create_backbone("udaflow_vit_micro")
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
+
+
+def test_weights_file_without_matching_tensors_raises(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"something.else": torch.zeros(3)}, path)
+    with pytest.raises(BackboneError, match="no tensor in this file matches"):
+        create_backbone("udaflow_vit_micro", pretrained=str(path))
+
+
+def test_weights_of_another_architecture_raise_backbone_error(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(create_backbone("udaflow_vit_tiny").state_dict(), path)
+    with pytest.raises(BackboneError):
+        create_backbone("udaflow_vit_micro", pretrained=str(path))
+
+
+def test_conv_stem_rejects_other_patch_sizes():
+    with pytest.raises(BackboneError, match="patch_size"):
+        ConvStem(patch_size=16)

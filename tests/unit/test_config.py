@@ -1,0 +1,155 @@
+"""params.yaml loading: profiles, --set overrides, and errors that name the file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from udaflow.config import Config, ConfigError, deep_merge, load_config, parse_override
+from udaflow.methods import create_method
+from udaflow.models import build_classifier
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+PARAMS = """\
+seed: 3
+source: synth
+target: mnist
+train:
+  batch_size: 32
+  lr: 0.002
+  augment:
+    translate: 2
+    color: true
+methods:
+  dann: {trade_off: 1.0}
+profiles:
+  quick:
+    train: {batch_size: 8, augment: {color: false}}
+    methods: {dann: {hidden: 16}}
+  empty:
+"""
+
+
+@pytest.fixture
+def params(tmp_path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS)
+    return path
+
+
+def test_base_values_and_defaults(params):
+    cfg = load_config(params)
+    assert isinstance(cfg, Config)
+    assert cfg.seed == 3 and cfg.train.batch_size == 32 and cfg.train.lr == 0.002
+    assert cfg.train.augment.translate == 2 and cfg.train.augment.color is True
+    assert cfg.train.eval_every == 200  # not in the file: the model's default
+    assert cfg.methods == {"dann": {"trade_off": 1.0}}
+
+
+def test_profile_is_deep_merged(params):
+    cfg = load_config(params, profile="quick")
+    assert cfg.train.batch_size == 8
+    assert cfg.train.lr == 0.002  # sibling kept
+    assert cfg.train.augment.color is False and cfg.train.augment.translate == 2  # nested sibling kept
+    assert cfg.methods == {"dann": {"trade_off": 1.0, "hidden": 16}}
+    assert load_config(params, profile="empty").train.batch_size == 32  # an empty profile changes nothing
+
+
+def test_overrides_are_typed_as_yaml_and_win_last(params):
+    cfg = load_config(
+        params, profile="quick",
+        overrides=[
+            "train.batch_size=4", "train.lr=0.01", "train.progress=false", "model.pretrained=null",
+            "target=mnistm", "methods.dann.hidden=64", "methods.mcc.temperature=2.0", "model.backbone_args={depth: 1}",
+        ],
+    )
+    assert cfg.train.batch_size == 4 and isinstance(cfg.train.batch_size, int)
+    assert cfg.train.lr == 0.01
+    assert cfg.train.progress is False
+    assert cfg.model.pretrained is None
+    assert cfg.target == "mnistm"
+    assert cfg.methods["dann"] == {"trade_off": 1.0, "hidden": 64}  # override beats the profile
+    assert cfg.methods["mcc"] == {"temperature": 2.0}  # new sections are created
+    assert cfg.model.backbone_args == {"depth": 1}
+
+
+def test_parse_override():
+    assert parse_override("train.lr=0.001") == (["train", "lr"], 0.001)
+    assert parse_override("a.b=true") == (["a", "b"], True)
+    assert parse_override("x=[1, 2]") == (["x"], [1, 2])
+    assert parse_override("s=a=b") == (["s"], "a=b")  # split on the first '=' only
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("train.lr")
+
+
+def test_override_through_a_value_is_an_error(params):
+    with pytest.raises(ConfigError, match="'seed' is not a section"):
+        load_config(params, overrides=["seed.x=1"])
+
+
+def test_unknown_key_names_dotted_path_and_file(params):
+    params.write_text(PARAMS.replace("  lr: 0.002", "  lr: 0.002\n  lrr: 0.1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(params)
+    message = str(info.value)
+    assert str(params) in message
+    assert "'train.lrr'" in message and "unknown key" in message
+
+
+def test_unknown_nested_key_from_override(params):
+    with pytest.raises(ConfigError, match=r"key 'train\.augment\.flip': unknown key"):
+        load_config(params, overrides=["train.augment.flip=true"])
+
+
+def test_wrong_type_names_key(params):
+    with pytest.raises(ConfigError) as info:
+        load_config(params, overrides=["train.batch_size=many"])
+    assert "'train.batch_size'" in str(info.value) and str(params) in str(info.value)
+    with pytest.raises(ConfigError, match=r"'train\.warmup_steps'"):
+        load_config(params, overrides=["train.warmup_steps=-1"])  # out of range
+    with pytest.raises(ConfigError, match=r"'bench\.protocol'"):
+        load_config(params, overrides=["bench.protocol=sometimes"])
+
+
+def test_unknown_profile_lists_known(params):
+    with pytest.raises(ConfigError) as info:
+        load_config(params, profile="huge")
+    message = str(info.value)
+    assert "unknown profile 'huge'" in message and "empty, quick" in message and str(params) in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(listy)
+
+
+def test_deep_merge_does_not_mutate_inputs():
+    base = {"a": {"b": 1, "c": {"d": 2}}, "e": 1}
+    over = {"a": {"c": {"d": 3}}, "f": 4}
+    merged = deep_merge(base, over)
+    assert merged == {"a": {"b": 1, "c": {"d": 3}}, "e": 1, "f": 4}
+    assert base == {"a": {"b": 1, "c": {"d": 2}}, "e": 1}
+    merged["a"]["c"]["d"] = 99
+    assert over["a"]["c"]["d"] == 3
+
+
+@pytest.mark.skipif(not REPO_PARAMS.exists(), reason="no params.yaml at the repository root")
+def test_repository_params_load_with_every_profile():
+    import yaml
+
+    profiles = [None, *(yaml.safe_load(REPO_PARAMS.read_text()).get("profiles") or {})]
+    clf = build_classifier("udaflow_vit_micro", 3)
+    for profile in profiles:
+        cfg = load_config(REPO_PARAMS, profile=profile)
+        for name, options in cfg.methods.items():  # every method option in params.yaml is a real option
+            create_method(name, clf, options)

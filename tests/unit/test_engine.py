@@ -1,0 +1,170 @@
+"""The training engine: bit-identical resume, atomic checkpoints, label-free selection, accuracy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from udaflow import engine
+from udaflow.methods import create_method
+from udaflow.models import build_classifier
+from udaflow.validators import VALIDATORS, score_all
+
+
+class Killed(Exception):
+    """Stands in for a kill -9 in the middle of a run."""
+
+
+def _fresh(name, options, kill_at_call=None):
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3)
+    method = create_method(name, clf, options)
+    if kill_at_call is not None:
+        forward, calls = method.forward, [0]
+
+        def dying_forward(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == kill_at_call:
+                raise Killed(f"killed at forward call {calls[0]}")
+            return forward(*args, **kwargs)
+
+        method.forward = dying_forward
+    return clf, method
+
+
+def _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=None):
+    source, target, _ = tiny_shift
+    clf, method = _fresh(name, options, kill_at_call)
+    return engine.train(clf, method, source, target, cfg, steps=20, lr=3e-3, seed=0, checkpoint_path=ckpt)
+
+
+RESUME_CASES = [
+    pytest.param("source_only", None, id="source_only"),
+    pytest.param("dann", None, id="dann"),  # method parameters, BatchNorm buffers, GRL schedule
+    pytest.param("cdtrans", {"refresh_every": 5}, id="cdtrans-refresh5"),  # pairs in extra_state
+    # refreshes at 0, 7, 14: the resume at step 10 must keep the restored pairs, not refresh
+    pytest.param("cdtrans", {"refresh_every": 7}, id="cdtrans-refresh7"),
+]
+
+
+@pytest.mark.parametrize("name, options", RESUME_CASES)
+def test_resume_after_kill_is_bit_identical(name, options, tiny_shift, make_train_config, tmp_path):
+    cfg = make_train_config(checkpoint_every=10, eval_every=10, deterministic=True)
+    uninterrupted = _run(name, options, tiny_shift, cfg, tmp_path / "a" / "ckpt.pt")
+
+    ckpt = tmp_path / "b" / "ckpt.pt"
+    with pytest.raises(Killed):
+        _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=16)  # dies inside step 16
+    assert torch.load(ckpt, weights_only=False)["step"] == 10
+    resumed = _run(name, options, tiny_shift, cfg, ckpt)
+
+    assert resumed.resumed_from == 10
+    assert uninterrupted.last_state.keys() == resumed.last_state.keys()
+    for key, value in uninterrupted.last_state.items():
+        assert torch.equal(value, resumed.last_state[key]), key
+    assert resumed.loss_history == uninterrupted.loss_history
+    assert resumed.validator_history == uninterrupted.validator_history
+    assert resumed.selected_step == uninterrupted.selected_step
+    for key, value in uninterrupted.selected_state.items():
+        assert torch.equal(value, resumed.selected_state[key]), key
+
+
+def test_resume_of_a_finished_run_does_no_step(tiny_shift, make_train_config, tmp_path):
+    cfg = make_train_config()
+    ckpt = tmp_path / "ckpt.pt"
+    first = _run("source_only", None, tiny_shift, cfg, ckpt)
+    again = _run("source_only", None, tiny_shift, cfg, ckpt)
+    assert again.resumed_from == 20 and again.train_images == 0
+    for key, value in first.last_state.items():
+        assert torch.equal(value, again.last_state[key]), key
+
+
+def test_checkpoint_is_written_atomically(tiny_shift, make_train_config, tmp_path, monkeypatch):
+    cfg = make_train_config(checkpoint_every=10)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    _run("source_only", None, tiny_shift, cfg, ckpt)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt.pt"]  # no .tmp left behind
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["step"] == 20
+
+    # a crash half-way through writing the next checkpoint leaves the previous one intact
+    ckpt2 = tmp_path / "run2" / "ckpt.pt"
+    real_save, saves = torch.save, [0]
+
+    def crashing_save(obj, f, *args, **kwargs):
+        saves[0] += 1
+        if saves[0] == 2:  # the step-20 checkpoint: write some bytes, then die
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
+            raise Killed("killed while writing")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(engine.torch, "save", crashing_save)
+    with pytest.raises(Killed):
+        _run("source_only", None, tiny_shift, cfg, ckpt2)
+    monkeypatch.setattr(engine.torch, "save", real_save)
+    assert torch.load(ckpt2, weights_only=False)["step"] == 10
+
+
+def test_selected_state_has_the_best_validator_score(tiny_shift, make_train_config):
+    source, target, _ = tiny_shift
+    cfg = make_train_config(eval_every=4)
+    clf, method = _fresh("dann", None)
+    result = engine.train(clf, method, source, target, cfg, steps=20, lr=3e-3, seed=0, validator="entropy")
+
+    history = result.validator_history
+    assert [h["step"] for h in history] == [4, 8, 12, 16, 20]
+    for row in history:
+        assert set(row) == {"step", *VALIDATORS}
+    best = max(history, key=lambda h: h["entropy"])  # first maximum wins ties, like the engine
+    assert result.selected_by == "entropy"
+    assert result.selected_step == best["step"]
+
+    # the selected weights really are the ones that scored best
+    check = build_classifier("udaflow_vit_micro", 3)
+    check.load_state_dict(result.selected_state)
+    _, logits = engine.predict(check, target.images)
+    assert score_all(logits)["entropy"] == pytest.approx(best["entropy"], abs=1e-5)
+    if result.selected_step != 20:
+        assert any(not torch.equal(result.selected_state[k], result.last_state[k]) for k in result.last_state)
+
+
+def test_without_target_the_last_state_is_selected(tiny_shift, make_train_config):
+    source, _, _ = tiny_shift
+    clf, method = _fresh("source_only", None)
+    result = engine.train(clf, method, source, None, make_train_config(), steps=10, lr=3e-3, seed=0)
+    assert result.selected_by == "last" and result.selected_step == 10
+    assert result.validator_history == []
+    for k, v in result.last_state.items():
+        assert torch.equal(v, result.selected_state[k])
+
+
+def test_unknown_validator_fails_before_training(tiny_shift, make_train_config):
+    source, target, _ = tiny_shift
+    clf, method = _fresh("source_only", None)
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    with pytest.raises(ValueError, match="unknown validator 'nope'"):
+        engine.train(clf, method, source, target, make_train_config(), steps=5, lr=3e-3, seed=0, validator="nope")
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_schedule_warmup_then_cosine():
+    f = engine._schedule(warmup=4, total=14)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.5)  # half-way through the cosine part
+    assert f(14) == pytest.approx(0.0, abs=1e-12)
+    assert f(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_accuracy_by_hand():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2, 1])
+    # predictions 0, 1, 2, 0, 1 -> 3 of 5 right
+    assert engine.accuracy(logits, labels) == pytest.approx(60.0)
+    per_class = engine.per_class_accuracy(logits, labels, 4)
+    assert per_class[0] == pytest.approx(100.0)
+    assert per_class[1] == pytest.approx(200.0 / 3)
+    assert per_class[2] == pytest.approx(0.0)
+    assert per_class[3] is None  # no example of class 3

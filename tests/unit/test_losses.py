@@ -1,0 +1,248 @@
+"""The loss functions of every method against independent recomputations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from udaflow import methods
+from udaflow.methods.base import Batch
+from udaflow.methods.cdan import entropy_weights, multilinear_map
+from udaflow.methods.cdtrans import centre_aware_labels, distillation_loss, two_way_pairs
+from udaflow.methods.dann import domain_adversarial_loss, grl_coeff
+from udaflow.methods.mcc import class_confusion_loss
+from udaflow.models import build_classifier
+from udaflow.models.heads import DomainDiscriminator, grad_reverse
+
+
+# ------------------------------------------------------------------------------------------ dann
+@pytest.fixture
+def discriminator():
+    torch.manual_seed(0)
+    d = DomainDiscriminator(8, hidden=16)
+    d.eval()  # BatchNorm on running stats: the same network for the joint and the split evaluation
+    return d
+
+
+def _manual_adv(d, f_s, f_t, w_s=None, w_t=None):
+    s_logit = d(f_s).squeeze(1)
+    t_logit = d(f_t).squeeze(1)
+    s = F.binary_cross_entropy_with_logits(s_logit, torch.ones(len(f_s)), reduction="none")
+    t = F.binary_cross_entropy_with_logits(t_logit, torch.zeros(len(f_t)), reduction="none")
+    if w_s is not None:
+        s, t = s * w_s, t * w_t
+    return 0.5 * (s.mean() + t.mean())
+
+
+def test_domain_adversarial_loss_matches_bce(discriminator):
+    g = torch.Generator().manual_seed(1)
+    f_s, f_t = torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g)
+    got = domain_adversarial_loss(discriminator, f_s, f_t, coeff=0.3)
+    assert got.ndim == 0
+    torch.testing.assert_close(got, _manual_adv(discriminator, f_s, f_t), atol=1e-6, rtol=1e-6)
+
+
+def test_domain_adversarial_loss_with_weights(discriminator):
+    g = torch.Generator().manual_seed(2)
+    f_s, f_t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    w_s, w_t = torch.rand(5, generator=g) * 2, torch.rand(5, generator=g) * 2
+    got = domain_adversarial_loss(discriminator, f_s, f_t, 1.0, w_s, w_t)
+    torch.testing.assert_close(got, _manual_adv(discriminator, f_s, f_t, w_s, w_t), atol=1e-6, rtol=1e-6)
+    unweighted = domain_adversarial_loss(discriminator, f_s, f_t, 1.0)
+    assert not torch.allclose(got, unweighted)  # the weights are actually used
+
+
+def test_domain_adversarial_loss_reverses_feature_gradient(discriminator):
+    """d loss / d features is -coeff times the gradient without reversal."""
+    g = torch.Generator().manual_seed(3)
+    f_s = torch.randn(4, 8, generator=g, requires_grad=True)
+    f_t = torch.randn(4, 8, generator=g, requires_grad=True)
+    domain_adversarial_loss(discriminator, f_s, f_t, coeff=0.5).backward()
+    rev_s, rev_t = f_s.grad.clone(), f_t.grad.clone()
+    f_s.grad = f_t.grad = None
+    _manual_adv(discriminator, f_s, f_t).backward()
+    torch.testing.assert_close(rev_s, -0.5 * f_s.grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(rev_t, -0.5 * f_t.grad, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("coeff", [0.0, 0.25, 1.0, 3.0])
+def test_grad_reverse_is_identity_forward_and_minus_c_backward(coeff):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 5, generator=g)
+    y = grad_reverse(x, coeff)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    torch.testing.assert_close(x.grad, -coeff * upstream)
+
+
+def test_grl_coeff_schedule():
+    assert grl_coeff(0.0) == 0.0
+    assert grl_coeff(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert grl_coeff(0.3) == pytest.approx(2 / (1 + math.exp(-3)) - 1)
+    assert grl_coeff(0.1) < grl_coeff(0.5) < grl_coeff(1.0) < 1.0
+
+
+# ------------------------------------------------------------------------------------------ cdan
+def test_multilinear_map_is_per_sample_outer_product():
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(4, 6, generator=g)
+    p = F.softmax(torch.randn(4, 3, generator=g), dim=1)
+    got = multilinear_map(f, p)
+    assert got.shape == (4, 6 * 3)
+    expected = torch.einsum("bk,bd->bkd", p, f).reshape(4, -1)
+    torch.testing.assert_close(got, expected)
+    for i in range(4):  # and per sample, with torch.outer
+        torch.testing.assert_close(got[i], torch.outer(p[i], f[i]).flatten())
+
+
+def test_entropy_weights_by_hand():
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(6, 4, generator=g) * 3
+    p = F.softmax(logits, dim=1)
+    ent = -(p * torch.log(p)).sum(1)
+    w = 1 + torch.exp(-ent)
+    expected = w / w.mean()
+    got = entropy_weights(p)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # src adds 1e-5 inside the log
+    assert got.mean().item() == pytest.approx(1.0, abs=1e-6)
+    # the most confident sample weighs the most
+    assert got.argmax() == ent.argmin()
+
+
+def test_entropy_weights_uniform_and_onehot():
+    p = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    # one-hot: w = 1 + e^0 = 2 ; uniform: w = 1 + 1/3 -> normalised to mean 1
+    w = torch.tensor([2.0, 1 + 1 / 3])
+    torch.testing.assert_close(entropy_weights(p), w / w.mean(), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- mcc
+def _mcc_by_loop(logits: torch.Tensor, temperature: float) -> float:
+    b, k = logits.shape
+    probs = [[math.exp(v / temperature) for v in row] for row in logits.tolist()]
+    probs = [[v / sum(row) for v in row] for row in probs]
+    ents = [-sum(v * math.log(v) for v in row if v > 0) for row in probs]
+    w = [1 + math.exp(-e) for e in ents]
+    w = [b * v / sum(w) for v in w]
+    conf = [[sum(w[i] * probs[i][j] * probs[i][jj] for i in range(b)) for jj in range(k)] for j in range(k)]
+    conf = [[v / sum(row) for v in row] for row in conf]
+    return sum(conf[j][jj] for j in range(k) for jj in range(k) if j != jj) / k
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_class_confusion_loss_matches_loop(temperature):
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(8, 4, generator=g) * 2
+    got = class_confusion_loss(logits, temperature)
+    assert got.item() == pytest.approx(_mcc_by_loop(logits, temperature), abs=1e-4)
+
+
+def test_class_confusion_loss_confident_diverse_vs_confused():
+    confident = torch.eye(4).repeat(2, 1) * 100.0  # one-hot, every class used
+    confused = torch.zeros(8, 4)  # uniform predictions
+    low = class_confusion_loss(confident).item()
+    high = class_confusion_loss(confused).item()
+    assert low == pytest.approx(0.0, abs=1e-6)
+    # uniform: every confusion row is uniform, so the off-diagonal mass is (K - 1) / K
+    assert high == pytest.approx(3 / 4, abs=1e-5)
+    half = class_confusion_loss(torch.eye(4).repeat(2, 1) * 2.0).item()
+    assert low < half < high
+
+
+# --------------------------------------------------------------------------------------- cdtrans
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_distillation_loss_matches_kl_div(temperature):
+    g = torch.Generator().manual_seed(8)
+    teacher = torch.randn(6, 5, generator=g)
+    student = torch.randn(6, 5, generator=g)
+    expected = F.kl_div(
+        F.log_softmax(student / temperature, dim=1), F.softmax(teacher / temperature, dim=1), reduction="batchmean"
+    ) * temperature**2
+    got = distillation_loss(teacher, student, temperature)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert distillation_loss(teacher, teacher, temperature).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_teacher_gets_no_gradient():
+    g = torch.Generator().manual_seed(9)
+    teacher = torch.randn(4, 3, generator=g, requires_grad=True)
+    student = torch.randn(4, 3, generator=g, requires_grad=True)
+    distillation_loss(teacher, student, 2.0).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_centre_aware_labels_fix_outliers_of_two_clusters():
+    # two tight clusters around directions e0 and e1; the classifier is wrong on one point of each
+    features = torch.tensor([
+        [1.0, 0.05, 0.0], [1.0, -0.05, 0.02], [0.9, 0.1, 0.0], [1.0, 0.0, 0.1],
+        [0.05, 1.0, 0.0], [-0.05, 1.0, 0.02], [0.1, 0.9, 0.0], [0.0, 1.0, 0.1],
+    ])
+    logits = torch.tensor([
+        [2.0, 0.0], [2.0, 0.0], [1.5, 0.0], [0.0, 1.0],  # last one of cluster 0 mislabelled
+        [0.0, 2.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.5],  # third one of cluster 1 mislabelled
+    ])
+    assert logits.argmax(1).tolist() == [0, 0, 0, 1, 1, 1, 0, 1]
+    labels = centre_aware_labels(features, logits)
+    assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert labels.dtype == torch.int64
+
+
+def test_centre_aware_labels_follow_class_index_not_cluster_order():
+    # cluster along e1 is class 0 here: the labels must keep the classifier's class indices
+    features = torch.tensor([[0.0, 1.0], [0.1, 1.0], [1.0, 0.0], [1.0, 0.1]])
+    logits = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]])
+    assert centre_aware_labels(features, logits).tolist() == [0, 0, 1, 1]
+
+
+def test_two_way_pairs_by_hand():
+    source = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.5]])
+    target = torch.tensor([[1.0, 0.1], [0.1, 1.0]])
+    # target -> nearest source: t0 -> s0 (cos 0.995 vs 0.93 for s2), t1 -> s1
+    # source -> nearest target: s0 -> t0, s1 -> t1, s2 -> t0
+    pairs = two_way_pairs(source, target)
+    assert pairs.shape[1] == 2 and pairs.dtype == torch.int64
+    assert {tuple(p) for p in pairs.tolist()} == {(0, 0), (1, 1), (2, 0)}
+    assert len(pairs) == 3  # unique
+
+
+def test_two_way_pairs_chunking_does_not_change_result():
+    g = torch.Generator().manual_seed(10)
+    s, t = torch.randn(13, 4, generator=g), torch.randn(9, 4, generator=g)
+    full = two_way_pairs(s, t)
+    chunked = two_way_pairs(s, t, chunk=2)
+    assert torch.equal(full, chunked)
+    # every target and every source appears in at least one pair
+    assert set(full[:, 1].tolist()) == set(range(9))
+    assert set(full[:, 0].tolist()) == set(range(13))  # every source has its nearest target
+    assert len(full) <= 13 + 9
+
+
+# ----------------------------------------------------------------------------- source_only/oracle
+def _smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
+    logp = F.log_softmax(logits, dim=1)
+    nll = -logp.gather(1, labels[:, None]).squeeze(1)
+    uniform = -logp.mean(1)
+    return ((1 - eps) * nll + eps * uniform).mean()
+
+
+@pytest.mark.parametrize("name", ["source_only", "oracle"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_supervised_methods_loss_is_label_smoothed_ce(name, smoothing):
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3).eval()
+    method = methods.create_method(name, clf, {"label_smoothing": smoothing})
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    y = torch.tensor([0, 2, 1, 2])
+    out = method(clf, Batch(x, y, None, None), None)
+    assert set(out) == {"loss", "cls"}
+    with torch.no_grad():
+        logits = clf(x)
+    expected = _smoothed_ce(logits, y, smoothing)
+    torch.testing.assert_close(out["loss"].detach(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["cls"].detach(), expected, atol=1e-5, rtol=1e-5)

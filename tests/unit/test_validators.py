@@ -1,0 +1,90 @@
+"""Label-free validators on hand-computed predictions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from udaflow.validators import (
+    VALIDATORS,
+    batch_nuclear_norm,
+    entropy_score,
+    get_validator,
+    information_maximization,
+    score_all,
+    soft_neighborhood_density,
+)
+
+K = 4
+UNIFORM = torch.zeros(8, K)  # every prediction is uniform
+ONE_HOT_DIVERSE = torch.eye(K).repeat(2, 1) * 100.0  # confident, each class twice
+ONE_HOT_COLLAPSED = torch.zeros(8, K).index_fill_(1, torch.tensor([2]), 100.0)  # confident, all class 2
+
+
+def test_entropy_score():
+    assert entropy_score(UNIFORM) == pytest.approx(-math.log(K), abs=1e-6)
+    assert entropy_score(ONE_HOT_DIVERSE) == pytest.approx(0.0, abs=1e-6)
+    # two classes at 50/50 for every sample: -log 2
+    assert entropy_score(torch.tensor([[0.0, 0.0, -100.0, -100.0]] * 3)) == pytest.approx(-math.log(2), abs=1e-6)
+
+
+def test_information_maximization():
+    assert information_maximization(UNIFORM) == pytest.approx(0.0, abs=1e-6)
+    assert information_maximization(ONE_HOT_DIVERSE) == pytest.approx(math.log(K), abs=1e-6)
+    assert information_maximization(ONE_HOT_COLLAPSED) == pytest.approx(0.0, abs=1e-6)  # confident, not diverse
+    # half the samples sure of class 0, half sure of class 1: H(marginal) = log 2, H(cond) = 0
+    mixed = torch.tensor([[100.0, 0, 0, 0], [0, 100.0, 0, 0]]).repeat(3, 1)
+    assert information_maximization(mixed) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_soft_neighborhood_density():
+    # two samples: each one's only neighbour gets all the mass -> entropy 0
+    assert soft_neighborhood_density(torch.randn(2, K)) == pytest.approx(0.0, abs=1e-6)
+    # n identical predictions: each sample's n - 1 neighbours are equally similar -> log(n - 1)
+    assert soft_neighborhood_density(torch.zeros(5, K)) == pytest.approx(math.log(4), abs=1e-5)
+    # two tight clusters of 3 one-hot predictions: neighbours = the 2 others of the same cluster
+    two_clusters = torch.tensor([[100.0, 0, 0, 0]] * 3 + [[0, 100.0, 0, 0]] * 3)
+    assert soft_neighborhood_density(two_clusters) == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_snd_by_formula_on_random_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 3, generator=g)
+    p = torch.softmax(logits, 1)
+    p = p / p.norm(dim=1, keepdim=True)
+    sim = p @ p.t() / 0.05
+    total = 0.0
+    for i in range(6):
+        others = torch.cat([sim[i, :i], sim[i, i + 1 :]])
+        q = torch.softmax(others, 0)
+        total += float(-(q * q.log()).sum())
+    assert soft_neighborhood_density(logits) == pytest.approx(total / 6, abs=1e-5)
+
+
+def test_batch_nuclear_norm():
+    assert batch_nuclear_norm(torch.eye(K) * 100.0) == pytest.approx(1.0, abs=1e-6)
+    # identity stacked twice: K singular values sqrt(2) over 2K rows
+    assert batch_nuclear_norm(ONE_HOT_DIVERSE) == pytest.approx(K * math.sqrt(2) / (2 * K), abs=1e-6)
+    # all-uniform (N, K) matrix has rank 1: nuclear = Frobenius = sqrt(N K / K^2); / N
+    n = UNIFORM.shape[0]
+    assert batch_nuclear_norm(UNIFORM) == pytest.approx(math.sqrt(n / K) / n, abs=1e-6)
+    # collapsed one-hot: rank 1, nuclear norm sqrt(N)
+    assert batch_nuclear_norm(ONE_HOT_COLLAPSED) == pytest.approx(math.sqrt(n) / n, abs=1e-6)
+
+
+def test_higher_is_better_for_confident_diverse_predictions():
+    for name, fn in VALIDATORS.items():
+        if name == "snd":
+            continue  # SND rewards dense neighbourhoods, not a fixed ordering of these two
+        assert fn(ONE_HOT_DIVERSE) > fn(UNIFORM), name
+
+
+def test_registry():
+    assert set(VALIDATORS) == {"entropy", "im", "snd", "bnm"}
+    assert get_validator("im") is information_maximization
+    with pytest.raises(ValueError, match="known: entropy, im, snd, bnm"):
+        get_validator("accuracy")
+    scores = score_all(ONE_HOT_DIVERSE)
+    assert set(scores) == set(VALIDATORS) and all(isinstance(v, float) for v in scores.values())
