@@ -39,19 +39,19 @@ class ModelConfig(_Strict):
 class AugmentConfig(_Strict):
     translate: int = Field(3, ge=0)  # random shift in pixels (pad + crop)
     color: bool = True  # random brightness/contrast/channel mix per image
-    invert: float = Field(0.0, ge=0, le=1)  # probability of inverting an image
+    invert: float = Field(0.5, ge=0, le=1)  # probability of inverting an image
 
 
 class TrainConfig(_Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = Field(64, gt=0)  # per domain: a step sees batch_size source + batch_size target images
-    lr: float = Field(1e-3, gt=0)  # peak AdamW learning rate for source pretraining
-    adapt_lr: float = Field(3e-4, gt=0)  # peak learning rate when adapting from the source checkpoint
+    lr: float = Field(2e-3, gt=0)  # peak AdamW learning rate for source pretraining
+    adapt_lr: float = Field(1e-3, gt=0)  # peak learning rate when adapting from the source checkpoint
     weight_decay: float = Field(0.05, ge=0)
     warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine decay to 0
     grad_clip: float = Field(1.0, gt=0)
-    pretrain_steps: int = Field(1000, ge=0)  # source pretraining steps (shared by the methods of a shift)
-    adapt_steps: int = Field(1000, ge=0)  # adaptation steps per method
+    pretrain_steps: int = Field(1500, ge=0)  # source pretraining steps (shared by the methods of a shift)
+    adapt_steps: int = Field(2000, ge=0)  # adaptation steps per method
     eval_every: int = Field(200, gt=0)  # steps between label-free validator evaluations (checkpoint candidates)
     checkpoint_every: int = Field(200, gt=0)  # steps between atomic checkpoint writes (resume points)
     deterministic: bool = True  # torch deterministic algorithms + fixed seeds (CPU runs are bit-identical)

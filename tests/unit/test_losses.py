@@ -187,7 +187,7 @@ def test_centre_aware_labels_fix_outliers_of_two_clusters():
         [0.0, 2.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.5],  # third one of cluster 1 mislabelled
     ])
     assert logits.argmax(1).tolist() == [0, 0, 0, 1, 1, 1, 0, 1]
-    labels = centre_aware_labels(features, logits)
+    labels, _ = centre_aware_labels(features, logits)
     assert labels.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert labels.dtype == torch.int64
 
@@ -196,7 +196,7 @@ def test_centre_aware_labels_follow_class_index_not_cluster_order():
     # cluster along e1 is class 0 here: the labels must keep the classifier's class indices
     features = torch.tensor([[0.0, 1.0], [0.1, 1.0], [1.0, 0.0], [1.0, 0.1]])
     logits = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0]])
-    assert centre_aware_labels(features, logits).tolist() == [0, 0, 1, 1]
+    assert centre_aware_labels(features, logits)[0].tolist() == [0, 0, 1, 1]
 
 
 def test_two_way_pairs_by_hand():
@@ -246,3 +246,26 @@ def test_supervised_methods_loss_is_label_smoothed_ce(name, smoothing):
     expected = _smoothed_ce(logits, y, smoothing)
     torch.testing.assert_close(out["loss"].detach(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["cls"].detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_select_confident_keeps_top_fraction_per_pseudo_class():
+    from udaflow.methods.cdtrans import select_confident
+
+    # targets 0-3 are class 0, targets 4-5 class 1; confidence orders them
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    confidence = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.3, 0.7])
+    pairs = torch.tensor([[10, 0], [11, 1], [12, 2], [13, 3], [14, 4], [15, 5], [16, 0]])
+    kept = select_confident(pairs, labels, confidence, 0.5)
+    assert sorted(kept[:, 1].tolist()) == [0, 0, 2, 5]  # class 0: targets 0 and 2; class 1: target 5
+    assert torch.equal(select_confident(pairs, labels, confidence, 1.0), pairs)
+
+
+def test_balanced_pair_weights_give_each_class_and_target_equal_mass():
+    from udaflow.methods.cdtrans import balanced_pair_weights
+
+    labels = torch.tensor([0, 0, 1])
+    # target 0 (class 0) has 3 pairs, target 1 (class 0) one, target 2 (class 1) one
+    pairs = torch.tensor([[0, 0], [1, 0], [2, 0], [3, 1], [4, 2]])
+    w = balanced_pair_weights(pairs, labels)
+    assert torch.allclose(w, torch.tensor([1 / 12, 1 / 12, 1 / 12, 1 / 4, 1 / 2]))
+    assert torch.isclose(w.sum(), torch.tensor(1.0))

@@ -9,7 +9,9 @@ centre-aware pseudo-labelling, refreshed every `refresh_every` steps:
     centre-aware labels  ŷ_t = argmax_k cos(f_t, c_k),  c_k = Σ_t p_tk f_t / Σ_t p_tk (then once
                          more with hard labels, as in SHOT)
     two-way matching     every target's nearest source and every source's nearest target (cosine)
-    filter               keep a pair only when y_s == ŷ_t
+    filter               keep a pair only when y_s == ŷ_t; per pseudo-class, the most confident
+                         targets first (start_fraction, growing to all by `ramp`)
+    sampling             class-balanced: pseudo-class, then target, then one of its pairs
 
     L = CE(g(f_s), y) + CE(g(f_st), y) + target_weight * CE(g(f_t), y)
         + distill_weight * T² KL(softmax(g(f_st)/T).detach() || softmax(g(f_t)/T))
@@ -30,17 +32,53 @@ from udaflow.methods.base import Method
 from udaflow.models.cross_attention import check_vit, three_branch_features
 
 
-def centre_aware_labels(features: torch.Tensor, logits: torch.Tensor, rounds: int = 2) -> torch.Tensor:
-    """Pseudo-labels from class centroids in feature space: (N, D), (N, K) -> (N,)."""
+def centre_aware_labels(features: torch.Tensor, logits: torch.Tensor, rounds: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-labels from class centroids in feature space: (N, D), (N, K) -> labels (N,), cosine to own centroid (N,)."""
     f = F.normalize(features, dim=1)
     weights = F.softmax(logits, dim=1)  # (N, K) soft assignment for the first centroids
     k = logits.shape[1]
-    labels = weights.argmax(1)
+    sims = f @ F.normalize(weights.t() @ f, dim=1).t()  # (N, K)
     for _ in range(rounds):
         centroids = F.normalize(weights.t() @ f, dim=1)  # (K, D)
-        labels = (f @ centroids.t()).argmax(1)  # (N,)
-        weights = F.one_hot(labels, k).float()
-    return labels
+        sims = f @ centroids.t()  # (N, K)
+        weights = F.one_hot(sims.argmax(1), k).float()
+    labels = sims.argmax(1)
+    return labels, sims.gather(1, labels[:, None]).squeeze(1)
+
+
+def select_confident(pairs: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Keep, per pseudo-class, the pairs of the `fraction` most confident targets of that class.
+
+    pairs (P, 2) [source, target]; labels / confidence (Nt,) per target. Per-class quotas keep a
+    class the source model is unsure about from vanishing behind the confident ones.
+    """
+    if fraction >= 1.0 or len(pairs) == 0:
+        return pairs
+    targets = torch.unique(pairs[:, 1])
+    keep_targets = []
+    for k in torch.unique(labels[targets]):
+        members = targets[labels[targets] == k]
+        n = max(1, int(round(len(members) * fraction)))
+        keep_targets.append(members[torch.argsort(confidence[members], descending=True)[:n]])
+    keep = torch.isin(pairs[:, 1], torch.cat(keep_targets))
+    return pairs[keep]
+
+
+def balanced_pair_weights(pairs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sampling weights (P,): every pseudo-class equally likely, then every target of it, then its pairs.
+
+    Source->target matches pile onto a few hub targets, and easy classes collect most pairs;
+    uniform sampling over pairs would train on those alone.
+    """
+    t = pairs[:, 1]
+    _, per_target = torch.unique(t, return_inverse=True)
+    pairs_of_target = torch.bincount(per_target)[per_target].float()  # (P,)
+    cls = labels[t]
+    targets_of_class = torch.zeros(int(labels.max()) + 1)
+    for k in torch.unique(cls):
+        targets_of_class[k] = len(torch.unique(t[cls == k]))
+    n_classes = len(torch.unique(cls))
+    return 1.0 / (n_classes * targets_of_class[cls] * pairs_of_target)
 
 
 def two_way_pairs(source_features: torch.Tensor, target_features: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -70,6 +108,8 @@ class CdtransConfig:
     target_weight: float = 1.0  # CE of the target branch on the pair labels
     distill_weight: float = 1.0  # cross branch -> target branch distillation
     temperature: float = 1.0  # distillation temperature
+    start_fraction: float = 0.5  # share of each pseudo-class's most confident targets used at first
+    ramp: float = 0.5  # training progress at which every agreeing pair is used
     label_smoothing: float = 0.1
 
 
@@ -84,25 +124,24 @@ class Cdtrans(Method):
         self.refresh_every = config.refresh_every
         self.pairs = torch.zeros(0, 2, dtype=torch.long)  # (P, 2) [source index, target index]
         self.agreement = 0.0
+        self.weights = torch.zeros(0)  # (P,) sampling weights of the pairs
 
     @torch.no_grad()
     def refresh(self, classifier, ctx):
         f_s, _ = ctx.embed_source()
         f_t, logits_t = ctx.embed_target()
-        pseudo = centre_aware_labels(f_t, logits_t)
+        pseudo, confidence = centre_aware_labels(f_t, logits_t)
         pairs = two_way_pairs(f_s, f_t)
         keep = ctx.source_labels[pairs[:, 0]] == pseudo[pairs[:, 1]]
-        kept = pairs[keep]
-        self.pairs = kept[torch.argsort(kept[:, 1], stable=True)]  # grouped by target for balanced sampling
         self.agreement = float(keep.float().mean())  # share of matched pairs whose labels agree (label-free)
+        # curriculum: start from the most confident targets per class, end with all agreeing pairs
+        c = self.config
+        fraction = c.start_fraction + (1.0 - c.start_fraction) * min(1.0, ctx.progress / max(c.ramp, 1e-6))
+        self.pairs = select_confident(pairs[keep], pseudo, confidence, fraction)
+        self.weights = balanced_pair_weights(self.pairs, pseudo) if len(self.pairs) else torch.zeros(0)
 
     def _sample_pairs(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """n pairs, each covered target equally likely (source->target matches pile onto hub targets)."""
-        targets, counts = torch.unique_consecutive(self.pairs[:, 1], return_counts=True)
-        starts = torch.cumsum(counts, 0) - counts
-        which = torch.randint(len(targets), (n,), generator=generator)
-        offset = (torch.rand(n, generator=generator) * counts[which]).long()
-        rows = self.pairs[starts[which] + offset]
+        rows = self.pairs[torch.multinomial(self.weights, n, replacement=True, generator=generator)]
         return rows[:, 0], rows[:, 1]
 
     def forward(self, classifier, batch, ctx):
@@ -125,7 +164,8 @@ class Cdtrans(Method):
         return {"loss": loss, "cls": cls, "cross": cross, "target": tgt, "distill": distill}
 
     def extra_state(self):
-        return {"pairs": self.pairs}
+        return {"pairs": self.pairs, "weights": self.weights}
 
     def load_extra_state(self, state):
         self.pairs = state.get("pairs", self.pairs)
+        self.weights = state.get("weights", self.weights)
