@@ -34,8 +34,8 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
         mix = mix / mix.sum(dim=2, keepdim=True)  # rows sum to 1: (B, 3 out, 3 in)
         x = torch.einsum("boi,bihw->bohw", mix, x)
         # independent per-channel gain and offset: turns grey digits into colour ones
-        gain = 0.4 + 0.8 * torch.rand(b, 3, 1, 1, generator=generator)
-        offset = 0.6 * (torch.rand(b, 3, 1, 1, generator=generator) - 0.5)
+        gain = 0.7 + 0.6 * torch.rand(b, 3, 1, 1, generator=generator)
+        offset = 0.4 * (torch.rand(b, 3, 1, 1, generator=generator) - 0.5)
         x = x * gain + offset
         contrast = 0.6 + 0.8 * torch.rand(b, 1, 1, 1, generator=generator)
         brightness = 0.3 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
