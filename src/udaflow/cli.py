@@ -20,8 +20,9 @@ from rich.table import Table
 app = typer.Typer(help="Transformer unsupervised domain adaptation, run as a pipeline.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Build and import domains under data/raw.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
-err_console = Console(stderr=True)
+# piped output (CI logs, `| tee`) gets full-width tables instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 _STATE = {"debug": False}
 
