@@ -163,7 +163,7 @@ def run(
         (run_dir / "checkpoint.pt").unlink(missing_ok=True)
         _print_run_summary(summary, run_dir)
     except _known_errors() as exc:
-        _fail(exc, "check the names with `udaflow data build --help`, and params.yaml keys")
+        _fail(exc, "domains come from `udaflow data build` or `udaflow data ingest`; keys and defaults are in params.yaml")
 
 
 def _fmt(v) -> str:
