@@ -53,3 +53,62 @@ def tiny_train_config(**overrides) -> TrainConfig:
 def make_train_config():
     """Factory: the tiny TrainConfig every engine test uses, with keyword overrides."""
     return tiny_train_config
+
+
+# --- projects for the pipeline tests: a temp git repo with DVC, tiny params, MLflow on temp SQLite ---
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def tiny_params(root) -> dict:
+    """params.yaml for a fast pipeline: a micro ViT, tens of steps, everything under `root`."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(root=str(root / "data/raw"), synth_size=120)
+    params["work_dir"] = str(root / "runs")
+    params["tracking"] = {"uri": f"sqlite:///{root}/mlflow/mlflow.db", "artifact_root": str(root / "mlflow/artifacts")}
+    params["model"]["backbone"] = "udaflow_vit_micro"
+    params["train"].update(
+        pretrain_steps=30, adapt_steps=12, eval_every=6, checkpoint_every=6, warmup_steps=3,
+        batch_size=16, progress=False, num_threads=1,
+    )
+    params["methods"]["cdtrans"]["refresh_every"] = 6
+    params["profiles"]["quick"]["train"] = {"pretrain_steps": 30, "adapt_steps": 12}
+    return params
+
+
+def make_project(root):
+    """git init + dvc init + a local DVC remote + tiny params.yaml; returns root."""
+    import subprocess
+
+    import yaml
+
+    from udaflow.versioning import init_repo
+
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "config", "user.email", "test@udaflow"], cwd=root, check=True)
+    subprocess.run(["git", "config", "user.name", "udaflow tests"], cwd=root, check=True)
+    init_repo(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(root)))
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "project"], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server (SQLite) for the whole session; it is slow to start."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def new_project():
+    """Factory fixture: new_project(path) makes a git + DVC project with tiny params there."""
+    return make_project

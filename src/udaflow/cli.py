@@ -59,8 +59,9 @@ def _known_errors():
     from udaflow.data.manifest import DataError
     from udaflow.methods import UnknownMethodError
     from udaflow.models import BackboneError
+    from udaflow.versioning import VersioningError
 
-    return (ConfigError, DataError, UnknownMethodError, BackboneError, ValueError, FileNotFoundError, RuntimeError)
+    return (ConfigError, DataError, UnknownMethodError, BackboneError, VersioningError, ValueError, FileNotFoundError, RuntimeError)
 
 
 def _load(params: Path, profile: str | None, overrides: list[str] | None, **extra: str | None):
@@ -96,24 +97,53 @@ def data_build(
             out = build_domain(name, cfg.data.root, seed=seed, synth_size=cfg.data.synth_size, holdout_fraction=cfg.data.holdout_fraction)
             n = sum(1 for _ in (out / "manifest.csv").open()) - 1
             console.print(f"built [bold]{name}[/]: {n} images in {out} ({time.perf_counter() - t0:.1f}s)")
+            _version(out)
     except _known_errors() as exc:
-        _fail(exc)
+        _fail(exc, "DVC needs the repository's .dvc/ folder: run from the repository root (or `dvc init` in a new project)")
+
+
+def _version(folder: Path) -> None:
+    """Record a domain folder in DVC (skipped inside `dvc repro`, which records stage outputs itself)."""
+    from udaflow import versioning
+
+    if versioning.inside_dvc_stage():
+        return
+    version = versioning.version_dataset(folder)
+    state = "new version" if version.changed else "unchanged"
+    console.print(f"  dvc: {version.path} {version.md5} ({state}; recorded in {version.pointer}, pushed to the default remote)")
 
 
 @data_app.command("ingest")
 def data_ingest(
     path: Annotated[Path, typer.Argument(help="an ImageFolder (<class>/<image>) or a flat folder of images")],
     name: Annotated[str, typer.Option("--name", help="domain name under data/raw")],
+    source: Annotated[Optional[str], typer.Option("--source", help="source domain it is checked against (default: params.yaml)")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Import a user's image folder as a domain (copied under data/raw/NAME with a manifest)."""
+    """Import a user's image folder as a domain: validated (GX) against the source, then versioned (DVC)."""
     try:
+        from udaflow.data.expectations import validate_shift
         from udaflow.data.ingest import ingest_folder
+        from udaflow.data.manifest import DataError
 
         cfg = _load(params, None, None)
-        out = ingest_folder(path, name, cfg.data.root, cfg.data.holdout_fraction, cfg.seed)
+        source = source or cfg.source
+        report_dir = Path(cfg.work_dir) / "ingest" / name / "validation"
+
+        def check(staged: Path) -> None:
+            # the staged copy is checked as a target of `source` before it replaces anything
+            if name == source:
+                return
+            report = validate_shift(staged.parent, source, staged.name, report_dir, cfg.data.min_per_class)
+            if not report.success:
+                raise DataError(f"{path}: {report.error()}")
+
+        if name != source and not (Path(cfg.data.root) / source).is_dir():
+            raise DataError(f"source domain '{source}' not found under {cfg.data.root}: it is what '{name}' is checked against")
+        out = ingest_folder(path, name, cfg.data.root, cfg.data.holdout_fraction, cfg.seed, check=check)
         n = sum(1 for _ in (out / "manifest.csv").open()) - 1
-        console.print(f"ingested [bold]{name}[/]: {n} images in {out}")
+        console.print(f"ingested [bold]{name}[/]: {n} images in {out} (validated against '{source}')")
+        _version(out)
     except _known_errors() as exc:
         _fail(exc, "an ImageFolder has one sub-folder per class; a flat folder is an unlabelled target")
 
@@ -128,63 +158,152 @@ def run(
     device: DeviceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Pretrain on the source (cached), adapt to the target, evaluate; print a summary."""
+    """Run the pipeline flow: validate, version, pretrain (cached), adapt, evaluate, register."""
     try:
-        import torch
-
-        from udaflow.data.datasets import load_shift
-        from udaflow.experiment import adapt_to_target, evaluate_stage, pretrain_source
         from udaflow.methods import get_method_class
 
         cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device})
-        get_method_class(cfg.method)
+        if get_method_class(cfg.method).uses_target_labels:
+            raise ValueError(f"method '{cfg.method}' trains on target labels: benchmark only (`udaflow bench`), never registered")
+        _quiet_prefect()
+        from flows.pipeline import adaptation_pipeline
+
         t0 = time.perf_counter()
-        data = load_shift(cfg.data.root, cfg.source, cfg.target, cfg.data.image_size, "holdout")
-        t_load = time.perf_counter() - t0
-        pretrained = pretrain_source(cfg, data, cfg.source)
-        console.print(
-            f"source model: {'reused cached checkpoint' if pretrained.cached else 'trained'} ({pretrained.info['cache']})"
-        )
-        run_dir = cfg.work_dir / f"{cfg.source}-to-{cfg.target}" / cfg.method
-        adapted = adapt_to_target(cfg, cfg.method, pretrained, data.source_train, data.target_adapt, run_dir / "checkpoint.pt")
-        metrics = evaluate_stage(cfg, adapted, data)
-        source_metrics = evaluate_stage(cfg, pretrained, data)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(adapted.train.selected_state, run_dir / "model_selected.pt")
-        torch.save(adapted.train.last_state, run_dir / "model_last.pt")
-        summary = {
-            "source": cfg.source, "target": cfg.target, "method": cfg.method, "seed": cfg.seed,
-            "source_only": {k: source_metrics.get(k) for k in ("target_acc", "target_acc_selected", "source_val_acc")},
-            **{k: v for k, v in metrics.items() if k != "target_per_class_acc"},
-            "target_per_class_acc": metrics.get("target_per_class_acc"),
-            "stage_seconds": {"load": round(t_load, 2), "pretrain": round(pretrained.wall_seconds, 2), "adapt": round(adapted.wall_seconds, 2)},
-        }
-        (run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
-        _print_run_summary(summary, run_dir)
+        result = adaptation_pipeline(cfg, str(params))
+        result["wall_seconds"] = time.perf_counter() - t0
+        if _is_params_default(cfg, params):
+            _record_pipeline_outputs()
+        _print_run_summary(cfg, result)
     except _known_errors() as exc:
         _fail(exc, "domains come from `udaflow data build` or `udaflow data ingest`; keys and defaults are in params.yaml")
+
+
+def _quiet_prefect() -> None:
+    """Prefect logs a failed flow's traceback; the CLI prints one line instead (unless --debug)."""
+    import logging
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if not _STATE["debug"]:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        import prefect  # noqa: F401 - configures its loggers first, then we quieten them
+
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _is_params_default(cfg, params: Path) -> bool:
+    """A run with exactly params.yaml's settings is what dvc.yaml's stages describe."""
+    from udaflow.config import load_config
+
+    return cfg == load_config(params)
+
+
+def _record_pipeline_outputs() -> None:
+    """Record this run's outputs as dvc.yaml's validate/pretrain/adapt/evaluate stages (same code, same params)."""
+    from udaflow import versioning
+
+    recorded = versioning.record_stages(Path.cwd(), ["validate", "pretrain", "adapt", "evaluate"])
+    if recorded:
+        console.print(f"dvc: recorded {', '.join(recorded)} in dvc.lock")
 
 
 def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
-def _print_run_summary(s: dict, run_dir: Path) -> None:
-    table = Table(title=f"{s['source']} -> {s['target']} with {s['method']}")
-    table.add_column("metric")
+def _print_run_summary(cfg, r: dict) -> None:
+    m = r["metrics"]
+    table = Table(title=f"{cfg.source} -> {cfg.target} with {cfg.method}")
+    table.add_column("", style="bold")
     table.add_column("value", justify="right")
-    table.add_row("target accuracy (last iterate)", _fmt(s.get("target_acc")))
-    table.add_row(f"target accuracy (selected by {s['selected_by']}, step {s['selected_step']})", _fmt(s.get("target_acc_selected")))
-    table.add_row("source-only target accuracy", _fmt(s["source_only"].get("target_acc")))
-    table.add_row("source val accuracy", _fmt(s.get("source_val_acc")))
-    for name, value in s["validators"].items():
+    table.add_row("MLflow run id", r["run_id"])
+    table.add_row("model version", f"{r['model']} v{r['version']} @{r['alias']}")
+    table.add_row("source model", "reused (cached Prefect task)" if r["prefect_task_cached"] else ("reused cached checkpoint" if r["source_cached"] else "trained"))
+    table.add_row(f"target accuracy (registered: {m['selected_by']} pick, step {m['selected_step']})", _fmt(m.get("target_acc")))
+    table.add_row("target accuracy (last iterate)", _fmt(m.get("target_acc_last")))
+    table.add_row("source-only target accuracy", _fmt(m.get("source_only_target_acc")))
+    table.add_row("source val accuracy", _fmt(m.get("source_val_acc")))
+    for name, value in m["validators"].items():
         table.add_row(f"validator {name}", _fmt(value))
-    for stage, sec in s["stage_seconds"].items():
-        table.add_row(f"seconds: {stage}", _fmt(sec))
-    table.add_row("train images/s", _fmt(s.get("train_images_per_s")))
-    table.add_row("outputs", str(run_dir))
+    table.add_row("proxy A-distance before -> after", f"{m['shift']['pad_before']:.2f} -> {m['shift']['pad_after']:.2f}")
+    for stage, sec in r["stage_seconds"].items():
+        table.add_row(f"seconds: {stage}", f"{sec:.1f}")
+    table.add_row("seconds: total", f"{r['wall_seconds']:.1f}")
     console.print(table)
+    console.print(f"load it: mlflow.pytorch.load_model('models:/{r['model']}@{r['alias']}')")
+
+
+stage_app = typer.Typer(help="One pipeline step, as dvc.yaml's stages call it (`dvc repro`).", no_args_is_help=True, hidden=True)
+app.add_typer(stage_app, name="stage")
+
+
+@stage_app.command("validate")
+def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Great Expectations suites on the source and target."""
+    try:
+        from udaflow import steps
+        from udaflow.data.manifest import DataError
+
+        report = steps.validate_datasets(_load(params, None, None))
+        if not report.success:
+            raise DataError(report.error())
+        console.print(f"validated: {report.statistics}")
+    except _known_errors() as exc:
+        _fail(exc)
+
+
+@stage_app.command("pretrain")
+def stage_pretrain(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Source pretraining (reuses the on-disk cache)."""
+    try:
+        from udaflow import steps
+
+        outcome = steps.pretrain(_load(params, None, None))
+        console.print(f"source model: {outcome.path} ({'cached' if outcome.cached else 'trained'})")
+    except _known_errors() as exc:
+        _fail(exc)
+
+
+@stage_app.command("adapt")
+def stage_adapt(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Adaptation with params.yaml's method."""
+    try:
+        from udaflow import steps
+
+        console.print(f"adapted model: {steps.adapt(_load(params, None, None)).path}")
+    except _known_errors() as exc:
+        _fail(exc)
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Metrics and figures of the adapted model."""
+    try:
+        from udaflow import steps
+
+        cfg = _load(params, None, None)
+        metrics = steps.evaluate(cfg)
+        console.print(f"target accuracy {_fmt(metrics.get('target_acc'))} -> {steps.run_paths(cfg).metrics}")
+    except _known_errors() as exc:
+        _fail(exc)
+
+
+@app.command("ui")
+def ui(
+    port: Annotated[int, typer.Option("--port")] = 5000,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the local store."""
+    try:
+        cfg = _load(params, None, None)
+        cmd = [
+            sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking.uri,
+            "--default-artifact-root", str(Path(cfg.tracking.artifact_root).resolve()), "--host", "127.0.0.1", "--port", str(port),
+        ]
+        console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+        os.execv(sys.executable, cmd)
+    except _known_errors() as exc:
+        _fail(exc)
 
 
 @app.command("bench")

@@ -28,6 +28,7 @@ class DataConfig(_Strict):
     synth_size: int = Field(10000, gt=0)  # images rendered for the built-in `synth` domain
     holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per-domain stratified split: source val / target test
     image_size: int = Field(32, gt=0)  # every image is resized to this square size when loaded
+    min_per_class: int = Field(5, ge=1)  # validation: fewest source images a class may have
 
 
 class ModelConfig(_Strict):
@@ -65,6 +66,11 @@ class BenchConfig(_Strict):
     protocol: Literal["transductive", "holdout"] = "transductive"  # default of `udaflow bench --protocol`
 
 
+class TrackingConfig(_Strict):
+    uri: str = "sqlite:///mlflow/mlflow.db"  # MLflow tracking + registry store
+    artifact_root: Path = Path("mlflow/artifacts")  # where runs' artifacts and logged models go
+
+
 class Config(_Strict):
     seed: int = 0
     source: str = "synth"
@@ -77,6 +83,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-method options, see methods/*.py
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def deep_merge(base: dict, override: dict) -> dict:

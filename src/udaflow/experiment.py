@@ -30,12 +30,10 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
     return build_classifier(cfg.model.backbone, num_classes, cfg.model.pretrained, **cfg.model.backbone_args)
 
 
-def source_cache_key(cfg: Config, source: str, num_classes: int) -> str:
-    """Content hash of the source manifest + every parameter the source model depends on."""
-    manifest = (cfg.data.root / source / MANIFEST_NAME).read_bytes()
+def source_params(cfg: Config, num_classes: int) -> dict:
+    """Every parameter the source model depends on (not the adaptation ones)."""
     train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "progress", "device", "num_threads", "eval_every", "checkpoint_every", "amp"})
-    shaping = {
-        "manifest": hashlib.sha256(manifest).hexdigest(),
+    return {
         "model": cfg.model.model_dump(mode="json"),
         "train": train_cfg,
         "image_size": cfg.data.image_size,
@@ -43,6 +41,12 @@ def source_cache_key(cfg: Config, source: str, num_classes: int) -> str:
         "num_classes": num_classes,
         "seed": cfg.seed,
     }
+
+
+def source_cache_key(cfg: Config, source: str, num_classes: int) -> str:
+    """Content hash of the source manifest + every parameter the source model depends on."""
+    manifest = (cfg.data.root / source / MANIFEST_NAME).read_bytes()
+    shaping = {"manifest": hashlib.sha256(manifest).hexdigest(), **source_params(cfg, num_classes)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -79,7 +83,7 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
     wall = time.perf_counter() - t0
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    torch.save({"result": result, "wall_seconds": wall}, tmp)
+    torch.save({"result": result, "wall_seconds": wall, "classes": data.classes}, tmp)
     tmp.replace(cache)
     cache.with_suffix(".ckpt").unlink(missing_ok=True)
     return StageResult(classifier, result, wall, info={"cache": str(cache), "key": key})

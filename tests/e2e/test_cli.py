@@ -15,21 +15,12 @@ from udaflow.cli import app
 runner = CliRunner()
 
 
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ws")
-    params = yaml.safe_load(Path(__file__).parents[2].joinpath("params.yaml").read_text())
-    params["data"].update(root=str(root / "data/raw"), synth_size=120)
-    params["work_dir"] = str(root / "runs")
-    params["model"]["backbone"] = "udaflow_vit_micro"
-    params["train"].update(
-        pretrain_steps=30, adapt_steps=12, eval_every=6, checkpoint_every=6, warmup_steps=3,
-        batch_size=16, progress=False,
-    )
-    params["methods"]["cdtrans"]["refresh_every"] = 6
-    params["profiles"]["quick"]["train"] = {"pretrain_steps": 30, "adapt_steps": 12}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return root
+def workspace(tmp_path_factory, new_project) -> Path:
+    return new_project(tmp_path_factory.mktemp("ws"))
 
 
 def invoke(args: list[str], ws: Path):
@@ -64,7 +55,7 @@ def test_build_ingest_run_bench(workspace: Path):
 
     result = invoke(["run", "--source", "synth", "--target", "fonts-b", "--method", "dann"], ws)
     assert result.exit_code == 0, result.output
-    assert "source model: trained" in result.output
+    assert "trained" in result.output and "v1 @challenger" in result.output
     metrics = json.loads((ws / "runs/synth-to-fonts-b/dann/metrics.json").read_text())
     assert 0.0 <= metrics["target_acc"] <= 100.0
     assert metrics["selected_by"] == "im"
@@ -73,7 +64,7 @@ def test_build_ingest_run_bench(workspace: Path):
     # a second method on the same source reuses the cached source model
     result = invoke(["run", "--source", "synth", "--target", "fonts-b", "--method", "mcc"], ws)
     assert result.exit_code == 0, result.output
-    assert "source model: reused cached checkpoint" in result.output
+    assert "reused (cached Prefect task)" in result.output and "v2 @challenger" in result.output
 
     out = ws / "bench.json"
     result = invoke(

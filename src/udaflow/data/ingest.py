@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from udaflow.data.manifest import IMAGE_SUFFIXES, DataError, describe_image, stratified_split, write_manifest
 
@@ -37,8 +38,15 @@ def _images_under(folder: Path, root: Path) -> list[Path]:
     return files
 
 
-def ingest_folder(source: Path, name: str, data_root: Path, holdout_fraction: float = 0.2, seed: int = 0) -> Path:
-    """Copy an ImageFolder (or flat folder) into data_root/name with a manifest; returns the domain folder."""
+def ingest_folder(
+    source: Path, name: str, data_root: Path, holdout_fraction: float = 0.2, seed: int = 0,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Copy an ImageFolder (or flat folder) into data_root/name with a manifest; returns the domain folder.
+
+    The copy is staged beside the domain and `check(staged_folder)` (validation) runs on it first:
+    if it raises, the staged copy is removed and data_root/name is left exactly as it was.
+    """
     check_domain_name(name)
     source = Path(source)
     if not source.is_dir():
@@ -73,6 +81,12 @@ def ingest_folder(source: Path, name: str, data_root: Path, holdout_fraction: fl
         shutil.copyfile(file, dest)
         rows.append(describe_image(dest, tmp, label, split))
     write_manifest(tmp, rows)
+    if check is not None:
+        try:
+            check(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -53,3 +53,21 @@ class DomainDiscriminator(nn.Sequential):
             nn.ReLU(),
             nn.Linear(hidden, 1),
         )
+
+
+class ImageClassifier(nn.Module):
+    """What gets registered: RGB images in [0, 1], (B, 3, H, W) float32 -> logits (B, K).
+
+    Carries its own normalisation and class names, so a user of `mlflow.pytorch.load_model`
+    needs nothing from udaflow's data code to call it.
+    """
+
+    def __init__(self, classifier: Classifier, classes: tuple[str, ...], mean: float = 0.5, std: float = 0.5):
+        super().__init__()
+        self.classifier = classifier
+        self.classes = list(classes)
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier((images - self.mean) / self.std)

@@ -1,0 +1,61 @@
+"""The adaptation pipeline: validate the data, version it, pretrain on the source (cached),
+adapt to the target, evaluate, register the adapted model as the new `challenger`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.data import validate_datasets, version_dataset
+from tasks.tracking import (
+    close_tracking_run, log_datasets, log_evaluation, log_training, log_validation, open_tracking_run, register_challenger,
+)
+from tasks.training import adapt_to_target, evaluate_model, pretrain_source_cached
+from udaflow.config import Config
+from udaflow.data.manifest import DataError
+
+
+class DataValidationError(DataError):
+    """A Great Expectations suite failed: nothing was trained, versioned or registered."""
+
+
+@flow(name="udaflow-pipeline", log_prints=True)
+def adaptation_pipeline(cfg: Config, params_file: str = "params.yaml") -> dict[str, Any]:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    run = open_tracking_run(cfg, params_file, str(flow_run.get_id() or ""))
+
+    report = validate_datasets(cfg)
+    log_validation(run, report)
+    if not report.success:
+        close_tracking_run(run, {"validate": time.perf_counter() - clock}, failed=True)
+        raise DataValidationError(report.error())
+    versions = [version_dataset(cfg, cfg.source, "source"), version_dataset(cfg, cfg.target, "target")]
+    log_datasets(run, versions)
+    seconds["validate_version"] = time.perf_counter() - clock
+
+    pretrain_state = pretrain_source_cached(cfg, versions[0]["md5"])
+    source_model = pretrain_state.result()
+    source_cached = pretrain_state.name == "Cached" or source_model.cached
+    seconds["pretrain"] = time.perf_counter() - clock - sum(seconds.values())
+
+    adapted = adapt_to_target(cfg, source_model.path)
+    seconds["adapt"] = time.perf_counter() - clock - sum(seconds.values())
+
+    metrics = evaluate_model(cfg, source_model.path)
+    seconds["evaluate"] = time.perf_counter() - clock - sum(seconds.values())
+
+    log_training(run, "pretrain", source_model, metrics["history"], source_cached)
+    log_training(run, "adapt", adapted, metrics["history"], False)
+    log_evaluation(cfg, run, metrics)
+    registered = register_challenger(cfg, run, metrics, versions)
+    seconds["track_register"] = time.perf_counter() - clock - sum(seconds.values())
+    close_tracking_run(run, seconds)
+    return {
+        "run_id": run.run_id, "experiment_id": run.experiment_id, "model": registered.name, "version": registered.version,
+        "alias": registered.alias, "source_cached": source_cached, "prefect_task_cached": pretrain_state.name == "Cached",
+        "metrics": {k: v for k, v in metrics.items() if k != "history"}, "stage_seconds": seconds, "datasets": versions,
+    }

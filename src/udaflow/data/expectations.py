@@ -1,0 +1,189 @@
+"""Great Expectations (1.x) suites that gate a source -> target shift before any training.
+
+The frame GX sees is built from each domain's manifest *and* the files on disk: every image is
+re-read, so a PNG corrupted or swapped after the manifest was written is caught too.
+
+Suite `udaflow.images` (one row per image of both domains):
+  required columns; unique (domain, path); file checksum equals the manifest's; one checksum per
+  image across both domains (a shared checksum is leakage: source<->target or target train<->test);
+  decodable; mode in an allowed set; width/height in range; target labels within the source
+  classes; a non-empty target.
+Suite `udaflow.classes` (one row per source class): at least `min_per_class` images each.
+
+`validate_shift` returns a `ValidationReport`; `report.error()` is the one-line reason a flow stops
+with (expectation, example rows). The full GX result JSON and the Data Docs HTML are written to
+`out_dir` for tracking to store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from udaflow.data.manifest import COLUMNS, DataError, describe_image, read_manifest
+
+ALLOWED_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"]
+MIN_SIDE, MAX_SIDE = 8, 4096  # decompression bombs and thumbnails are both refused
+
+
+@dataclass
+class Failure:
+    suite: str
+    expectation: str
+    column: str | None
+    examples: list[dict[str, Any]]
+
+    def describe(self) -> str:
+        where = f" on '{self.column}'" if self.column else ""
+        ex = "; ".join(
+            ", ".join(f"{k}={v}" for k, v in row.items() if k in ("domain", "split", "path", "label", "mode", "count", "width"))
+            for row in self.examples[:3]
+        )
+        return f"{self.expectation}{where} failed (e.g. {ex})" if ex else f"{self.expectation}{where} failed"
+
+
+@dataclass
+class ValidationReport:
+    success: bool
+    failures: list[Failure] = field(default_factory=list)
+    result_json: Path | None = None
+    data_docs: Path | None = None
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+    def error(self) -> str:
+        first = self.failures[0].describe() if self.failures else "unknown failure"
+        more = f" (+{len(self.failures) - 1} more failed expectations)" if len(self.failures) > 1 else ""
+        return f"data validation failed: {first}{more}; full report: {self.data_docs or self.result_json}"
+
+
+def image_frame(data_root: Path, source: str, target: str):
+    """One row per image of both domains: manifest columns + what the file on disk says now."""
+    import pandas as pd
+
+    records = []
+    for role, name in (("source", source), ("target", target)):
+        root = Path(data_root) / name
+        if not root.is_dir():
+            raise DataError(f"{root}: domain '{name}' not found; build it with `udaflow data build` or `udaflow data ingest`")
+        for row in read_manifest(root):
+            file = root / row.path
+            rec = {"domain": name, "role": role, **row.__dict__}
+            if not file.resolve().is_relative_to(root.resolve()):
+                rec.update(disk_sha256="", decodable=False)  # a symlink or `..` escaping the root
+            elif not file.is_file():
+                rec.update(disk_sha256="", decodable=False)
+            else:
+                now = describe_image(file, root, row.label, row.split)
+                rec.update(disk_sha256=now.sha256, decodable=now.decodable, width=now.width, height=now.height, mode=now.mode)
+            records.append(rec)
+    return pd.DataFrame.from_records(records, columns=["domain", "role", *COLUMNS, "disk_sha256"])
+
+
+def class_frame(images, min_per_class: int):
+    import pandas as pd
+
+    source = images[images.role == "source"]
+    counts = source[source.label != ""].groupby("label").size()
+    return pd.DataFrame({"domain": source.domain.iloc[0] if len(source) else "", "label": counts.index, "count": counts.values})
+
+
+def _suites(source_classes: list[str], min_per_class: int):
+    import great_expectations as gx
+
+    E = gx.expectations
+    target = {"row_condition": 'role=="target"', "condition_parser": "pandas"}
+    labelled_target = {"row_condition": 'role=="target" and label!=""', "condition_parser": "pandas"}
+    images = [
+        E.ExpectTableColumnsToMatchSet(column_set=["domain", "role", *COLUMNS, "disk_sha256"], exact_match=True),
+        E.ExpectColumnDistinctValuesToContainSet(column="role", value_set=["source", "target"]),
+        E.ExpectCompoundColumnsToBeUnique(column_list=["domain", "path"]),
+        E.ExpectColumnPairValuesToBeEqual(column_A="sha256", column_B="disk_sha256"),
+        E.ExpectColumnValuesToBeUnique(column="sha256"),
+        E.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="mode", value_set=ALLOWED_MODES),
+        E.ExpectColumnValuesToBeBetween(column="width", min_value=MIN_SIDE, max_value=MAX_SIDE),
+        E.ExpectColumnValuesToBeBetween(column="height", min_value=MIN_SIDE, max_value=MAX_SIDE),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"]),
+        E.ExpectColumnValuesToBeInSet(column="label", value_set=source_classes, **labelled_target),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"], **target),
+    ]
+    classes = [
+        E.ExpectTableRowCountToBeBetween(min_value=2),
+        E.ExpectColumnValuesToBeBetween(column="count", min_value=min_per_class),
+    ]
+    return {"udaflow.images": images, "udaflow.classes": classes}
+
+
+def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min_per_class: int = 5) -> ValidationReport:
+    """Run both suites on the shift; write the GX result JSON and Data Docs under out_dir."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    import great_expectations as gx
+
+    images = image_frame(data_root, source, target)
+    source_rows = images[images.role == "source"]
+    source_classes = sorted({c for c in source_rows.label if c})
+    frames = {"udaflow.images": images, "udaflow.classes": class_frame(images, min_per_class)}
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    project = Path(tempfile.mkdtemp(prefix="udaflow-gx-"))
+    try:
+        context = gx.get_context(mode="file", project_root_dir=project)
+        context.variables.progress_bars = {"globally": False}
+        datasource = context.data_sources.add_pandas("udaflow")
+        results = {}
+        for suite_name, expectations in _suites(source_classes, min_per_class).items():
+            suite = context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=expectations))
+            batch = datasource.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe("all")
+            vd = context.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
+            results[suite_name] = (vd, frames[suite_name])
+        failures: list[Failure] = []
+        payload: dict[str, Any] = {"source": source, "target": target, "suites": {}}
+        # a checkpoint validates one dataframe per run: one checkpoint per suite, each with its frame
+        for suite_name, (vd, frame) in results.items():
+            checkpoint = context.checkpoints.add(
+                gx.Checkpoint(
+                    name=f"{source}-to-{target}.{suite_name}",
+                    validation_definitions=[vd],
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+                    result_format={"result_format": "COMPLETE"},
+                )
+            )
+            run = checkpoint.run(batch_parameters={"dataframe": frame})
+            for vr in run.run_results.values():
+                payload["suites"][suite_name] = vr.to_json_dict()
+                for r in vr.results:
+                    if r.success:
+                        continue
+                    index = (r.result or {}).get("unexpected_index_list") or []
+                    index = [i for i in index if isinstance(i, int)][:5]
+                    examples = frame.iloc[index].to_dict("records") if index else []
+                    failures.append(Failure(suite_name, r.expectation_config.type, r.expectation_config.kwargs.get("column"), examples))
+        site = project / "gx" / "uncommitted" / "data_docs" / "local_site"
+        docs = out_dir / "data_docs"
+        if docs.exists():
+            shutil.rmtree(docs)
+        if site.exists():
+            shutil.copytree(site, docs)
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
+    payload["success"] = not failures
+    result_json = out_dir / "gx_result.json"
+    result_json.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    stats = {
+        "images": int(len(images)),
+        "source_images": int(len(source_rows)),
+        "target_images": int((images.role == "target").sum()),
+        "expectations": sum(len(v) for v in _suites(source_classes, min_per_class).values()),
+        "failed": len(failures),
+        "digest": hashlib.sha256(images.sha256.str.cat().encode()).hexdigest()[:16],
+    }
+    return ValidationReport(not failures, failures, result_json, docs / "index.html" if docs.exists() else None, stats)

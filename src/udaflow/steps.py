@@ -1,0 +1,202 @@
+"""The pipeline's steps with files between them: validate -> pretrain -> adapt -> evaluate.
+
+Prefect tasks (tasks/) and DVC stages (`udaflow stage ...` in dvc.yaml) call these same functions,
+so `udaflow run` and `dvc repro` run the same code and write the same files:
+
+  runs/<source>-to-<target>/validation/        GX result JSON + Data Docs
+  runs/<source>-to-<target>/source_model.pt    the source model (a copy of the cached one)
+  runs/<source>-to-<target>/<method>/model.pt  the adapted model: last iterate + validator pick
+  runs/<source>-to-<target>/<method>/metrics.json, *.png
+
+metrics.json holds only what the data, code and parameters decide (no wall times), so a CPU run
+in deterministic mode writes it byte for byte again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from udaflow.config import Config
+from udaflow.data.datasets import ShiftData, load_shift
+from udaflow.data.expectations import ValidationReport, validate_shift
+from udaflow.engine import TrainResult, accuracy, per_class_accuracy, predict, resolve_device
+from udaflow.experiment import StageResult, adapt_to_target, new_classifier, pretrain_source
+from udaflow.models import ImageClassifier
+from udaflow.validators import score_all
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    shift_dir: Path
+    validation: Path
+    source_model: Path
+    method_dir: Path
+    model: Path
+    checkpoint: Path
+    metrics: Path
+
+
+def run_paths(cfg: Config) -> RunPaths:
+    shift = Path(cfg.work_dir) / f"{cfg.source}-to-{cfg.target}"
+    method = shift / cfg.method
+    return RunPaths(shift, shift / "validation", shift / "source_model.pt", method, method / "model.pt", method / "checkpoint.pt", method / "metrics.json")
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What a training step wrote and how it went (small and picklable: Prefect may persist it)."""
+
+    path: str
+    seconds: float
+    cached: bool = False
+    cache_key: str = ""
+    images_per_s: float = 0.0
+    selected_step: int = 0
+
+
+def load_data(cfg: Config) -> ShiftData:
+    return load_shift(cfg.data.root, cfg.source, cfg.target, cfg.data.image_size, "holdout")
+
+
+def validate_datasets(cfg: Config) -> ValidationReport:
+    return validate_shift(cfg.data.root, cfg.source, cfg.target, run_paths(cfg).validation, cfg.data.min_per_class)
+
+
+def _save(stage: StageResult, classes: tuple[str, ...], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"result": stage.train, "wall_seconds": stage.wall_seconds, "classes": classes}, tmp)
+    tmp.replace(path)
+
+
+def _load(cfg: Config, path: Path) -> tuple[StageResult, tuple[str, ...]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; run the previous pipeline step first")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    result: TrainResult = saved["result"]
+    classifier = new_classifier(cfg, len(saved["classes"]))
+    classifier.load_state_dict(result.last_state)
+    return StageResult(classifier, result, saved["wall_seconds"]), tuple(saved["classes"])
+
+
+def pretrain(cfg: Config, data: ShiftData | None = None, cache_dir: Path | None = None) -> StepOutcome:
+    """Source pretraining, reused from the on-disk cache when source content and params match."""
+    data = data or load_data(cfg)
+    stage = pretrain_source(cfg, data, cfg.source, cache_dir)
+    paths = run_paths(cfg)
+    paths.shift_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stage.info["cache"], paths.source_model.with_suffix(".tmp"))
+    paths.source_model.with_suffix(".tmp").replace(paths.source_model)
+    # the cache file is what later steps read: it outlives this shift's copy and is keyed on content
+    return StepOutcome(stage.info["cache"], stage.wall_seconds, stage.cached, stage.info["key"], stage.train.images_per_s)
+
+
+def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None = None) -> StepOutcome:
+    """Adapt the source model with cfg.method; resumes from the method's checkpoint if a run was killed."""
+    data = data or load_data(cfg)
+    paths = run_paths(cfg)
+    source, classes = _load(cfg, Path(source_model or paths.source_model))
+    t0 = time.perf_counter()
+    adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint)
+    _save(adapted, classes, paths.model)
+    paths.checkpoint.unlink(missing_ok=True)
+    return StepOutcome(str(paths.model), time.perf_counter() - t0, images_per_s=adapted.train.images_per_s, selected_step=adapted.train.selected_step)
+
+
+def _scores(classifier, data: ShiftData, device) -> dict[str, Any]:
+    """Accuracies (labels read only here, after training) and label-free scores of one set of weights."""
+    _, target_logits = predict(classifier, data.target_adapt.images, device)
+    out: dict[str, Any] = {"validators": score_all(target_logits)}
+    _, source_logits = predict(classifier, data.source_val.images, device)
+    out["source_val_acc"] = accuracy(source_logits, data.source_val.labels)
+    if data.target_eval is not None:
+        _, logits = predict(classifier, data.target_eval.images, device)
+        out["target_acc"] = accuracy(logits, data.target_eval.labels)
+        out["target_per_class_acc"] = dict(zip(data.classes, per_class_accuracy(logits, data.target_eval.labels, len(data.classes))))
+        out["_predictions"] = logits.argmax(1)
+    return out
+
+
+def registered_model(cfg: Config, data: ShiftData | None = None) -> tuple[ImageClassifier, Any]:
+    """The model a pipeline run registers (the validator-selected weights) and an input example."""
+    paths = run_paths(cfg)
+    stage, classes = _load(cfg, paths.model)
+    stage.classifier.load_state_dict(stage.train.selected_state)
+    model = ImageClassifier(stage.classifier, classes).eval()
+    data = data or load_data(cfg)
+    example = (data.target_adapt.images[:2].float() / 255.0).numpy()
+    return model, example
+
+
+def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | None = None) -> dict[str, Any]:
+    """Evaluate source and adapted models; write metrics.json and the figures; return the metrics.
+
+    The registered model is the checkpoint the label-free validator picked (`target_acc`); the last
+    iterate is reported beside it (`target_acc_last`). Shift is measured on source-val vs the
+    target pool features, before (source model) and after (adapted model) adaptation.
+    """
+    from udaflow import plots
+    from udaflow.shift import mmd, proxy_a_distance
+
+    data = data or load_data(cfg)
+    paths = run_paths(cfg)
+    device = resolve_device(cfg.train.device)
+    source, _ = _load(cfg, Path(source_model or paths.source_model))
+    adapted, classes = _load(cfg, paths.model)
+    metrics: dict[str, Any] = {"source": cfg.source, "target": cfg.target, "method": cfg.method, "seed": cfg.seed}
+
+    source.classifier.to(device)
+    before = _scores(source.classifier, data, device)
+    adapted.classifier.to(device)
+    adapted.classifier.load_state_dict(adapted.train.last_state)
+    last = _scores(adapted.classifier, data, device)
+    adapted.classifier.load_state_dict(adapted.train.selected_state)
+    selected = _scores(adapted.classifier, data, device)
+
+    metrics.update(
+        registered="selected",
+        selected_by=adapted.train.selected_by,
+        selected_step=adapted.train.selected_step,
+        target_acc=selected.get("target_acc"),
+        target_acc_last=last.get("target_acc"),
+        source_only_target_acc=before.get("target_acc"),
+        source_val_acc=selected["source_val_acc"],
+        source_val_acc_last=last["source_val_acc"],
+        source_only_source_val_acc=before["source_val_acc"],
+        validators=selected["validators"],
+        validators_last=last["validators"],
+        target_per_class_acc=selected.get("target_per_class_acc"),
+        target_images=len(data.target_eval) if data.target_eval is not None else 0,
+    )
+
+    feats_before = (predict(source.classifier, data.source_val.images, device)[0], predict(source.classifier, data.target_adapt.images, device)[0])
+    feats_after = (predict(adapted.classifier, data.source_val.images, device)[0], predict(adapted.classifier, data.target_adapt.images, device)[0])
+    metrics["shift"] = {
+        "pad_before": proxy_a_distance(*feats_before, seed=cfg.seed),
+        "pad_after": proxy_a_distance(*feats_after, seed=cfg.seed),
+        "mmd_before": mmd(*feats_before, seed=cfg.seed),
+        "mmd_after": mmd(*feats_after, seed=cfg.seed),
+    }
+
+    paths.method_dir.mkdir(parents=True, exist_ok=True)
+    if data.target_eval is not None:
+        matrix = plots.confusion_matrix(data.target_eval.labels, selected["_predictions"], classes)
+        plots.plot_confusion(matrix, classes, f"{cfg.method}: {cfg.source} -> {cfg.target} (target test)", paths.method_dir / "confusion_matrix.png")
+    plots.plot_feature_maps(
+        {"before": plots.embed_2d(*feats_before, seed=cfg.seed), "after": plots.embed_2d(*feats_after, seed=cfg.seed)},
+        paths.method_dir / "feature_map.png",
+    )
+    plots.plot_losses(source.train.loss_history, f"source pretraining: {cfg.source}", paths.method_dir / "loss_pretrain.png")
+    plots.plot_losses(adapted.train.loss_history, f"adaptation: {cfg.method}", paths.method_dir / "loss_adapt.png")
+    tmp = paths.metrics.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    tmp.replace(paths.metrics)
+    metrics["history"] = {"pretrain": source.train.loss_history, "adapt": adapted.train.loss_history, "validators": adapted.train.validator_history}
+    return metrics

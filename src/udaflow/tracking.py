@@ -1,0 +1,329 @@
+"""MLflow: runs, metrics, artifacts, dataset inputs, model logging and registry aliases.
+
+The one module that imports MLflow. A pipeline run is a parent run in experiment
+`udaflow/<source>-to-<target>` with one child run per stage; every call names its run id, so
+nothing depends on MLflow's thread-local "active run". Default store: `sqlite:///mlflow/mlflow.db`
+with artifacts under `mlflow/artifacts` (both set in params.yaml `tracking:`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+PACKAGES = ("udaflow", "torch", "torchvision", "timm", "mlflow", "prefect", "dvc", "great_expectations", "numpy")
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+def model_name(source: str, target: str) -> str:
+    return f"udaflow-{source}-to-{target}"
+
+
+def experiment_name(source: str, target: str) -> str:
+    return f"udaflow/{source}-to-{target}"
+
+
+def configure(tracking_uri: str, artifact_root: Path) -> None:
+    """Point MLflow at the store; a sqlite file's folder is created. Call from entry points only."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact_root).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    os.environ["UDAFLOW_ARTIFACT_ROOT"] = str(Path(artifact_root).resolve())
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def experiment_id(source: str, target: str) -> str:
+    client = _client()
+    name = experiment_name(source, target)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = Path(os.environ.get("UDAFLOW_ARTIFACT_ROOT", "mlflow/artifacts")).resolve()
+    return client.create_experiment(name, artifact_location=(root / f"{source}-to-{target}").as_uri())
+
+
+def git_state(cwd: Path | None = None) -> dict[str, str]:
+    """Commit and dirty flag of the code this run used ('unknown' outside a git checkout)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for pkg in PACKAGES:
+        try:
+            out[f"version.{pkg}"] = importlib.metadata.version(pkg.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            out[f"version.{pkg}"] = "not installed"
+    return out
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def start_run(experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    tags = dict(tags)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return _client().create_run(experiment, run_name=name, tags=tags).info.run_id
+
+
+def end_run(run_id: str, failed: bool = False) -> None:
+    _client().set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = flatten(params)
+    items = [Param(k, v[:6000]) for k, v in sorted(flat.items())]
+    for i in range(0, len(items), 100):
+        _client().log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items()) if v is not None]
+    for i in range(0, len(items), 500):
+        _client().log_batch(run_id, metrics=items[i : i + 500])
+
+
+def log_history(run_id: str, rows: Iterable[dict[str, float]], prefix: str) -> None:
+    """Per-interval rows {'step': s, name: value, ...} -> metrics `<prefix>.<name>` at step s."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(f"{prefix}.{k}", float(v), now, int(row["step"])) for row in rows for k, v in row.items() if k != "step"]
+    for i in range(0, len(items), 500):
+        _client().log_batch(run_id, metrics=items[i : i + 500])
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    _client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    path = Path(path)
+    if path.is_dir():
+        _client().log_artifacts(run_id, str(path), artifact_path)
+    elif path.exists():
+        _client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dataset(run_id: str, manifest: Path, name: str, digest: str, context: str) -> None:
+    """Record a dataset input with the DVC hash as its digest (MLflow's own hashes only 10k rows)."""
+    import mlflow.data
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    dataset = mlflow.data.from_pandas(frame, source=str(Path(manifest).parent.resolve()), name=name, digest=digest)
+    tags = [InputTag("mlflow.data.context", context)]
+    _client().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    version: str
+    alias: str
+    model_uri: str
+
+
+def register_model(
+    run_id: str, model: Any, input_example: Any, name: str, tags: dict[str, Any], alias: str = CHALLENGER
+) -> Registered:
+    """Log the torch model (signature from the input example) and register it as a new version."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    client = _client()
+    with mlflow.start_run(run_id=run_id):
+        import torch
+
+        with torch.no_grad():
+            output = model(torch.as_tensor(input_example)).numpy()
+        info = mlflow.pytorch.log_model(
+            model, name="model", input_example=input_example, signature=infer_signature(input_example, output),
+            serialization_format="pickle",
+        )
+    version = mlflow.register_model(info.model_uri, name, await_registration_for=60)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, str(value))
+    client.set_registered_model_alias(name, alias, version.version)
+    return Registered(name, str(version.version), alias, f"models:/{name}@{alias}")
+
+
+def load_model(uri: str):
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(uri, map_location="cpu")
+
+
+def get_run(run_id: str):
+    return _client().get_run(run_id)
+
+
+def latest_versions(name: str) -> list:
+    return sorted(_client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+
+
+# --- the pipeline's records: one call per pipeline step (the Prefect tasks wrap these) ---
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    experiment_id: str
+    run_id: str
+    source: str
+    target: str
+
+
+def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: str, project: Path | None = None) -> PipelineRun:
+    """The parent run: resolved params, the params file, code and package versions, flow-run id."""
+    source, target, method = config["source"], config["target"], config["method"]
+    exp = experiment_id(source, target)
+    tags = {
+        **git_state(project), **package_versions(),
+        "prefect.flow_run_id": flow_run_id, "udaflow.method": method, "udaflow.source": source, "udaflow.target": target,
+    }
+    run_id = start_run(exp, f"{method}:{source}-to-{target}", tags)
+    log_params(run_id, config)
+    with _tempdir() as tmp:
+        import yaml
+
+        resolved = Path(tmp) / "params.resolved.yaml"
+        resolved.write_text(yaml.safe_dump(config, sort_keys=False))
+        log_artifact(run_id, resolved, "params")
+        if Path(params_file).exists():
+            log_artifact(run_id, Path(params_file), "params")
+    return PipelineRun(exp, run_id, source, target)
+
+
+def _tempdir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="udaflow-mlflow-")
+
+
+def log_validation(run: PipelineRun, success: bool, statistics: dict[str, Any], result_json: Path | None, data_docs: Path | None, error: str | None) -> str:
+    """Child run `validate`: the GX result JSON and Data Docs HTML, pass/fail and counts."""
+    child = start_run(run.experiment_id, "validate", {"udaflow.stage": "validate"}, run.run_id)
+    log_metrics(child, {"validation.success": float(success), **{f"validation.{k}": v for k, v in statistics.items() if isinstance(v, (int, float))}})
+    for path, folder in ((result_json, "validation"), (data_docs.parent if data_docs else None, "validation/data_docs")):
+        if path:
+            log_artifact(child, path, folder)
+            log_artifact(run.run_id, path, folder)
+    set_tags(run.run_id, {"validation.success": str(success).lower(), **({"validation.error": error[:4000]} if error else {})})
+    end_run(child, failed=not success)
+    return child
+
+
+def log_datasets(run: PipelineRun, datasets: dict[str, dict[str, str]]) -> None:
+    """datasets: role -> {name, md5, manifest, pointer}. Logged as inputs with digest = DVC hash."""
+    tags = {}
+    for role, d in datasets.items():
+        log_dataset(run.run_id, Path(d["manifest"]), d["name"], d["md5"], "training" if role == "source" else f"adaptation ({role})")
+        tags[f"dvc.{role}.name"] = d["name"]
+        tags[f"dvc.{role}.md5"] = d["md5"]
+        tags[f"dvc.{role}.pointer"] = d["pointer"]
+    revision = "+".join(f"{d['name']}:{d['md5'].removesuffix('.dir')[:12]}" for _, d in sorted(datasets.items()))
+    tags["data.revision"] = revision
+    set_tags(run.run_id, tags)
+
+
+def log_training(run: PipelineRun, stage: str, metrics: dict[str, float], loss_history: list[dict], validator_history: list[dict], tags: dict[str, Any]) -> str:
+    """Child run for a training stage with its per-interval losses and validator scores."""
+    child = start_run(run.experiment_id, stage, {"udaflow.stage": stage, **{k: str(v) for k, v in tags.items()}}, run.run_id)
+    log_metrics(child, metrics)
+    log_history(child, loss_history, "loss")
+    log_history(child, validator_history, "validator")
+    log_metrics(run.run_id, {f"{stage}.{k}": v for k, v in metrics.items()})
+    end_run(child)
+    return child
+
+
+def _numeric(prefix: str, d: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def log_evaluation(run: PipelineRun, metrics: dict[str, Any], figures: Iterable[Path], metrics_file: Path) -> str:
+    """Child run `evaluate`; the headline metrics also go on the parent run."""
+    child = start_run(run.experiment_id, "evaluate", {"udaflow.stage": "evaluate"}, run.run_id)
+    flat = {
+        **_numeric("", {k: v for k, v in metrics.items() if k not in ("seed", "selected_step")}),
+        **_numeric("validator.", metrics.get("validators", {})),
+        **_numeric("validator_last.", metrics.get("validators_last", {})),
+        **_numeric("shift.", metrics.get("shift", {})),
+        **_numeric("target_acc.class_", {k: v for k, v in (metrics.get("target_per_class_acc") or {}).items() if v is not None}),
+    }
+    for run_id in (child, run.run_id):
+        log_metrics(run_id, flat)
+        for fig in figures:
+            log_artifact(run_id, fig, "figures")
+        log_artifact(run_id, metrics_file, "metrics")
+    set_tags(run.run_id, {"udaflow.selected_by": metrics.get("selected_by"), "udaflow.selected_step": metrics.get("selected_step")})
+    end_run(child)
+    return child
+
+
+def register_challenger(run: PipelineRun, model: Any, input_example: Any, metrics: dict[str, Any], tags: dict[str, Any]) -> Registered:
+    """Child run `register`: log the model, register a new version, point `challenger` at it."""
+    child = start_run(run.experiment_id, "register", {"udaflow.stage": "register"}, run.run_id)
+    version_tags = {
+        **tags,
+        "run_id": run.run_id,
+        **{k: metrics[k] for k in ("target_acc", "target_acc_last", "source_val_acc", "selected_by") if metrics.get(k) is not None},
+        **{f"validator.{k}": round(v, 6) for k, v in metrics.get("validators", {}).items()},
+    }
+    registered = register_model(child, model, input_example, model_name(run.source, run.target), version_tags)
+    set_tags(run.run_id, {"registry.model": registered.name, "registry.version": registered.version, "registry.alias": registered.alias})
+    end_run(child)
+    return registered
+
+
+def close_pipeline_run(run: PipelineRun, stage_seconds: dict[str, float], failed: bool = False) -> None:
+    log_metrics(run.run_id, {f"seconds.{k}": v for k, v in stage_seconds.items()})
+    end_run(run.run_id, failed)

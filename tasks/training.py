@@ -1,0 +1,64 @@
+"""Training tasks: source pretraining (cached on DVC hash + params) and target adaptation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from udaflow import steps
+from udaflow.config import Config
+from udaflow.data.datasets import Domain
+from udaflow.experiment import source_cache_key, source_params
+
+
+def source_model_path(cfg: Config) -> Path:
+    """Where the library caches the source model for this source content and these params."""
+    classes = Domain.open(cfg.data.root, cfg.source).classes
+    return Path(cfg.work_dir).resolve() / "cache" / f"source-{cfg.source}-{source_cache_key(cfg, cfg.source, len(classes))}.pt"
+
+
+def source_model_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:
+    """Same source content (DVC hash) + same source parameters + same project -> same source model."""
+    cfg: Config = arguments["cfg"]
+    payload = json.dumps(
+        {"source": cfg.source, "md5": arguments["source_md5"], "cache": str(source_model_path(cfg)), **source_params(cfg, -1)},
+        sort_keys=True,
+    )
+    return "udaflow-source-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@task(name="pretrain-source", cache_key_fn=source_model_key, persist_result=True, retries=1)
+def pretrain_source(cfg: Config, source_md5: str) -> steps.StepOutcome:
+    """Supervised training on the labelled source; Prefect caches it across methods and targets.
+
+    Call it through `pretrain_source_cached`, which refreshes the cache entry when the file it
+    points at has been deleted.
+    """
+    outcome = steps.pretrain(cfg)
+    if not Path(outcome.path).exists():  # pragma: no cover - steps.pretrain always writes it
+        raise FileNotFoundError(outcome.path)
+    return outcome
+
+
+@task(name="adapt-to-target", cache_policy=NO_CACHE, retries=1)
+def adapt_to_target(cfg: Config, source_model: str) -> steps.StepOutcome:
+    """Adapt with cfg.method; a retry (or a re-run after a kill) resumes from the checkpoint."""
+    return steps.adapt(cfg, source_model=Path(source_model))
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_model(cfg: Config, source_model: str) -> dict[str, Any]:
+    """Accuracies, validator scores, shift before/after, figures, metrics.json."""
+    return steps.evaluate(cfg, source_model=Path(source_model))
+
+
+def pretrain_source_cached(cfg: Config, source_md5: str):
+    """The pretrain task's final state: a Prefect cache hit while its checkpoint file still exists."""
+    refresh = not source_model_path(cfg).exists()
+    return pretrain_source.with_options(refresh_cache=refresh)(cfg, source_md5, return_state=True)
