@@ -8,7 +8,7 @@ export GX_ANALYTICS_ENABLED=False
 export MLFLOW_DISABLE_TELEMETRY=true
 export HF_HUB_OFFLINE=1
 
-.PHONY: setup data run test bench clean
+.PHONY: setup data run test bench ui clean
 
 setup: $(BIN)/udaflow
 
@@ -27,8 +27,11 @@ run: data
 test: setup
 	$(BIN)/python -m pytest -q
 
+ui: setup
+	$(BIN)/udaflow ui
+
 bench: data
 	$(BIN)/udaflow bench --shifts synth:mnist,mnist:mnistm --methods source_only,oracle,dann,cdan,mcc,cdtrans --seeds 1 --profile quick --out bench.json
 
-clean:
+clean:  # run outputs only: data/, the DVC cache and the MLflow store are kept
 	rm -rf runs bench.json

@@ -1,5 +1,6 @@
 """The adaptation pipeline: validate the data, version it, pretrain on the source (cached),
-adapt to the target, evaluate, register the adapted model as the new `challenger`."""
+adapt to the target, evaluate, register the adapted model as the new `challenger`, and let the
+promotion gate decide whether it becomes `champion`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from tasks.data import validate_datasets, version_dataset
+from tasks.registry import promotion_gate
 from tasks.tracking import (
     close_tracking_run, log_datasets, log_evaluation, log_training, log_validation, open_tracking_run, register_challenger,
 )
@@ -52,10 +54,12 @@ def adaptation_pipeline(cfg: Config, params_file: str = "params.yaml") -> dict[s
     log_training(run, "adapt", adapted, metrics["history"], False)
     log_evaluation(cfg, run, metrics)
     registered = register_challenger(cfg, run, metrics, versions)
-    seconds["track_register"] = time.perf_counter() - clock - sum(seconds.values())
+    decision, _, champion = promotion_gate(cfg, registered.name)
+    seconds["track_register_gate"] = time.perf_counter() - clock - sum(seconds.values())
     close_tracking_run(run, seconds)
     return {
         "run_id": run.run_id, "experiment_id": run.experiment_id, "model": registered.name, "version": registered.version,
         "alias": registered.alias, "source_cached": source_cached, "prefect_task_cached": pretrain_state.name == "Cached",
         "metrics": {k: v for k, v in metrics.items() if k != "history"}, "stage_seconds": seconds, "datasets": versions,
+        "gate": {"promoted": decision.promote, "reason": decision.reason, "champion_before": champion},
     }

@@ -229,8 +229,86 @@ def _print_run_summary(cfg, r: dict) -> None:
     for stage, sec in r["stage_seconds"].items():
         table.add_row(f"seconds: {stage}", f"{sec:.1f}")
     table.add_row("seconds: total", f"{r['wall_seconds']:.1f}")
+    gate = r.get("gate")
+    if gate:
+        table.add_row("promotion gate", ("promoted to champion: " if gate["promoted"] else "champion unchanged: ") + gate["reason"])
     console.print(table)
     console.print(f"load it: mlflow.pytorch.load_model('models:/{r['model']}@{r['alias']}')")
+
+
+ModelOpt = Annotated[str, typer.Option("--model", help="registered model, e.g. udaflow-synth-to-mnist")]
+
+
+@app.command("promote")
+def promote(
+    model: ModelOpt,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the comparison and decision; change nothing")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Promotion gate: move `champion` to `challenger` if it is at least as good (no target labels needed)."""
+    try:
+        cfg = _load(params, None, None)
+        _quiet_prefect()
+        from flows.promote import promote_model
+
+        decision, challenger, champion = promote_model(cfg, model, dry_run)
+        table = Table(title=f"{model}: challenger v{challenger} vs champion {'v' + champion if champion else '(none)'}")
+        for col in ("metric", "champion", "challenger"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for row in decision.rows:
+            table.add_row(*row)
+        console.print(table)
+        verb = "would promote" if dry_run and decision.promote else "promoted" if decision.promote else "not promoted"
+        console.print(f"{'[dry run] ' if dry_run else ''}{verb}: {decision.reason}")
+    except (LookupError, *_known_errors()) as exc:
+        _fail(exc, "list registered models with `udaflow ui`")
+
+
+@app.command("rollback")
+def rollback(model: ModelOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Move `champion` back to the previous champion version."""
+    try:
+        cfg = _load(params, None, None)
+        _quiet_prefect()
+        from flows.promote import rollback_model
+
+        current, previous = rollback_model(cfg, model)
+        console.print(f"{model}: champion rolled back from v{current} to v{previous}")
+    except (LookupError, *_known_errors()) as exc:
+        _fail(exc, "a rollback needs at least two promotions in the model's history")
+
+
+@app.command("reproduce")
+def reproduce(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a `udaflow run`")],
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Restore a run's datasets from DVC into runs/reproduce/RUN_ID, re-run it, compare metrics (exit 1 if they differ)."""
+    try:
+        from udaflow import tracking, versioning
+
+        cfg = _load(params, None, None)
+        project = versioning.find_root(Path(cfg.data.root)) or Path.cwd()
+        _quiet_prefect()
+        from flows.reproduce import reproduce_run
+
+        workspace = Path(cfg.work_dir) / "reproduce" / run_id
+        result = reproduce_run(run_id, cfg.tracking.uri, str(cfg.tracking.artifact_root), str(project), str(workspace))
+        now = tracking.git_state().get("git.commit")  # the code's commit, as `udaflow run` records it
+        if result["commit"] != now:
+            err_console.print(f"warning: run {run_id} was made at commit {result['commit']}; this checkout is {now}", highlight=False)
+        table = Table(title=f"reproduce {run_id} (workspace {result['workspace']})")
+        for col in ("metric", "original", "reproduced"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for key, a, b in result["rows"]:
+            table.add_row(key, _fmt(a), _fmt(b))
+        console.print(table)
+    except (LookupError, *_known_errors()) as exc:
+        _fail(exc, "run ids are in `udaflow run`'s summary and the MLflow UI (`udaflow ui`)")
+    if not result["same"]:
+        console.print("[bold red]reproduced metrics differ from the recorded ones[/]")
+        raise typer.Exit(code=1)
+    console.print("reproduced: identical metrics")
 
 
 stage_app = typer.Typer(help="One pipeline step, as dvc.yaml's stages call it (`dvc repro`).", no_args_is_help=True, hidden=True)

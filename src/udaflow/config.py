@@ -71,6 +71,11 @@ class TrackingConfig(_Strict):
     artifact_root: Path = Path("mlflow/artifacts")  # where runs' artifacts and logged models go
 
 
+class PromotionConfig(_Strict):
+    source_tolerance: float = Field(1.0, ge=0)  # most source val accuracy (points) a challenger may lose vs champion
+    validator: str | None = None  # label-free score the gate compares without target labels; None = `validator`
+
+
 class Config(_Strict):
     seed: int = 0
     source: str = "synth"
@@ -84,6 +89,7 @@ class Config(_Strict):
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-method options, see methods/*.py
     bench: BenchConfig = Field(default_factory=BenchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -20,7 +20,7 @@ import torch
 from udaflow.config import Config
 from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
 from udaflow.data.manifest import MANIFEST_NAME
-from udaflow.engine import TrainResult, evaluate, peak_rss_mb, predict, train
+from udaflow.engine import TrainResult, evaluate, peak_rss_mb, predict, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
 from udaflow.validators import score_all
@@ -46,7 +46,8 @@ def source_params(cfg: Config, num_classes: int) -> dict:
 def source_cache_key(cfg: Config, source: str, num_classes: int) -> str:
     """Content hash of the source manifest + every parameter the source model depends on."""
     manifest = (cfg.data.root / source / MANIFEST_NAME).read_bytes()
-    shaping = {"manifest": hashlib.sha256(manifest).hexdigest(), **source_params(cfg, num_classes)}
+    # format 3: carries the class names; initial weights come from the seed alone (older caches are not reused)
+    shaping = {"format": 3, "manifest": hashlib.sha256(manifest).hexdigest(), **source_params(cfg, num_classes)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -66,6 +67,8 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
 
     The unlabelled target pool is passed only to score checkpoints with the label-free validator.
     """
+    # seeded before any module is built, so the initial weights never depend on what ran before
+    seed_everything(cfg.seed, cfg.train.deterministic, cfg.train.num_threads)
     classifier = new_classifier(cfg, len(data.classes))
     key = source_cache_key(cfg, source, len(data.classes))
     cache = Path(cache_dir or cfg.work_dir / "cache") / f"source-{source}-{key}.pt"
@@ -101,6 +104,7 @@ def adapt_to_target(
     cls = get_method_class(method_name)
     if cls.uses_target_labels:
         raise ValueError(f"method '{method_name}' trains on target labels: use train_oracle (benchmark only)")
+    seed_everything(cfg.seed + 1, cfg.train.deterministic, cfg.train.num_threads)  # the method's own modules too
     classifier = new_classifier(cfg, len(source_train.classes))
     classifier.load_state_dict(source_model.train.last_state)
     method = create_method(method_name, classifier, cfg.methods.get(method_name))
@@ -115,6 +119,7 @@ def adapt_to_target(
 
 def train_oracle(cfg: Config, source_model: StageResult, target_train_labelled: LabelledImages, target_adapt: UnlabelledImages) -> StageResult:
     """The upper bound: fine-tune the source model on labelled target-train. Benchmark only."""
+    seed_everything(cfg.seed + 1, cfg.train.deterministic, cfg.train.num_threads)
     classifier = new_classifier(cfg, len(target_train_labelled.classes))
     classifier.load_state_dict(source_model.train.last_state)
     method = create_method("oracle", classifier, cfg.methods.get("oracle"))

@@ -200,3 +200,23 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
     tmp.replace(paths.metrics)
     metrics["history"] = {"pretrain": source.train.loss_history, "adapt": adapted.train.loss_history, "validators": adapted.train.validator_history}
     return metrics
+
+
+REPRODUCED_METRICS = ("target_acc", "target_acc_last", "source_val_acc", "source_val_acc_last", "source_only_target_acc")
+
+
+def compare_metrics(original: dict[str, float], reproduced: dict[str, Any], tolerance: float = 0.0) -> tuple[bool, list[tuple[str, Any, Any]]]:
+    """Side-by-side rows of the headline metrics; equal when every pair differs by <= tolerance."""
+    rows, same = [], True
+    for key in REPRODUCED_METRICS:
+        a, b = original.get(key), reproduced.get(key)
+        if a is None and b is None:
+            continue
+        ok = a is not None and b is not None and abs(float(a) - float(b)) <= tolerance
+        same &= ok
+        rows.append((key, a, b))
+    for key, value in sorted(reproduced.get("validators", {}).items()):
+        a = original.get(f"validator.{key}")
+        same &= a is not None and abs(float(a) - float(value)) <= max(tolerance, 1e-6)
+        rows.append((f"validator.{key}", a, value))
+    return same, rows

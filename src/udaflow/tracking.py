@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -151,8 +152,12 @@ def log_dataset(run_id: str, manifest: Path, name: str, digest: str, context: st
     import pandas as pd
     from mlflow.entities import DatasetInput, InputTag
 
+    import warnings
+
     frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
-    dataset = mlflow.data.from_pandas(frame, source=str(Path(manifest).parent.resolve()), name=name, digest=digest)
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": it is a local path
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=str(Path(manifest).parent.resolve()), name=name, digest=digest)
     tags = [InputTag("mlflow.data.context", context)]
     _client().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 
@@ -327,3 +332,144 @@ def register_challenger(run: PipelineRun, model: Any, input_example: Any, metric
 def close_pipeline_run(run: PipelineRun, stage_seconds: dict[str, float], failed: bool = False) -> None:
     log_metrics(run.run_id, {f"seconds.{k}": v for k, v in stage_seconds.items()})
     end_run(run.run_id, failed)
+
+
+# --- the registry's promotion gate and rollback (decisions in udaflow.promotion) ---
+
+HISTORY_TAG = "udaflow.champion_history"
+
+
+@contextmanager
+def registry_lock(name: str):
+    """Serialise promotions of one model across processes: an exclusive lock file by the store."""
+    import fcntl
+
+    root = Path(os.environ.get("UDAFLOW_ARTIFACT_ROOT", "mlflow/artifacts"))
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.promotion.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _alias_version(name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _candidate(version, validator: str):
+    from udaflow.promotion import Candidate
+
+    if version is None:
+        return None
+
+    def num(key):
+        try:
+            return float(version.tags[key])
+        except (KeyError, ValueError):
+            return None
+
+    return Candidate(str(version.version), num("target_acc"), num(f"validator.{validator}"), num("source_val_acc"))
+
+
+def promote(name: str, validator: str, source_tolerance: float, dry_run: bool = False):
+    """Run the gate for model `name`; move `champion` to `challenger` when it passes (unless dry_run).
+
+    Returns (decision, challenger version, previous champion version or None).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from udaflow.promotion import decide
+
+    client = _client()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise LookupError(f"registered model '{name}' does not exist (models are registered by `udaflow run`)") from None
+    with registry_lock(name):
+        challenger = _alias_version(name, CHALLENGER)
+        if challenger is None:
+            raise LookupError(f"model '{name}' has no '{CHALLENGER}' alias: run `udaflow run` first")
+        champion = _alias_version(name, CHAMPION)
+        decision = decide(_candidate(challenger, validator), _candidate(champion, validator), validator, source_tolerance)
+        if dry_run or decision.criterion == "same":
+            return decision, str(challenger.version), None if champion is None else str(champion.version)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        tags = {
+            "gate.decision": "promoted" if decision.promote else "rejected",
+            "gate.reason": decision.reason,
+            "gate.criterion": decision.criterion,
+            "gate.compared_with": "none" if champion is None else str(champion.version),
+            "gate.at": stamp,
+            "gate.table": json.dumps(decision.rows),
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(name, challenger.version, key, value)
+        if decision.promote:
+            history = _history(name)
+            client.set_registered_model_alias(name, CHAMPION, challenger.version)
+            client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(challenger.version)]))
+        return decision, str(challenger.version), None if champion is None else str(champion.version)
+
+
+def _history(name: str) -> list[str]:
+    tags = _client().get_registered_model(name).tags
+    return [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
+
+
+def rollback(name: str) -> tuple[str, str]:
+    """Move `champion` back to the previous champion; returns (from_version, to_version)."""
+    client = _client()
+    with registry_lock(name):
+        history = _history(name)
+        champion = _alias_version(name, CHAMPION)
+        if champion is None or len(history) < 2:
+            raise LookupError(f"model '{name}' has no previous champion to roll back to (history: {history or 'empty'})")
+        current, previous = history[-1], history[-2]
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
+        client.set_model_version_tag(name, current, "gate.rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        return current, previous
+
+
+# --- reading a past run back, for reproduction ---
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    config: dict[str, Any]  # the resolved params the run used
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    datasets: dict[str, dict[str, str]]  # role -> {name, md5}
+
+
+def run_record(run_id: str) -> RunRecord:
+    """Everything needed to re-run `run_id`: resolved params, tags, metrics, dataset hashes."""
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise LookupError(f"MLflow run '{run_id}' does not exist in {os.environ.get('MLFLOW_TRACKING_URI') or 'the configured store'}") from None
+    tags = dict(run.data.tags)
+    with _tempdir() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "params/params.resolved.yaml", tmp)
+        except Exception:  # noqa: BLE001 - any store error means the record is incomplete
+            raise LookupError(f"run '{run_id}' has no params/params.resolved.yaml artifact: it was not made by `udaflow run`") from None
+        config = yaml.safe_load(Path(path).read_text())
+    datasets = {}
+    for role in ("source", "target"):
+        if f"dvc.{role}.md5" not in tags:
+            raise LookupError(f"run '{run_id}' has no DVC hash for its {role} dataset (tag dvc.{role}.md5)")
+        datasets[role] = {"name": tags[f"dvc.{role}.name"], "md5": tags[f"dvc.{role}.md5"]}
+    return RunRecord(run_id, config, tags, dict(run.data.metrics), datasets)

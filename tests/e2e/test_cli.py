@@ -101,3 +101,43 @@ def test_errors_are_one_line_and_nonzero(workspace: Path, args, needle):
     assert result.exit_code == 2, result.output
     assert needle in result.output
     assert "Traceback" not in result.output
+
+
+def _corrupt_folder(base: Path, kind: str) -> Path:
+    """A small ImageFolder copied from fonts-b's images, broken in one way."""
+    folder = base / f"bad-{kind}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    src = base / "data/raw/fonts-b"
+    for cls in ("0", "1"):
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((src / cls).glob("*.png"))[:4]:
+            shutil.copyfile(f, folder / cls / f.name)
+    first = sorted((folder / "0").glob("*.png"))[0]
+    if kind == "undecodable":
+        first.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    elif kind == "leak":
+        shutil.copyfile(first, folder / "1" / "copy-of-a-zero.png")
+    elif kind == "unknown-class":
+        (folder / "eleven").mkdir()
+        shutil.copyfile(first, folder / "eleven" / "x.png")
+        first.unlink()
+    return folder
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("undecodable", "expect_column_values_to_be_in_set"),
+    ("leak", "expect_column_values_to_be_unique"),
+    ("unknown-class", "label=eleven"),
+])
+def test_corrupt_target_is_refused_at_ingest_and_nothing_changes(workspace: Path, kind, needle):
+    ws = workspace
+    manifest = (ws / "data/raw/fonts-b/manifest.csv").read_bytes()
+    pointer = (ws / "data/raw/fonts-b.dvc").read_bytes()
+    result = invoke(["data", "ingest", str(_corrupt_folder(ws, kind)), "--name", "fonts-b", "--source", "synth"], ws)
+    assert result.exit_code == 2, result.output
+    assert "data validation failed" in result.output and needle in result.output
+    assert "Traceback" not in result.output
+    assert (ws / "data/raw/fonts-b/manifest.csv").read_bytes() == manifest  # the old data is untouched
+    assert (ws / "data/raw/fonts-b.dvc").read_bytes() == pointer  # and no new DVC version
+    assert not list((ws / "data/raw").glob(".*.ingesting"))

@@ -1,0 +1,132 @@
+"""The Great Expectations suites: a clean shift passes; each bad input fails the named expectation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from udaflow.data.domains import build_domain
+from udaflow.data.expectations import validate_shift
+from udaflow.data.ingest import ingest_folder
+from udaflow.data.manifest import DataError
+
+
+@pytest.fixture(scope="module")
+def clean_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gx") / "raw"
+    build_domain("synth", root, seed=0, synth_size=100)
+    other = tmp_path_factory.mktemp("other")
+    build_domain("synth", other, seed=7, synth_size=60)
+    (other / "synth" / "manifest.csv").unlink()
+    ingest_folder(other / "synth", "target", root, 0.3, 0)
+    return root
+
+
+@pytest.fixture
+def root(clean_root: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "raw"
+    shutil.copytree(clean_root, copy)
+    return copy
+
+
+def _rows(domain: Path) -> list[dict]:
+    with (domain / "manifest.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _failed(report) -> set[str]:
+    return {f.expectation for f in report.failures}
+
+
+def test_clean_shift_passes_and_writes_gx_result_and_data_docs(root: Path, tmp_path: Path):
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    assert report.success, report.error()
+    assert report.statistics["images"] == 160 and report.statistics["failed"] == 0
+    payload = json.loads(report.result_json.read_text())
+    assert payload["success"] is True and set(payload["suites"]) == {"udaflow.images", "udaflow.classes"}
+    assert report.data_docs.name == "index.html" and report.data_docs.exists()
+    assert list((tmp_path / "out/data_docs").rglob("validations/udaflow/images/**/*.html"))
+
+
+def test_undecodable_png_fails_and_names_the_file(root: Path, tmp_path: Path):
+    victim = _rows(root / "target")[3]["path"]
+    (root / "target" / victim).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    assert not report.success
+    assert "expect_column_values_to_be_in_set" in _failed(report)  # decodable in {True}
+    assert "expect_column_pair_values_to_be_equal" in _failed(report)  # checksum no longer the manifest's
+    assert victim in report.error()
+
+
+def test_image_leaked_between_target_train_and_test_fails(root: Path, tmp_path: Path):
+    rows = _rows(root / "target")
+    train = next(r for r in rows if r["split"] == "train")
+    test = next(r for r in rows if r["split"] == "test")
+    shutil.copyfile(root / "target" / train["path"], root / "target" / test["path"])
+    ingest_src = tmp_path / "leaky"
+    shutil.copytree(root / "target", ingest_src)
+    (ingest_src / "manifest.csv").unlink()
+    # re-describe so the manifest is honest about the duplicate: only the leak is left to catch
+    from udaflow.data.manifest import describe_image, write_manifest
+
+    write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in rows])
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    assert _failed(report) == {"expect_column_values_to_be_unique"}
+    assert "sha256" in report.error() and test["path"] in report.error()
+
+
+def test_image_shared_between_source_and_target_fails(root: Path, tmp_path: Path):
+    src = _rows(root / "synth")[0]
+    tgt = _rows(root / "target")[0]
+    shutil.copyfile(root / "synth" / src["path"], root / "target" / tgt["path"])
+    from udaflow.data.manifest import describe_image, write_manifest
+
+    write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in _rows(root / "target")])
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    assert _failed(report) == {"expect_column_values_to_be_unique"}
+    assert "domain=synth" in report.error() or "domain=target" in report.error()
+
+
+def test_target_class_unknown_to_the_source_fails(root: Path, tmp_path: Path):
+    folder = tmp_path / "with_new_class"
+    shutil.copytree(root / "target", folder)
+    (folder / "manifest.csv").unlink()
+    (folder / "eleven").mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i * 40, 10, 200)).save(folder / "eleven" / f"{i}.png")
+    ingest_folder(folder, "target", root, 0.3, 0)
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    assert "expect_column_values_to_be_in_set" in _failed(report)
+    assert "label=eleven" in report.error()
+
+
+def test_too_few_images_per_source_class_fails(root: Path, tmp_path: Path):
+    report = validate_shift(root, "synth", "target", tmp_path / "out", min_per_class=50)
+    assert _failed(report) == {"expect_column_values_to_be_between"}
+    assert report.failures[0].suite == "udaflow.classes"
+
+
+def test_wrong_image_size_and_mode_fail(root: Path, tmp_path: Path):
+    rows = _rows(root / "target")
+    Image.new("CMYK", (4, 4)).save(root / "target" / rows[0]["path"].replace(".png", ".tif"))
+    Image.new("F", (32, 32)).save(root / "target" / "odd.tiff")
+    from udaflow.data.manifest import describe_image, write_manifest
+
+    extra = [describe_image(root / "target" / "odd.tiff", root / "target", "", "train")]
+    small = root / "target" / rows[1]["path"]
+    Image.new("RGB", (4, 4)).save(small)
+    write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in rows] + extra)
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    failed = _failed(report)
+    assert "expect_column_values_to_be_between" in failed  # 4x4 image
+    assert "expect_column_values_to_be_in_set" in failed  # mode F
+
+
+def test_missing_domain_is_a_data_error(root: Path, tmp_path: Path):
+    with pytest.raises(DataError, match="nope"):
+        validate_shift(root, "synth", "nope", tmp_path / "out")

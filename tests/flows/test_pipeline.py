@@ -1,0 +1,174 @@
+"""The pipeline flow end to end on tiny data: real Prefect (test harness), real MLflow (temp
+SQLite), real DVC (temp git repo), real GX. One project per module; runs are shared by the tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from udaflow import tracking, versioning
+from udaflow.config import load_config
+from udaflow.data.datasets import Domain, decode_image
+from udaflow.data.domains import build_domain
+from udaflow.data.ingest import ingest_folder
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, new_project) -> Path:
+    root = new_project(tmp_path_factory.mktemp("pipeline"))
+    raw = root / "data/raw"
+    build_domain("synth", raw, seed=0, synth_size=120)
+    versioning.version_dataset(raw / "synth")
+    other = tmp_path_factory.mktemp("fonts-b")
+    build_domain("synth", other, seed=5, synth_size=80)
+    (other / "synth/manifest.csv").unlink()
+    ingest_folder(other / "synth", "fonts-b", raw, 0.25, 0)
+    versioning.version_dataset(raw / "fonts-b")
+    return root
+
+
+def _cfg(project: Path, **sets):
+    overrides = ["source=synth", "target=fonts-b", *(f"{k}={v}" for k, v in sets.items())]
+    cfg = load_config(project / "params.yaml", None, overrides)
+    tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def first_run(project: Path):
+    from flows.pipeline import adaptation_pipeline
+
+    cfg = _cfg(project, method="dann")
+    return cfg, adaptation_pipeline(cfg, str(project / "params.yaml"))
+
+
+def test_registered_challenger_reproduces_the_logged_target_accuracy(project: Path, first_run):
+    cfg, result = first_run
+    assert result["model"] == "udaflow-synth-to-fonts-b" and result["version"] == "1" and result["alias"] == "challenger"
+    model = mlflow.pytorch.load_model("models:/udaflow-synth-to-fonts-b@challenger", map_location="cpu")
+    test = Domain.open(cfg.data.root, "fonts-b")
+    rows = test.select("test")
+    classes = Domain.open(cfg.data.root, "synth").classes
+    images = torch.from_numpy(np.stack([decode_image(test.root / r.path, 32) for r in rows])).float() / 255.0
+    labels = torch.tensor([classes.index(r.label) for r in rows])
+    with torch.no_grad():
+        acc = (model(images).argmax(1) == labels).float().mean().item() * 100
+    logged = mlflow.MlflowClient().get_run(result["run_id"]).data.metrics["target_acc"]
+    assert abs(acc - logged) < 0.1
+    assert logged == pytest.approx(result["metrics"]["target_acc"])
+    assert model.classes == list(classes)
+
+
+def test_run_records_lineage_metrics_and_artifacts(project: Path, first_run):
+    cfg, result = first_run
+    client = mlflow.MlflowClient()
+    run = client.get_run(result["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "udaflow/synth-to-fonts-b"
+    tags = run.data.tags
+    source_md5 = versioning.dataset_version(project / "data/raw/synth").md5
+    target_md5 = versioning.dataset_version(project / "data/raw/fonts-b").md5
+    assert tags["dvc.source.md5"] == source_md5 and tags["dvc.target.md5"] == target_md5
+    assert tags["data.revision"].startswith("synth:") or "fonts-b:" in tags["data.revision"]
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert tags["prefect.flow_run_id"] and tags["version.torch"].startswith("2.14")
+    assert tags["registry.version"] == "1"
+    metrics = run.data.metrics
+    for key in ("target_acc", "target_acc_last", "source_val_acc", "validator.im", "validator.snd", "shift.pad_before",
+                "shift.pad_after", "shift.mmd_after", "target_acc.class_0", "seconds.adapt"):
+        assert key in metrics, key
+    assert 0 <= metrics["shift.pad_before"] <= 2
+    assert run.data.params["method"] == "dann" and run.data.params["train.adapt_steps"] == "12"
+
+    artifacts = {f.path for folder in ("figures", "validation", "params", "metrics") for f in client.list_artifacts(run.info.run_id, folder)}
+    for name in ("figures/confusion_matrix.png", "figures/feature_map.png", "figures/loss_pretrain.png", "figures/loss_adapt.png",
+                 "validation/gx_result.json", "validation/data_docs", "params/params.resolved.yaml", "params/params.yaml",
+                 "metrics/metrics.json"):
+        assert name in artifacts, name
+
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert digests == {"synth": source_md5, "fonts-b": target_md5}
+
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert {c.data.tags["udaflow.stage"] for c in children} == {"validate", "pretrain", "adapt", "evaluate", "register"}
+    adapt = next(c for c in children if c.data.tags["udaflow.stage"] == "adapt")
+    history = client.get_metric_history(adapt.info.run_id, "loss.loss")
+    assert [m.step for m in history] == [6, 12]  # one point per evaluation interval
+
+    version = client.get_model_version("udaflow-synth-to-fonts-b", "1")
+    assert version.tags["method"] == "dann" and version.tags["backbone"] == "udaflow_vit_micro"
+    assert version.tags["data.source.md5"] == source_md5 and float(version.tags["target_acc"]) == pytest.approx(metrics["target_acc"])
+    assert versioning.status(project) == {}  # nothing changed in DVC's view
+
+
+def test_second_method_reuses_the_cached_source_model_and_registers_version_2(project: Path, first_run):
+    from flows.pipeline import adaptation_pipeline
+
+    cfg = _cfg(project, method="mcc")
+    result = adaptation_pipeline(cfg, str(project / "params.yaml"))
+    assert result["prefect_task_cached"] is True and result["source_cached"] is True
+    assert result["version"] == "2"
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("udaflow-synth-to-fonts-b", "challenger").version) == "2"
+    assert result["stage_seconds"]["pretrain"] < first_run[1]["stage_seconds"]["pretrain"]
+
+
+def test_corrupt_target_in_data_stops_before_training_and_registers_nothing(project: Path, first_run):
+    from flows.pipeline import DataValidationError, adaptation_pipeline
+
+    target = project / "data/raw/fonts-b"
+    backup = project / "fonts-b.bak"
+    shutil.copytree(target, backup)
+    pointer = (project / "data/raw/fonts-b.dvc").read_text()
+    versions_before = len(tracking.latest_versions("udaflow-synth-to-fonts-b"))
+    victim = next(p for p in sorted(target.rglob("*.png")))
+    victim.write_bytes(b"\x89PNG truncated")
+    try:
+        cfg = _cfg(project, method="dann")
+        with pytest.raises(DataValidationError, match=victim.name):
+            adaptation_pipeline(cfg, str(project / "params.yaml"))
+        assert len(tracking.latest_versions("udaflow-synth-to-fonts-b")) == versions_before
+        assert (project / "data/raw/fonts-b.dvc").read_text() == pointer  # no new DVC version
+        failed = mlflow.search_runs(
+            experiment_names=["udaflow/synth-to-fonts-b"], filter_string="tags.`validation.success` = 'false'", output_format="list"
+        )
+        assert failed and failed[0].info.status == "FAILED"
+        assert "validation/gx_result.json" in {f.path for f in mlflow.MlflowClient().list_artifacts(failed[0].info.run_id, "validation")}
+    finally:
+        shutil.rmtree(target)
+        shutil.copytree(backup, target)
+        shutil.rmtree(backup)
+
+
+def test_reproduce_restores_the_old_data_revision_and_matches_exactly(project: Path, first_run, tmp_path_factory):
+    """After the target changes (a new DVC version), reproducing the first run restores its data."""
+    from typer.testing import CliRunner
+
+    from udaflow.cli import app
+
+    cfg, result = first_run
+    old_md5 = versioning.dataset_version(project / "data/raw/fonts-b").md5
+    # new target content: a re-ingest with a different holdout split is a new DVC version
+    newer = tmp_path_factory.mktemp("fonts-b-v2")
+    build_domain("synth", newer, seed=9, synth_size=80)
+    (newer / "synth/manifest.csv").unlink()
+    ingest_folder(newer / "synth", "fonts-b", project / "data/raw", 0.25, 0)
+    assert versioning.version_dataset(project / "data/raw/fonts-b").md5 != old_md5
+    today = (project / "data/raw/fonts-b/manifest.csv").read_bytes()
+
+    out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--params", str(project / "params.yaml")])
+    assert out.exit_code == 0, out.output
+    assert "identical metrics" in out.output
+    restored = project / "runs/reproduce" / result["run_id"] / "data/raw/fonts-b"
+    assert versioning.dataset_version(project / "data/raw/fonts-b").md5 != old_md5  # today's data untouched
+    assert (project / "data/raw/fonts-b/manifest.csv").read_bytes() == today
+    assert restored.is_dir() and (restored / "manifest.csv").read_bytes() != today
+
+    unknown = CliRunner().invoke(app, ["reproduce", "0" * 32, "--params", str(project / "params.yaml")])
+    assert unknown.exit_code == 2 and "does not exist" in unknown.output
