@@ -23,7 +23,7 @@ from udaflow.methods import get_method_class
 ROW_KEYS = (
     "shift", "method", "seed", "protocol", "target_acc", "target_acc_selected", "selected_by", "selected_step",
     "source_val_acc", "validators", "seconds", "train_images_per_s", "peak_rss_mb", "device",
-)
+)  # plus, for every non-oracle method: best_checkpoint_target_acc and selection_loss (reported, never used)
 
 
 def parse_shifts(text: str) -> list[tuple[str, str]]:
@@ -44,11 +44,14 @@ def run_bench(
     protocol: str = "transductive",
     out: Path | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_correlations: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     for m in methods:
         get_method_class(m)  # unknown names fail before any training
     rows: list[dict[str, Any]] = []
+    correlations: dict[str, Any] = {}
     for source, target in shifts:
+        study: list[dict[str, Any]] = []
         data = load_shift(cfg.data.root, source, target, cfg.data.image_size, protocol)  # type: ignore[arg-type]
         if data.target_eval is None:
             raise ValueError(f"bench needs target labels to report accuracy; domain '{target}' has none")
@@ -64,12 +67,23 @@ def run_bench(
                     test = load_shift(cfg.data.root, source, target, cfg.data.image_size, "holdout")
                     target_eval = test.target_eval
                 else:
-                    stage, target_eval = adapt_to_target(run_cfg, method, pretrained, data.source_train, data.target_adapt), None
+                    stage, target_eval = adapt_to_target(
+                        run_cfg, method, pretrained, data.source_train, data.target_adapt, source_val=data.source_val, keep_checkpoints=True,
+                    ), None
                 metrics = evaluate_stage(run_cfg, stage, data, target_eval)
                 row = {"shift": f"{source}:{target}", "method": method, "seed": run_cfg.seed, "protocol": protocol}
                 row.update({k: metrics[k] for k in ROW_KEYS if k in metrics and k not in row})
                 if method == "source_only":
                     row["cached_pretraining"] = stage.cached
+                if not get_method_class(method).uses_target_labels:
+                    # the validator study: every kept checkpoint scored with target labels, AFTER training,
+                    # to report how well each label-free score tracks accuracy. Never used to select.
+                    accs = checkpoint_accuracies(run_cfg, stage, data)
+                    study.extend({"method": method, "seed": run_cfg.seed, "target_acc": acc, **scores} for acc, scores in accs)
+                    if accs:
+                        best = max(acc for acc, _ in accs)
+                        row["best_checkpoint_target_acc"] = best  # reported, never used
+                        row["selection_loss"] = round(best - metrics["target_acc_selected"], 2)
                 if get_method_class(method).uses_target_labels:
                     row["protocol"] = "oracle: target-train labels, scored on target test"
                 rows.append(row)
@@ -77,10 +91,50 @@ def run_bench(
                     on_row(row)
                 if out is not None:
                     write_rows(rows, out)
+        correlations[f"{source}:{target}"] = validator_correlations(study)
+        if out is not None:
+            write_rows(correlations, Path(out).with_suffix(".validators.json"))
+    if on_correlations:
+        on_correlations(correlations)
     return rows
 
 
-def write_rows(rows: list[dict[str, Any]], out: Path) -> None:
+def checkpoint_accuracies(cfg: Config, stage, data) -> list[tuple[float, dict[str, float]]]:
+    """(target accuracy, validator scores) of every checkpoint the engine kept and scored."""
+    from udaflow.engine import evaluate, resolve_device
+
+    device = resolve_device(cfg.train.device)
+    scores = {row["step"]: row for row in stage.train.validator_history}
+    out = []
+    for step, state in stage.train.checkpoint_states:
+        if step not in scores:
+            continue
+        stage.classifier.load_state_dict(state)
+        acc = evaluate(stage.classifier.to(device), data.target_eval, device)["acc"]
+        out.append((acc, {k: v for k, v in scores[step].items() if k != "step"}))
+    stage.classifier.load_state_dict(stage.train.last_state)
+    return out
+
+
+def validator_correlations(study: list[dict[str, Any]]) -> dict[str, Any]:
+    """Spearman rank correlation of each validator with target accuracy over all checkpoints and methods."""
+    from scipy.stats import spearmanr
+
+    if len(study) < 3:
+        return {"checkpoints": len(study)}
+    names = sorted({k for row in study for k in row} - {"method", "seed", "target_acc"})
+    accs = [row["target_acc"] for row in study]
+    out: dict[str, Any] = {"checkpoints": len(study), "spearman": {}}
+    for name in names:
+        values = [row.get(name) for row in study]
+        if any(v is None for v in values):
+            continue
+        rho = spearmanr(values, accs).statistic
+        out["spearman"][name] = None if rho != rho else round(float(rho), 3)
+    return out
+
+
+def write_rows(rows: list[dict[str, Any]] | dict[str, Any], out: Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -413,21 +413,33 @@ def bench(
                 f"{row['seconds']:.0f}s, {row['train_images_per_s']:.0f} img/s"
             )
 
-        rows = run_bench(cfg, parse_shifts(shifts), method_list, seeds, protocol, out, on_row=show)
+        rows = run_bench(cfg, parse_shifts(shifts), method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations)
         _print_bench_table(rows)
         console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f}s in all)")
     except _known_errors() as exc:
         _fail(exc)
 
 
+def _print_correlations(correlations: dict) -> None:
+    names = sorted({n for c in correlations.values() for n in c.get("spearman", {})})
+    table = Table(title="validators: Spearman correlation with target accuracy (all checkpoints, all methods)")
+    table.add_column("shift")
+    table.add_column("checkpoints", justify="right")
+    for n in names:
+        table.add_column(n, justify="right")
+    for shift, c in correlations.items():
+        table.add_row(shift, str(c.get("checkpoints", 0)), *[_fmt(c.get("spearman", {}).get(n)) for n in names])
+    console.print(table)
+
+
 def _print_bench_table(rows: list[dict]) -> None:
     table = Table(title="udaflow bench")
-    for col in ("shift", "method", "seed", "target_acc", "target_acc_selected", "selected_by", "source_val_acc", "seconds", "img/s", "device"):
+    for col in ("shift", "method", "seed", "target_acc", "target_acc_selected", "selected_by", "selection loss", "source_val_acc", "seconds", "img/s", "device"):
         table.add_column(col, justify="right" if col not in ("shift", "method", "selected_by") else "left")
     for r in rows:
         table.add_row(
             r["shift"], r["method"], str(r["seed"]), _fmt(r.get("target_acc")), _fmt(r.get("target_acc_selected")),
-            r["selected_by"], _fmt(r["source_val_acc"]), _fmt(r["seconds"]), _fmt(r["train_images_per_s"]), r["device"],
+            r["selected_by"], _fmt(r.get("selection_loss")), _fmt(r["source_val_acc"]), _fmt(r["seconds"]), _fmt(r["train_images_per_s"]), r["device"],
         )
     console.print(table)
 

@@ -26,7 +26,7 @@ from udaflow.data.datasets import LabelledImages, UnlabelledImages
 from udaflow.data.transforms import augment, to_input
 from udaflow.methods.base import Batch, Method, StepContext
 from udaflow.models.heads import Classifier
-from udaflow.validators import get_validator, score_all
+from udaflow.validators import SOURCE_AWARE, dev_score, get_validator, score_all
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +119,7 @@ class TrainResult:
     device: str
     resumed_from: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint_states: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)  # (step, weights) when kept
 
     @property
     def images_per_s(self) -> float:
@@ -164,13 +165,19 @@ def train(
     validator: str = "im",
     checkpoint_path: Path | None = None,
     description: str = "train",
+    source_val: LabelledImages | None = None,
+    keep_checkpoints: bool = False,
 ) -> TrainResult:
     """Run `steps` optimisation steps of `method` on labelled `source` and unlabelled `target`.
 
     `target` also feeds the label-free validator that picks `selected_state` (every
     `cfg.eval_every` steps). Resumes from `checkpoint_path` when it holds a checkpoint.
+    `source_val` (labelled source held out from training) adds the DEV score. `keep_checkpoints`
+    keeps every evaluated state, for the benchmark's validator study (reported, never selected on).
     """
     get_validator(validator)  # fail before training on an unknown name
+    if validator in SOURCE_AWARE and source_val is None:
+        raise ValueError(f"validator '{validator}' needs the labelled source validation set (source_val)")
     device = resolve_device(cfg.device)
     seed_everything(seed, cfg.deterministic, cfg.num_threads)
     classifier.to(device).train()
@@ -194,6 +201,7 @@ def train(
         return predict(classifier, target.images, device, amp=cfg.amp)
 
     start, best_score, best_step, best_state = 0, -math.inf, 0, None
+    kept: list[tuple[int, dict[str, torch.Tensor]]] = []
     validator_history: list[dict[str, float]] = []
     loss_history: list[dict[str, float]] = []
     if checkpoint_path is not None and checkpoint_path.exists():
@@ -231,7 +239,6 @@ def train(
             checkpoint_path,
         )
 
-    score_fn = get_validator(validator)
     sums: dict[str, float] = {}
     count = 0
     seconds, images = 0.0, 0
@@ -276,9 +283,14 @@ def train(
                 loss_history.append({"step": done, **{k: v / count for k, v in sums.items()}})
                 sums, count = {}, 0
                 if target is not None:
-                    _, logits = embed_target()
+                    target_features, logits = embed_target()
                     scores = score_all(logits)
+                    if source_val is not None:
+                        val_features, val_logits = predict(classifier, source_val.images, device, amp=cfg.amp)
+                        scores["dev"] = dev_score(val_features, val_logits, source_val.labels, target_features)
                     validator_history.append({"step": done, **scores})
+                    if keep_checkpoints:
+                        kept.append((done, {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}))
                     if scores[validator] > best_score:
                         best_score, best_step = scores[validator], done
                         best_state = copy.deepcopy({k: v.cpu() for k, v in classifier.state_dict().items()})
@@ -300,6 +312,7 @@ def train(
         train_images=images,
         device=str(device),
         resumed_from=start,
+        checkpoint_states=kept,
     )
 
 

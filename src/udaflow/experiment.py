@@ -23,7 +23,7 @@ from udaflow.data.manifest import MANIFEST_NAME
 from udaflow.engine import TrainResult, evaluate, peak_rss_mb, predict, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
-from udaflow.validators import score_all
+from udaflow.validators import dev_score, score_all
 
 
 def new_classifier(cfg: Config, num_classes: int) -> Classifier:
@@ -82,6 +82,8 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
         classifier, method, data.source_train, data.target_adapt, cfg.train,
         steps=cfg.train.pretrain_steps, lr=cfg.train.lr, seed=cfg.seed, validator=cfg.validator,
         checkpoint_path=cache.with_suffix(".ckpt"), description=f"pretrain {source}",
+        # scored checkpoints are kept in the cache (a few MB) so any later bench can study the validators
+        source_val=data.source_val, keep_checkpoints=True,
     )
     wall = time.perf_counter() - t0
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +101,8 @@ def adapt_to_target(
     source_train: LabelledImages,
     target_adapt: UnlabelledImages,
     checkpoint_path: Path | None = None,
+    source_val: LabelledImages | None = None,
+    keep_checkpoints: bool = False,
 ) -> StageResult:
     """Adapt a copy of the source model with `method_name` on labelled source + unlabelled target."""
     cls = get_method_class(method_name)
@@ -113,6 +117,7 @@ def adapt_to_target(
         classifier, method, source_train, target_adapt, cfg.train,
         steps=cfg.train.adapt_steps, lr=cfg.train.adapt_lr, seed=cfg.seed + 1, validator=cfg.validator,
         checkpoint_path=checkpoint_path, description=f"adapt {method_name}",
+        source_val=source_val, keep_checkpoints=keep_checkpoints,
     )
     return StageResult(classifier, result, time.perf_counter() - t0)
 
@@ -145,8 +150,10 @@ def evaluate_stage(cfg: Config, stage: StageResult, data: ShiftData, target_eval
     out: dict[str, Any] = {}
     classifier.load_state_dict(stage.train.last_state)
     classifier.to(device)
-    _, target_logits = predict(classifier, data.target_adapt.images, device)
+    target_features, target_logits = predict(classifier, data.target_adapt.images, device)
     out["validators"] = score_all(target_logits)
+    val_features, val_logits = predict(classifier, data.source_val.images, device)
+    out["validators"]["dev"] = dev_score(val_features, val_logits, data.source_val.labels, target_features)
     out["source_val_acc"] = evaluate(classifier, data.source_val, device)["acc"]
     if target_eval is not None:
         last = evaluate(classifier, target_eval, device)

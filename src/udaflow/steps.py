@@ -29,7 +29,7 @@ from udaflow.data.expectations import ValidationReport, validate_shift
 from udaflow.engine import TrainResult, accuracy, per_class_accuracy, predict, resolve_device
 from udaflow.experiment import StageResult, adapt_to_target, new_classifier, pretrain_source
 from udaflow.models import ImageClassifier
-from udaflow.validators import score_all
+from udaflow.validators import dev_score, score_all
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     paths = run_paths(cfg)
     source, classes = _load(cfg, Path(source_model or paths.source_model))
     t0 = time.perf_counter()
-    adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint)
+    adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint, data.source_val)
     _save(adapted, classes, paths.model)
     paths.checkpoint.unlink(missing_ok=True)
     return StepOutcome(str(paths.model), time.perf_counter() - t0, images_per_s=adapted.train.images_per_s, selected_step=adapted.train.selected_step)
@@ -112,9 +112,10 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
 
 def _scores(classifier, data: ShiftData, device) -> dict[str, Any]:
     """Accuracies (labels read only here, after training) and label-free scores of one set of weights."""
-    _, target_logits = predict(classifier, data.target_adapt.images, device)
+    target_features, target_logits = predict(classifier, data.target_adapt.images, device)
     out: dict[str, Any] = {"validators": score_all(target_logits)}
-    _, source_logits = predict(classifier, data.source_val.images, device)
+    source_features, source_logits = predict(classifier, data.source_val.images, device)
+    out["validators"]["dev"] = dev_score(source_features, source_logits, data.source_val.labels, target_features)
     out["source_val_acc"] = accuracy(source_logits, data.source_val.labels)
     if data.target_eval is not None:
         _, logits = predict(classifier, data.target_eval.images, device)

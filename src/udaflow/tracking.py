@@ -178,7 +178,11 @@ def register_model(
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
+    import logging
+
     client = _client()
+    # pickle (not pt2) keeps the module's methods and class names; MLflow warns about pickle on every save
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with mlflow.start_run(run_id=run_id):
         import torch
 

@@ -1,7 +1,8 @@
-"""Label-free model-selection scores, computed on unlabelled target predictions.
+"""Label-free model-selection scores.
 
 Every score is "higher is better", so a selector keeps the checkpoint with the largest value.
-Inputs: target logits (N, K) and, for SND, features are not needed (it works on predictions).
+entropy, im, snd, bnm read only target logits (N, K). dev also reads the labelled *source*
+validation set and both domains' features: it never needs target labels either.
 """
 
 from __future__ import annotations
@@ -56,9 +57,62 @@ VALIDATORS: dict[str, Callable[[torch.Tensor], float]] = {
 }
 
 
-def get_validator(name: str) -> Callable[[torch.Tensor], float]:
+def dev_risk(losses: torch.Tensor, weights: torch.Tensor) -> float:
+    """DEV's estimate of the target risk (You et al., ICML 2019), with its control variate.
+
+    losses (N,): per-sample loss on labelled source validation; weights (N,): density ratios
+    p_target(x) / p_source(x). With L = w * l and eta = -Cov(L, w) / Var(w) (unbiased),
+    DEV = mean(L) + eta * mean(w) - eta. Lower is better.
+    """
+    weights, losses = weights.double(), losses.double()
+    weighted = weights * losses
+    var_w = weights.var(unbiased=True)
+    if not torch.isfinite(var_w) or var_w <= 0:
+        return float(weighted.mean())
+    cov = ((weighted - weighted.mean()) * (weights - weights.mean())).sum() / (len(weights) - 1)
+    eta = -cov / var_w
+    return float(weighted.mean() + eta * weights.mean() - eta)
+
+
+def density_ratios(source_features: torch.Tensor, target_features: torch.Tensor, max_per_domain: int = 2000, seed: int = 0) -> torch.Tensor:
+    """p_target / p_source at each source sample, from a 2-fold cross-fitted logistic domain classifier."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    t = target_features.numpy()
+    if len(t) > max_per_domain:
+        t = t[rng.choice(len(t), max_per_domain, replace=False)]
+    s = source_features.numpy()
+    fold_s, fold_t = rng.permutation(len(s)) % 2, rng.permutation(len(t)) % 2
+    ratios = np.zeros(len(s))
+    for k in (0, 1):
+        train_x = np.concatenate([s[fold_s != k], t[fold_t != k]])
+        train_y = np.concatenate([np.zeros((fold_s != k).sum()), np.ones((fold_t != k).sum())])
+        scaler = StandardScaler().fit(train_x)
+        clf = LogisticRegression(max_iter=300).fit(scaler.transform(train_x), train_y)
+        p = clf.predict_proba(scaler.transform(s[fold_s == k]))[:, 1].clip(1e-4, 1 - 1e-4)
+        ratios[fold_s == k] = p / (1 - p) * ((fold_s != k).sum() / max((fold_t != k).sum(), 1))
+    return torch.from_numpy(ratios)
+
+
+def dev_score(source_features: torch.Tensor, source_logits: torch.Tensor, source_labels: torch.Tensor, target_features: torch.Tensor) -> float:
+    """-DEV: importance-weighted source validation loss, negated so that higher is better."""
+    losses = F.cross_entropy(source_logits.float(), source_labels, reduction="none")
+    return -dev_risk(losses, density_ratios(source_features, target_features))
+
+
+# validators that need the labelled source validation set as well as the target pool
+SOURCE_AWARE = ("dev",)
+
+
+def get_validator(name: str) -> Callable[[torch.Tensor], float] | None:
+    """The target-only scoring function, or None for a source-aware one (the caller computes it)."""
+    if name in SOURCE_AWARE:
+        return None
     if name not in VALIDATORS:
-        raise ValueError(f"unknown validator '{name}' (known: {', '.join(VALIDATORS)})")
+        raise ValueError(f"unknown validator '{name}' (known: {', '.join([*VALIDATORS, *SOURCE_AWARE])})")
     return VALIDATORS[name]
 
 

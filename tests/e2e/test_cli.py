@@ -59,7 +59,7 @@ def test_build_ingest_run_bench(workspace: Path):
     metrics = json.loads((ws / "runs/synth-to-fonts-b/dann/metrics.json").read_text())
     assert 0.0 <= metrics["target_acc"] <= 100.0
     assert metrics["selected_by"] == "im"
-    assert set(metrics["validators"]) == {"entropy", "im", "snd", "bnm"}
+    assert set(metrics["validators"]) == {"entropy", "im", "snd", "bnm", "dev"}
 
     # a second method on the same source reuses the cached source model
     result = invoke(["run", "--source", "synth", "--target", "fonts-b", "--method", "mcc"], ws)
@@ -82,6 +82,14 @@ def test_build_ingest_run_bench(workspace: Path):
         assert row["shift"] == "synth:fonts-b"
         assert 0.0 <= row["target_acc"] <= 100.0
     assert bench[0]["cached_pretraining"] is True  # pretraining shared with the earlier runs
+    for row in bench:
+        assert set(row["validators"]) == {"entropy", "im", "snd", "bnm", "dev"}
+        if row["method"] != "oracle":  # the validator study: reported, never used
+            assert row["best_checkpoint_target_acc"] >= row["target_acc_selected"]
+            assert row["selection_loss"] == pytest.approx(row["best_checkpoint_target_acc"] - row["target_acc_selected"], abs=0.01)
+    study = json.loads((ws / "bench.validators.json").read_text())["synth:fonts-b"]
+    assert study["checkpoints"] >= 6 and set(study["spearman"]) == {"entropy", "im", "snd", "bnm", "dev"}
+    assert "Spearman" in result.output
     assert bench[2]["train_images_per_s"] > 0
 
 

@@ -168,3 +168,25 @@ def test_accuracy_by_hand():
     assert per_class[1] == pytest.approx(200.0 / 3)
     assert per_class[2] == pytest.approx(0.0)
     assert per_class[3] is None  # no example of class 3
+
+
+def test_dev_selection_uses_source_val_and_keeps_scored_checkpoints(tiny_shift, make_train_config):
+    source, target, _ = tiny_shift
+    from udaflow.data.datasets import LabelledImages
+
+    val = LabelledImages(source.images[:30], source.labels[:30], source.classes, "src-val")
+    clf, method = _fresh("dann", None)
+    with pytest.raises(ValueError, match="source_val"):
+        engine.train(clf, method, source, target, make_train_config(), steps=4, lr=3e-3, seed=0, validator="dev")
+    result = engine.train(
+        clf, method, source, target, make_train_config(eval_every=5), steps=15, lr=3e-3, seed=0,
+        validator="dev", source_val=val, keep_checkpoints=True,
+    )
+    assert [h["step"] for h in result.validator_history] == [5, 10, 15]
+    assert all("dev" in h for h in result.validator_history)
+    best = max(result.validator_history, key=lambda h: h["dev"])
+    assert result.selected_by == "dev" and result.selected_step == best["step"]
+    assert [step for step, _ in result.checkpoint_states] == [5, 10, 15]
+    kept = dict(result.checkpoint_states)
+    for k, v in result.selected_state.items():
+        assert torch.equal(v, kept[result.selected_step][k])

@@ -88,3 +88,45 @@ def test_registry():
         get_validator("accuracy")
     scores = score_all(ONE_HOT_DIVERSE)
     assert set(scores) == set(VALIDATORS) and all(isinstance(v, float) for v in scores.values())
+
+
+# ------------------------------------------------------------------------------------------- DEV
+def test_dev_risk_matches_the_hand_computed_control_variate():
+    # L = w*l = [2, 1, 2, 8], mean 3.25; mean w = 1.5; Cov(L, w) = 3.5/3; Var(w) = 1/3 -> eta = -3.5
+    # DEV = 3.25 + (-3.5)(1.5) - (-3.5) = 1.5
+    from udaflow.validators import dev_risk
+
+    assert dev_risk(torch.tensor([2.0, 1.0, 1.0, 4.0]), torch.tensor([1.0, 1.0, 2.0, 2.0])) == pytest.approx(1.5)
+    # equal weights: no variance, DEV is the plain mean loss
+    assert dev_risk(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.ones(4)) == pytest.approx(2.5)
+
+
+def test_density_ratios_are_near_one_for_one_distribution_and_large_where_target_lives():
+    from udaflow.validators import density_ratios
+
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(400, 4, generator=g)
+    same = density_ratios(source, torch.randn(400, 4, generator=g))
+    assert same.mean().item() == pytest.approx(1.0, abs=0.2)
+    shifted = density_ratios(source, torch.randn(400, 4, generator=g) + torch.tensor([2.0, 0, 0, 0]))
+    assert shifted[source[:, 0] > 1].mean() > 3 * shifted[source[:, 0] < -1].mean()
+
+
+def test_dev_score_prefers_the_model_that_is_right_where_the_target_is():
+    """Two models with the same plain source loss; the one right on the target-like half wins."""
+    from udaflow.validators import dev_score
+
+    g = torch.Generator().manual_seed(1)
+    source = torch.randn(400, 2, generator=g)
+    target = torch.randn(400, 2, generator=g) + torch.tensor([2.5, 0.0])
+    labels = torch.zeros(400, dtype=torch.long)
+    near_target = source[:, 0] > 0
+    good_on_target = torch.where(near_target[:, None], torch.tensor([5.0, 0.0]), torch.tensor([0.0, 5.0]))
+    bad_on_target = torch.where(near_target[:, None], torch.tensor([0.0, 5.0]), torch.tensor([5.0, 0.0]))
+    assert dev_score(source, good_on_target, labels, target) > dev_score(source, bad_on_target, labels, target)
+
+
+def test_dev_is_a_known_validator_that_needs_source_val():
+    assert get_validator("dev") is None
+    with pytest.raises(ValueError, match="unknown validator 'nope'.*dev"):
+        get_validator("nope")
