@@ -20,3 +20,21 @@ def read_run_record(tracking_uri: str, artifact_root: str, run_id: str) -> track
 def restore_dataset(md5: str, dest: str, project: str) -> str:
     """Check out exactly the recorded dataset version (cache or remote) into the isolated workspace."""
     return str(versioning.restore_dataset(md5, Path(dest), Path(project)))
+
+
+@task(name="data-unchanged-since-champion", cache_policy=NO_CACHE)
+def data_unchanged_since_champion(cfg) -> str | None:
+    """A reason to skip a retrain when source and target are byte-identical to the champion's data."""
+    tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
+    champion = tracking.champion_data_hashes(tracking.model_name(cfg.source, cfg.target))
+    if champion is None:
+        return None
+    now = {}
+    for role, name in (("source", cfg.source), ("target", cfg.target)):
+        version = versioning.dataset_version(Path(cfg.data.root) / name)
+        if version is None:  # untracked or modified since it was versioned: not the same data
+            return None
+        now[role] = version.md5
+    if now == champion:
+        return f"source and target DVC hashes equal the champion's ({now['source']}, {now['target']}): nothing new to learn from"
+    return None

@@ -107,10 +107,22 @@ def _version(folder: Path) -> None:
     from udaflow import versioning
 
     if versioning.inside_dvc_stage():
-        return
+        return None
     version = versioning.version_dataset(folder)
     state = "new version" if version.changed else "unchanged"
     console.print(f"  dvc: {version.path} {version.md5} ({state}; recorded in {version.pointer}, pushed to the default remote)")
+    return version
+
+
+def _announce_new_data(name: str, md5: str) -> None:
+    """A new DVC version of a domain -> a Prefect event; deployments whose target it is retrain."""
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("  no Prefect server (PREFECT_API_URL unset): no retrain triggered")
+        return
+    from flows.schedule import emit_dataset_updated
+
+    if emit_dataset_updated(name, md5):
+        console.print(f"  event udaflow.dataset.updated emitted for '{name}': its scheduled retrains will run")
 
 
 @data_app.command("ingest")
@@ -143,7 +155,11 @@ def data_ingest(
         out = ingest_folder(path, name, cfg.data.root, cfg.data.holdout_fraction, cfg.seed, check=check)
         n = sum(1 for _ in (out / "manifest.csv").open()) - 1
         console.print(f"ingested [bold]{name}[/]: {n} images in {out} (validated against '{source}')")
-        _version(out)
+        version = _version(out)
+        if version is not None and version.changed:
+            _announce_new_data(name, version.md5)
+        elif version is not None:
+            console.print("  same content as the recorded version: no retrain triggered")
     except _known_errors() as exc:
         _fail(exc, "an ImageFolder has one sub-folder per class; a flat folder is an unlabelled target")
 
@@ -234,6 +250,39 @@ def _print_run_summary(cfg, r: dict) -> None:
         table.add_row("promotion gate", ("promoted to champion: " if gate["promoted"] else "champion unchanged: ") + gate["reason"])
     console.print(table)
     console.print(f"load it: mlflow.pytorch.load_model('models:/{r['model']}@{r['alias']}')")
+
+
+@app.command("schedule")
+def schedule(
+    source: Annotated[str, typer.Option("--source", help="labelled source domain")],
+    target: Annotated[str, typer.Option("--target", help="unlabelled target domain")],
+    cron: Annotated[str, typer.Option("--cron", help='cron expression, e.g. "0 3 * * *"')],
+    method: Annotated[Optional[str], typer.Option("--method", help="adaptation method (default: params.yaml)")] = None,
+    profile: ProfileOpt = "quick",
+    pool: Annotated[str, typer.Option("--pool", help="Prefect work pool (process type; created if missing)")] = "udaflow",
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Deploy the retrain flow on a running Prefect server: cron schedule + retrain on new target data."""
+    try:
+        if not os.environ.get("PREFECT_API_URL"):
+            raise RuntimeError("no Prefect server: start `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron)
+        except ValueError:
+            raise ValueError(f"--cron {cron!r} is not a valid cron expression (e.g. \"0 3 * * *\")") from None
+        cfg = _load(params, profile, None, **{"source": source, "target": target, "method": method})
+        for name in (source, target):
+            if not (Path(cfg.data.root) / name).is_dir():
+                raise FileNotFoundError(f"{Path(cfg.data.root) / name}: domain '{name}' not found; build or ingest it first")
+        from flows.schedule import deploy_retrain
+
+        deployment_id = deploy_retrain(params, source, target, cron, method, profile, pool)
+        console.print(f"deployment udaflow-retrain/{source}-to-{target} ({deployment_id}): cron {cron!r}, and on new '{target}' data")
+        console.print(f"run it with a worker: prefect worker start --pool {pool}")
+    except _known_errors() as exc:
+        _fail(exc)
 
 
 ModelOpt = Annotated[str, typer.Option("--model", help="registered model, e.g. udaflow-synth-to-mnist")]

@@ -477,3 +477,18 @@ def run_record(run_id: str) -> RunRecord:
             raise LookupError(f"run '{run_id}' has no DVC hash for its {role} dataset (tag dvc.{role}.md5)")
         datasets[role] = {"name": tags[f"dvc.{role}.name"], "md5": tags[f"dvc.{role}.md5"]}
     return RunRecord(run_id, config, tags, dict(run.data.metrics), datasets)
+
+
+def champion_data_hashes(name: str) -> dict[str, str] | None:
+    """{'source': md5, 'target': md5} of the run behind the current champion, or None without one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = _alias_version(name, CHAMPION)
+    except MlflowException:
+        return None
+    if champion is None or not champion.run_id:
+        return None
+    tags = dict(champion.tags)
+    hashes = {role: tags.get(f"data.{role}.md5") for role in ("source", "target")}
+    return hashes if all(hashes.values()) else None

@@ -1,0 +1,57 @@
+"""Deployments of the retrain flow on a running Prefect server: a cron schedule plus a trigger on
+`udaflow.dataset.updated` events for the target, run by a process worker of the `udaflow` pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.retrain import DATASET_UPDATED, dataset_resource, retrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_work_pool(name: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        except ObjectAlreadyExists:
+            pass
+
+
+def deploy_retrain(
+    params_file: Path, source: str, target: str, cron: str, method: str | None, profile: str | None, pool: str
+) -> str:
+    """Create or update deployment `udaflow-retrain/<source>-to-<target>`; returns its id."""
+    from prefect.events import DeploymentEventTrigger
+
+    ensure_work_pool(pool)
+    trigger = DeploymentEventTrigger(
+        name=f"new {target} data",
+        expect={DATASET_UPDATED},
+        match={"prefect.resource.id": dataset_resource(target)},
+    )
+    flow = retrain.from_source(source=str(REPO), entrypoint="flows/retrain.py:retrain")
+    deployment_id = flow.deploy(
+        name=f"{source}-to-{target}",
+        work_pool_name=pool,
+        cron=cron,
+        triggers=[trigger],
+        parameters={"params_file": str(Path(params_file).resolve()), "source": source, "target": target, "method": method, "profile": profile},
+        build=False,
+        push=False,
+        print_next_steps=False,
+        tags=["udaflow", f"target:{target}"],
+    )
+    return str(deployment_id)
+
+
+def emit_dataset_updated(name: str, md5: str) -> bool:
+    """Tell the Prefect server a domain has a new DVC version (retrain triggers listen for it)."""
+    from prefect.events import emit_event
+
+    event = emit_event(event=DATASET_UPDATED, resource={"prefect.resource.id": dataset_resource(name), "udaflow.md5": md5})
+    return event is not None

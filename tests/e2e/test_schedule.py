@@ -1,0 +1,159 @@
+"""Scheduled and data-triggered retrains against a real `prefect server start` and a process worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+import yaml
+
+from udaflow import versioning
+from udaflow.data.domains import build_domain
+from udaflow.data.ingest import ingest_folder
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GX_ANALYTICS_ENABLED": "False",
+    }
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    api = env["PREFECT_API_URL"]
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+    yield env
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, new_project) -> Path:
+    root = new_project(tmp_path_factory.mktemp("scheduled"))
+    raw = root / "data/raw"
+    build_domain("synth", raw, seed=0, synth_size=120)
+    versioning.version_dataset(raw / "synth")
+    other = tmp_path_factory.mktemp("fonts")
+    build_domain("synth", other, seed=5, synth_size=60)
+    (other / "synth/manifest.csv").unlink()
+    ingest_folder(other / "synth", "fonts-b", raw, 0.25, 0)
+    versioning.version_dataset(raw / "fonts-b")
+    return root
+
+
+def udaflow(env, project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "udaflow"), *args, "--params", str(project / "params.yaml")], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _flow_runs(api: str, deployment_id: str) -> list[dict]:
+    """Runs of the deployment other than the cron's own future ones (auto_scheduled)."""
+    body = {"deployments": {"id": {"any_": [deployment_id]}}}
+    return [r for r in httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json() if not r.get("auto_scheduled")]
+
+
+def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 420) -> list[dict]:
+    deadline = time.time() + timeout
+    runs: list[dict] = []
+    while time.time() < deadline:
+        runs = _flow_runs(api, deployment_id)
+        states = [r["state"]["type"] for r in runs]
+        if any(s in ("FAILED", "CRASHED") for s in states):
+            pytest.fail(f"a retrain failed: {[(r['name'], r['state']) for r in runs]}")
+        if len(runs) >= count and all(s == "COMPLETED" for s in states):
+            return runs
+        time.sleep(3)
+    pytest.fail(f"retrains did not complete in time: {[(r['name'], r['state']['type']) for r in runs]}")
+
+
+def _versions(project: Path) -> int:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    mlflow.set_tracking_uri(params["tracking"]["uri"])
+    try:
+        return len(mlflow.MlflowClient().search_model_versions("name='udaflow-synth-to-fonts-b'"))
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Path):
+    env, api = server, server["PREFECT_API_URL"]
+    bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "every day")
+    assert bad.returncode == 2 and "not a valid cron" in bad.stderr
+
+    out = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 3 * * *")
+    assert out.returncode == 0, out.stdout + out.stderr
+    deployment = httpx.get(f"{api}/deployments/name/udaflow-retrain/synth-to-fonts-b", timeout=10).json()
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+    assert deployment["work_pool_name"] == "udaflow"
+
+    worker_log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [str(BIN / "prefect"), "worker", "start", "--pool", "udaflow", "--type", "process", "--limit", "1"],
+        env=env, stdout=worker_log, stderr=subprocess.STDOUT,
+    )
+    try:
+        # a scheduled run, started now instead of at 03:00
+        httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).raise_for_status()
+        _wait_completed(api, deployment["id"], 1)
+        assert _versions(project) == 1  # and, as the first version, it became champion
+
+        # a retrain on unchanged data (same hashes as the champion's run) is skipped with a message
+        run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
+        _wait_completed(api, deployment["id"], 2)
+        assert _versions(project) == 1
+        logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}}, timeout=10).json()
+        assert any("retrain skipped" in log["message"] for log in logs)
+
+        # new target content -> new DVC version -> event -> a retrain
+        changed = tmp_path / "fonts-v2"
+        build_domain("synth", changed, seed=11, synth_size=60)
+        (changed / "synth/manifest.csv").unlink()
+        out = udaflow(env, project, "data", "ingest", str(changed / "synth"), "--name", "fonts-b", "--source", "synth")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "event udaflow.dataset.updated emitted" in out.stdout
+        _wait_completed(api, deployment["id"], 3)
+        assert _versions(project) == 2
+
+        # the same content again: no new DVC version, no event, no retrain
+        out = udaflow(env, project, "data", "ingest", str(changed / "synth"), "--name", "fonts-b", "--source", "synth")
+        assert out.returncode == 0 and "no retrain triggered" in out.stdout
+        time.sleep(15)
+        assert len(_flow_runs(api, deployment["id"])) == 3
+
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        print((tmp_path / "worker.log").read_text()[-3000:])
