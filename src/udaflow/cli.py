@@ -218,7 +218,11 @@ def _record_pipeline_outputs() -> None:
     """Record this run's outputs as dvc.yaml's validate/pretrain/adapt/evaluate stages (same code, same params)."""
     from udaflow import versioning
 
-    recorded = versioning.record_stages(Path.cwd(), ["validate", "pretrain", "adapt", "evaluate"])
+    try:
+        recorded = versioning.record_stages(Path.cwd(), ["validate", "pretrain", "adapt", "evaluate"])
+    except versioning.VersioningError as exc:  # the model is registered already; say so, don't fail the run
+        err_console.print(f"warning: {exc}", highlight=False)
+        return
     if recorded:
         console.print(f"dvc: recorded {', '.join(recorded)} in dvc.lock")
 

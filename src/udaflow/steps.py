@@ -102,7 +102,13 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     """Adapt the source model with cfg.method; resumes from the method's checkpoint if a run was killed."""
     data = data or load_data(cfg)
     paths = run_paths(cfg)
-    source, classes = _load(cfg, Path(source_model or paths.source_model))
+    source_model = Path(source_model or paths.source_model)
+    if source_model.resolve() != paths.source_model.resolve():
+        # a cached source model from another shift: this shift's copy is what dvc.yaml's stages read
+        paths.shift_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source_model, paths.source_model.with_suffix(".tmp"))
+        paths.source_model.with_suffix(".tmp").replace(paths.source_model)
+    source, classes = _load(cfg, source_model)
     t0 = time.perf_counter()
     adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint, data.source_val)
     _save(adapted, classes, paths.model)

@@ -168,10 +168,15 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
     with _repo(root) as repo:
         odb = repo.cache.local
         hash_info = HashInfo("md5", md5 if md5.endswith(".dir") else f"{md5}.dir")
-        if not odb.exists(hash_info.value):
-            try:
-                repo.cloud.pull([hash_info], odb=odb)  # type: ignore[arg-type]
-            except Exception as exc:  # noqa: BLE001
+        try:
+            # fetch what the cache lacks from the default remote (the .dir object and its files)
+            result = repo.cloud.pull({hash_info})
+            if result.failed:
+                raise VersioningError(f"DVC object {md5} is in neither the cache nor the default remote")
+        except VersioningError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - no remote configured, remote unreachable, ...
+            if not odb.exists(hash_info.value):
                 raise VersioningError(f"DVC object {md5} is in neither the cache nor the remote: {exc}") from exc
         from dvc_data.hashfile.tree import Tree
 
@@ -179,12 +184,18 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
             tree = Tree.load(odb, hash_info)
         except Exception as exc:  # noqa: BLE001
             raise VersioningError(f"DVC object {md5} is missing from the cache ({odb.path}): {exc}") from exc
+        missing = {entry for _, _, entry in tree if not odb.exists(entry.value)}
+        if missing:
+            try:
+                repo.cloud.pull(missing)
+            except Exception:  # noqa: BLE001 - reported per file below
+                pass
         tmp = dest.with_name(dest.name + ".restoring")
         shutil.rmtree(tmp, ignore_errors=True)
         for key, _, entry_hash in tree:
             src = odb.oid_to_path(entry_hash.value)
             if not os.path.exists(src):
-                raise VersioningError(f"DVC object for {'/'.join(key)} ({entry_hash.value}) is missing from the cache")
+                raise VersioningError(f"DVC object for {'/'.join(key)} ({entry_hash.value}) is in neither the cache nor the remote")
             out = tmp.joinpath(*key)
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, out)

@@ -1,0 +1,73 @@
+"""DVC versioning in a temp git repo: add, unchanged, new content, stage outputs, restore, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from udaflow import versioning
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    import subprocess
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    versioning.init_repo(tmp_path)
+    folder = tmp_path / "data/raw/dom"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a/1.png").write_bytes(b"one")
+    (folder / "a/2.png").write_bytes(b"two")
+    return tmp_path
+
+
+def test_version_dataset_records_pushes_and_detects_change(repo: Path):
+    folder = repo / "data/raw/dom"
+    first = versioning.version_dataset(folder)
+    assert first.changed and first.md5.endswith(".dir") and first.pointer == "data/raw/dom.dvc"
+    assert (repo / "data/raw/dom.dvc").exists() and "/dom" in (repo / "data/raw/.gitignore").read_text()
+    assert any((repo / "dvc-remote").rglob("*"))  # pushed to the default local remote
+    assert not versioning.version_dataset(folder).changed  # same content: no new version
+    assert versioning.dataset_version(folder).md5 == first.md5
+
+    (folder / "a/3.png").write_bytes(b"three")
+    assert versioning.dataset_version(folder) is None  # modified since it was recorded
+    second = versioning.version_dataset(folder)
+    assert second.changed and second.md5 != first.md5
+    assert versioning.status(repo) == {}
+
+
+def test_stage_outputs_are_committed_through_their_stage(repo: Path):
+    (repo / "dvc.yaml").write_text("stages:\n  make:\n    cmd: 'true'\n    outs:\n      - data/raw/dom\n")
+    version = versioning.version_dataset(repo / "data/raw/dom")
+    assert version.pointer == "dvc.lock" and version.md5 in (repo / "dvc.lock").read_text()
+    assert not (repo / "data/raw/dom.dvc").exists()
+
+
+def test_restore_an_old_version_into_another_folder_and_missing_objects(repo: Path, tmp_path_factory):
+    folder = repo / "data/raw/dom"
+    old = versioning.version_dataset(folder).md5
+    (folder / "a/1.png").write_bytes(b"changed")
+    versioning.version_dataset(folder)
+    dest = tmp_path_factory.mktemp("restore") / "dom"
+    versioning.restore_dataset(old, dest, repo)
+    assert (dest / "a/1.png").read_bytes() == b"one" and (folder / "a/1.png").read_bytes() == b"changed"
+
+    # an object gone from the cache is fetched back from the remote
+    shutil.rmtree(repo / ".dvc/cache")
+    dest2 = tmp_path_factory.mktemp("restore2") / "dom"
+    versioning.restore_dataset(old, dest2, repo)
+    assert (dest2 / "a/2.png").read_bytes() == b"two"
+
+    shutil.rmtree(repo / ".dvc/cache")
+    shutil.rmtree(repo / "dvc-remote")
+    with pytest.raises(versioning.VersioningError, match="0123456789abcdef0123456789abcdef"):
+        versioning.restore_dataset("0123456789abcdef0123456789abcdef.dir", tmp_path_factory.mktemp("x") / "dom", repo)
+
+
+def test_outside_a_dvc_project_is_a_clear_error(tmp_path: Path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(versioning.VersioningError, match="not inside a DVC project"):
+        versioning.version_dataset(tmp_path / "d")
