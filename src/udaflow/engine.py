@@ -194,11 +194,11 @@ def train(
     def target_inputs(idx: torch.Tensor) -> torch.Tensor:
         return to_input(augment(target.images[idx], cfg.augment, generator), device)
 
-    def embed_source():
-        return predict(classifier, source.images, device, amp=cfg.amp)
+    def embed_source(model: Classifier | None = None):
+        return predict(model if model is not None else classifier, source.images, device, amp=cfg.amp)
 
-    def embed_target():
-        return predict(classifier, target.images, device, amp=cfg.amp)
+    def embed_target(model: Classifier | None = None):
+        return predict(model if model is not None else classifier, target.images, device, amp=cfg.amp)
 
     start, best_score, best_step, best_state = 0, -math.inf, 0, None
     kept: list[tuple[int, dict[str, torch.Tensor]]] = []
@@ -249,7 +249,7 @@ def train(
             ctx = StepContext(
                 step=step, total_steps=steps, batch_size=cfg.batch_size, generator=generator, device=device,
                 source_inputs=source_inputs, target_inputs=target_inputs, source_labels=source_labels,
-                embed_source=embed_source, embed_target=embed_target,
+                embed_source=embed_source, embed_target=embed_target, num_target=len(target) if target is not None else 0,
             )
             if method.refresh_every and target is not None and step % method.refresh_every == 0:
                 # on resume between refreshes the method's restored extra state (e.g. pairs) is used

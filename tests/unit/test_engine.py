@@ -44,6 +44,8 @@ RESUME_CASES = [
     pytest.param("cdtrans", {"refresh_every": 5}, id="cdtrans-refresh5"),  # pairs in extra_state
     # refreshes at 0, 7, 14: the resume at step 10 must keep the restored pairs, not refresh
     pytest.param("cdtrans", {"refresh_every": 7}, id="cdtrans-refresh7"),
+    pytest.param("cdtrans", {"refresh_every": 5, "adversarial_weight": 1.0, "warmup_fraction": 0.3, "ema": 0.9},
+                 id="cdtrans-hybrid"),  # discriminator, EMA teacher, warm-up
 ]
 
 

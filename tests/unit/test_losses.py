@@ -269,3 +269,80 @@ def test_balanced_pair_weights_give_each_class_and_target_equal_mass():
     w = balanced_pair_weights(pairs, labels)
     assert torch.allclose(w, torch.tensor([1 / 12, 1 / 12, 1 / 12, 1 / 4, 1 / 2]))
     assert torch.isclose(w.sum(), torch.tensor(1.0))
+
+
+# ------------------------------------------------------------------ cdtrans hybrid (adversarial, EMA)
+HYBRID = {"refresh_every": 1, "adversarial_weight": 0.7, "warmup_fraction": 0.0, "ema": 0.9}
+
+
+def _ctx(step, total, x_s, y_s, x_t, batch_size):
+    from udaflow.methods.base import StepContext
+
+    return StepContext(
+        step=step, total_steps=total, batch_size=batch_size, generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"), source_inputs=lambda idx: x_s[idx], target_inputs=lambda idx: x_t[idx],
+        source_labels=y_s, embed_source=None, embed_target=None, num_target=len(x_t),
+    )
+
+
+def test_cdtrans_adversarial_term_matches_bce_on_branch_features():
+    """Pair phase: 'adv' is DANN's BCE on the source / target branch features, added with its weight."""
+    from udaflow.models.cross_attention import three_branch_features
+
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3).eval()
+    method = methods.create_method("cdtrans", clf, HYBRID).eval()
+    g = torch.Generator().manual_seed(12)
+    x_s, x_t = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+    y_s = torch.tensor([0, 1, 2, 1])
+    method.pairs = torch.tensor([[0, 0], [1, 1], [2, 2], [3, 3]])
+    method.weights = torch.ones(4) / 4
+    ctx = _ctx(5, 10, x_s, y_s, x_t, 4)
+    out = method(clf, None, ctx)
+    s_idx, t_idx = method._sample_pairs(4, torch.Generator().manual_seed(0))  # the same draw as forward's
+    with torch.no_grad():
+        f_s, f_t, _ = three_branch_features(clf.backbone, x_s[s_idx], x_t[t_idx])
+        expected = _manual_adv(method.discriminator, f_s, f_t)
+    torch.testing.assert_close(out["adv"].detach(), expected, atol=1e-5, rtol=1e-5)
+    rest = out["cls"] + out["cross"] + out["target"] + out["distill"]
+    torch.testing.assert_close(out["loss"].detach(), (rest + 0.7 * out["adv"]).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_cdtrans_warmup_is_smoothed_source_ce_plus_adversarial():
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3).eval()
+    method = methods.create_method("cdtrans", clf, {**HYBRID, "warmup_fraction": 0.5}).eval()
+    g = torch.Generator().manual_seed(13)
+    x_s, x_t = torch.randn(6, 3, 32, 32, generator=g), torch.randn(5, 3, 32, 32, generator=g)
+    y_s = torch.tensor([0, 1, 2, 1, 0, 2])
+    ctx = _ctx(2, 10, x_s, y_s, x_t, 4)  # progress 0.2 < 0.5: warm-up
+    out = method(clf, None, ctx)
+    assert set(out) == {"loss", "cls", "adv"}
+    gen = torch.Generator().manual_seed(0)
+    s_idx = torch.randint(6, (4,), generator=gen)
+    t_idx = torch.randint(5, (4,), generator=gen)
+    with torch.no_grad():
+        f_s, f_t = clf.features(x_s[s_idx]), clf.features(x_t[t_idx])
+        cls = _smoothed_ce(clf.head(f_s), y_s[s_idx], 0.1)
+        adv = _manual_adv(method.discriminator, f_s, f_t)
+    torch.testing.assert_close(out["cls"].detach(), cls, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["adv"].detach(), adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["loss"].detach(), cls + 0.7 * adv, atol=1e-5, rtol=1e-5)
+
+
+def test_cdtrans_ema_teacher_update():
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3)
+    method = methods.create_method("cdtrans", clf, HYBRID)
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.add_(1.0)
+    method._update_teacher(clf)
+    student = clf.state_dict()
+    for k, v in method.teacher.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * student[k])
+        else:
+            assert torch.equal(v, student[k])

@@ -34,8 +34,10 @@ class StepContext:
     source_inputs: Callable[[torch.Tensor], torch.Tensor]  # indices -> augmented source images (B, 3, H, W)
     target_inputs: Callable[[torch.Tensor], torch.Tensor]  # indices -> augmented target images
     source_labels: torch.Tensor  # (Ns,) labels of the whole source set (source labels are allowed)
-    embed_source: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> features (Ns, D), logits (Ns, K), eval mode
-    embed_target: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # () -> features (Nt, D), logits (Nt, K), eval mode
+    # (model=None) -> features (Ns, D), logits (Ns, K), eval mode; `model` (e.g. an EMA teacher) defaults to the trained classifier
+    embed_source: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    embed_target: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # same, over the unlabelled target set (Nt, ...)
+    num_target: int = 0  # Nt, size of the unlabelled target set (0 without one)
 
     @property
     def progress(self) -> float:

@@ -18,18 +18,29 @@ centre-aware pseudo-labelling, refreshed every `refresh_every` steps:
 
 where y = y_s (= ŷ_t after filtering). The cross branch distils into the target branch; only the
 target branch (the plain classifier) is used at inference.
+
+Hybrid options (off by default, on in params.yaml): `adversarial_weight` adds DANN's
+gradient-reversal domain loss on the source/target branch features, so the features align while
+pairs are formed; for the first `warmup_fraction` of training only the source CE and that loss
+run (no pairs: a weak source model's pairs confirm its own errors); `ema` > 0 forms the
+pseudo-labels, centres and pairs from an exponential moving average of the weights (a teacher)
+instead of the current ones.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
+from udaflow.methods.dann import domain_adversarial_loss, grl_coeff
 from udaflow.models.cross_attention import check_vit, three_branch_features
+from udaflow.models.heads import DomainDiscriminator
 
 
 def centre_aware_labels(features: torch.Tensor, logits: torch.Tensor, rounds: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +120,12 @@ class CdtransConfig:
     distill_weight: float = 1.0  # cross branch -> target branch distillation
     temperature: float = 1.0  # distillation temperature
     start_fraction: float = 0.5  # share of each pseudo-class's most confident targets used at first
-    ramp: float = 0.5  # training progress at which every agreeing pair is used
+    ramp: float = 0.5  # progress (of the pair phase, after warm-up) at which every agreeing pair is used
     label_smoothing: float = 0.1
+    adversarial_weight: float = 0.0  # DANN gradient-reversal domain loss on source/target branch features; 0 = off
+    hidden: int = 256  # domain discriminator width (when adversarial_weight > 0)
+    warmup_fraction: float = 0.0  # share of training with source CE (+ adversarial) only, before any pairs
+    ema: float = 0.0  # EMA decay of the teacher that pseudo-labels and pairs; 0 = use the current weights
 
 
 @register_method("cdtrans")
@@ -125,18 +140,41 @@ class Cdtrans(Method):
         self.pairs = torch.zeros(0, 2, dtype=torch.long)  # (P, 2) [source index, target index]
         self.agreement = 0.0
         self.weights = torch.zeros(0)  # (P,) sampling weights of the pairs
+        if config.adversarial_weight > 0:
+            self.discriminator = DomainDiscriminator(classifier.num_features, config.hidden)
+        if config.ema > 0:
+            self.teacher = copy.deepcopy(classifier)  # frozen: its parameters never reach the optimiser
+            self.teacher.requires_grad_(False)
+
+    def _in_warmup(self, ctx) -> bool:
+        return ctx.progress < self.config.warmup_fraction
+
+    @torch.no_grad()
+    def _update_teacher(self, classifier) -> None:
+        """teacher <- ema * teacher + (1 - ema) * weights (float parameters and buffers); counters copied."""
+        d = self.config.ema
+        student = classifier.state_dict()
+        for name, value in self.teacher.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(d).add_(student[name].detach().to(value.dtype), alpha=1.0 - d)
+            else:
+                value.copy_(student[name])
 
     @torch.no_grad()
     def refresh(self, classifier, ctx):
-        f_s, _ = ctx.embed_source()
-        f_t, logits_t = ctx.embed_target()
+        if self._in_warmup(ctx):  # no pairs yet: forward trains on source CE (+ adversarial) only
+            return
+        model = self.teacher if self.config.ema > 0 else None
+        f_s, _ = ctx.embed_source(model)
+        f_t, logits_t = ctx.embed_target(model)
         pseudo, confidence = centre_aware_labels(f_t, logits_t)
         pairs = two_way_pairs(f_s, f_t)
         keep = ctx.source_labels[pairs[:, 0]] == pseudo[pairs[:, 1]]
         self.agreement = float(keep.float().mean())  # share of matched pairs whose labels agree (label-free)
         # curriculum: start from the most confident targets per class, end with all agreeing pairs
         c = self.config
-        fraction = c.start_fraction + (1.0 - c.start_fraction) * min(1.0, ctx.progress / max(c.ramp, 1e-6))
+        phase = (ctx.progress - c.warmup_fraction) / max(1.0 - c.warmup_fraction, 1e-6)  # progress of the pair phase
+        fraction = c.start_fraction + (1.0 - c.start_fraction) * min(1.0, phase / max(c.ramp, 1e-6))
         self.pairs = select_confident(pairs[keep], pseudo, confidence, fraction)
         self.weights = balanced_pair_weights(self.pairs, pseudo) if len(self.pairs) else torch.zeros(0)
 
@@ -145,23 +183,36 @@ class Cdtrans(Method):
         return rows[:, 0], rows[:, 1]
 
     def forward(self, classifier, batch, ctx):
-        b = ctx.batch_size
-        if len(self.pairs) == 0:  # nothing agreed yet: plain source training this step
+        b, c = ctx.batch_size, self.config
+        if c.ema > 0:
+            self._update_teacher(classifier)  # the weights after the previous step
+        if self._in_warmup(ctx) or len(self.pairs) == 0:  # no pairs (yet): source training (+ alignment)
             idx = torch.randint(len(ctx.source_labels), (b,), generator=ctx.generator)
             x_s = ctx.source_inputs(idx)
-            cls = F.cross_entropy(classifier(x_s), ctx.source_labels[idx].to(ctx.device))
-            return {"loss": cls, "cls": cls}
+            if c.adversarial_weight <= 0:
+                cls = F.cross_entropy(classifier(x_s), ctx.source_labels[idx].to(ctx.device))
+                return {"loss": cls, "cls": cls}
+            t_idx = torch.randint(ctx.num_target, (b,), generator=ctx.generator)
+            f_s, f_t = classifier.features(torch.cat([x_s, ctx.target_inputs(t_idx)])).chunk(2)
+            cls = F.cross_entropy(classifier.head(f_s), ctx.source_labels[idx].to(ctx.device), label_smoothing=c.label_smoothing)
+            adv = domain_adversarial_loss(self.discriminator, f_s, f_t, grl_coeff(ctx.progress))
+            return {"loss": cls + c.adversarial_weight * adv, "cls": cls, "adv": adv}
         s_idx, t_idx = self._sample_pairs(b, ctx.generator)
         y = ctx.source_labels[s_idx].to(ctx.device)
         f_s, f_t, f_st = three_branch_features(classifier.backbone, ctx.source_inputs(s_idx), ctx.target_inputs(t_idx))
-        ls = self.config.label_smoothing
+        ls = c.label_smoothing
         logits_t, logits_st = classifier.head(f_t), classifier.head(f_st)
         cls = F.cross_entropy(classifier.head(f_s), y, label_smoothing=ls)
         cross = F.cross_entropy(logits_st, y, label_smoothing=ls)
         tgt = F.cross_entropy(logits_t, y, label_smoothing=ls)
-        distill = distillation_loss(logits_st, logits_t, self.config.temperature)
-        loss = cls + cross + self.config.target_weight * tgt + self.config.distill_weight * distill
-        return {"loss": loss, "cls": cls, "cross": cross, "target": tgt, "distill": distill}
+        distill = distillation_loss(logits_st, logits_t, c.temperature)
+        loss = cls + cross + c.target_weight * tgt + c.distill_weight * distill
+        out = {"cls": cls, "cross": cross, "target": tgt, "distill": distill}
+        if c.adversarial_weight > 0:
+            # paired targets are not a uniform draw, but both branches see the same images as the CE terms
+            out["adv"] = domain_adversarial_loss(self.discriminator, f_s, f_t, grl_coeff(ctx.progress))
+            loss = loss + c.adversarial_weight * out["adv"]
+        return {"loss": loss, **out}
 
     def extra_state(self):
         return {"pairs": self.pairs, "weights": self.weights}
