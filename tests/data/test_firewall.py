@@ -86,8 +86,8 @@ def test_batch_and_step_context_carry_no_target_labels():
     names = {f.name for f in dataclasses.fields(StepContext)}
     assert "source_labels" in names
     assert _label_fields(StepContext) == []
-    # the only target-facing members: images by index and label-free embeddings
-    assert {n for n in names if "target" in n} == {"target_inputs", "embed_target"}
+    # the only target-facing members: images by index, label-free embeddings and the pool's size
+    assert {n for n in names if "target" in n} == {"target_inputs", "embed_target", "num_target"}
 
 
 def test_training_signatures_take_unlabelled_target():

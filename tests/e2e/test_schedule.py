@@ -33,8 +33,10 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
+    # a clean environment: the session's prefect_test_harness exports its own PREFECT_* settings
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env = {
-        **os.environ,
+        **base,
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
@@ -99,6 +101,10 @@ def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 4
     pytest.fail(f"retrains did not complete in time: {[(r['name'], r['state']['type']) for r in runs]}")
 
 
+def _describe(api: str, deployment_id: str) -> str:
+    return str([(r["name"], r["state"]["type"], r.get("created_by"), r.get("parameters")) for r in _flow_runs(api, deployment_id)])
+
+
 def _versions(project: Path) -> int:
     params = yaml.safe_load((project / "params.yaml").read_text())
     mlflow.set_tracking_uri(params["tracking"]["uri"])
@@ -128,7 +134,7 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
         # a scheduled run, started now instead of at 03:00
         httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).raise_for_status()
         _wait_completed(api, deployment["id"], 1)
-        assert _versions(project) == 1  # and, as the first version, it became champion
+        assert _versions(project) == 1, _describe(api, deployment["id"])  # and, as the first version, it became champion
 
         # a retrain on unchanged data (same hashes as the champion's run) is skipped with a message
         run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
