@@ -8,7 +8,7 @@ export GX_ANALYTICS_ENABLED=False
 export MLFLOW_DISABLE_TELEMETRY=true
 export HF_HUB_OFFLINE=1
 
-.PHONY: setup data run test bench ui clean
+.PHONY: setup data run test bench ui repro clean
 
 setup: $(BIN)/udaflow
 
@@ -26,6 +26,9 @@ run: data
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+repro: setup  # dvc.yaml's stages call `udaflow`, so the venv goes first on PATH
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 ui: setup
 	$(BIN)/udaflow ui
