@@ -43,7 +43,7 @@ def log_evaluation(cfg: Config, run: tracking.PipelineRun, metrics: dict[str, An
     return tracking.log_evaluation(run, metrics, figures, paths.metrics)
 
 
-@task(name="register-challenger", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="register-challenger", cache_policy=NO_CACHE)  # no retries: a retry after a partial registration would add a second version
 def register_challenger(cfg: Config, run: tracking.PipelineRun, metrics: dict[str, Any], versions: list[dict[str, str]]) -> tracking.Registered:
     model, example = steps.registered_model(cfg)
     tags = {

@@ -106,12 +106,10 @@ def _describe(api: str, deployment_id: str) -> str:
 
 
 def _versions(project: Path) -> int:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    mlflow.set_tracking_uri(params["tracking"]["uri"])
-    try:
-        return len(mlflow.MlflowClient().search_model_versions("name='udaflow-synth-to-fonts-b'"))
-    finally:
-        mlflow.set_tracking_uri(None)
+    uri = yaml.safe_load((project / "params.yaml").read_text())["tracking"]["uri"]
+    # explicit URIs: other tests in the session point MLflow's global registry URI elsewhere
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return len(client.search_model_versions("name='udaflow-synth-to-fonts-b'"))
 
 
 def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Path):
