@@ -112,3 +112,27 @@ def prefect_harness():
 def new_project():
     """Factory fixture: new_project(path) makes a git + DVC project with tiny params there."""
     return make_project
+
+
+def make_shift_project(root, scratch, target_size: int):
+    """A project with `synth` (120 images) as source and `fonts-b` (another synth rendering, seed 5)
+    ingested as target, both versioned in DVC."""
+    from udaflow import versioning
+    from udaflow.data.domains import build_domain
+    from udaflow.data.ingest import ingest_folder
+
+    make_project(root)
+    raw = root / "data/raw"
+    build_domain("synth", raw, seed=0, synth_size=120)
+    versioning.version_dataset(raw / "synth")
+    build_domain("synth", scratch, seed=5, synth_size=target_size)
+    (scratch / "synth/manifest.csv").unlink()
+    ingest_folder(scratch / "synth", "fonts-b", raw, 0.25, 0)
+    versioning.version_dataset(raw / "fonts-b")
+    return root
+
+
+@pytest.fixture(scope="session")
+def new_shift_project():
+    """Factory fixture: new_shift_project(root, scratch, target_size) -> synth -> fonts-b project."""
+    return make_shift_project

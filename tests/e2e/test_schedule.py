@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -15,9 +14,7 @@ import mlflow
 import pytest
 import yaml
 
-from udaflow import versioning
 from udaflow.data.domains import build_domain
-from udaflow.data.ingest import ingest_folder
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
@@ -64,17 +61,8 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, new_project) -> Path:
-    root = new_project(tmp_path_factory.mktemp("scheduled"))
-    raw = root / "data/raw"
-    build_domain("synth", raw, seed=0, synth_size=120)
-    versioning.version_dataset(raw / "synth")
-    other = tmp_path_factory.mktemp("fonts")
-    build_domain("synth", other, seed=5, synth_size=60)
-    (other / "synth/manifest.csv").unlink()
-    ingest_folder(other / "synth", "fonts-b", raw, 0.25, 0)
-    versioning.version_dataset(raw / "fonts-b")
-    return root
+def project(tmp_path_factory, new_shift_project) -> Path:
+    return new_shift_project(tmp_path_factory.mktemp("scheduled"), tmp_path_factory.mktemp("fonts"), 60)
 
 
 def udaflow(env, project: Path, *args: str) -> subprocess.CompletedProcess:

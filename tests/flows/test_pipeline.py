@@ -21,17 +21,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, new_project) -> Path:
-    root = new_project(tmp_path_factory.mktemp("pipeline"))
-    raw = root / "data/raw"
-    build_domain("synth", raw, seed=0, synth_size=120)
-    versioning.version_dataset(raw / "synth")
-    other = tmp_path_factory.mktemp("fonts-b")
-    build_domain("synth", other, seed=5, synth_size=80)
-    (other / "synth/manifest.csv").unlink()
-    ingest_folder(other / "synth", "fonts-b", raw, 0.25, 0)
-    versioning.version_dataset(raw / "fonts-b")
-    return root
+def project(tmp_path_factory, new_shift_project) -> Path:
+    return new_shift_project(tmp_path_factory.mktemp("pipeline"), tmp_path_factory.mktemp("fonts-b"), 80)
 
 
 def _cfg(project: Path, **sets):
