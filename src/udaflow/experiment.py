@@ -115,7 +115,7 @@ def adapt_to_target(
     t0 = time.perf_counter()
     result = train(
         classifier, method, source_train, target_adapt, cfg.train,
-        steps=cfg.train.adapt_steps, lr=cfg.train.adapt_lr, seed=cfg.seed + 1, validator=cfg.validator,
+        steps=method.adapt_steps(cfg.train.adapt_steps), lr=cfg.train.adapt_lr, seed=cfg.seed + 1, validator=cfg.validator,
         checkpoint_path=checkpoint_path, description=f"adapt {method_name}",
         source_val=source_val, keep_checkpoints=keep_checkpoints,
     )

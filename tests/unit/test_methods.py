@@ -121,3 +121,26 @@ def test_only_dann_and_cdan_own_parameters():
         assert (n > 0) == (name in ("dann", "cdan")), name
     cdan = create_method("cdan", clf)
     assert cdan.discriminator[0].in_features == clf.num_features * clf.num_classes
+
+
+@pytest.mark.parametrize(("name", "options", "expected"), [
+    ("dann", None, 8),
+    ("cdtrans", {"refresh_every": 4}, 8),
+    ("cdtrans", {"refresh_every": 4, "step_scale": 1.5}, 12),
+])
+def test_adaptation_length_follows_the_method(name, options, expected, tiny_shift, make_train_config):
+    """`train.adapt_steps` for every method, times cdtrans's `step_scale` for cdtrans."""
+    from types import SimpleNamespace
+
+    from udaflow.config import Config
+    from udaflow.experiment import adapt_to_target
+
+    source, target, _ = tiny_shift
+    cfg = Config(
+        model={"backbone": "udaflow_vit_micro"}, train=make_train_config(adapt_steps=8, eval_every=4),
+        methods={name: options or {}},
+    )
+    start = SimpleNamespace(train=SimpleNamespace(last_state=build_classifier("udaflow_vit_micro", len(source.classes)).state_dict()))
+    stage = adapt_to_target(cfg, name, start, source, target)
+    assert stage.train.steps == expected
+    assert [row["step"] for row in stage.train.validator_history][-1] == expected

@@ -59,6 +59,10 @@ class Method(nn.Module):
         super().__init__()
         self.config = config
 
+    def adapt_steps(self, steps: int) -> int:
+        """Optimisation steps this method adapts for, given the profile's `train.adapt_steps`."""
+        return steps
+
     def refresh(self, classifier: Classifier, ctx: StepContext) -> None:
         """Recompute whatever the method derives from the whole data (e.g. pseudo-labels)."""
 

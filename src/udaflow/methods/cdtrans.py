@@ -24,7 +24,8 @@ gradient-reversal domain loss on the source/target branch features, so the featu
 pairs are formed; for the first `warmup_fraction` of training only the source CE and that loss
 run (no pairs: a weak source model's pairs confirm its own errors); `ema` > 0 forms the
 pseudo-labels, centres and pairs from an exponential moving average of the weights (a teacher)
-instead of the current ones.
+instead of the current ones. `step_scale` > 1 lengthens training: the pair phase can only start
+from an aligned model, so the warm-up must not eat into it.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class CdtransConfig:
     hidden: int = 256  # domain discriminator width (when adversarial_weight > 0)
     warmup_fraction: float = 0.0  # share of training with source CE (+ adversarial) only, before any pairs
     ema: float = 0.0  # EMA decay of the teacher that pseudo-labels and pairs; 0 = use the current weights
+    step_scale: float = 1.0  # adapt for step_scale * train.adapt_steps (the warm-up is part of them); 1 = as every method
 
 
 @register_method("cdtrans")
@@ -145,6 +147,9 @@ class Cdtrans(Method):
         if config.ema > 0:
             self.teacher = copy.deepcopy(classifier)  # frozen: its parameters never reach the optimiser
             self.teacher.requires_grad_(False)
+
+    def adapt_steps(self, steps: int) -> int:
+        return max(1, round(steps * self.config.step_scale))
 
     def _in_warmup(self, ctx) -> bool:
         return ctx.progress < self.config.warmup_fraction
