@@ -31,7 +31,7 @@ def log_datasets(run: tracking.PipelineRun, versions: list[dict[str, str]]) -> N
 
 @task(name="log-training", cache_policy=NO_CACHE)
 def log_training(run: tracking.PipelineRun, stage: str, outcome: steps.StepOutcome, history: dict[str, list], cached: bool) -> str:
-    metrics = {"seconds": outcome.seconds, "train_images_per_s": outcome.images_per_s, "cached": float(cached)}
+    metrics = {"seconds": outcome.seconds, "train_images_per_s": outcome.images_per_s, "steps": float(outcome.steps), "cached": float(cached)}
     tags = {"cached": str(cached).lower(), "checkpoint": outcome.path, "cache_key": outcome.cache_key}
     return tracking.log_training(run, stage, metrics, history.get(stage, []), history.get("validators", []) if stage == "adapt" else [], tags)
 

@@ -59,6 +59,7 @@ class StepOutcome:
     cache_key: str = ""
     images_per_s: float = 0.0
     selected_step: int = 0
+    steps: int = 0  # optimisation steps run (cdtrans runs step_scale x train.adapt_steps)
 
 
 def load_data(cfg: Config) -> ShiftData:
@@ -95,7 +96,7 @@ def pretrain(cfg: Config, data: ShiftData | None = None, cache_dir: Path | None 
     shutil.copyfile(stage.info["cache"], paths.source_model.with_suffix(".tmp"))
     paths.source_model.with_suffix(".tmp").replace(paths.source_model)
     # the cache file is what later steps read: it outlives this shift's copy and is keyed on content
-    return StepOutcome(stage.info["cache"], stage.wall_seconds, stage.cached, stage.info["key"], stage.train.images_per_s)
+    return StepOutcome(stage.info["cache"], stage.wall_seconds, stage.cached, stage.info["key"], stage.train.images_per_s, steps=stage.train.steps)
 
 
 def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None = None) -> StepOutcome:
@@ -113,7 +114,10 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint, data.source_val)
     _save(adapted, classes, paths.model)
     paths.checkpoint.unlink(missing_ok=True)
-    return StepOutcome(str(paths.model), time.perf_counter() - t0, images_per_s=adapted.train.images_per_s, selected_step=adapted.train.selected_step)
+    return StepOutcome(
+        str(paths.model), time.perf_counter() - t0, images_per_s=adapted.train.images_per_s, selected_step=adapted.train.selected_step,
+        steps=adapted.train.steps,
+    )
 
 
 def _scores(classifier, data: ShiftData, device) -> dict[str, Any]:

@@ -91,6 +91,7 @@ def test_run_records_lineage_metrics_and_artifacts(project: Path, first_run):
     adapt = next(c for c in children if c.data.tags["udaflow.stage"] == "adapt")
     history = client.get_metric_history(adapt.info.run_id, "loss.loss")
     assert [m.step for m in history] == [6, 12]  # one point per evaluation interval
+    assert adapt.data.metrics["steps"] == 12 and metrics["adapt.steps"] == 12 and metrics["pretrain.steps"] == 30
 
     version = client.get_model_version("udaflow-synth-to-fonts-b", "1")
     assert version.tags["method"] == "dann" and version.tags["backbone"] == "udaflow_vit_micro"
