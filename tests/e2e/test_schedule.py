@@ -56,8 +56,18 @@ def server(tmp_path_factory):
         proc.kill()
         pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
     yield env
+    _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL: a graceful Prefect shutdown can outlast 30 s on a loaded 2-core box,
+    and by teardown the test has asserted everything it needed from the process."""
     proc.terminate()
-    proc.wait(30)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +162,5 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
         assert len(_flow_runs(api, deployment["id"])) == 3
 
     finally:
-        worker.terminate()
-        worker.wait(30)
+        _stop(worker)
         print((tmp_path / "worker.log").read_text()[-3000:])
