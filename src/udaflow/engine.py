@@ -171,9 +171,10 @@ def train(
     """Run `steps` optimisation steps of `method` on labelled `source` and unlabelled `target`.
 
     `target` also feeds the label-free validator that picks `selected_state` (every
-    `cfg.eval_every` steps). Resumes from `checkpoint_path` when it holds a checkpoint.
-    `source_val` (labelled source held out from training) adds the DEV score. `keep_checkpoints`
-    keeps every evaluated state, for the benchmark's validator study (reported, never selected on).
+    `cfg.eval_every` steps, among checkpoints from `method.selection_start(steps)` on). Resumes
+    from `checkpoint_path` when it holds a checkpoint. `source_val` (labelled source held out from
+    training) adds the DEV score. `keep_checkpoints` keeps every evaluated state, for the
+    benchmark's validator study (reported, never selected on).
     """
     get_validator(validator)  # fail before training on an unknown name
     if validator in SOURCE_AWARE and source_val is None:
@@ -201,6 +202,7 @@ def train(
         return predict(model if model is not None else classifier, target.images, device, amp=cfg.amp)
 
     start, best_score, best_step, best_state = 0, -math.inf, 0, None
+    selectable_from = method.selection_start(steps)  # earlier checkpoints are scored, never selected
     kept: list[tuple[int, dict[str, torch.Tensor]]] = []
     validator_history: list[dict[str, float]] = []
     loss_history: list[dict[str, float]] = []
@@ -291,7 +293,7 @@ def train(
                     validator_history.append({"step": done, **scores})
                     if keep_checkpoints:
                         kept.append((done, {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}))
-                    if scores[validator] > best_score:
+                    if done >= selectable_from and scores[validator] > best_score:
                         best_score, best_step = scores[validator], done
                         best_state = copy.deepcopy({k: v.cpu() for k, v in classifier.state_dict().items()})
             if done % cfg.checkpoint_every == 0 or done == steps:

@@ -192,3 +192,18 @@ def test_dev_selection_uses_source_val_and_keeps_scored_checkpoints(tiny_shift, 
     kept = dict(result.checkpoint_states)
     for k, v in result.selected_state.items():
         assert torch.equal(v, kept[result.selected_step][k])
+
+
+def test_warmup_checkpoints_are_scored_but_never_selected(tiny_shift, make_train_config):
+    """cdtrans's warm-up trains a DANN-like model: its checkpoints enter the history, not the choice."""
+    source, target, _ = tiny_shift
+    options = {"refresh_every": 2, "warmup_fraction": 0.5, "adversarial_weight": 1.0, "ema": 0.9}
+    clf, method = _fresh("cdtrans", options)
+    assert method.selection_start(20) == 11  # steps 0-9 are warm-up; the checkpoint after step 10 is the first pair one
+    assert create_method("cdtrans", build_classifier("udaflow_vit_micro", 3), {"refresh_every": 2}).selection_start(20) == 0
+    result = engine.train(clf, method, source, target, make_train_config(eval_every=2), steps=20, lr=3e-3, seed=0, validator="entropy")
+    assert [h["step"] for h in result.validator_history] == list(range(2, 21, 2))
+    candidates = [h for h in result.validator_history if h["step"] > 10]
+    best = max(candidates, key=lambda h: h["entropy"])  # first maximum wins ties, like the engine
+    assert result.selected_step == best["step"] > 10
+    assert result.selected_by == "entropy"

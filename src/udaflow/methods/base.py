@@ -63,6 +63,15 @@ class Method(nn.Module):
         """Optimisation steps this method adapts for, given the profile's `train.adapt_steps`."""
         return steps
 
+    def selection_start(self, steps: int) -> int:
+        """First step whose checkpoint the label-free validator may select, out of `steps`.
+
+        Validators rank checkpoints of one objective. A method whose early steps train something
+        else (a warm-up) returns the first step of its own objective; earlier evaluations are
+        still recorded (validator study), never selected.
+        """
+        return 0
+
     def refresh(self, classifier: Classifier, ctx: StepContext) -> None:
         """Recompute whatever the method derives from the whole data (e.g. pseudo-labels)."""
 

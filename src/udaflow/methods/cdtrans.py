@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,11 @@ class Cdtrans(Method):
 
     def adapt_steps(self, steps: int) -> int:
         return max(1, round(steps * self.config.step_scale))
+
+    def selection_start(self, steps: int) -> int:
+        # the warm-up trains a source + adversarial (DANN) model, not cdtrans: select from the pair phase on
+        # (steps are in warm-up while step / steps < warmup_fraction, so the first pair step is ceil(.))
+        return math.ceil(self.config.warmup_fraction * steps) + 1 if self.config.warmup_fraction > 0 else 0
 
     def _in_warmup(self, ctx) -> bool:
         return ctx.progress < self.config.warmup_fraction
