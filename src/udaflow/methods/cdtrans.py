@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -153,12 +152,16 @@ class Cdtrans(Method):
         return max(1, round(steps * self.config.step_scale))
 
     def selection_start(self, steps: int) -> int:
-        # the warm-up trains a source + adversarial (DANN) model, not cdtrans: select from the pair phase on
-        # (steps are in warm-up while step / steps < warmup_fraction, so the first pair step is ceil(.))
-        return math.ceil(self.config.warmup_fraction * steps) + 1 if self.config.warmup_fraction > 0 else 0
+        # the warm-up trains a source + adversarial (DANN) model, not cdtrans: select from the checkpoint
+        # after the first pair step on (the same test as training's, so float rounding cannot split them)
+        first_pair_step = next((s for s in range(steps) if not self._warmup_at(s, steps)), steps)
+        return first_pair_step + 1 if first_pair_step > 0 else 0
+
+    def _warmup_at(self, step: int, total_steps: int) -> bool:
+        return step / max(1, total_steps) < self.config.warmup_fraction
 
     def _in_warmup(self, ctx) -> bool:
-        return ctx.progress < self.config.warmup_fraction
+        return self._warmup_at(ctx.step, ctx.total_steps)
 
     @torch.no_grad()
     def _update_teacher(self, classifier) -> None:
