@@ -46,8 +46,10 @@ def setup_environment() -> None:
 
 
 def _fail(exc: BaseException, hint: str | None = None) -> None:
+    """One line for a known error, then the error's own hint (or the command's, when it has none)."""
     if _STATE["debug"]:
         raise exc
+    hint = getattr(exc, "hint", None) or hint
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     if hint:
         err_console.print(f"hint: {hint}", highlight=False, soft_wrap=True)
@@ -129,39 +131,40 @@ def _announce_new_data(name: str, md5: str) -> None:
 def data_ingest(
     path: Annotated[Path, typer.Argument(help="an ImageFolder (<class>/<image>) or a flat folder of images")],
     name: Annotated[str, typer.Option("--name", help="domain name under data/raw")],
-    source: Annotated[Optional[str], typer.Option("--source", help="source domain it is checked against (default: params.yaml)")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="also check it as a target of this source domain (its classes, leakage)")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="make this folder the new version of an existing domain")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Import a user's image folder as a domain: validated (GX) against the source, then versioned (DVC)."""
+    """Import a user's image folder as a domain: validated (GX), then versioned (DVC); all or nothing."""
     try:
-        from udaflow.data.expectations import validate_shift
-        from udaflow.data.ingest import ingest_folder
-        from udaflow.data.manifest import DataError
+        from udaflow.data.ingest import ingest_domain
 
         cfg = _load(params, None, None)
-        source = source or cfg.source
-        report_dir = Path(cfg.work_dir) / "ingest" / name / "validation"
-
-        def check(staged: Path) -> None:
-            # the staged copy is checked as a target of `source` before it replaces anything
-            if name == source:
-                return
-            report = validate_shift(staged.parent, source, staged.name, report_dir, cfg.data.min_per_class)
-            if not report.success:
-                raise DataError(f"{path}: {report.error()}")
-
-        if name != source and not (Path(cfg.data.root) / source).is_dir():
-            raise DataError(f"source domain '{source}' not found under {cfg.data.root}: it is what '{name}' is checked against")
-        out = ingest_folder(path, name, cfg.data.root, cfg.data.holdout_fraction, cfg.seed, check=check)
-        n = sum(1 for _ in (out / "manifest.csv").open()) - 1
-        console.print(f"ingested [bold]{name}[/]: {n} images in {out} (validated against '{source}')")
-        version = _version(out)
-        if version is not None and version.changed:
-            _announce_new_data(name, version.md5)
-        elif version is not None:
+        result = ingest_domain(
+            path, name, Path(cfg.data.root), source=source, replace=replace, holdout_fraction=cfg.data.holdout_fraction,
+            seed=cfg.seed, min_per_class=cfg.data.min_per_class, report_dir=Path(cfg.work_dir) / "ingest" / name / "validation",
+            progress=lambda line: console.print(f"  {line}", highlight=False),
+        )
+        kind = "labelled" if result.labelled else "unlabelled"
+        checks = f"validated on its own and as a target of '{source}'" if source else "validated on its own"
+        console.print(f"ingested [bold]{name}[/]: {result.images} {kind} images in {result.path}, {checks}")
+        for overlap in result.overlaps:
+            err_console.print(f"warning: {overlap.describe(name)}", highlight=False, soft_wrap=True)
+        state = "new version" if result.changed else "unchanged"
+        console.print(f"  dvc: {result.pointer} -> {result.md5} ({state}; pushed to the default remote)", highlight=False)
+        if result.replaced:
+            how = (
+                f"`git checkout HEAD -- {result.pointer} && dvc checkout {result.pointer}` brings it back" if result.replaced_in_git
+                else f"put `md5: {result.replaced}` back in {result.pointer} and run `dvc checkout {result.pointer}` to bring it back"
+            )
+            console.print(f"  replaced version {result.replaced}: it stays in the DVC cache and remote; {how}", highlight=False)
+        if result.changed:
+            console.print(f"  record it in git: git add {result.pointer} && git commit", highlight=False)
+            _announce_new_data(name, result.md5)
+        else:
             console.print("  same content as the recorded version: no retrain triggered")
     except _known_errors() as exc:
-        _fail(exc, "an ImageFolder has one sub-folder per class; a flat folder is an unlabelled target")
+        _fail(exc)
 
 
 @app.command("run")

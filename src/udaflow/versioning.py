@@ -21,7 +21,11 @@ DEFAULT_REMOTE = "local"
 
 
 class VersioningError(RuntimeError):
-    """DVC could not record or restore a dataset; the message names the path."""
+    """DVC could not record or restore a dataset; the message names the path, `hint` what to do."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,44 @@ def _pointer(stage, root: Path) -> str:
     return os.path.relpath(stage.path, root).replace("dvc.yaml", "dvc.lock")
 
 
+def _check_pointer_visible(repo, path: Path) -> None:
+    """DVC skips git-ignored folders when it collects `.dvc` files: a pointer written there is lost.
+
+    (A root `.gitignore` rule `/data/raw/*` matches `data/raw/` itself in that check; `/data/raw/?*`
+    ignores the domain folders without hiding their pointers.)
+    """
+    scm = getattr(repo, "scm", None)
+    folder = str(path.parent)
+    if scm is None or not hasattr(scm, "is_ignored") or not scm.is_ignored(folder + os.sep):
+        return
+    raise VersioningError(
+        f"{path.parent}: git ignores this folder, so DVC would not find the pointer {path.name}.dvc written there; "
+        f"change the .gitignore rule that matches '{os.path.relpath(folder, repo.root_dir)}/' (e.g. '/data/raw/*' -> '/data/raw/?*')"
+    )
+
+
+def tracked_by(path: Path, root: Path | None = None) -> str | None:
+    """What records `path` in DVC: 'build@mnist' (a dvc.yaml stage), 'data/raw/x.dvc' (a pointer), or None."""
+    path = Path(path).resolve()
+    root = Path(root).resolve() if root else find_root(path)
+    if root is None:
+        return None
+    with _repo(root) as repo:
+        stage, _ = _find_out(repo, path)
+        if stage is None:
+            return None
+        return os.path.relpath(stage.path, root) if stage.is_data_source else stage.addressing
+
+
+def committed_in_git(pointer: str, md5: str, root: Path) -> bool:
+    """Whether git's HEAD holds `pointer` (e.g. data/raw/x.dvc) recording hash `md5`: `git checkout HEAD -- pointer` restores it."""
+    with _repo(root) as repo:
+        try:
+            return md5 in repo.scm.get_fs("HEAD").read_text(pointer)
+        except Exception:  # noqa: BLE001 - no git, no commit yet, pointer never committed
+            return False
+
+
 def version_dataset(path: Path, root: Path | None = None, push: bool = True) -> DatasetVersion:
     """Commit `path` to the DVC cache (new content only), record its hash, push to the default remote."""
     path = Path(path).resolve()
@@ -100,21 +142,91 @@ def version_dataset(path: Path, root: Path | None = None, push: bool = True) -> 
         with _repo(root) as repo:
             stage, out = _find_out(repo, path)
             before = out.hash_info.value if out is not None and out.hash_info else None
-            if stage is not None and stage.is_data_source:
-                stage, = repo.add(str(path))
-            elif stage is not None:
+            if stage is not None and not stage.is_data_source:
                 repo.commit(stage.addressing, force=True)
+                stage, out = _find_out(repo, path)
             else:
+                if stage is None:
+                    _check_pointer_visible(repo, path)
+                # the stage `add` returns holds the new hash; the repo's index may not list it yet
                 stage, = repo.add(str(path))
-            stage, out = _find_out(repo, path)
+                out, = stage.outs
             md5 = out.hash_info.value
-            if push and repo.config.get("core", {}).get("remote"):
-                repo.push(targets=[str(path)])
+            remote = repo.config.get("core", {}).get("remote")
+            if push and remote:
+                try:
+                    repo.push(targets=[str(path)])
+                except Exception as exc:  # noqa: BLE001 - unreachable, unwritable, misconfigured
+                    url = repo.config.get("remote", {}).get(remote, {}).get("url", "?")
+                    raise VersioningError(
+                        f"{path}: could not push to the default DVC remote '{remote}' ({url}): {exc}",
+                        "check the remote with `dvc remote list` (.dvc/config, .dvc/config.local)",
+                    ) from exc
             return DatasetVersion(path.name, os.path.relpath(path, root), md5, _pointer(stage, root), md5 != before)
     except VersioningError:
         raise
     except Exception as exc:  # dvc raises many types; the user needs the path and the reason
         raise VersioningError(f"{path}: DVC could not version this dataset: {exc}") from exc
+
+
+def _tree(folder: Path) -> set[str]:
+    """Every file and folder under `folder`, relative to it."""
+    found: set[str] = set()
+    for here, dirs, files in os.walk(folder):
+        rel = os.path.relpath(here, folder)
+        found.update(os.path.normpath(os.path.join(rel, name)) for name in (*dirs, *files))
+    return found
+
+
+@contextmanager
+def rollback_on_failure(path: Path, root: Path | None = None):
+    """A new version of the dataset folder `path` goes in place inside this block, all or nothing.
+
+    On entry the current folder (if any) moves aside to `.<name>.previous`; the block puts the new
+    one at `path` and versions it. If the block raises (a failed copy, validation, `dvc add`, a
+    push, Ctrl-C), everything DVC or the block touched is put back as it was: the folder, its
+    `<name>.dvc` pointer, the `.gitignore` beside it, `dvc.lock`, and the DVC cache (objects the
+    block added are removed). On success the moved-aside folder is deleted; its content stays in
+    the DVC cache and remote under its old hash.
+    """
+    path = Path(path).resolve()
+    root = Path(root).resolve() if root else find_root(path)
+    if root is None:
+        raise VersioningError(f"{path}: not inside a DVC project; run `dvc init` (or `make setup`) at the repository root")
+    backup = path.with_name(f".{path.name}.previous")
+    if backup.exists():
+        if path.exists():
+            raise VersioningError(
+                f"{backup}: an earlier ingest of '{path.name}' was interrupted and left the previous content there; "
+                f"remove it if {path} is the version you want, else move it back to {path}"
+            )
+        backup.replace(path)  # the interrupted ingest had moved the data aside and not yet put new data in
+    with _repo(root) as repo:
+        cache = Path(repo.cache.legacy.path)
+    files = [path.with_name(path.name + ".dvc"), path.parent / ".gitignore", root / "dvc.lock"]
+    saved = {f: f.read_bytes() if f.exists() else None for f in files}
+    cached = _tree(cache)
+    if path.exists():
+        path.replace(backup)
+    try:
+        yield path
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        if backup.exists():
+            backup.replace(path)
+        for file, content in saved.items():
+            if content is None:
+                file.unlink(missing_ok=True)
+            else:
+                file.write_bytes(content)
+        for rel in sorted(_tree(cache) - cached, key=lambda r: r.count(os.sep), reverse=True):
+            added = cache / rel
+            if added.is_dir() and not added.is_symlink():
+                shutil.rmtree(added, ignore_errors=True)
+            else:
+                added.unlink(missing_ok=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def dataset_version(path: Path, root: Path | None = None) -> DatasetVersion | None:

@@ -149,7 +149,7 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
         changed = tmp_path / "fonts-v2"
         build_domain("synth", changed, seed=11, synth_size=60)
         (changed / "synth/manifest.csv").unlink()
-        out = udaflow(env, project, "data", "ingest", str(changed / "synth"), "--name", "fonts-b", "--source", "synth")
+        out = udaflow(env, project, "data", "ingest", str(changed / "synth"), "--name", "fonts-b", "--source", "synth", "--replace")
         assert out.returncode == 0, out.stdout + out.stderr
         assert "event udaflow.dataset.updated emitted" in out.stdout
         _wait_completed(api, deployment["id"], 3)

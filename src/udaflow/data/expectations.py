@@ -63,12 +63,12 @@ class ValidationReport:
         return f"data validation failed: {first}{more}; full report: {self.data_docs or self.result_json}"
 
 
-def image_frame(data_root: Path, source: str, target: str):
-    """One row per image of both domains: manifest columns + what the file on disk says now."""
+def image_frame(data_root: Path, source: str, target: str | None = None):
+    """One row per image of both domains (or of `source` alone): manifest columns + what the file on disk says now."""
     import pandas as pd
 
     records = []
-    for role, name in (("source", source), ("target", target)):
+    for role, name in (("source", source), ("target", target)) if target else (("domain", source),):
         root = Path(data_root) / name
         if not root.is_dir():
             raise DataError(f"{root}: domain '{name}' not found; build it with `udaflow data build` or `udaflow data ingest`")
@@ -94,15 +94,14 @@ def class_frame(images, min_per_class: int):
     return pd.DataFrame({"domain": source.domain.iloc[0] if len(source) else "", "label": counts.index, "count": counts.values})
 
 
-def _suites(source_classes: list[str], min_per_class: int):
+def _domain_expectations():
+    """What every image of any domain must satisfy, paired with another domain or not."""
     import great_expectations as gx
 
     E = gx.expectations
-    target = {"row_condition": 'role=="target"', "condition_parser": "pandas"}
-    labelled_target = {"row_condition": 'role=="target" and label!=""', "condition_parser": "pandas"}
-    images = [
+    return [
         E.ExpectTableColumnsToMatchSet(column_set=["domain", "role", *COLUMNS, "disk_sha256"], exact_match=True),
-        E.ExpectColumnDistinctValuesToContainSet(column="role", value_set=["source", "target"]),
+        E.ExpectTableRowCountToBeBetween(min_value=1),
         E.ExpectCompoundColumnsToBeUnique(column_list=["domain", "path"]),
         E.ExpectColumnPairValuesToBeEqual(column_A="sha256", column_B="disk_sha256"),
         E.ExpectColumnValuesToBeUnique(column="sha256"),
@@ -111,6 +110,18 @@ def _suites(source_classes: list[str], min_per_class: int):
         E.ExpectColumnValuesToBeBetween(column="width", min_value=MIN_SIDE, max_value=MAX_SIDE),
         E.ExpectColumnValuesToBeBetween(column="height", min_value=MIN_SIDE, max_value=MAX_SIDE),
         E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"]),
+    ]
+
+
+def _suites(source_classes: list[str], min_per_class: int):
+    import great_expectations as gx
+
+    E = gx.expectations
+    target = {"row_condition": 'role=="target"', "condition_parser": "pandas"}
+    labelled_target = {"row_condition": 'role=="target" and label!=""', "condition_parser": "pandas"}
+    images = [
+        *_domain_expectations(),
+        E.ExpectColumnDistinctValuesToContainSet(column="role", value_set=["source", "target"]),
         E.ExpectColumnValuesToBeInSet(column="label", value_set=source_classes, **labelled_target),
         E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"], **target),
     ]
@@ -123,14 +134,31 @@ def _suites(source_classes: list[str], min_per_class: int):
 
 def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min_per_class: int = 5) -> ValidationReport:
     """Run both suites on the shift; write the GX result JSON and Data Docs under out_dir."""
+    images = image_frame(data_root, source, target)
+    source_classes = sorted({c for c in images[images.role == "source"].label if c})
+    suites = _suites(source_classes, min_per_class)
+    frames = {"udaflow.images": images, "udaflow.classes": class_frame(images, min_per_class)}
+    return _validate(f"{source}-to-{target}", {"source": source, "target": target}, suites, frames, images, out_dir)
+
+
+def validate_domain(data_root: Path, name: str, out_dir: Path) -> ValidationReport:
+    """Suite `udaflow.domain` on one domain alone: what `udaflow data ingest` checks without a `--source`.
+
+    Every image check of `udaflow.images` that needs no second domain: columns, unique paths and
+    checksums (a duplicate image inside the domain), checksums match the files, decodable, modes,
+    sizes, splits, at least one image. Class counts and label sets are checked when a run (or
+    `--source`) pairs the domain with a source.
+    """
+    images = image_frame(data_root, name)
+    suites = {"udaflow.domain": _domain_expectations()}
+    return _validate(name, {"domain": name}, suites, {"udaflow.domain": images}, images, out_dir)
+
+
+def _validate(label: str, header: dict[str, str], suites: dict, frames: dict, images, out_dir: Path) -> ValidationReport:
+    """Run each suite on its frame (one GX checkpoint per suite); write the result JSON and Data Docs."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations as gx
-
-    images = image_frame(data_root, source, target)
-    source_rows = images[images.role == "source"]
-    source_classes = sorted({c for c in source_rows.label if c})
-    frames = {"udaflow.images": images, "udaflow.classes": class_frame(images, min_per_class)}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,18 +168,18 @@ def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min
         context.variables.progress_bars = {"globally": False}
         datasource = context.data_sources.add_pandas("udaflow")
         results = {}
-        for suite_name, expectations in _suites(source_classes, min_per_class).items():
+        for suite_name, expectations in suites.items():
             suite = context.suites.add(gx.ExpectationSuite(name=suite_name, expectations=expectations))
             batch = datasource.add_dataframe_asset(suite_name).add_batch_definition_whole_dataframe("all")
             vd = context.validation_definitions.add(gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
             results[suite_name] = (vd, frames[suite_name])
         failures: list[Failure] = []
-        payload: dict[str, Any] = {"source": source, "target": target, "suites": {}}
+        payload: dict[str, Any] = {**header, "suites": {}}
         # a checkpoint validates one dataframe per run: one checkpoint per suite, each with its frame
         for suite_name, (vd, frame) in results.items():
             checkpoint = context.checkpoints.add(
                 gx.Checkpoint(
-                    name=f"{source}-to-{target}.{suite_name}",
+                    name=f"{label}.{suite_name}",
                     validation_definitions=[vd],
                     actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
                     result_format={"result_format": "COMPLETE"},
@@ -180,9 +208,8 @@ def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min
     result_json.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     stats = {
         "images": int(len(images)),
-        "source_images": int(len(source_rows)),
-        "target_images": int((images.role == "target").sum()),
-        "expectations": sum(len(v) for v in _suites(source_classes, min_per_class).values()),
+        **({"source_images": int((images.role == "source").sum()), "target_images": int((images.role == "target").sum())} if "target" in header else {}),
+        "expectations": sum(len(v) for v in suites.values()),
         "failed": len(failures),
         "digest": hashlib.sha256(images.sha256.str.cat().encode()).hexdigest()[:16],
     }

@@ -21,7 +21,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 class DataError(ValueError):
-    """Data that cannot be used; the message names the file and what to do."""
+    """Data that cannot be used; the message names the file and why, `hint` (when one fits) what to do."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 @dataclass(frozen=True)
