@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,28 @@ class StageResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def save_stage(path: Path, result: TrainResult, wall_seconds: float, classes: tuple[str, ...]) -> None:
+    """Write a trained stage atomically: weights and histories in `path`, wall times in `<path>.timing.json`.
+
+    Timings vary from run to run; everything in `path` is decided by data, code and parameters, so
+    a deterministic CPU run writes it byte for byte again (its DVC hash in dvc.lock stays put).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timing = path.with_suffix(".timing.json")
+    timing.write_text(json.dumps({"seconds": result.seconds, "wall_seconds": wall_seconds}) + "\n")
+    tmp = path.with_suffix(".tmp")  # same stem: torch.save names the archive inside after the file
+    torch.save({"result": replace(result, seconds=0.0), "classes": tuple(classes)}, tmp)
+    tmp.replace(path)
+
+
+def load_stage(path: Path) -> tuple[TrainResult, float, tuple[str, ...]]:
+    """(train result, wall seconds, classes) of a stage `save_stage` wrote; timings are 0 when their file is gone."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    timing_file = path.with_suffix(".timing.json")
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": 0.0, "wall_seconds": 0.0}
+    return replace(saved["result"], seconds=timing["seconds"]), timing["wall_seconds"], tuple(saved["classes"])
+
+
 def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path | None = None) -> StageResult:
     """Supervised source training; reuses a cached result for the same source content and params.
 
@@ -73,9 +95,9 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
     key = source_cache_key(cfg, source, len(data.classes))
     cache = Path(cache_dir or cfg.work_dir / "cache") / f"source-{source}-{key}.pt"
     if cache.exists():
-        saved = torch.load(cache, map_location="cpu", weights_only=False)
-        classifier.load_state_dict(saved["result"].last_state)
-        return StageResult(classifier, saved["result"], saved["wall_seconds"], cached=True, info={"cache": str(cache), "key": key})
+        result, wall, _ = load_stage(cache)
+        classifier.load_state_dict(result.last_state)
+        return StageResult(classifier, result, wall, cached=True, info={"cache": str(cache), "key": key})
     t0 = time.perf_counter()
     method = create_method("source_only", classifier, cfg.methods.get("source_only"))
     result = train(
@@ -86,10 +108,7 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
         source_val=data.source_val, keep_checkpoints=True,
     )
     wall = time.perf_counter() - t0
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"result": result, "wall_seconds": wall, "classes": data.classes}, tmp)
-    tmp.replace(cache)
+    save_stage(cache, result, wall, data.classes)
     cache.with_suffix(".ckpt").unlink(missing_ok=True)
     return StageResult(classifier, result, wall, info={"cache": str(cache), "key": key})
 

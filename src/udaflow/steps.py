@@ -27,7 +27,7 @@ from udaflow.config import Config
 from udaflow.data.datasets import ShiftData, load_shift
 from udaflow.data.expectations import ValidationReport, validate_shift
 from udaflow.engine import TrainResult, accuracy, per_class_accuracy, predict, resolve_device
-from udaflow.experiment import StageResult, adapt_to_target, new_classifier, pretrain_source
+from udaflow.experiment import StageResult, adapt_to_target, load_stage, new_classifier, pretrain_source, save_stage
 from udaflow.models import ImageClassifier
 from udaflow.validators import dev_score, score_all
 
@@ -70,31 +70,29 @@ def validate_datasets(cfg: Config) -> ValidationReport:
     return validate_shift(cfg.data.root, cfg.source, cfg.target, run_paths(cfg).validation, cfg.data.min_per_class)
 
 
-def _save(stage: StageResult, classes: tuple[str, ...], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"result": stage.train, "wall_seconds": stage.wall_seconds, "classes": classes}, tmp)
-    tmp.replace(path)
+def _copy_stage(src: Path, dest: Path) -> None:
+    """Copy a saved stage (weights + timing file) atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src, dest), (src.with_suffix(".timing.json"), dest.with_suffix(".timing.json"))):
+        if a.exists():
+            shutil.copyfile(a, b.with_suffix(".tmp"))
+            b.with_suffix(".tmp").replace(b)
 
 
 def _load(cfg: Config, path: Path) -> tuple[StageResult, tuple[str, ...]]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the previous pipeline step first")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    result: TrainResult = saved["result"]
-    classifier = new_classifier(cfg, len(saved["classes"]))
+    result, wall_seconds, classes = load_stage(path)
+    classifier = new_classifier(cfg, len(classes))
     classifier.load_state_dict(result.last_state)
-    return StageResult(classifier, result, saved["wall_seconds"]), tuple(saved["classes"])
+    return StageResult(classifier, result, wall_seconds), classes
 
 
 def pretrain(cfg: Config, data: ShiftData | None = None, cache_dir: Path | None = None) -> StepOutcome:
     """Source pretraining, reused from the on-disk cache when source content and params match."""
     data = data or load_data(cfg)
     stage = pretrain_source(cfg, data, cfg.source, cache_dir)
-    paths = run_paths(cfg)
-    paths.shift_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(stage.info["cache"], paths.source_model.with_suffix(".tmp"))
-    paths.source_model.with_suffix(".tmp").replace(paths.source_model)
+    _copy_stage(Path(stage.info["cache"]), run_paths(cfg).source_model)
     # the cache file is what later steps read: it outlives this shift's copy and is keyed on content
     return StepOutcome(stage.info["cache"], stage.wall_seconds, stage.cached, stage.info["key"], stage.train.images_per_s, steps=stage.train.steps)
 
@@ -106,13 +104,11 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     source_model = Path(source_model or paths.source_model)
     if source_model.resolve() != paths.source_model.resolve():
         # a cached source model from another shift: this shift's copy is what dvc.yaml's stages read
-        paths.shift_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source_model, paths.source_model.with_suffix(".tmp"))
-        paths.source_model.with_suffix(".tmp").replace(paths.source_model)
+        _copy_stage(source_model, paths.source_model)
     source, classes = _load(cfg, source_model)
     t0 = time.perf_counter()
     adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint, data.source_val)
-    _save(adapted, classes, paths.model)
+    save_stage(paths.model, adapted.train, adapted.wall_seconds, classes)
     paths.checkpoint.unlink(missing_ok=True)
     return StepOutcome(
         str(paths.model), time.perf_counter() - t0, images_per_s=adapted.train.images_per_s, selected_step=adapted.train.selected_step,

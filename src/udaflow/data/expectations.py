@@ -9,6 +9,8 @@ Suite `udaflow.images` (one row per image of both domains):
   decodable; mode in an allowed set; width/height in range; target labels within the source
   classes; a non-empty target.
 Suite `udaflow.classes` (one row per source class): at least `min_per_class` images each.
+Suite `udaflow.domain` (one domain alone, what `udaflow data ingest` checks without `--source`):
+  the image checks above that need no second domain.
 
 `validate_shift` returns a `ValidationReport`; `report.error()` is the one-line reason a flow stops
 with (expectation, example rows). The full GX result JSON and the Data Docs HTML are written to
@@ -154,6 +156,20 @@ def validate_domain(data_root: Path, name: str, out_dir: Path) -> ValidationRepo
     return _validate(name, {"domain": name}, suites, {"udaflow.domain": images}, images, out_dir)
 
 
+_VOLATILE_META = ("batch_markers", "validation_id", "checkpoint_id", "run_id", "validation_time")
+
+
+def _stable(result: dict[str, Any]) -> dict[str, Any]:
+    """A GX validation result without its random ids and clock times: the same data gives the same
+    JSON (dvc.yaml's `validate` stage records its hash in dvc.lock; Data Docs keep the full result)."""
+    result = {k: v for k, v in result.items() if k != "id"}
+    result["meta"] = {k: v for k, v in result.get("meta", {}).items() if k not in _VOLATILE_META}
+    result["results"] = [
+        {**r, "expectation_config": {k: v for k, v in r["expectation_config"].items() if k != "id"}} for r in result.get("results", [])
+    ]
+    return result
+
+
 def _validate(label: str, header: dict[str, str], suites: dict, frames: dict, images, out_dir: Path) -> ValidationReport:
     """Run each suite on its frame (one GX checkpoint per suite); write the result JSON and Data Docs."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -187,7 +203,7 @@ def _validate(label: str, header: dict[str, str], suites: dict, frames: dict, im
             )
             run = checkpoint.run(batch_parameters={"dataframe": frame})
             for vr in run.run_results.values():
-                payload["suites"][suite_name] = vr.to_json_dict()
+                payload["suites"][suite_name] = _stable(vr.to_json_dict())
                 for r in vr.results:
                     if r.success:
                         continue
