@@ -118,7 +118,7 @@ def tracked_by(path: Path, root: Path | None = None) -> str | None:
         stage, _ = _find_out(repo, path)
         if stage is None:
             return None
-        return os.path.relpath(stage.path, root) if stage.is_data_source else stage.addressing
+        return os.path.relpath(stage.path, root) if stage.is_data_source else stage.name
 
 
 def committed_in_git(pointer: str, md5: str, root: Path) -> bool:

@@ -1,0 +1,148 @@
+"""`ingest_domain` in a project laid out like this repository (its .gitignore and a dvc.yaml with stages):
+new names, re-ingests, --replace, refusals, leakage warnings, and all-or-nothing on any failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from udaflow import versioning
+from udaflow.data.domains import build_domain
+from udaflow.data.ingest import ingest_domain
+from udaflow.data.manifest import DataError, read_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """git + DVC + the repository's own .gitignore and a dvc.yaml whose stage outputs `data/raw/builtin`."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    versioning.init_repo(root)
+    shutil.copyfile(REPO / ".gitignore", root / ".gitignore")
+    (root / "dvc.yaml").write_text("stages:\n  build:\n    cmd: 'true'\n    outs:\n      - data/raw/builtin\n")
+    (root / "data/raw").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A labelled ImageFolder (synth, 60 images), a flat unlabelled folder, and a changed flat folder."""
+    scratch = tmp_path_factory.mktemp("user")
+    build_domain("synth", scratch / "a", seed=0, synth_size=60)
+    labelled = scratch / "a/synth"
+    (labelled / "manifest.csv").unlink()
+    out = {"labelled": labelled}
+    for key, seed in (("flat", 5), ("flat-v2", 11)):
+        build_domain("synth", scratch / key, seed=seed, synth_size=30)
+        flat = scratch / f"{key}-flat"
+        flat.mkdir()
+        for f in sorted((scratch / key / "synth").glob("*/*.png")):
+            shutil.copyfile(f, flat / f"{f.parent.name}-{f.name}")
+        out[key] = flat
+    return out
+
+
+def ingest(project: Path, folder: Path, name: str, **kw):
+    kw.setdefault("report_dir", project / "runs/ingest" / name)
+    return ingest_domain(folder, name, project / "data/raw", seed=0, **kw)
+
+
+def snapshot(project: Path) -> dict:
+    """Everything a failed ingest must leave as it was."""
+    def tree(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(project)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+    git = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=project, capture_output=True, text=True, check=True).stdout
+    return {"data": tree(project / "data"), "cache": tree(project / ".dvc/cache"), "git": git, "lock": tree(project / "dvc.lock")}
+
+
+def test_new_names_are_versioned_in_the_real_layout(project: Path, folders):
+    # labelled, with no other domain in the project: validated on its own
+    src = ingest(project, folders["labelled"], "my-source")
+    assert src.labelled and src.images == 60 and src.changed and src.pointer == "data/raw/my-source.dvc"
+    assert src.md5.endswith(".dir") and (project / "data/raw/my-source.dvc").read_text().count(src.md5) == 1
+    tgt = ingest(project, folders["flat"], "my-target", source="my-source")
+    assert not tgt.labelled and tgt.validated_against == "my-source" and tgt.changed
+    assert {r.split for r in read_manifest(project / "data/raw/my-target")} == {"train"}
+    # DVC finds both pointers (the repository's .gitignore must not hide data/raw/ from it) ...
+    assert [k.rsplit(":", 1)[-1] for k in versioning.status(project)] == ["build"]  # only the never-built stage output
+    assert versioning.dataset_version(project / "data/raw/my-target").md5 == tgt.md5
+    # ... and git sees only the pointers, not the images
+    untracked = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "data"], cwd=project, capture_output=True, text=True).stdout
+    assert sorted(untracked.split()[1::2]) == ["data/raw/my-source.dvc", "data/raw/my-target.dvc"]
+    assert any((project / "dvc-remote").rglob("*.dir"))  # pushed
+
+
+def test_reingest_needs_replace_and_keeps_the_old_version_restorable(project: Path, folders):
+    first = ingest(project, folders["flat"], "tgt")
+    again = ingest(project, folders["flat"], "tgt")
+    assert not again.changed and again.md5 == first.md5 and again.replaced is None
+
+    before = snapshot(project)
+    with pytest.raises(DataError, match="already exists with other content") as err:
+        ingest(project, folders["flat-v2"], "tgt")
+    assert "--replace" in err.value.hint
+    assert snapshot(project) == before
+
+    subprocess.run(["git", "add", "data/raw/tgt.dvc"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tgt v1"], cwd=project, check=True)
+    new = ingest(project, folders["flat-v2"], "tgt", replace=True)
+    assert new.changed and new.md5 != first.md5 and new.replaced == first.md5 and new.replaced_in_git
+    # the old version comes back the way the CLI says: the committed pointer + dvc checkout
+    subprocess.run(["git", "checkout", "HEAD", "--", "data/raw/tgt.dvc"], cwd=project, check=True)
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "checkout", "data/raw/tgt.dvc"], cwd=project, check=True, capture_output=True)
+    assert versioning.dataset_version(project / "data/raw/tgt").md5 == first.md5
+
+
+def test_refusals_name_the_problem_and_change_nothing(project: Path, folders):
+    ingest(project, folders["labelled"], "src")
+    before = snapshot(project)
+    with pytest.raises(DataError, match="output of dvc.yaml stage 'build'"):
+        ingest(project, folders["flat"], "builtin")
+    with pytest.raises(DataError, match="is the domain being ingested"):
+        ingest(project, folders["flat"], "src", source="src")
+    with pytest.raises(DataError, match="source domain 'nosuch' not found"):
+        ingest(project, folders["flat"], "tgt", source="nosuch")
+    with pytest.raises(DataError, match="domain name 'Bad Name'"):
+        ingest(project, folders["flat"], "Bad Name")
+    assert snapshot(project) == before
+    assert not list((project / "data/raw").glob(".*"))  # no staged copy left behind
+
+
+def test_overlap_with_any_domain_is_reported_and_refused_when_paired(project: Path, folders, tmp_path: Path):
+    ingest(project, folders["labelled"], "src")
+    ingest(project, folders["flat"], "other")
+    leaky = tmp_path / "leaky"
+    shutil.copytree(folders["flat-v2"], leaky)
+    shutil.copyfile(next(folders["labelled"].glob("3/*.png")), leaky / "copied.png")
+    shutil.copyfile(sorted(folders["flat"].glob("*.png"))[0], leaky / "copied-too.png")
+    result = ingest(project, leaky, "tgt")
+    assert [(o.domain, o.count) for o in result.overlaps] == [("other", 1), ("src", 1)]
+    assert result.overlaps[1].examples[0][0] == "copied.png" and result.overlaps[1].examples[0][1].startswith("3/")
+    assert "a run pairing the two is refused" in result.overlaps[0].describe("tgt")
+    # pairing them: the leakage check refuses, and `tgt` stays as it was
+    before = snapshot(project)
+    with pytest.raises(DataError, match="expect_column_values_to_be_unique on 'sha256'"):
+        ingest(project, leaky, "tgt", source="src", replace=True)
+    assert snapshot(project) == before
+
+
+def test_a_failed_push_after_the_copy_leaves_everything_as_it_was(project: Path, folders, tmp_path: Path):
+    ingest(project, folders["flat"], "tgt")
+    # a remote that cannot be written (a path under a regular file: refused even for root)
+    (tmp_path / "not-a-folder").write_text("")
+    (project / ".dvc/config.local").write_text(f"['remote \"local\"']\n    url = {tmp_path / 'not-a-folder' / 'remote'}\n")
+    before = snapshot(project)
+    for name, replace in (("new-name", False), ("tgt", True)):
+        with pytest.raises(versioning.VersioningError, match="could not push to the default DVC remote 'local'"):
+            ingest(project, folders["labelled"], name, replace=replace)
+        assert snapshot(project) == before, name
+    assert not [p for p in os.listdir(project / "data/raw") if p.startswith(".") and p != ".gitignore"]
