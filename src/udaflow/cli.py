@@ -101,7 +101,7 @@ def data_build(
             console.print(f"built [bold]{name}[/]: {n} images in {out} ({time.perf_counter() - t0:.1f}s)")
             _version(out)
     except _known_errors() as exc:
-        _fail(exc, "DVC needs the repository's .dvc/ folder: run from the repository root (or `dvc init` in a new project)")
+        _fail(exc)
 
 
 def _version(folder: Path) -> None:

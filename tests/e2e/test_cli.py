@@ -149,3 +149,29 @@ def test_corrupt_target_is_refused_at_ingest_and_nothing_changes(workspace: Path
     assert (ws / "data/raw/fonts-b/manifest.csv").read_bytes() == manifest  # the old data is untouched
     assert (ws / "data/raw/fonts-b.dvc").read_bytes() == pointer  # and no new DVC version
     assert not list((ws / "data/raw").glob(".*.ingesting"))
+
+
+def test_overlap_is_a_warning_at_ingest_and_refused_when_a_run_pairs_the_domains(workspace: Path):
+    import mlflow
+
+    from udaflow.data.domains import build_domain
+
+    ws = workspace
+    build_domain("synth", ws / "later", seed=21, synth_size=20)
+    folder = ws / "leaky-target"
+    folder.mkdir(exist_ok=True)
+    for f in sorted((ws / "later/synth").glob("*/*.png")):
+        shutil.copyfile(f, folder / f"{f.parent.name}-{f.name}")
+    copied = sorted((ws / "data/raw/synth/3").glob("*.png"))[0]
+    shutil.copyfile(copied, folder / "from-synth.png")
+
+    result = invoke(["data", "ingest", str(folder), "--name", "leaky"], ws)
+    assert result.exit_code == 0, result.output
+    assert f"1 image(s) of 'leaky' are also in domain 'synth' (e.g. from-synth.png = synth/3/{copied.name})" in result.output
+
+    result = invoke(["run", "--source", "synth", "--target", "leaky", "--method", "dann"], ws)
+    assert result.exit_code == 2 and "expect_column_values_to_be_unique on 'sha256'" in result.output, result.output
+    uri = yaml.safe_load((ws / "params.yaml").read_text())["tracking"]["uri"]
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.search_model_versions("name='udaflow-synth-to-leaky'") == []
+    assert not (ws / "runs/synth-to-leaky/dann").exists()  # nothing trained
