@@ -23,7 +23,7 @@ import torch
 
 from udaflow.config import TrainConfig
 from udaflow.data.datasets import LabelledImages, UnlabelledImages
-from udaflow.data.transforms import augment, to_input
+from udaflow.data.transforms import augment_view, to_input
 from udaflow.methods.base import Batch, Method, StepContext
 from udaflow.models.heads import Classifier
 from udaflow.validators import SOURCE_AWARE, dev_score, get_validator, score_all
@@ -189,11 +189,11 @@ def train(
     use_target = target is not None and (method.uses_target or method.draws_own_batches)
     source_labels = source.labels
 
-    def source_inputs(idx: torch.Tensor) -> torch.Tensor:
-        return to_input(augment(source.images[idx], cfg.augment, generator), device)
+    def source_inputs(idx: torch.Tensor, view: str = "default") -> torch.Tensor:
+        return to_input(augment_view(source.images[idx], cfg.augment, generator, view), device)
 
-    def target_inputs(idx: torch.Tensor) -> torch.Tensor:
-        return to_input(augment(target.images[idx], cfg.augment, generator), device)
+    def target_inputs(idx: torch.Tensor, view: str = "default") -> torch.Tensor:
+        return to_input(augment_view(target.images[idx], cfg.augment, generator, view), device)
 
     def embed_source(model: Classifier | None = None):
         return predict(model if model is not None else classifier, source.images, device, amp=cfg.amp)
@@ -275,7 +275,7 @@ def train(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0
-            images += cfg.batch_size * (2 if use_target else 1)
+            images += method.images_per_step(cfg.batch_size, use_target)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1

@@ -346,3 +346,49 @@ def test_cdtrans_ema_teacher_update():
             torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * student[k])
         else:
             assert torch.equal(v, student[k])
+
+
+# -------------------------------------------------------------------------------------- adamatch
+def test_relative_threshold_and_distribution_alignment_by_hand():
+    from udaflow.methods.adamatch import distribution_alignment, relative_threshold
+
+    p_s = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+    p_t = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+    assert float(relative_threshold(p_s, 0.9)) == pytest.approx(0.9 * 0.85)
+    # source mix (0.85, 0.15), target mix (0.45, 0.55): class 0 up by 0.85/0.45, class 1 down by 0.15/0.55
+    row0 = torch.tensor([0.6 * 0.85 / 0.45, 0.4 * 0.15 / 0.55])
+    row1 = torch.tensor([0.3 * 0.85 / 0.45, 0.7 * 0.15 / 0.55])
+    expected = torch.stack([row0 / row0.sum(), row1 / row1.sum()])
+    assert torch.allclose(distribution_alignment(p_t, p_s), expected, atol=1e-6)
+    # already aligned mixes change nothing
+    assert torch.allclose(distribution_alignment(p_s, p_s), p_s, atol=1e-6)
+
+
+def test_unlabelled_weight_ramps_over_the_first_half():
+    from udaflow.methods.adamatch import unlabelled_weight
+
+    assert unlabelled_weight(0.0) == pytest.approx(0.0)
+    assert unlabelled_weight(0.25) == pytest.approx(0.5)
+    assert unlabelled_weight(0.5) == pytest.approx(1.0) and unlabelled_weight(0.9) == pytest.approx(1.0)
+
+
+def test_adamatch_losses_match_a_plain_recomputation():
+    from udaflow.methods.adamatch import adamatch_losses
+
+    torch.manual_seed(0)
+    s_w, s_s, t_w, t_s = (torch.randn(16, 5) * 3 for _ in range(4))
+    t_s.requires_grad_(True)
+    labels = torch.randint(5, (16,))
+    out = adamatch_losses(s_w, s_s, labels, t_w, t_s, tau=0.7)
+
+    assert float(out["cls"]) == pytest.approx(float((F.cross_entropy(s_w, labels) + F.cross_entropy(s_s, labels)) / 2), rel=1e-6)
+    p_s, p_t = s_w.softmax(1), t_w.softmax(1)
+    aligned = [p_t[i] * p_s.mean(0) / p_t.mean(0) for i in range(16)]
+    aligned = torch.stack([a / a.sum() for a in aligned])
+    threshold = 0.7 * p_s.max(1).values.mean()
+    terms = [F.cross_entropy(t_s[i : i + 1], aligned[i].argmax().view(1)) if aligned[i].max() >= threshold else torch.tensor(0.0) for i in range(16)]
+    assert float(out["unlabelled"]) == pytest.approx(float(sum(terms) / 16), rel=1e-5)
+    assert float(out["mask_rate"]) == pytest.approx(float((aligned.max(1).values >= threshold).float().mean()))
+    assert 0.0 < float(out["mask_rate"]) < 1.0  # the example exercises both sides of the threshold
+    out["unlabelled"].backward()  # gradient reaches the strong target view only (the weak views are inputs)
+    assert t_s.grad is not None and t_s.grad.abs().sum() > 0

@@ -1,4 +1,9 @@
-"""Batch transforms on tensors (no per-image PIL work: two CPU cores can't afford it)."""
+"""Batch transforms on tensors (no per-image PIL work: two CPU cores can't afford it).
+
+Three views of a batch: `weak` (a small shift: what pseudo-labels are read from), `default` (the
+training augmentation every method uses) and `strong` (default + cutout: what consistency and
+self-training methods such as adamatch fit to the weak view's pseudo-labels).
+"""
 
 from __future__ import annotations
 
@@ -20,14 +25,10 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 
     Randomness comes from `generator` (on CPU) so a seeded run draws the same augmentations.
     """
-    b, _, h, w = images.shape
+    b = images.shape[0]
     x = images.float() / 255.0
     if cfg.translate > 0:
-        t = cfg.translate
-        padded = F.pad(x, (t, t, t, t), mode="replicate")  # (B, 3, H+2t, W+2t)
-        dx = torch.randint(0, 2 * t + 1, (b,), generator=generator).tolist()
-        dy = torch.randint(0, 2 * t + 1, (b,), generator=generator).tolist()
-        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+        x = shift(x, cfg.translate, generator)
     if cfg.color:
         # random convex channel mix: covers grey<->colour and hue swaps between domains
         mix = torch.rand(b, 3, 3, generator=generator) + torch.eye(3) * 2.0
@@ -45,3 +46,40 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
         flip = (torch.rand(b, 1, 1, 1, generator=generator) < cfg.invert).float()
         x = flip * (1.0 - x) + (1.0 - flip) * x
     return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+VIEWS = ("weak", "default", "strong")
+
+
+def shift(images: torch.Tensor, translate: int, generator: torch.Generator) -> torch.Tensor:
+    """Random integer shift of up to `translate` px with replicated borders: (B, C, H, W) -> same."""
+    b, _, h, w = images.shape
+    t = translate
+    padded = F.pad(images.float(), (t, t, t, t), mode="replicate")  # (B, C, H+2t, W+2t)
+    dx = torch.randint(0, 2 * t + 1, (b,), generator=generator).tolist()
+    dy = torch.randint(0, 2 * t + 1, (b,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)]).to(images.dtype)
+
+
+def cutout(images: torch.Tensor, generator: torch.Generator, max_fraction: float = 0.5) -> torch.Tensor:
+    """Erase one random square per image (side up to max_fraction of the shorter side) with a random grey."""
+    b, _, h, w = images.shape
+    out = images.clone()
+    side = torch.randint(1, max(2, int(min(h, w) * max_fraction) + 1), (b,), generator=generator).tolist()
+    y0 = torch.randint(0, h, (b,), generator=generator).tolist()
+    x0 = torch.randint(0, w, (b,), generator=generator).tolist()
+    grey = torch.randint(0, 256, (b,), generator=generator).tolist()
+    for i in range(b):
+        out[i, :, max(0, y0[i] - side[i] // 2) : y0[i] + (side[i] + 1) // 2, max(0, x0[i] - side[i] // 2) : x0[i] + (side[i] + 1) // 2] = grey[i]
+    return out
+
+
+def augment_view(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, view: str = "default") -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> uint8 in one of VIEWS."""
+    if view == "default":
+        return augment(images, cfg, generator)
+    if view == "weak":
+        return shift(images, max(1, cfg.translate // 2), generator) if cfg.translate > 0 else images
+    if view == "strong":
+        return cutout(augment(images, cfg, generator), generator)
+    raise ValueError(f"unknown augmentation view '{view}' (known: {', '.join(VIEWS)})")

@@ -31,8 +31,9 @@ class StepContext:
     batch_size: int
     generator: torch.Generator  # CPU generator for any sampling a method does (seeded, checkpointed)
     device: torch.device
-    source_inputs: Callable[[torch.Tensor], torch.Tensor]  # indices -> augmented source images (B, 3, H, W)
-    target_inputs: Callable[[torch.Tensor], torch.Tensor]  # indices -> augmented target images
+    # (indices, view="default") -> augmented source images (B, 3, H, W); views: weak | default | strong
+    source_inputs: Callable[..., torch.Tensor]
+    target_inputs: Callable[..., torch.Tensor]  # same, over the unlabelled target set
     source_labels: torch.Tensor  # (Ns,) labels of the whole source set (source labels are allowed)
     # (model=None) -> features (Ns, D), logits (Ns, K), eval mode; `model` (e.g. an EMA teacher) defaults to the trained classifier
     embed_source: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -71,6 +72,10 @@ class Method(nn.Module):
         still recorded (validator study), never selected.
         """
         return 0
+
+    def images_per_step(self, batch_size: int, uses_target: bool) -> int:
+        """Images one optimisation step passes forward and backward (for images/s and FLOPs)."""
+        return batch_size * (2 if uses_target else 1)
 
     def refresh(self, classifier: Classifier, ctx: StepContext) -> None:
         """Recompute whatever the method derives from the whole data (e.g. pseudo-labels)."""

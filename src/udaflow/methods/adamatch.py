@@ -1,0 +1,96 @@
+"""adamatch: AdaMatch (Berthelot, Roelofs, Sohn, Carlini, Kurakin, "AdaMatch: A Unified Approach
+to Semi-Supervised Learning and Domain Adaptation", ICLR 2022).
+
+Each step draws B source and B target images, each in a weak and a strong view:
+
+    z'  = f([x_s^w, x_s^s, x_t^w, x_t^s])                 (4B, K) one batch: BN sees both domains
+    z'' = f([x_s^w, x_s^s])                               (2B, K) source alone
+    z_s = l * z'_s + (1 - l) * z''_s,  l ~ U(0, 1)^(2B, K)  random logit interpolation
+    p_s = softmax(z_s^w),  p_t = softmax(z'_t^w)           weak-view predictions, no gradient
+    p~_t = normalise(p_t * mean(p_s) / mean(p_t))          distribution alignment to the source class mix
+    c_tau = tau * mean_i max_k p_s[i, k]                   relative confidence threshold
+    y^_t = argmax p~_t,  m = [max p~_t >= c_tau]           pseudo-labels and their mask
+    L = (CE(z_s^w, y) + CE(z_s^s, y)) / 2 + mu(p) * mean(m * CE(z'_t^s, y^_t))
+    mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2                 ramps 0 -> 1 over the first half of training
+
+Example:
+    >>> p_s = torch.tensor([[0.9, 0.1], [0.8, 0.2]]); p_t = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+    >>> relative_threshold(p_s, 0.9)  # 0.9 * mean(0.9, 0.8) = 0.765
+    >>> distribution_alignment(p_t, p_s)  # rows rescaled by [0.85, 0.15] / [0.45, 0.55], renormalised
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from udaflow.methods import register_method
+from udaflow.methods.base import Method
+
+
+def distribution_alignment(target_probs: torch.Tensor, source_probs: torch.Tensor) -> torch.Tensor:
+    """(Bt, K) target probabilities re-weighted by mean(source) / mean(target) per class, rows renormalised."""
+    ratio = source_probs.mean(0) / target_probs.mean(0).clamp_min(1e-6)  # (K,)
+    aligned = target_probs * ratio  # (Bt, K)
+    return aligned / aligned.sum(1, keepdim=True)
+
+
+def relative_threshold(source_probs: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau x the mean top-1 confidence on the (weak) source batch: a scalar threshold for target pseudo-labels."""
+    return tau * source_probs.max(1).values.mean()
+
+
+def unlabelled_weight(progress: float) -> float:
+    """mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2: 0 at the start, 1 from half-way."""
+    return 0.5 - math.cos(min(math.pi, 2.0 * math.pi * progress)) / 2.0
+
+
+def adamatch_losses(
+    source_weak: torch.Tensor, source_strong: torch.Tensor, labels: torch.Tensor,
+    target_weak: torch.Tensor, target_strong: torch.Tensor, tau: float,
+) -> dict[str, torch.Tensor]:
+    """Logits (B, K) of the four views + source labels (B,) -> source CE, masked target CE, mask rate."""
+    cls = 0.5 * (F.cross_entropy(source_weak, labels) + F.cross_entropy(source_strong, labels))
+    with torch.no_grad():
+        p_s = F.softmax(source_weak.float(), dim=1)
+        p_t = distribution_alignment(F.softmax(target_weak.float(), dim=1), p_s)
+        confidence, pseudo_labels = p_t.max(1)  # (B,), (B,)
+        mask = (confidence >= relative_threshold(p_s, tau)).float()  # (B,)
+    unlabelled = (F.cross_entropy(target_strong, pseudo_labels, reduction="none") * mask).mean()
+    return {"cls": cls, "unlabelled": unlabelled, "mask_rate": mask.mean()}
+
+
+@dataclass
+class AdaMatchConfig:
+    tau: float = 0.9  # relative confidence threshold (x the source's mean top-1 confidence)
+    unlabelled_weight: float = 1.0  # weight of the target pseudo-label loss once ramped up
+    logit_interpolation: bool = True  # a second, source-only forward pass (BN statistics of each domain)
+
+
+@register_method("adamatch")
+class AdaMatch(Method):
+    Config = AdaMatchConfig
+    draws_own_batches = True  # four views of one draw, not the engine's one view per domain
+
+    def images_per_step(self, batch_size: int, uses_target: bool) -> int:
+        return batch_size * (6 if self.config.logit_interpolation else 4)
+
+    def forward(self, classifier, batch, ctx):
+        b = ctx.batch_size
+        s_idx = torch.randint(len(ctx.source_labels), (b,), generator=ctx.generator)
+        t_idx = torch.randint(ctx.num_target, (b,), generator=ctx.generator)
+        source = torch.cat([ctx.source_inputs(s_idx, "weak"), ctx.source_inputs(s_idx, "strong")])  # (2B, 3, H, W)
+        target = torch.cat([ctx.target_inputs(t_idx, "weak"), ctx.target_inputs(t_idx, "strong")])  # (2B, 3, H, W)
+        labels = ctx.source_labels[s_idx].to(ctx.device)
+        logits = classifier(torch.cat([source, target]))  # (4B, K)
+        source_logits, target_logits = logits[: 2 * b], logits[2 * b :]
+        if self.config.logit_interpolation:
+            alone = classifier(source)  # (2B, K)
+            mix = torch.rand(source_logits.shape, generator=ctx.generator).to(ctx.device)  # (2B, K)
+            source_logits = mix * source_logits + (1.0 - mix) * alone
+        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits.chunk(2), self.config.tau)
+        mu = self.config.unlabelled_weight * unlabelled_weight(ctx.progress)
+        return {"loss": losses["cls"] + mu * losses["unlabelled"], **losses}
