@@ -2,7 +2,7 @@
 
 The engine owns the optimiser (AdamW, no decay on norms and biases), the schedule (linear warm-up
 then cosine), AMP (bf16 autocast on CUDA), checkpoints (atomic, every N steps, resumable to the
-same bits on CPU), the label-free checkpoint selection and the progress bar. Methods only turn a
+same bits on CPU), the label-free checkpoint selection and the progress report. Methods only turn a
 batch into named losses.
 """
 
@@ -13,6 +13,7 @@ import math
 import os
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,9 +245,7 @@ def train(
     sums: dict[str, float] = {}
     count = 0
     seconds, images = 0.0, 0
-    progress = _progress(cfg.progress, description, steps, start)
-    with progress:
-        task = progress.add_task(description, total=steps, completed=start)
+    with ProgressReport(cfg.progress, description, steps, start) as progress:
         for step in range(start, steps):
             ctx = StepContext(
                 step=step, total_steps=steps, batch_size=cfg.batch_size, generator=generator, device=device,
@@ -280,7 +279,7 @@ def train(
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
             done = step + 1
-            progress.update(task, advance=1, description=f"{description} loss {float(losses['loss'].detach()):.3f}")
+            progress.update(done, float(losses["loss"].detach()))
             if done % cfg.eval_every == 0 or done == steps:
                 loss_history.append({"step": done, **{k: v / count for k, v in sums.items()}})
                 sums, count = {}, 0
@@ -314,14 +313,46 @@ def train(
         train_images=images,
         device=str(device),
         resumed_from=start,
+        extra={"selectable_from": selectable_from},
         checkpoint_states=kept,
     )
 
 
-def _progress(enabled: bool, description: str, total: int, completed: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+class ProgressReport:
+    """Training progress a person can follow: a rich bar on a terminal; in a log file or CI output
+    (stderr not a terminal) one plain line every `every` of the steps, with the loss and time left."""
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=True,
-    )
+    def __init__(self, enabled: bool, description: str, total: int, completed: int = 0, every: float = 0.05):
+        self.enabled, self.description, self.total, self.start = enabled, description, total, completed
+        self.terminal = enabled and sys.stderr.isatty()
+        self.step_lines = max(1, math.ceil(total * every))
+        self.t0 = time.perf_counter()
+        self.bar = None
+
+    def __enter__(self) -> "ProgressReport":
+        if self.terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task(self.description, total=self.total, completed=self.start)
+        elif self.enabled and self.start:
+            print(f"{self.description}: resumed at step {self.start}/{self.total}", file=sys.stderr, flush=True)
+        return self
+
+    def update(self, done: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, description=f"{self.description} loss {loss:.3f}")
+        elif self.enabled and (done % self.step_lines == 0 or done == self.total):
+            elapsed = time.perf_counter() - self.t0
+            left = elapsed / max(1, done - self.start) * (self.total - done)
+            print(
+                f"{self.description}: {done}/{self.total} steps ({100 * done / self.total:.0f}%), loss {loss:.3f}, "
+                f"{elapsed:.0f}s elapsed, ~{left:.0f}s left", file=sys.stderr, flush=True,
+            )
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)

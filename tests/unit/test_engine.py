@@ -207,3 +207,13 @@ def test_warmup_checkpoints_are_scored_but_never_selected(tiny_shift, make_train
     best = max(candidates, key=lambda h: h["entropy"])  # first maximum wins ties, like the engine
     assert result.selected_step == best["step"] > 10
     assert result.selected_by == "entropy"
+
+
+def test_progress_in_a_log_file_is_a_plain_line_every_five_percent(tiny_shift, make_train_config, capsys):
+    source, target, _ = tiny_shift
+    clf = build_classifier("udaflow_vit_micro", 3)
+    cfg = make_train_config(progress=True)
+    engine.train(clf, create_method("dann", clf), source, target, cfg, steps=40, lr=cfg.adapt_lr, seed=0, description="adapt dann")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adapt dann:")]
+    assert [line.split(":")[1].split()[0] for line in lines] == [f"{i}/40" for i in range(2, 41, 2)]
+    assert "(100%)" in lines[-1] and "loss" in lines[-1] and "left" in lines[-1]
