@@ -15,15 +15,21 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+
 from udaflow.config import Config
+from udaflow.costs import matmul_gflops, training_gflop_per_image
 from udaflow.data.datasets import load_oracle_data, load_shift
 from udaflow.experiment import adapt_to_target, evaluate_stage, pretrain_source, train_oracle
 from udaflow.methods import get_method_class
+from udaflow.validators import ensemble_agreement
 
 ROW_KEYS = (
     "shift", "method", "seed", "protocol", "target_acc", "target_acc_selected", "selected_by", "selected_step",
     "source_val_acc", "validators", "seconds", "train_images_per_s", "peak_rss_mb", "device",
-)  # plus, for every non-oracle method: best_checkpoint_target_acc and selection_loss (reported, never used)
+)  # plus training_cost's keys; for every non-oracle method: best_checkpoint_target_acc, selection_loss,
+# regret (per validator) and median_last5_target_acc (reported, never used to select)
 
 
 def parse_shifts(text: str) -> list[tuple[str, str]]:
@@ -45,9 +51,15 @@ def run_bench(
     out: Path | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_correlations: Callable[[dict[str, Any]], None] | None = None,
+    on_machine: Callable[[float], None] | None = None,
 ) -> list[dict[str, Any]]:
     for m in methods:
         get_method_class(m)  # unknown names fail before any training
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    machine_gflops = round(matmul_gflops(), 1)  # this machine's fp32 GEMM rate: speeds below are ratios of it
+    if on_machine:
+        on_machine(machine_gflops)
     rows: list[dict[str, Any]] = []
     correlations: dict[str, Any] = {}
     for source, target in shifts:
@@ -75,15 +87,17 @@ def run_bench(
                 row.update({k: metrics[k] for k in ROW_KEYS if k in metrics and k not in row})
                 if method == "source_only":
                     row["cached_pretraining"] = stage.cached
+                row.update(training_cost(run_cfg, stage, row["train_images_per_s"], machine_gflops))
                 if not get_method_class(method).uses_target_labels:
                     # the validator study: every kept checkpoint scored with target labels, AFTER training,
                     # to report how well each label-free score tracks accuracy. Never used to select.
-                    accs = checkpoint_accuracies(run_cfg, stage, data)
-                    study.extend({"method": method, "seed": run_cfg.seed, "target_acc": acc, **scores} for acc, scores in accs)
-                    if accs:
-                        best = max(acc for acc, _ in accs)
+                    checkpoints = checkpoint_study(run_cfg, stage, data)
+                    study.extend({"method": method, "seed": run_cfg.seed, **c["scores"], "target_acc": c["target_acc"]} for c in checkpoints)
+                    if checkpoints:
+                        best = max(c["target_acc"] for c in checkpoints)
                         row["best_checkpoint_target_acc"] = best  # reported, never used
                         row["selection_loss"] = round(best - metrics["target_acc_selected"], 2)
+                        row.update(selection_report(checkpoints))
                 if get_method_class(method).uses_target_labels:
                     row["protocol"] = "oracle: target-train labels, scored on target test"
                 rows.append(row)
@@ -91,7 +105,7 @@ def run_bench(
                     on_row(row)
                 if out is not None:
                     write_rows(rows, out)
-        correlations[f"{source}:{target}"] = validator_correlations(study)
+        correlations[f"{source}:{target}"] = {**validator_correlations(study), "regret": mean_regret(rows, f"{source}:{target}")}
         if out is not None:
             write_rows(correlations, Path(out).with_suffix(".validators.json"))
     if on_correlations:
@@ -99,21 +113,60 @@ def run_bench(
     return rows
 
 
-def checkpoint_accuracies(cfg: Config, stage, data) -> list[tuple[float, dict[str, float]]]:
-    """(target accuracy, validator scores) of every checkpoint the engine kept and scored."""
-    from udaflow.engine import evaluate, resolve_device
+def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float) -> dict[str, float]:
+    """Training FLOPs per image (forward + backward), the GFLOP/s that achieved, and its share of the GEMM rate."""
+    per_image = training_gflop_per_image(stage.classifier, cfg.data.image_size)
+    achieved = per_image * images_per_s
+    return {
+        "train_gflop_per_image": round(per_image, 4), "achieved_gflops": round(achieved, 1),
+        "matmul_gflops": machine_gflops, "matmul_fraction": round(achieved / machine_gflops, 3) if machine_gflops else None,
+    }
+
+
+def checkpoint_study(cfg: Config, stage, data) -> list[dict[str, Any]]:
+    """Every checkpoint the engine kept and scored: step, target accuracy (labels read here, after
+    training), its validator scores plus EnsV over the run's checkpoints, and whether the method
+    lets a validator select it (cdtrans's warm-up checkpoints are scored, never selected)."""
+    from udaflow.engine import accuracy, predict, resolve_device
 
     device = resolve_device(cfg.train.device)
     scores = {row["step"]: row for row in stage.train.validator_history}
-    out = []
+    selectable_from = stage.train.extra.get("selectable_from", 0)
+    out, pool_logits = [], []
     for step, state in stage.train.checkpoint_states:
         if step not in scores:
             continue
         stage.classifier.load_state_dict(state)
-        acc = evaluate(stage.classifier.to(device), data.target_eval, device)["acc"]
-        out.append((acc, {k: v for k, v in scores[step].items() if k != "step"}))
+        stage.classifier.to(device)
+        pool_logits.append(predict(stage.classifier, data.target_adapt.images, device)[1])  # label-free
+        acc = accuracy(predict(stage.classifier, data.target_eval.images, device)[1], data.target_eval.labels)
+        row_scores = {k: v for k, v in scores[step].items() if k != "step"}
+        out.append({"step": step, "target_acc": acc, "scores": row_scores, "selectable": step >= selectable_from})
+    for checkpoint, ensv in zip(out, ensemble_agreement(pool_logits)):
+        checkpoint["scores"]["ensv"] = ensv
     stage.classifier.load_state_dict(stage.train.last_state)
     return out
+
+
+def selection_report(checkpoints: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per validator, its regret: best-by-target accuracy minus the accuracy of the checkpoint it would
+    pick (reported, never used); and the median accuracy of the last five evaluations (the
+    protocol of AdaMatch's and other published tables)."""
+    selectable = [c for c in checkpoints if c["selectable"]] or checkpoints
+    best = max(c["target_acc"] for c in selectable)
+    regret = {}
+    for name in sorted(selectable[0]["scores"]):
+        picked = max(selectable, key=lambda c: c["scores"][name])
+        regret[name] = round(best - picked["target_acc"], 2)
+    last_five = sorted(checkpoints, key=lambda c: c["step"])[-5:]
+    return {"regret": regret, "median_last5_target_acc": round(float(np.median([c["target_acc"] for c in last_five])), 2)}
+
+
+def mean_regret(rows: list[dict[str, Any]], shift: str) -> dict[str, float]:
+    """Each validator's regret averaged over the shift's rows (methods and seeds)."""
+    regrets = [r["regret"] for r in rows if r["shift"] == shift and "regret" in r]
+    names = sorted({n for r in regrets for n in r})
+    return {n: round(float(np.mean([r[n] for r in regrets if n in r])), 2) for n in names}
 
 
 def validator_correlations(study: list[dict[str, Any]]) -> dict[str, Any]:

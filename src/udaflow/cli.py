@@ -466,17 +466,38 @@ def bench(
             console.print(
                 f"{row['shift']:>14} {row['method']:>12} seed {row['seed']}: target {_fmt(row.get('target_acc'))} "
                 f"(selected {_fmt(row.get('target_acc_selected'))}), source val {_fmt(row['source_val_acc'])}, "
-                f"{row['seconds']:.0f}s, {row['train_images_per_s']:.0f} img/s"
+                f"{row['seconds']:.0f}s, {row['train_images_per_s']:.0f} img/s, {row['achieved_gflops']:.0f} GFLOP/s "
+                f"({100 * (row['matmul_fraction'] or 0):.0f}% of matmul)"
             )
 
-        rows = run_bench(cfg, parse_shifts(shifts), method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations)
+        def machine(gflops: float) -> None:
+            console.print(f"machine: fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {torch_threads()} threads; speeds below are shares of it")
+
+        rows = run_bench(
+            cfg, parse_shifts(shifts), method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine,
+        )
         _print_bench_table(rows)
         console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f}s in all)")
     except _known_errors() as exc:
         _fail(exc)
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _print_correlations(correlations: dict) -> None:
+    regrets = sorted({n for c in correlations.values() for n in c.get("regret", {})})
+    if regrets:
+        table = Table(title="validators: regret = best-by-target minus the pick, mean over the shift's runs (reported, never used)")
+        table.add_column("shift")
+        for n in regrets:
+            table.add_column(n, justify="right")
+        for shift, c in correlations.items():
+            table.add_row(shift, *[_fmt(c.get("regret", {}).get(n)) for n in regrets])
+        console.print(table)
     names = sorted({n for c in correlations.values() for n in c.get("spearman", {})})
     table = Table(title="validators: Spearman correlation with target accuracy (all checkpoints, all methods)")
     table.add_column("shift")
@@ -490,12 +511,16 @@ def _print_correlations(correlations: dict) -> None:
 
 def _print_bench_table(rows: list[dict]) -> None:
     table = Table(title="udaflow bench")
-    for col in ("shift", "method", "seed", "target_acc", "target_acc_selected", "selected_by", "selection loss", "source_val_acc", "seconds", "img/s", "device"):
+    for col in (
+        "shift", "method", "seed", "target_acc", "target_acc_selected", "selected_by", "selection loss", "median last 5",
+        "source_val_acc", "seconds", "img/s", "GFLOP/s", "of matmul", "device",
+    ):
         table.add_column(col, justify="right" if col not in ("shift", "method", "selected_by") else "left")
     for r in rows:
         table.add_row(
             r["shift"], r["method"], str(r["seed"]), _fmt(r.get("target_acc")), _fmt(r.get("target_acc_selected")),
-            r["selected_by"], _fmt(r.get("selection_loss")), _fmt(r["source_val_acc"]), _fmt(r["seconds"]), _fmt(r["train_images_per_s"]), r["device"],
+            r["selected_by"], _fmt(r.get("selection_loss")), _fmt(r.get("median_last5_target_acc")), _fmt(r["source_val_acc"]),
+            _fmt(r["seconds"]), _fmt(r["train_images_per_s"]), _fmt(r.get("achieved_gflops")), _fmt(r.get("matmul_fraction")), r["device"],
         )
     console.print(table)
 

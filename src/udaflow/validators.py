@@ -118,3 +118,20 @@ def get_validator(name: str) -> Callable[[torch.Tensor], float] | None:
 
 def score_all(logits: torch.Tensor) -> dict[str, float]:
     return {name: fn(logits) for name, fn in VALIDATORS.items()}
+
+
+def ensemble_agreement(candidate_logits: list[torch.Tensor]) -> list[float]:
+    """EnsV (Hu et al., "Towards Reliable Model Selection for Unsupervised Domain Adaptation",
+    NeurIPS 2023): agreement (%) of each candidate's predictions with the ensemble of all candidates.
+
+        p_ens = mean_m softmax(z_m)           (N, K) over the M candidates' target-pool logits
+        EnsV_m = 100 * mean_n [argmax z_m[n] = argmax p_ens[n]]
+
+    A set-level score (each candidate is scored against the others), so it sits beside the
+    per-checkpoint VALIDATORS: the benchmark scores every kept checkpoint of a run with it.
+    """
+    if not candidate_logits:
+        return []
+    ensemble = torch.stack([F.softmax(z.float(), dim=1) for z in candidate_logits]).mean(0)  # (N, K)
+    consensus = ensemble.argmax(1)  # (N,)
+    return [float((z.argmax(1) == consensus).float().mean() * 100.0) for z in candidate_logits]

@@ -87,8 +87,17 @@ def test_build_ingest_run_bench(workspace: Path):
         if row["method"] != "oracle":  # the validator study: reported, never used
             assert row["best_checkpoint_target_acc"] >= row["target_acc_selected"]
             assert row["selection_loss"] == pytest.approx(row["best_checkpoint_target_acc"] - row["target_acc_selected"], abs=0.01)
+    for row in bench:
+        assert row["train_gflop_per_image"] > 0 and row["matmul_gflops"] > 0
+        assert row["achieved_gflops"] == pytest.approx(row["train_gflop_per_image"] * row["train_images_per_s"], rel=0.01, abs=0.05)
+        if row["method"] != "oracle":
+            assert set(row["regret"]) == {"entropy", "im", "snd", "bnm", "dev", "ensv"}
+            assert all(v >= 0 for v in row["regret"].values())  # nothing beats the best-by-target checkpoint
+            assert 0.0 <= row["median_last5_target_acc"] <= 100.0
     study = json.loads((ws / "bench.validators.json").read_text())["synth:fonts-b"]
-    assert study["checkpoints"] >= 6 and set(study["spearman"]) == {"entropy", "im", "snd", "bnm", "dev"}
+    assert study["checkpoints"] >= 6 and set(study["spearman"]) == {"entropy", "im", "snd", "bnm", "dev", "ensv"}
+    assert set(study["regret"]) == {"entropy", "im", "snd", "bnm", "dev", "ensv"}
+    assert "regret" in result.output and "GFLOP/s" in result.output
     assert "Spearman" in result.output
     assert bench[2]["train_images_per_s"] > 0
 

@@ -130,3 +130,15 @@ def test_dev_is_a_known_validator_that_needs_source_val():
     assert get_validator("dev") is None
     with pytest.raises(ValueError, match="unknown validator 'nope'.*dev"):
         get_validator("nope")
+
+
+def test_ensemble_agreement_on_known_inputs():
+    from udaflow.validators import ensemble_agreement
+
+    # three candidates on four samples, two classes; the ensemble follows the majority per sample
+    a = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [0.0, 5.0]])  # predicts 0 0 1 1
+    b = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])  # predicts 0 0 1 0
+    c = torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 5.0], [0.0, 5.0]])  # predicts 0 1 1 1
+    # mean softmax: sample 1 -> 0 (two of three), sample 3 -> 1 (two of three)
+    assert ensemble_agreement([a, b, c]) == pytest.approx([100.0, 75.0, 75.0])
+    assert ensemble_agreement([a]) == [100.0] and ensemble_agreement([]) == []
