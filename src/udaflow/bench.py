@@ -118,7 +118,7 @@ def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float
     per_image = training_gflop_per_image(stage.classifier, cfg.data.image_size)
     achieved = per_image * images_per_s
     return {
-        "train_gflop_per_image": round(per_image, 4), "achieved_gflops": round(achieved, 1),
+        "train_gflop_per_image": round(per_image, 6), "achieved_gflops": round(achieved, 1),
         "matmul_gflops": machine_gflops, "matmul_fraction": round(achieved / machine_gflops, 3) if machine_gflops else None,
     }
 
