@@ -187,6 +187,25 @@ def validator_correlations(study: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+SUMMARY_KEYS = ("target_acc", "target_acc_selected", "median_last5_target_acc", "seconds", "train_images_per_s", "achieved_gflops")
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds of each (shift, method) cell, in first-seen order."""
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["shift"], row["method"]), []).append(row)
+    out = []
+    for (shift, method), group in cells.items():
+        cell: dict[str, Any] = {"shift": shift, "method": method, "seeds": len(group)}
+        for key in SUMMARY_KEYS:
+            values = [r[key] for r in group if r.get(key) is not None]
+            if values:
+                cell[key] = {"mean": round(float(np.mean(values)), 2), "std": round(float(np.std(values, ddof=1)), 2) if len(values) > 1 else 0.0}
+        out.append(cell)
+    return out
+
+
 def write_rows(rows: list[dict[str, Any]] | dict[str, Any], out: Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -454,7 +454,7 @@ def bench(
 ) -> None:
     """Benchmark methods on shifts; prints a table and writes one JSON row per (shift, method, seed)."""
     try:
-        from udaflow.bench import parse_shifts, run_bench
+        from udaflow.bench import parse_shifts, run_bench, summarise
 
         if protocol not in ("transductive", "holdout"):
             raise ValueError(f"--protocol {protocol!r}: use transductive or holdout")
@@ -477,6 +477,8 @@ def bench(
             cfg, parse_shifts(shifts), method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine,
         )
         _print_bench_table(rows)
+        if seeds > 1:
+            _print_seed_summary(summarise(rows))
         console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f}s in all)")
     except _known_errors() as exc:
         _fail(exc)
@@ -522,6 +524,18 @@ def _print_bench_table(rows: list[dict]) -> None:
             r["selected_by"], _fmt(r.get("selection_loss")), _fmt(r.get("median_last5_target_acc")), _fmt(r["source_val_acc"]),
             _fmt(r["seconds"]), _fmt(r["train_images_per_s"]), _fmt(r.get("achieved_gflops")), _fmt(r.get("matmul_fraction")), r["device"],
         )
+    console.print(table)
+
+
+def _print_seed_summary(cells: list[dict]) -> None:
+    from udaflow.bench import SUMMARY_KEYS
+
+    table = Table(title="udaflow bench: mean ± std over seeds")
+    for col in ("shift", "method", "seeds", *SUMMARY_KEYS):
+        table.add_column(col, justify="left" if col in ("shift", "method") else "right")
+    for c in cells:
+        values = [f"{c[k]['mean']:.2f} ± {c[k]['std']:.2f}" if k in c else "-" for k in SUMMARY_KEYS]
+        table.add_row(c["shift"], c["method"], str(c["seeds"]), *values)
     console.print(table)
 
 
