@@ -10,6 +10,7 @@ any other model and every timm helper (pooling, reset_classifier, checkpoint loa
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -23,6 +24,9 @@ class BackboneError(ValueError):
     """Unknown backbone name or unusable weights; the message says what to do."""
 
 
+INPUT_NORMS = ("none", "image", "channel")
+
+
 class ConvStem(nn.Module):
     """Conv stem: (B, C, H, W) -> (B, (H/p) * (W/p), D) tokens, p = patch_size (4 or 8).
 
@@ -30,8 +34,11 @@ class ConvStem(nn.Module):
     Signature matches timm's PatchEmbed so VisionTransformer(embed_layer=ConvStem) works.
     """
 
-    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=128, bias=True, dynamic_img_pad=False, **_):
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=128, bias=True, dynamic_img_pad=False, input_norm="none", **_):
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise BackboneError(f"model.backbone_args.input_norm: '{input_norm}' is not one of {', '.join(INPUT_NORMS)}")
+        self.input_norm = input_norm
         img_size = img_size if isinstance(img_size, int) else img_size[0]
         patch_size = patch_size if isinstance(patch_size, int) else patch_size[0]
         if patch_size not in (2, 4, 8):
@@ -52,6 +59,10 @@ class ConvStem(nn.Module):
         return self.patch_size[0] if as_scalar else self.patch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm != "none":
+            # per-image standardisation: removes each image's brightness/contrast ("image") or its colour cast too ("channel")
+            dims = (1, 2, 3) if self.input_norm == "image" else (2, 3)
+            x = (x - x.mean(dims, keepdim=True)) / (x.std(dims, keepdim=True) + 1e-3)
         x = self.stem(x)  # (B, D, h, w)
         return x.flatten(2).transpose(1, 2)  # (B, h*w, D)
 
@@ -65,9 +76,8 @@ def _hybrid_vit(embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionT
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
-    return VisionTransformer(
-        embed_dim=embed_dim, depth=depth, num_heads=num_heads, embed_layer=ConvStem, **kwargs
-    )
+    stem = partial(ConvStem, input_norm=kwargs.pop("input_norm", "none"))
+    return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, embed_layer=stem, **kwargs)
 
 
 @register_model
