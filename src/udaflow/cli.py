@@ -194,7 +194,9 @@ def run(
             _record_pipeline_outputs()
         _print_run_summary(cfg, result)
     except _known_errors() as exc:
-        _fail(exc, "domains come from `udaflow data build` or `udaflow data ingest`; keys and defaults are in params.yaml")
+        from udaflow.config import ConfigError
+
+        _fail(exc, "keys and defaults are in params.yaml" if isinstance(exc, ConfigError) else None)
 
 
 def _quiet_prefect() -> None:

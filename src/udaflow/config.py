@@ -58,7 +58,8 @@ class TrainConfig(_Strict):
     deterministic: bool = True  # torch deterministic algorithms + fixed seeds (CPU runs are bit-identical)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
-    progress: bool = True  # rich progress bar
+    progress: bool = True  # progress: a bar on a terminal, a line every 5% in a log file
+    rotation_weight: float = Field(0.0, ge=0)  # adaptation only: self-supervised rotation prediction on target images (0 = off)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 

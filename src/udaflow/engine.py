@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from udaflow.auxiliary import RotationHead, rotation_loss
 from udaflow.config import TrainConfig
 from udaflow.data.datasets import LabelledImages, UnlabelledImages
 from udaflow.data.transforms import augment_view, to_input
@@ -168,6 +169,7 @@ def train(
     description: str = "train",
     source_val: LabelledImages | None = None,
     keep_checkpoints: bool = False,
+    auxiliary: bool = False,
 ) -> TrainResult:
     """Run `steps` optimisation steps of `method` on labelled `source` and unlabelled `target`.
 
@@ -175,7 +177,8 @@ def train(
     `cfg.eval_every` steps, among checkpoints from `method.selection_start(steps)` on). Resumes
     from `checkpoint_path` when it holds a checkpoint. `source_val` (labelled source held out from
     training) adds the DEV score. `keep_checkpoints` keeps every evaluated state, for the
-    benchmark's validator study (reported, never selected on).
+    benchmark's validator study (reported, never selected on). `auxiliary` (adaptation) adds the
+    self-supervised task `cfg.rotation_weight` switches on.
     """
     get_validator(validator)  # fail before training on an unknown name
     if validator in SOURCE_AWARE and source_val is None:
@@ -184,7 +187,11 @@ def train(
     seed_everything(seed, cfg.deterministic, cfg.num_threads)
     classifier.to(device).train()
     method.to(device).train()
-    optimiser = torch.optim.AdamW(_param_groups([classifier, method], cfg.weight_decay), lr=lr, betas=(0.9, 0.999))
+    # the self-supervised auxiliary task (auxiliary.py), for adaptation on a target: never in pretraining,
+    # whose cached source model must not depend on the target
+    rotation = RotationHead(classifier.num_features).to(device) if auxiliary and cfg.rotation_weight > 0 and target is not None else None
+    trained = [classifier, method, *([rotation] if rotation is not None else [])]
+    optimiser = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg.warmup_steps, steps))
     generator = torch.Generator().manual_seed(seed)
     use_target = target is not None and (method.uses_target or method.draws_own_batches)
@@ -212,6 +219,8 @@ def train(
         classifier.load_state_dict(ckpt["classifier"])
         method.load_state_dict(ckpt["method"])
         method.load_extra_state(ckpt["method_extra"])
+        if rotation is not None:
+            rotation.load_state_dict(ckpt["rotation"])
         optimiser.load_state_dict(ckpt["optimiser"])
         scheduler.load_state_dict(ckpt["scheduler"])
         generator.set_state(ckpt["generator"])
@@ -229,6 +238,7 @@ def train(
                 "classifier": classifier.state_dict(),
                 "method": method.state_dict(),
                 "method_extra": method.extra_state(),
+                **({"rotation": rotation.state_dict()} if rotation is not None else {}),
                 "optimiser": optimiser.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(),
@@ -266,6 +276,10 @@ def train(
                 batch = Batch(source_inputs(s_idx), source_labels[s_idx].to(device), x_t, t_idx)
             with _autocast(device, cfg.amp):
                 losses = method(classifier, batch, ctx)
+                if rotation is not None:
+                    t_rot = target_inputs(torch.randint(len(target), (cfg.batch_size,), generator=generator), "weak")
+                    rot = rotation_loss(classifier, rotation, t_rot, generator)
+                    losses = {**losses, "loss": losses["loss"] + cfg.rotation_weight * rot, "rotation": rot}
             optimiser.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_([p for g in optimiser.param_groups for p in g["params"]], cfg.grad_clip)
@@ -274,7 +288,7 @@ def train(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0
-            images += method.images_per_step(cfg.batch_size, use_target)
+            images += method.images_per_step(cfg.batch_size, use_target) + (cfg.batch_size if rotation is not None else 0)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1

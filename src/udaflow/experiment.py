@@ -136,7 +136,7 @@ def adapt_to_target(
         classifier, method, source_train, target_adapt, cfg.train,
         steps=method.adapt_steps(cfg.train.adapt_steps), lr=cfg.train.adapt_lr, seed=cfg.seed + 1, validator=cfg.validator,
         checkpoint_path=checkpoint_path, description=f"adapt {method_name}",
-        source_val=source_val, keep_checkpoints=keep_checkpoints,
+        source_val=source_val, keep_checkpoints=keep_checkpoints, auxiliary=True,
     )
     return StageResult(classifier, result, time.perf_counter() - t0)
 

@@ -217,3 +217,48 @@ def test_progress_in_a_log_file_is_a_plain_line_every_five_percent(tiny_shift, m
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("adapt dann:")]
     assert [line.split(":")[1].split()[0] for line in lines] == [f"{i}/40" for i in range(2, 41, 2)]
     assert "(100%)" in lines[-1] and "loss" in lines[-1] and "left" in lines[-1]
+
+
+def test_rotate_quarters_by_hand():
+    from udaflow.auxiliary import rotate_quarters
+
+    x = torch.arange(4.0).reshape(1, 1, 2, 2).repeat(4, 1, 1, 1)  # [[0, 1], [2, 3]]
+    out = rotate_quarters(x, torch.tensor([0, 1, 2, 3]))
+    assert out[0, 0].tolist() == [[0, 1], [2, 3]]
+    assert out[1, 0].tolist() == [[1, 3], [0, 2]]  # 90 degrees counter-clockwise
+    assert out[2, 0].tolist() == [[3, 2], [1, 0]]
+    assert out[3, 0].tolist() == [[2, 0], [3, 1]]
+
+
+def test_rotation_task_switches_on_for_adaptation_only(tiny_shift, make_train_config, tmp_path):
+    source, target, _ = tiny_shift
+
+    def run(weight, auxiliary=True, checkpoint=None, steps=20):
+        torch.manual_seed(0)
+        clf = build_classifier("udaflow_vit_micro", 3)
+        cfg = make_train_config(rotation_weight=weight)
+        return engine.train(clf, create_method("dann", clf), source, target, cfg, steps=steps, lr=cfg.adapt_lr, seed=0,
+                            auxiliary=auxiliary, checkpoint_path=checkpoint)
+
+    off, on = run(0.0), run(0.5)
+    assert "rotation" not in off.loss_history[0] and "rotation" in on.loss_history[-1]
+    assert 0.0 < on.loss_history[-1]["rotation"] < 3.0
+    assert on.train_images == off.train_images * 3 // 2  # B extra target images a step
+    changed = [k for k in off.last_state if not torch.equal(off.last_state[k], on.last_state[k])]
+    assert changed  # the auxiliary gradient reaches the shared features
+    # pretraining (auxiliary=False) ignores the weight: bit-identical to the task switched off
+    plain = run(0.5, auxiliary=False)
+    assert all(torch.equal(plain.last_state[k], off.last_state[k]) for k in off.last_state)
+    # the rotation head is part of the checkpoint: killed in step 16 and resumed, it ends where an uninterrupted run does
+    cfg = make_train_config(rotation_weight=0.5, checkpoint_every=10)
+    ckpt = tmp_path / "ckpt.pt"
+    for kill_at_call in (16, None):
+        clf, method = _fresh("dann", None, kill_at_call)
+        try:
+            resumed = engine.train(clf, method, source, target, cfg, steps=20, lr=cfg.adapt_lr, seed=0, auxiliary=True, checkpoint_path=ckpt)
+        except Killed:
+            assert torch.load(ckpt, weights_only=False)["step"] == 10
+    clf, method = _fresh("dann", None)
+    uninterrupted = engine.train(clf, method, source, target, cfg, steps=20, lr=cfg.adapt_lr, seed=0, auxiliary=True)
+    assert resumed.resumed_from == 10 and resumed.loss_history == uninterrupted.loss_history
+    assert all(torch.equal(resumed.last_state[k], uninterrupted.last_state[k]) for k in uninterrupted.last_state)
