@@ -392,3 +392,70 @@ def test_adamatch_losses_match_a_plain_recomputation():
     assert 0.0 < float(out["mask_rate"]) < 1.0  # the example exercises both sides of the threshold
     out["unlabelled"].backward()  # gradient reaches the strong target view only (the weak views are inputs)
     assert t_s.grad is not None and t_s.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ ssrt
+def test_masked_kl_matches_a_loop():
+    from udaflow.methods.ssrt import masked_kl
+
+    torch.manual_seed(0)
+    p_logits, q_logits = torch.randn(12, 5) * 2, torch.randn(12, 5) * 2
+    terms, kept = 0.0, 0
+    for i in range(12):
+        p, q = p_logits[i].softmax(0), q_logits[i].softmax(0)
+        if p.max() > 0.4:
+            terms += float((p * (p.log() - q.log())).sum())
+            kept += 1
+    assert 0 < kept < 12
+    assert float(masked_kl(p_logits, q_logits, 0.4)) == pytest.approx(terms / kept, rel=1e-5)
+
+
+def test_perturbed_tokens_with_zero_strength_give_the_clean_features():
+    from udaflow.methods.ssrt import perturbed_features
+
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3).eval()
+    x_s, x_t = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    f_s, f_t, f_p = perturbed_features(clf.backbone, x_s, x_t, layer=1, alpha=0.0)
+    plain = clf.backbone(torch.cat([x_s, x_t]))
+    assert torch.allclose(torch.cat([f_s, f_t]), plain, atol=1e-5) and torch.allclose(f_p, f_t, atol=1e-5)
+    _, _, moved = perturbed_features(clf.backbone, x_s, x_t, layer=1, alpha=0.5)
+    assert not torch.allclose(moved, f_t, atol=1e-3)
+
+
+def test_diversity_drop_detection_by_hand():
+    from udaflow.methods.ssrt import diversity_dropped
+
+    assert not diversity_dropped([10, 10, 9, 10], None, levels=1)
+    assert diversity_dropped([10, 10, 2, 2], None, levels=1)  # halves: 10 -> 2
+    assert not diversity_dropped([10, 9, 9, 10], [10, 10], levels=2)
+    assert diversity_dropped([7, 7, 7, 7], [10, 10], levels=0)  # against the previous period's end
+
+
+def test_safe_training_rolls_back_a_collapse_and_ramps_in_again():
+    clf = build_classifier("udaflow_vit_micro", 3)
+    method = methods.create_method("ssrt", clf, {"period": 10, "levels": 1})
+    diverse = torch.eye(3).repeat(4, 1)  # (12, 3): three classes predicted
+    collapsed = torch.zeros(12, 3)
+    collapsed[:, 0] = 1.0  # one class predicted for every image
+    for step in range(10):
+        method._guard(clf, step)
+        method._watch(diverse, step)
+    assert not method.safety["restore"] and method.safety["previous"] == [3.0] * 10
+    for step in range(10, 20):
+        method._guard(clf, step)  # snapshot at step 10
+        if step == 10:
+            at_snapshot = {k: v.clone() for k, v in clf.state_dict().items()}
+        with torch.no_grad():
+            clf.head.weight.add_(1.0)  # training moves on ...
+        method._watch(collapsed, step)  # ... and the predictions collapse
+    assert method.safety["restore"] and method.safety["ramp_start"] == 20
+    method._guard(clf, 20)  # the next step rolls back
+    assert method.safety["rollbacks"] == 1
+    assert all(torch.equal(clf.state_dict()[k], at_snapshot[k]) for k in at_snapshot)
+    assert method.ramp(20) == 0.0 and method.ramp(25) == pytest.approx(math.sin(math.pi / 4))
+    # a second collapse within one period of the rollback: the ramp period doubles
+    for step in range(20, 30):
+        method._guard(clf, step)
+        method._watch(diverse if step < 25 else collapsed, step)
+    assert method.safety["restore"] and method.safety["period"] == 20

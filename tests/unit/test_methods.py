@@ -16,7 +16,7 @@ ALL_METHODS = list_methods()
 
 
 def test_builtin_methods_are_registered():
-    assert ALL_METHODS == sorted(["source_only", "oracle", "dann", "cdan", "mcc", "cdtrans", "adamatch"])
+    assert ALL_METHODS == sorted(["source_only", "oracle", "dann", "cdan", "mcc", "cdtrans", "adamatch", "ssrt"])
     for name in ALL_METHODS:
         cls = get_method_class(name)
         assert issubclass(cls, Method) and cls.name == name
@@ -116,11 +116,11 @@ def test_method_options_are_applied():
     assert d.discriminator[0].out_features == 8
 
 
-def test_only_dann_and_cdan_own_parameters():
+def test_only_adversarial_methods_own_parameters():
     clf = build_classifier("udaflow_vit_micro", 3)
     for name in ALL_METHODS:
         n = sum(p.numel() for p in create_method(name, clf).parameters())
-        assert (n > 0) == (name in ("dann", "cdan")), name
+        assert (n > 0) == (name in ("dann", "cdan", "ssrt")), name  # their domain discriminators
     cdan = create_method("cdan", clf)
     assert cdan.discriminator[0].in_features == clf.num_features * clf.num_classes
 

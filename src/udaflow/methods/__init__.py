@@ -13,7 +13,7 @@ from udaflow.methods.base import Batch, Method, StepContext, config_from_dict
 from udaflow.models.heads import Classifier
 
 _REGISTRY: dict[str, type[Method]] = {}
-_BUILTIN = ("source_only", "oracle", "dann", "cdan", "mcc", "cdtrans", "adamatch")
+_BUILTIN = ("source_only", "oracle", "dann", "cdan", "mcc", "cdtrans", "adamatch", "ssrt")
 
 
 class UnknownMethodError(ValueError):

@@ -96,11 +96,15 @@ def config_from_dict(cls: type, values: dict[str, Any], where: str):
     from udaflow.config import ConfigError
 
     known = {f.name: f for f in dataclasses.fields(cls)}
+    values = dict(values)
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(known)})")
         expected = type(known[key].default)
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if expected is tuple and isinstance(value, list):  # YAML has lists only
+            values[key] = tuple(value)
             continue
         if not isinstance(value, expected):
             raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
