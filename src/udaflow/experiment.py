@@ -32,7 +32,7 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
 
 def source_params(cfg: Config, num_classes: int) -> dict:
     """Every parameter the source model depends on (not the adaptation ones)."""
-    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "progress", "device", "num_threads", "eval_every", "checkpoint_every", "amp"})
+    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "progress", "device", "num_threads", "eval_every", "checkpoint_every", "amp"})
     return {
         "model": cfg.model.model_dump(mode="json"),
         "train": train_cfg,
