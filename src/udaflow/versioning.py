@@ -50,6 +50,12 @@ def find_root(start: Path) -> Path | None:
     return None
 
 
+def _locate(path: Path, root: Path | None) -> tuple[Path, Path | None]:
+    """`path` resolved, and the DVC project it is in (`root` when given)."""
+    path = Path(path).resolve()
+    return path, (Path(root).resolve() if root else find_root(path))
+
+
 @contextmanager
 def _repo(root: Path):
     from dvc.repo import Repo
@@ -110,8 +116,7 @@ def _check_pointer_visible(repo, path: Path) -> None:
 
 def tracked_by(path: Path, root: Path | None = None) -> str | None:
     """What records `path` in DVC: 'build@mnist' (a dvc.yaml stage), 'data/raw/x.dvc' (a pointer), or None."""
-    path = Path(path).resolve()
-    root = Path(root).resolve() if root else find_root(path)
+    path, root = _locate(path, root)
     if root is None:
         return None
     with _repo(root) as repo:
@@ -132,8 +137,7 @@ def committed_in_git(pointer: str, md5: str, root: Path) -> bool:
 
 def version_dataset(path: Path, root: Path | None = None, push: bool = True) -> DatasetVersion:
     """Commit `path` to the DVC cache (new content only), record its hash, push to the default remote."""
-    path = Path(path).resolve()
-    root = Path(root).resolve() if root else find_root(path)
+    path, root = _locate(path, root)
     if root is None:
         raise VersioningError(f"{path}: not inside a DVC project; run `dvc init` (or `make setup`) at the repository root")
     if not path.is_dir():
@@ -189,8 +193,7 @@ def rollback_on_failure(path: Path, root: Path | None = None):
     block added are removed). On success the moved-aside folder is deleted; its content stays in
     the DVC cache and remote under its old hash.
     """
-    path = Path(path).resolve()
-    root = Path(root).resolve() if root else find_root(path)
+    path, root = _locate(path, root)
     if root is None:
         raise VersioningError(f"{path}: not inside a DVC project; run `dvc init` (or `make setup`) at the repository root")
     backup = path.with_name(f".{path.name}.previous")
@@ -231,8 +234,7 @@ def rollback_on_failure(path: Path, root: Path | None = None):
 
 def dataset_version(path: Path, root: Path | None = None) -> DatasetVersion | None:
     """The recorded version of `path` if its folder matches it now; None when untracked or modified."""
-    path = Path(path).resolve()
-    root = Path(root).resolve() if root else find_root(path)
+    path, root = _locate(path, root)
     if root is None:
         return None
     with _repo(root) as repo:
