@@ -353,8 +353,13 @@ class ProgressReport:
             self.bar.__enter__()
             self.task = self.bar.add_task(self.description, total=self.total, completed=self.start)
         elif self.enabled and self.start:
-            print(f"{self.description}: resumed at step {self.start}/{self.total}", file=sys.stderr, flush=True)
+            self._line(f"resumed at step {self.start}/{self.total}")
         return self
+
+    def _line(self, text: str) -> None:
+        # written, not print()ed: a Prefect flow with log_prints routes print() to its (quietened) logger
+        sys.stderr.write(f"{self.description}: {text}\n")
+        sys.stderr.flush()
 
     def update(self, done: int, loss: float) -> None:
         if self.bar is not None:
@@ -362,10 +367,7 @@ class ProgressReport:
         elif self.enabled and (done % self.step_lines == 0 or done == self.total):
             elapsed = time.perf_counter() - self.t0
             left = elapsed / max(1, done - self.start) * (self.total - done)
-            print(
-                f"{self.description}: {done}/{self.total} steps ({100 * done / self.total:.0f}%), loss {loss:.3f}, "
-                f"{elapsed:.0f}s elapsed, ~{left:.0f}s left", file=sys.stderr, flush=True,
-            )
+            self._line(f"{done}/{self.total} steps ({100 * done / self.total:.0f}%), loss {loss:.3f}, {elapsed:.0f}s elapsed, ~{left:.0f}s left")
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

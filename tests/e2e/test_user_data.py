@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 SMALL = [
     "--set", "model.backbone=udaflow_vit_micro", "--set", "train.pretrain_steps=30", "--set", "train.adapt_steps=12",
     "--set", "train.eval_every=6", "--set", "train.checkpoint_every=6", "--set", "train.warmup_steps=3",
-    "--set", "train.batch_size=16", "--set", "train.num_threads=1", "--set", "train.progress=false",
+    "--set", "train.batch_size=16", "--set", "train.num_threads=1",
 ]
 
 
@@ -96,6 +96,8 @@ def test_bring_your_own_data_in_a_fresh_clone(clone: Path, env: dict, user_folde
     out = udaflow(clone, env, "run", "--source", "my-digits", "--target", "my-camera", "--method", "dann", *SMALL)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "udaflow-my-digits-to-my-camera v1 @challenger" in out.stdout
+    # progress a person can follow in a log: plain lines, through Prefect's print capture
+    assert "pretrain my-digits: 30/30 steps (100%)" in out.stderr and "adapt dann: 12/12 steps (100%)" in out.stderr
     run_id = re.search(r"MLflow run id\W+([0-9a-f]{32})", out.stdout).group(1)
     # a run with --set is not what dvc.yaml describes: dvc.lock stays as committed
     assert git_status(clone) == ["?? data/raw/my-camera.dvc", "?? data/raw/my-digits.dvc"]
