@@ -51,7 +51,7 @@ def run_bench(
     out: Path | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_correlations: Callable[[dict[str, Any]], None] | None = None,
-    on_machine: Callable[[float], None] | None = None,
+    on_machine: Callable[[float, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     for m in methods:
         get_method_class(m)  # unknown names fail before any training
@@ -59,7 +59,7 @@ def run_bench(
         torch.set_num_threads(cfg.train.num_threads)
     machine_gflops = round(matmul_gflops(), 1)  # this machine's fp32 GEMM rate: speeds below are ratios of it
     if on_machine:
-        on_machine(machine_gflops)
+        on_machine(machine_gflops, torch.get_num_threads())
     rows: list[dict[str, Any]] = []
     correlations: dict[str, Any] = {}
     for source, target in shifts:

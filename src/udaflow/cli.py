@@ -472,8 +472,8 @@ def bench(
                 f"({100 * (row['matmul_fraction'] or 0):.0f}% of matmul)"
             )
 
-        def machine(gflops: float) -> None:
-            console.print(f"machine: fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {torch_threads()} threads; speeds below are shares of it")
+        def machine(gflops: float, threads: int) -> None:
+            console.print(f"machine: fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {threads} threads; speeds below are shares of it")
 
         rows = run_bench(
             cfg, parse_shifts(shifts), method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine,
@@ -484,12 +484,6 @@ def bench(
         console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f}s in all)")
     except _known_errors() as exc:
         _fail(exc)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def _print_correlations(correlations: dict) -> None:
