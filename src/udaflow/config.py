@@ -41,6 +41,15 @@ class AugmentConfig(_Strict):
     translate: int = Field(3, ge=0)  # random shift in pixels (pad + crop)
     color: bool = True  # random brightness/contrast/channel mix per image
     invert: float = Field(0.5, ge=0, le=1)  # probability of inverting an image
+    rotate: float = Field(0.0, ge=0, le=180)  # random rotation up to +-degrees (0 with scale 0: integer shift only)
+    scale: float = Field(0.0, ge=0, lt=1)  # random zoom in [1 - scale, 1 + scale]
+
+
+class PseudoLabelConfig(_Strict):
+    """Denoising shared by the methods that train on their own target predictions (pseudo_labels.py)."""
+
+    balance: bool = False  # class-balanced thresholds (FlexMatch-style learning status per class)
+    agreement: bool = False  # keep a pseudo-label only when a second view / teacher agrees
 
 
 class TrainConfig(_Strict):
@@ -61,6 +70,7 @@ class TrainConfig(_Strict):
     progress: bool = True  # progress: a bar on a terminal, a line every 5% in a log file
     rotation_weight: float = Field(0.0, ge=0)  # adaptation only: self-supervised rotation prediction on target images (0 = off)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)  # adaptation only
 
 
 class BenchConfig(_Strict):

@@ -32,7 +32,7 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
 
 def source_params(cfg: Config, num_classes: int) -> dict:
     """Every parameter the source model depends on (not the adaptation ones)."""
-    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "progress", "device", "num_threads", "eval_every", "checkpoint_every", "amp"})
+    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "pseudo_labels", "progress", "device", "num_threads", "eval_every", "checkpoint_every", "amp"})
     return {
         "model": cfg.model.model_dump(mode="json"),
         "train": train_cfg,
@@ -130,7 +130,7 @@ def adapt_to_target(
     seed_everything(cfg.seed + 1, cfg.train.deterministic, cfg.train.num_threads)  # the method's own modules too
     classifier = new_classifier(cfg, len(source_train.classes))
     classifier.load_state_dict(source_model.train.last_state)
-    method = create_method(method_name, classifier, cfg.methods.get(method_name))
+    method = create_method(method_name, classifier, cfg.methods.get(method_name), cfg.train.pseudo_labels.model_dump())
     t0 = time.perf_counter()
     result = train(
         classifier, method, source_train, target_adapt, cfg.train,

@@ -27,7 +27,9 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
     """
     b = images.shape[0]
     x = images.float() / 255.0
-    if cfg.translate > 0:
+    if cfg.rotate > 0 or cfg.scale > 0:
+        x = affine(x, cfg.translate, cfg.rotate, cfg.scale, generator)
+    elif cfg.translate > 0:
         x = shift(x, cfg.translate, generator)
     if cfg.color:
         # random convex channel mix: covers grey<->colour and hue swaps between domains
@@ -56,22 +58,39 @@ def shift(images: torch.Tensor, translate: int, generator: torch.Generator) -> t
     b, _, h, w = images.shape
     t = translate
     padded = F.pad(images.float(), (t, t, t, t), mode="replicate")  # (B, C, H+2t, W+2t)
-    dx = torch.randint(0, 2 * t + 1, (b,), generator=generator).tolist()
-    dy = torch.randint(0, 2 * t + 1, (b,), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)]).to(images.dtype)
+    dx = torch.randint(0, 2 * t + 1, (b,), generator=generator)
+    dy = torch.randint(0, 2 * t + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # (B, H, W, C): one gather, no per-image loop
+    return out.permute(0, 3, 1, 2).contiguous().to(images.dtype)
+
+
+def affine(images: torch.Tensor, translate: float, rotate: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation (+-rotate degrees), zoom (1 +- scale) and shift (+-translate px), one batched
+    grid_sample with replicated borders: (B, C, H, W) float -> same."""
+    b, _, h, w = images.shape
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * rotate * torch.pi / 180  # (B,)
+    zoom = 1 + (torch.rand(b, generator=generator) * 2 - 1) * scale  # (B,)
+    move = (torch.rand(b, 2, generator=generator) * 2 - 1) * translate * 2 / torch.tensor([w, h])  # (B, 2) in [-1, 1] units
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def cutout(images: torch.Tensor, generator: torch.Generator, max_fraction: float = 0.5) -> torch.Tensor:
     """Erase one random square per image (side up to max_fraction of the shorter side) with a random grey."""
     b, _, h, w = images.shape
-    out = images.clone()
-    side = torch.randint(1, max(2, int(min(h, w) * max_fraction) + 1), (b,), generator=generator).tolist()
-    y0 = torch.randint(0, h, (b,), generator=generator).tolist()
-    x0 = torch.randint(0, w, (b,), generator=generator).tolist()
-    grey = torch.randint(0, 256, (b,), generator=generator).tolist()
-    for i in range(b):
-        out[i, :, max(0, y0[i] - side[i] // 2) : y0[i] + (side[i] + 1) // 2, max(0, x0[i] - side[i] // 2) : x0[i] + (side[i] + 1) // 2] = grey[i]
-    return out
+    side = torch.randint(1, max(2, int(min(h, w) * max_fraction) + 1), (b,), generator=generator)
+    y0 = torch.randint(0, h, (b,), generator=generator)
+    x0 = torch.randint(0, w, (b,), generator=generator)
+    grey = torch.randint(0, 256, (b,), generator=generator)
+    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]  # (1, H), (1, W)
+    in_y = (ys >= (y0 - side // 2)[:, None]) & (ys < (y0 + (side + 1) // 2)[:, None])  # (B, H)
+    in_x = (xs >= (x0 - side // 2)[:, None]) & (xs < (x0 + (side + 1) // 2)[:, None])  # (B, W)
+    box = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
+    return torch.where(box, grey.to(images.dtype)[:, None, None, None], images)
 
 
 def augment_view(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, view: str = "default") -> torch.Tensor:

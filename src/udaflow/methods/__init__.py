@@ -11,6 +11,7 @@ from typing import Any
 
 from udaflow.methods.base import Batch, Method, StepContext, config_from_dict
 from udaflow.models.heads import Classifier
+from udaflow.pseudo_labels import PseudoLabelFilter
 
 _REGISTRY: dict[str, type[Method]] = {}
 _BUILTIN = ("source_only", "oracle", "dann", "cdan", "mcc", "cdtrans", "adamatch", "ssrt")
@@ -48,10 +49,16 @@ def get_method_class(name: str) -> type[Method]:
     return _REGISTRY[name]
 
 
-def create_method(name: str, classifier: Classifier, options: dict[str, Any] | None = None) -> Method:
+def create_method(name: str, classifier: Classifier, options: dict[str, Any] | None = None,
+                  pseudo_labels: dict[str, Any] | None = None) -> Method:
+    """`options`: params.yaml's methods.<name>; `pseudo_labels`: train.pseudo_labels, the shared denoising
+    filter a method that trains on its own target predictions gets as `method.pseudo_labels`."""
     cls = get_method_class(name)
     config = config_from_dict(cls.Config, options or {}, f"methods.{name}")
-    return cls(classifier, config)
+    method = cls(classifier, config)
+    if cls.uses_pseudo_labels:
+        method.pseudo_labels = PseudoLabelFilter(classifier.num_classes, **(pseudo_labels or {}))
+    return method
 
 
 __all__ = [

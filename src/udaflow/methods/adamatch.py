@@ -9,7 +9,9 @@ Each step draws B source and B target images, each in a weak and a strong view:
     p_s = softmax(z_s^w),  p_t = softmax(z'_t^w)           weak-view predictions, no gradient
     p~_t = normalise(p_t * mean(p_s) / mean(p_t))          distribution alignment to the source class mix
     c_tau = tau * mean_i max_k p_s[i, k]                   relative confidence threshold
-    y^_t = argmax p~_t,  m = [max p~_t >= c_tau]           pseudo-labels and their mask
+    y^_t = argmax p~_t,  m = [max p~_t >= c_tau]           pseudo-labels and their mask, through the shared
+                                                           denoising filter (pseudo_labels.py): class-balanced
+                                                           c_tau per class, agreement with the strong view
     L = (CE(z_s^w, y) + CE(z_s^s, y)) / 2 + mu(p) * mean(m * CE(z'_t^s, y^_t))
     mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2                 ramps 0 -> 1 over the first half of training
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
+from udaflow.pseudo_labels import PseudoLabelFilter
 
 
 def distribution_alignment(target_probs: torch.Tensor, source_probs: torch.Tensor) -> torch.Tensor:
@@ -51,14 +54,22 @@ def unlabelled_weight(progress: float) -> float:
 def adamatch_losses(
     source_weak: torch.Tensor, source_strong: torch.Tensor, labels: torch.Tensor,
     target_weak: torch.Tensor, target_strong: torch.Tensor, tau: float,
+    denoise: PseudoLabelFilter | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Logits (B, K) of the four views + source labels (B,) -> source CE, masked target CE, mask rate."""
+    """Logits (B, K) of the four views + source labels (B,) -> source CE, masked target CE, mask rate.
+
+    `denoise` (optional): the shared pseudo-label filter; without it the mask is the plain relative threshold.
+    """
     cls = 0.5 * (F.cross_entropy(source_weak, labels) + F.cross_entropy(source_strong, labels))
     with torch.no_grad():
         p_s = F.softmax(source_weak.float(), dim=1)
         p_t = distribution_alignment(F.softmax(target_weak.float(), dim=1), p_s)
-        confidence, pseudo_labels = p_t.max(1)  # (B,), (B,)
-        mask = (confidence >= relative_threshold(p_s, tau)).float()  # (B,)
+        threshold = relative_threshold(p_s, tau)
+        if denoise is None:
+            confidence, pseudo_labels = p_t.max(1)  # (B,), (B,)
+            mask = (confidence >= threshold).float()  # (B,)
+        else:
+            pseudo_labels, mask = denoise(p_t, threshold, second=target_strong.float())
     unlabelled = (F.cross_entropy(target_strong, pseudo_labels, reduction="none") * mask).mean()
     return {"cls": cls, "unlabelled": unlabelled, "mask_rate": mask.mean()}
 
@@ -73,6 +84,7 @@ class AdaMatchConfig:
 @register_method("adamatch")
 class AdaMatch(Method):
     Config = AdaMatchConfig
+    uses_pseudo_labels = True
     draws_own_batches = True  # four views of one draw, not the engine's one view per domain
 
     def images_per_step(self, batch_size: int, uses_target: bool) -> int:
@@ -91,6 +103,6 @@ class AdaMatch(Method):
             alone = classifier(source)  # (2B, K)
             mix = torch.rand(source_logits.shape, generator=ctx.generator).to(ctx.device)  # (2B, K)
             source_logits = mix * source_logits + (1.0 - mix) * alone
-        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits.chunk(2), self.config.tau)
+        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits.chunk(2), self.config.tau, getattr(self, "pseudo_labels", None))
         mu = self.config.unlabelled_weight * unlabelled_weight(ctx.progress)
         return {"loss": losses["cls"] + mu * losses["unlabelled"], **losses}

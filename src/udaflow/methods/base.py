@@ -53,6 +53,7 @@ class Method(nn.Module):
     Config: ClassVar[type] = type("Config", (), {})
     uses_target_labels: ClassVar[bool] = False  # True only for the benchmark-only oracle
     uses_target: ClassVar[bool] = True  # False: batches carry no target images (saves time)
+    uses_pseudo_labels: ClassVar[bool] = False  # True: create_method attaches `self.pseudo_labels` (pseudo_labels.py)
     draws_own_batches: ClassVar[bool] = False  # True: forward gets batch=None and samples via ctx
     refresh_every: int | None = None  # steps between `refresh` calls (pseudo-labels); None = never
 

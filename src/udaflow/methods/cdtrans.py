@@ -42,6 +42,7 @@ from udaflow.methods.base import Method
 from udaflow.methods.dann import domain_adversarial_loss, grl_coeff
 from udaflow.models.cross_attention import check_vit, three_branch_features
 from udaflow.models.heads import DomainDiscriminator
+from udaflow.pseudo_labels import class_top_fraction
 
 
 def centre_aware_labels(features: torch.Tensor, logits: torch.Tensor, rounds: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +67,8 @@ def select_confident(pairs: torch.Tensor, labels: torch.Tensor, confidence: torc
     """
     if fraction >= 1.0 or len(pairs) == 0:
         return pairs
-    targets = torch.unique(pairs[:, 1])
-    keep_targets = []
-    for k in torch.unique(labels[targets]):
-        members = targets[labels[targets] == k]
-        n = max(1, int(round(len(members) * fraction)))
-        keep_targets.append(members[torch.argsort(confidence[members], descending=True)[:n]])
-    keep = torch.isin(pairs[:, 1], torch.cat(keep_targets))
-    return pairs[keep]
+    keep_targets = class_top_fraction(labels, confidence, fraction, candidates=torch.unique(pairs[:, 1]))
+    return pairs[torch.isin(pairs[:, 1], keep_targets)]
 
 
 def balanced_pair_weights(pairs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ class BackboneError(ValueError):
     """Unknown backbone name or unusable weights; the message says what to do."""
 
 
-INPUT_NORMS = ("none", "image", "channel")
+INPUT_NORMS = ("none", "image", "channel", "gray")
 
 
 class ConvStem(nn.Module):
@@ -34,7 +34,7 @@ class ConvStem(nn.Module):
     Signature matches timm's PatchEmbed so VisionTransformer(embed_layer=ConvStem) works.
     """
 
-    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=128, bias=True, dynamic_img_pad=False, input_norm="none", **_):
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=128, bias=True, dynamic_img_pad=False, input_norm="none", stem_width=None, **_):
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise BackboneError(f"model.backbone_args.input_norm: '{input_norm}' is not one of {', '.join(INPUT_NORMS)}")
@@ -48,7 +48,10 @@ class ConvStem(nn.Module):
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         downs = int(math.log2(patch_size))
-        widths = [max(8, embed_dim >> (downs - i)) for i in range(downs)] + [embed_dim]  # e.g. D/4, D/2, D
+        if stem_width:  # first conv's width, doubling at each stride, capped at D
+            widths = [min(embed_dim, int(stem_width) << i) for i in range(downs)] + [embed_dim]
+        else:
+            widths = [max(8, embed_dim >> (downs - i)) for i in range(downs)] + [embed_dim]  # e.g. D/8, D/4, D/2, D
         layers: list[nn.Module] = [nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)]  # (B, w0, H, W)
         for i in range(downs):
             layers += [nn.BatchNorm2d(widths[i]), nn.GELU()]
@@ -59,7 +62,10 @@ class ConvStem(nn.Module):
         return self.patch_size[0] if as_scalar else self.patch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_norm != "none":
+        if self.input_norm == "gray":  # luminance, standardised per image (the CNN baseline's input)
+            x = x.mean(1, keepdim=True)
+            x = ((x - x.mean((2, 3), keepdim=True)) / (x.std((2, 3), keepdim=True) + 1e-3)).expand(-1, 3, -1, -1)
+        elif self.input_norm != "none":
             # per-image standardisation: removes each image's brightness/contrast ("image") or its colour cast too ("channel")
             dims = (1, 2, 3) if self.input_norm == "image" else (2, 3)
             x = (x - x.mean(dims, keepdim=True)) / (x.std(dims, keepdim=True) + 1e-3)
@@ -76,7 +82,7 @@ def _hybrid_vit(embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionT
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
-    stem = partial(ConvStem, input_norm=kwargs.pop("input_norm", "none"))
+    stem = partial(ConvStem, input_norm=kwargs.pop("input_norm", "none"), stem_width=kwargs.pop("stem_width", None))
     return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, embed_layer=stem, **kwargs)
 
 

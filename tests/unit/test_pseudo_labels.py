@@ -1,0 +1,81 @@
+"""The shared pseudo-label denoising filter and the tensor augmentations the recipe trains with."""
+
+import pytest
+import torch
+
+from udaflow.config import AugmentConfig
+from udaflow.data.transforms import affine, augment
+from udaflow.pseudo_labels import PseudoLabelFilter, class_thresholds, class_top_fraction
+
+
+def test_class_thresholds_by_hand():
+    status = torch.tensor([0.5, 0.25, 0.0])  # beta = [1, 0.5, 0]
+    got = class_thresholds(status, 0.9)
+    # c * beta / (2 - beta): [0.9, 0.9 * 0.5 / 1.5, 0]
+    assert torch.allclose(got, torch.tensor([0.9, 0.3, 0.0]))
+
+
+def test_filter_off_is_the_plain_threshold():
+    probs = torch.softmax(torch.randn(32, 5, generator=torch.Generator().manual_seed(0)) * 3, 1)
+    labels, mask = PseudoLabelFilter(5, balance=False, agreement=False)(probs, 0.6)
+    assert torch.equal(labels, probs.argmax(1))
+    assert torch.equal(mask, (probs.max(1).values >= 0.6).float())
+
+
+def test_balance_lowers_the_threshold_of_a_lagging_class_only():
+    f = PseudoLabelFilter(2, balance=True, agreement=False, momentum=0.0)  # status = this batch's share
+    # class 0: three confident predictions; class 1: one confident, one at 0.7
+    probs = torch.tensor([[0.95, 0.05], [0.9, 0.1], [0.92, 0.08], [0.1, 0.9], [0.3, 0.7]])
+    labels, mask = f(probs, 0.85)
+    assert torch.allclose(f.status, torch.tensor([0.75, 0.25]))
+    # class 1: beta = 1/3 -> threshold 0.85 * (1/3) / (5/3) = 0.17: the 0.7 prediction is now kept
+    assert mask.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0]
+    _, plain = PseudoLabelFilter(2, balance=False)(probs, 0.85)
+    assert plain.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+    # the leading class keeps the global threshold
+    _, mask = f(torch.tensor([[0.8, 0.2]]), 0.85)
+    assert mask.tolist() == [0.0]
+
+
+def test_agreement_drops_pseudo_labels_a_second_view_disputes():
+    probs = torch.tensor([[0.9, 0.1], [0.95, 0.05], [0.1, 0.9]])
+    second = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 1.0]])  # logits: disagrees on row 1
+    _, mask = PseudoLabelFilter(2, balance=False, agreement=True)(probs, 0.5, second)
+    assert mask.tolist() == [1.0, 0.0, 1.0]
+    _, mask = PseudoLabelFilter(2, balance=False, agreement=True)(probs, 0.5, torch.tensor([0, 0, 0]))
+    assert mask.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_class_top_fraction_keeps_the_most_confident_per_class():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    confidence = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2, 0.3])
+    assert sorted(class_top_fraction(labels, confidence, 0.5).tolist()) == [1, 3, 5]
+    assert sorted(class_top_fraction(labels, confidence, 0.5, candidates=torch.tensor([0, 2, 4])).tolist()) == [2, 4]
+    assert class_top_fraction(labels, confidence, 1.0).tolist() == list(range(6))
+
+
+def test_adamatch_gets_the_shared_filter_and_checkpoints_its_status():
+    from udaflow.methods import create_method
+    from udaflow.models import build_classifier
+
+    clf = build_classifier("udaflow_vit_micro", 4)
+    method = create_method("adamatch", clf, {}, {"balance": True, "agreement": True})
+    assert isinstance(method.pseudo_labels, PseudoLabelFilter) and method.pseudo_labels.balance
+    assert "pseudo_labels.status" in method.state_dict()
+    assert not hasattr(create_method("dann", clf, {}, {"balance": True}), "pseudo_labels")
+
+
+def test_affine_identity_and_rotation_moves_pixels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(affine(x, 0, 0.0, 0.0, g), x, atol=1e-5)
+    y = affine(x, 0, 90.0, 0.0, torch.Generator().manual_seed(1))
+    assert y.shape == x.shape and not torch.allclose(y, x)
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(rotate=15, scale=0.1), AugmentConfig()])
+def test_augment_is_seeded(cfg):
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    a = augment(x, cfg, torch.Generator().manual_seed(3))
+    b = augment(x, cfg, torch.Generator().manual_seed(3))
+    assert a.dtype == torch.uint8 and torch.equal(a, b)
