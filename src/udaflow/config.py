@@ -48,7 +48,7 @@ class AugmentConfig(_Strict):
 class PseudoLabelConfig(_Strict):
     """Denoising shared by the methods that train on their own target predictions (pseudo_labels.py)."""
 
-    balance: bool = False  # class-balanced thresholds (FlexMatch-style learning status per class)
+    balance: bool = True  # class-balanced thresholds (FlexMatch-style learning status per class)
     agreement: bool = False  # keep a pseudo-label only when a second view / teacher agrees
 
 

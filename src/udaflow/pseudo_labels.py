@@ -52,6 +52,17 @@ def class_top_fraction(labels: torch.Tensor, confidence: torch.Tensor, fraction:
     return torch.cat(kept)
 
 
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, over float parameters and buffers; counters copied."""
+    weights = student.state_dict()
+    for name, value in teacher.state_dict().items():
+        if value.is_floating_point():
+            value.mul_(decay).add_(weights[name].detach().to(value.dtype), alpha=1.0 - decay)
+        else:
+            value.copy_(weights[name])
+
+
 class PseudoLabelFilter(nn.Module):
     """probs (B, K) [+ a second opinion (B, K) or (B,)] -> pseudo-labels (B,) and a 0/1 mask (B,)."""
 

@@ -79,3 +79,34 @@ def test_augment_is_seeded(cfg):
     a = augment(x, cfg, torch.Generator().manual_seed(3))
     b = augment(x, cfg, torch.Generator().manual_seed(3))
     assert a.dtype == torch.uint8 and torch.equal(a, b)
+
+
+def test_adamatch_reads_pseudo_labels_from_the_teacher_and_checks_the_student():
+    from udaflow.methods.adamatch import adamatch_losses
+
+    k = 3
+    labels = torch.tensor([0, 1])
+    src = torch.tensor([[9.0, 0, 0], [0, 9.0, 0]])  # confident source: threshold 0.5 x ~1.0
+    student_weak = torch.tensor([[5.0, 0, 0], [5.0, 0, 0]])
+    teacher_weak = torch.tensor([[0, 0, 5.0], [5.0, 0, 0]])
+    strong = torch.zeros(2, k, requires_grad=True)
+    filt = PseudoLabelFilter(k, balance=False, agreement=True)
+    out = adamatch_losses(src, src, labels, student_weak, strong, 0.5, filt, teacher_weak)
+    # row 0: teacher says 2, student says 0 -> dropped; row 1: both say 0 -> kept
+    assert out["mask_rate"].item() == 0.5
+    plain = adamatch_losses(src, src, labels, student_weak, strong, 0.5, PseudoLabelFilter(k, balance=False), None)
+    assert plain["mask_rate"].item() == 1.0
+    # only the kept row's CE against label 0 counts, averaged over the batch
+    expected = torch.nn.functional.cross_entropy(strong[1:], torch.tensor([0])) / 2
+    assert torch.allclose(out["unlabelled"], expected)
+
+
+def test_ema_update_by_hand():
+    from udaflow.pseudo_labels import ema_update
+
+    teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(3.0)
+    ema_update(teacher, student, 0.75)
+    assert torch.allclose(teacher.weight, torch.full((1, 2), 1.5))

@@ -15,6 +15,11 @@ Each step draws B source and B target images, each in a weak and a strong view:
     L = (CE(z_s^w, y) + CE(z_s^s, y)) / 2 + mu(p) * mean(m * CE(z'_t^s, y^_t))
     mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2                 ramps 0 -> 1 over the first half of training
 
+With `teacher_ema` > 0, p_t comes from an exponential moving average of the weights (a mean teacher,
+Tarvainen & Valpola 2017), evaluated on the weak target view in eval mode; the student's own weak-view
+prediction is then the second opinion the agreement filter checks. The teacher's forward pass (B images,
+no backward) is counted in seconds, not in img/s.
+
 Example:
     >>> p_s = torch.tensor([[0.9, 0.1], [0.8, 0.2]]); p_t = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
     >>> relative_threshold(p_s, 0.9)  # 0.9 * mean(0.9, 0.8) = 0.765
@@ -23,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
-from udaflow.pseudo_labels import PseudoLabelFilter
+from udaflow.pseudo_labels import PseudoLabelFilter, ema_update
 
 
 def distribution_alignment(target_probs: torch.Tensor, source_probs: torch.Tensor) -> torch.Tensor:
@@ -54,22 +60,26 @@ def unlabelled_weight(progress: float) -> float:
 def adamatch_losses(
     source_weak: torch.Tensor, source_strong: torch.Tensor, labels: torch.Tensor,
     target_weak: torch.Tensor, target_strong: torch.Tensor, tau: float,
-    denoise: PseudoLabelFilter | None = None,
+    denoise: PseudoLabelFilter | None = None, teacher_weak: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Logits (B, K) of the four views + source labels (B,) -> source CE, masked target CE, mask rate.
 
     `denoise` (optional): the shared pseudo-label filter; without it the mask is the plain relative threshold.
+    `teacher_weak` (optional, (B, K)): a teacher's logits on the weak target view; they replace the student's
+    for the pseudo-labels, and the student's weak view becomes the filter's second opinion.
     """
     cls = 0.5 * (F.cross_entropy(source_weak, labels) + F.cross_entropy(source_strong, labels))
     with torch.no_grad():
         p_s = F.softmax(source_weak.float(), dim=1)
-        p_t = distribution_alignment(F.softmax(target_weak.float(), dim=1), p_s)
+        reader = target_weak if teacher_weak is None else teacher_weak
+        p_t = distribution_alignment(F.softmax(reader.float(), dim=1), p_s)
         threshold = relative_threshold(p_s, tau)
         if denoise is None:
             confidence, pseudo_labels = p_t.max(1)  # (B,), (B,)
             mask = (confidence >= threshold).float()  # (B,)
         else:
-            pseudo_labels, mask = denoise(p_t, threshold, second=target_strong.float())
+            second = target_strong if teacher_weak is None else target_weak
+            pseudo_labels, mask = denoise(p_t, threshold, second=second.float())
     unlabelled = (F.cross_entropy(target_strong, pseudo_labels, reduction="none") * mask).mean()
     return {"cls": cls, "unlabelled": unlabelled, "mask_rate": mask.mean()}
 
@@ -77,6 +87,7 @@ def adamatch_losses(
 @dataclass
 class AdaMatchConfig:
     tau: float = 0.9  # relative confidence threshold (x the source's mean top-1 confidence)
+    teacher_ema: float = 0.0  # > 0: target pseudo-labels from an EMA teacher of the weights (decay per step)
     unlabelled_weight: float = 1.0  # weight of the target pseudo-label loss once ramped up
     logit_interpolation: bool = False  # the paper's second, source-only pass (BN statistics per domain): 1.5x the cost
 
@@ -86,6 +97,12 @@ class AdaMatch(Method):
     Config = AdaMatchConfig
     uses_pseudo_labels = True
     draws_own_batches = True  # four views of one draw, not the engine's one view per domain
+
+    def __init__(self, classifier, config):
+        super().__init__(classifier, config)
+        if config.teacher_ema > 0:
+            self.teacher = copy.deepcopy(classifier).eval()  # frozen: its parameters never reach the optimiser
+            self.teacher.requires_grad_(False)
 
     def images_per_step(self, batch_size: int, uses_target: bool) -> int:
         return batch_size * (6 if self.config.logit_interpolation else 4)
@@ -97,12 +114,17 @@ class AdaMatch(Method):
         source = torch.cat([ctx.source_inputs(s_idx, "weak"), ctx.source_inputs(s_idx, "strong")])  # (2B, 3, H, W)
         target = torch.cat([ctx.target_inputs(t_idx, "weak"), ctx.target_inputs(t_idx, "strong")])  # (2B, 3, H, W)
         labels = ctx.source_labels[s_idx].to(ctx.device)
+        teacher_weak = None
+        if self.config.teacher_ema > 0:
+            ema_update(self.teacher, classifier, self.config.teacher_ema)  # the weights after the previous step
+            with torch.no_grad():
+                teacher_weak = self.teacher.eval()(target[:b])  # (B, K); eval: BN running statistics
         logits = classifier(torch.cat([source, target]))  # (4B, K)
         source_logits, target_logits = logits[: 2 * b], logits[2 * b :]
         if self.config.logit_interpolation:
             alone = classifier(source)  # (2B, K)
             mix = torch.rand(source_logits.shape, generator=ctx.generator).to(ctx.device)  # (2B, K)
             source_logits = mix * source_logits + (1.0 - mix) * alone
-        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits.chunk(2), self.config.tau, getattr(self, "pseudo_labels", None))
+        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits.chunk(2), self.config.tau, getattr(self, "pseudo_labels", None), teacher_weak)
         mu = self.config.unlabelled_weight * unlabelled_weight(ctx.progress)
         return {"loss": losses["cls"] + mu * losses["unlabelled"], **losses}

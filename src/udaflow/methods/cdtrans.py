@@ -42,7 +42,7 @@ from udaflow.methods.base import Method
 from udaflow.methods.dann import domain_adversarial_loss, grl_coeff
 from udaflow.models.cross_attention import check_vit, three_branch_features
 from udaflow.models.heads import DomainDiscriminator
-from udaflow.pseudo_labels import class_top_fraction
+from udaflow.pseudo_labels import class_top_fraction, ema_update
 
 
 def centre_aware_labels(features: torch.Tensor, logits: torch.Tensor, rounds: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,16 +158,8 @@ class Cdtrans(Method):
     def _in_warmup(self, ctx) -> bool:
         return self._warmup_at(ctx.step, ctx.total_steps)
 
-    @torch.no_grad()
     def _update_teacher(self, classifier) -> None:
-        """teacher <- ema * teacher + (1 - ema) * weights (float parameters and buffers); counters copied."""
-        d = self.config.ema
-        student = classifier.state_dict()
-        for name, value in self.teacher.state_dict().items():
-            if value.is_floating_point():
-                value.mul_(d).add_(student[name].detach().to(value.dtype), alpha=1.0 - d)
-            else:
-                value.copy_(student[name])
+        ema_update(self.teacher, classifier, self.config.ema)
 
     @torch.no_grad()
     def refresh(self, classifier, ctx):
