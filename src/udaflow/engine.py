@@ -170,12 +170,15 @@ def train(
     source_val: LabelledImages | None = None,
     keep_checkpoints: bool = False,
     auxiliary: bool = False,
+    fingerprint: str | None = None,
 ) -> TrainResult:
     """Run `steps` optimisation steps of `method` on labelled `source` and unlabelled `target`.
 
     `target` also feeds the label-free validator that picks `selected_state` (every
     `cfg.eval_every` steps, among checkpoints from `method.selection_start(steps)` on). Resumes
-    from `checkpoint_path` when it holds a checkpoint. `source_val` (labelled source held out from
+    from `checkpoint_path` when it holds a checkpoint written with the same `fingerprint` (what
+    produced the run: params, data, code, start weights; see `run_fingerprint`); a checkpoint
+    of any other run is set aside with one line saying why. `source_val` (labelled source held out from
     training) adds the DEV score. `keep_checkpoints` keeps every evaluated state, for the
     benchmark's validator study (reported, never selected on). `auxiliary` (adaptation) adds the
     self-supervised task `cfg.rotation_weight` switches on.
@@ -214,8 +217,8 @@ def train(
     kept: list[tuple[int, dict[str, torch.Tensor]]] = []
     validator_history: list[dict[str, float]] = []
     loss_history: list[dict[str, float]] = []
-    if checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    ckpt = _resumable(checkpoint_path, fingerprint, description)
+    if ckpt is not None:
         classifier.load_state_dict(ckpt["classifier"])
         method.load_state_dict(ckpt["method"])
         method.load_extra_state(ckpt["method_extra"])
@@ -235,6 +238,7 @@ def train(
         _atomic_save(
             {
                 "step": step,
+                "fingerprint": fingerprint,
                 "classifier": classifier.state_dict(),
                 "method": method.state_dict(),
                 "method_extra": method.extra_state(),
@@ -330,6 +334,34 @@ def train(
         extra={"selectable_from": selectable_from},
         checkpoint_states=kept,
     )
+
+
+def _resumable(path: Path | None, fingerprint: str | None, description: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it belongs to this run (same fingerprint), else None.
+
+    Tensors and plain containers only (weights_only=True): a checkpoint never runs code when read.
+    A checkpoint of another run (other params, data, code or start weights) is never continued:
+    it is set aside as `<name>.stale` and the run starts fresh, saying so in one line.
+    """
+    if path is None or not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated file, pickle payload, foreign format
+        _say(f"{description}: {path} is not a readable udaflow checkpoint ({type(exc).__name__}); starting fresh")
+        path.replace(path.with_suffix(".stale"))
+        return None
+    if ckpt.get("fingerprint") != fingerprint:
+        _say(f"{description}: {path} was written by another run (params, data, code or start weights differ); starting fresh")
+        path.replace(path.with_suffix(".stale"))
+        return None
+    _say(f"{description}: resuming from step {ckpt['step']} ({path})")
+    return ckpt
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class ProgressReport:

@@ -8,10 +8,12 @@ that shapes the source model, so methods of one shift share it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +74,51 @@ def save_stage(path: Path, result: TrainResult, wall_seconds: float, classes: tu
     timing = path.with_suffix(".timing.json")
     timing.write_text(json.dumps({"seconds": result.seconds, "wall_seconds": wall_seconds}) + "\n")
     tmp = path.with_suffix(".tmp")  # same stem: torch.save names the archive inside after the file
-    torch.save({"result": replace(result, seconds=0.0), "classes": tuple(classes)}, tmp)
+    # tensors and plain containers only: reading a stage (a DVC output, pulled from a remote) never runs code
+    fields_ = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    fields_["seconds"] = 0.0
+    torch.save({"result": fields_, "classes": list(classes)}, tmp)
     tmp.replace(path)
 
 
 def load_stage(path: Path) -> tuple[TrainResult, float, tuple[str, ...]]:
     """(train result, wall seconds, classes) of a stage `save_stage` wrote; timings are 0 when their file is gone."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a pickle payload, an old pickled stage, a truncated file
+        raise ValueError(f"{path}: not a udaflow stage file of tensors and plain values ({type(exc).__name__}); "
+                         "nothing in it was run. Re-create it (dvc repro, or udaflow run)") from None
     timing_file = path.with_suffix(".timing.json")
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": 0.0, "wall_seconds": 0.0}
-    return replace(saved["result"], seconds=timing["seconds"]), timing["wall_seconds"], tuple(saved["classes"])
+    result = TrainResult(**{**saved["result"], "seconds": timing["seconds"]})
+    result.checkpoint_states = [tuple(pair) for pair in result.checkpoint_states]
+    return result, timing["wall_seconds"], tuple(saved["classes"])
+
+
+def run_fingerprint(cfg: Config, method_name: str, start: torch.nn.Module, *datasets: LabelledImages | UnlabelledImages) -> str:
+    """What produced a training run, hashed: the resolved params (all but the progress display), the
+    method, the content of every dataset it reads, the start weights and udaflow's own code.
+
+    A checkpoint resumes only under the same fingerprint (engine.train), so a re-run with other
+    params, new data or other code never continues old weights under new tags.
+    """
+    h = hashlib.sha256()
+    params = cfg.model_dump(mode="json")
+    params["train"].pop("progress", None)
+    h.update(json.dumps({"params": params, "method": method_name}, sort_keys=True, default=str).encode())
+    for data in datasets:
+        h.update(data.domain.encode())
+        h.update(data.images.contiguous().numpy().tobytes())
+        if isinstance(data, LabelledImages):
+            h.update(data.labels.numpy().tobytes())
+            h.update(json.dumps(list(data.classes)).encode())
+    for name, value in sorted(start.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    for path in sorted(Path(__file__).parent.rglob("*.py")):  # the code that trains
+        h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path | None = None) -> StageResult:
@@ -95,9 +132,13 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
     key = source_cache_key(cfg, source, len(data.classes))
     cache = Path(cache_dir or cfg.work_dir / "cache") / f"source-{source}-{key}.pt"
     if cache.exists():
-        result, wall, _ = load_stage(cache)
-        classifier.load_state_dict(result.last_state)
-        return StageResult(classifier, result, wall, cached=True, info={"cache": str(cache), "key": key})
+        try:
+            result, wall, _ = load_stage(cache)
+        except ValueError as exc:  # an older pickled cache entry, or a tampered one: never unpickled, retrained
+            print(f"pretrain {source}: {exc}; training the source model again", file=sys.stderr)
+        else:
+            classifier.load_state_dict(result.last_state)
+            return StageResult(classifier, result, wall, cached=True, info={"cache": str(cache), "key": key})
     t0 = time.perf_counter()
     method = create_method("source_only", classifier, cfg.methods.get("source_only"))
     result = train(
@@ -106,6 +147,7 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
         checkpoint_path=cache.with_suffix(".ckpt"), description=f"pretrain {source}",
         # scored checkpoints are kept in the cache (a few MB) so any later bench can study the validators
         source_val=data.source_val, keep_checkpoints=True,
+        fingerprint=run_fingerprint(cfg, "source_only", classifier, data.source_train, data.target_adapt, data.source_val),
     )
     wall = time.perf_counter() - t0
     save_stage(cache, result, wall, data.classes)
@@ -130,13 +172,14 @@ def adapt_to_target(
     seed_everything(cfg.seed + 1, cfg.train.deterministic, cfg.train.num_threads)  # the method's own modules too
     classifier = new_classifier(cfg, len(source_train.classes))
     classifier.load_state_dict(source_model.train.last_state)
+    fingerprint = run_fingerprint(cfg, method_name, classifier, source_train, target_adapt, *([source_val] if source_val is not None else []))
     method = create_method(method_name, classifier, cfg.methods.get(method_name), cfg.train.pseudo_labels.model_dump())
     t0 = time.perf_counter()
     result = train(
         classifier, method, source_train, target_adapt, cfg.train,
         steps=method.adapt_steps(cfg.train.adapt_steps), lr=cfg.train.adapt_lr, seed=cfg.seed + 1, validator=cfg.validator,
         checkpoint_path=checkpoint_path, description=f"adapt {method_name}",
-        source_val=source_val, keep_checkpoints=keep_checkpoints, auxiliary=True,
+        source_val=source_val, keep_checkpoints=keep_checkpoints, auxiliary=True, fingerprint=fingerprint,
     )
     return StageResult(classifier, result, time.perf_counter() - t0)
 

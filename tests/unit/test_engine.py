@@ -32,10 +32,10 @@ def _fresh(name, options, kill_at_call=None):
     return clf, method
 
 
-def _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=None):
+def _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=None, fingerprint=None):
     source, target, _ = tiny_shift
     clf, method = _fresh(name, options, kill_at_call)
-    return engine.train(clf, method, source, target, cfg, steps=20, lr=3e-3, seed=0, checkpoint_path=ckpt)
+    return engine.train(clf, method, source, target, cfg, steps=20, lr=3e-3, seed=0, checkpoint_path=ckpt, fingerprint=fingerprint)
 
 
 RESUME_CASES = [
@@ -46,6 +46,8 @@ RESUME_CASES = [
     pytest.param("cdtrans", {"refresh_every": 7}, id="cdtrans-refresh7"),
     pytest.param("cdtrans", {"refresh_every": 5, "adversarial_weight": 1.0, "warmup_fraction": 0.3, "ema": 0.9},
                  id="cdtrans-hybrid"),  # discriminator, EMA teacher, warm-up
+    # the default method: four views per draw, the pseudo-label filter's class status, an EMA teacher
+    pytest.param("adamatch", {"teacher_ema": 0.9}, id="adamatch-teacher"),
 ]
 
 
@@ -262,3 +264,83 @@ def test_rotation_task_switches_on_for_adaptation_only(tiny_shift, make_train_co
     uninterrupted = engine.train(clf, method, source, target, cfg, steps=20, lr=cfg.adapt_lr, seed=0, auxiliary=True)
     assert resumed.resumed_from == 10 and resumed.loss_history == uninterrupted.loss_history
     assert all(torch.equal(resumed.last_state[k], uninterrupted.last_state[k]) for k in uninterrupted.last_state)
+
+
+def test_a_checkpoint_of_another_run_is_never_continued(tiny_shift, make_train_config, tmp_path, capsys):
+    cfg = make_train_config(checkpoint_every=10)
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(Killed):
+        _run("source_only", None, tiny_shift, cfg, ckpt, kill_at_call=16, fingerprint="run-a")
+    assert torch.load(ckpt, weights_only=True)["fingerprint"] == "run-a"
+    capsys.readouterr()
+    other = _run("source_only", None, tiny_shift, cfg, ckpt, fingerprint="run-b")  # other params / data / code
+    assert other.resumed_from == 0
+    assert "was written by another run" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.stale").exists()
+    fresh = _run("source_only", None, tiny_shift, cfg, tmp_path / "fresh.pt", fingerprint="run-b")
+    for key, value in fresh.last_state.items():
+        assert torch.equal(value, other.last_state[key]), key  # exactly a fresh run
+
+    # the same fingerprint resumes, and says from where
+    ckpt2 = tmp_path / "ckpt2.pt"
+    with pytest.raises(Killed):
+        _run("source_only", None, tiny_shift, cfg, ckpt2, kill_at_call=16, fingerprint="run-a")
+    again = _run("source_only", None, tiny_shift, cfg, ckpt2, fingerprint="run-a")
+    assert again.resumed_from == 10
+    assert f"resuming from step 10 ({ckpt2})" in capsys.readouterr().err
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tiny_shift, make_train_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"step": 10, "fingerprint": None, "classifier": _Payload()}, ckpt)
+    result = _run("source_only", None, tiny_shift, make_train_config(), ckpt)
+    assert result.resumed_from == 0
+    assert not (tmp_path / "PWNED").exists()
+    assert "not a readable udaflow checkpoint" in capsys.readouterr().err
+
+
+def test_run_fingerprint_covers_params_data_and_start_weights(tiny_shift):
+    from udaflow.config import Config
+    from udaflow.data.datasets import UnlabelledImages
+    from udaflow.experiment import run_fingerprint
+
+    source, target, _ = tiny_shift
+    cfg = Config()
+    clf, _ = _fresh("source_only", None)
+    base = run_fingerprint(cfg, "dann", clf, source, target)
+    assert base == run_fingerprint(cfg, "dann", clf, source, target)
+    assert base == run_fingerprint(cfg.model_copy(update={"train": cfg.train.model_copy(update={"progress": False})}), "dann", clf, source, target)
+    changed = {
+        "param": run_fingerprint(cfg.model_copy(update={"seed": 1}), "dann", clf, source, target),
+        "method": run_fingerprint(cfg, "cdan", clf, source, target),
+        "data": run_fingerprint(cfg, "dann", clf, source, UnlabelledImages(target.images.flip(0), target.domain)),
+    }
+    with torch.no_grad():
+        next(clf.parameters()).add_(1.0)
+    changed["weights"] = run_fingerprint(cfg, "dann", clf, source, target)
+    for what, value in changed.items():
+        assert value != base, what
+
+
+def test_stage_files_hold_no_pickled_objects(tmp_path, monkeypatch):
+    from udaflow.experiment import load_stage, save_stage
+
+    monkeypatch.chdir(tmp_path)
+    result = engine.TrainResult({"w": torch.ones(2)}, {"w": torch.zeros(2)}, 3, "im", [{"step": 1.0, "im": 0.5}], [{"loss": 1.0}],
+                                10, 5.0, 100, "cpu", extra={"selectable_from": 0}, checkpoint_states=[(5, {"w": torch.ones(1)})])
+    save_stage(tmp_path / "stage.pt", result, 7.0, ("0", "1"))
+    torch.load(tmp_path / "stage.pt", weights_only=True)  # tensors and plain containers only
+    back, wall, classes = load_stage(tmp_path / "stage.pt")
+    assert (back.seconds, wall, classes, back.selected_step) == (5.0, 7.0, ("0", "1"), 3)
+    assert back.checkpoint_states[0][0] == 5 and torch.equal(back.checkpoint_states[0][1]["w"], torch.ones(1))
+
+    torch.save({"result": _Payload(), "classes": ["0"]}, tmp_path / "evil.pt")  # e.g. pulled from a DVC remote
+    with pytest.raises(ValueError, match="evil.pt: not a udaflow stage file"):
+        load_stage(tmp_path / "evil.pt")
+    assert not (tmp_path / "PWNED").exists()
