@@ -34,7 +34,9 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
 
 def source_params(cfg: Config, num_classes: int) -> dict:
     """Every parameter the source model depends on (not the adaptation ones)."""
-    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "pseudo_labels", "progress", "device", "num_threads", "eval_every", "checkpoint_every", "amp"})
+    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "pseudo_labels", "progress", "checkpoint_every"})
+    # kept: device, num_threads and amp change the bits (kernels), eval_every the stored selection history;
+    # left out: adaptation-only fields, the progress display, and checkpoint_every (resume is bit-identical)
     return {
         "model": cfg.model.model_dump(mode="json"),
         "train": train_cfg,
@@ -48,8 +50,8 @@ def source_params(cfg: Config, num_classes: int) -> dict:
 def source_cache_key(cfg: Config, source: str, num_classes: int) -> str:
     """Content hash of the source manifest + every parameter the source model depends on."""
     manifest = (cfg.data.root / source / MANIFEST_NAME).read_bytes()
-    # format 3: carries the class names; initial weights come from the seed alone (older caches are not reused)
-    shaping = {"format": 3, "manifest": hashlib.sha256(manifest).hexdigest(), **source_params(cfg, num_classes)}
+    # format 4: tensors-only stage files, device / threads / amp / eval_every in the key (older caches are not reused)
+    shaping = {"format": 4, "manifest": hashlib.sha256(manifest).hexdigest(), **source_params(cfg, num_classes)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

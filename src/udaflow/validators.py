@@ -30,13 +30,18 @@ def information_maximization(logits: torch.Tensor) -> float:
     return float(h_marginal - h_cond)
 
 
-def soft_neighborhood_density(logits: torch.Tensor, temperature: float = 0.05, max_n: int = 4096) -> float:
+def soft_neighborhood_density(logits: torch.Tensor, temperature: float = 0.05, max_n: int = 4096, seed: int = 0) -> float:
     """SND (Saito et al. 2021): entropy of each sample's softmax similarity to the others.
 
     sim = normalised probabilities' cosine similarity (N, N) with self excluded; higher entropy
-    = denser neighbourhoods = better clustered target predictions.
+    = denser neighbourhoods = better clustered target predictions. Pools above `max_n` images are
+    scored on a seeded random subset (the same rows for every checkpoint of a pool), never on the
+    first rows, which follow the class folders' order.
     """
-    p = F.normalize(F.softmax(logits.float()[:max_n], dim=1), dim=1)
+    logits = logits.float()
+    if len(logits) > max_n:
+        logits = logits[torch.randperm(len(logits), generator=torch.Generator().manual_seed(seed))[:max_n]]
+    p = F.normalize(F.softmax(logits, dim=1), dim=1)
     sim = p @ p.t()  # (N, N)
     sim.fill_diagonal_(float("-inf"))
     q = F.softmax(sim / temperature, dim=1)

@@ -344,3 +344,22 @@ def test_stage_files_hold_no_pickled_objects(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="evil.pt: not a udaflow stage file"):
         load_stage(tmp_path / "evil.pt")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_source_cache_key_covers_what_changes_the_bits(tmp_path):
+    from udaflow.config import Config
+    from udaflow.data.manifest import MANIFEST_NAME
+    from udaflow.experiment import source_cache_key
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / MANIFEST_NAME).write_text("path,label\n")
+    cfg = Config().model_copy(update={"data": Config().data.model_copy(update={"root": tmp_path})})
+    base = source_cache_key(cfg, "src", 10)
+
+    def with_train(**kw):
+        return source_cache_key(cfg.model_copy(update={"train": cfg.train.model_copy(update=kw)}), "src", 10)
+
+    for changed in ({"num_threads": 1}, {"device": "cuda"}, {"amp": False}, {"eval_every": 7}, {"lr": 1e-4}):
+        assert with_train(**changed) != base, changed
+    for same in ({"adapt_steps": 1}, {"adapt_lr": 1e-4}, {"progress": False}, {"checkpoint_every": 7}, {"rotation_weight": 0.5}):
+        assert with_train(**same) == base, same

@@ -142,3 +142,15 @@ def test_ensemble_agreement_on_known_inputs():
     # mean softmax: sample 1 -> 0 (two of three), sample 3 -> 1 (two of three)
     assert ensemble_agreement([a, b, c]) == pytest.approx([100.0, 75.0, 75.0])
     assert ensemble_agreement([a]) == [100.0] and ensemble_agreement([]) == []
+
+
+def test_snd_scores_a_seeded_random_subset_not_the_first_rows():
+    from udaflow.validators import soft_neighborhood_density
+
+    # a pool sorted by class: the first 100 rows are all class 0
+    logits = torch.cat([torch.tensor([[5.0, 0.0]]).repeat(100, 1), torch.tensor([[0.0, 5.0]]).repeat(100, 1)])
+    first_rows = soft_neighborhood_density(logits[:50])
+    sub = soft_neighborhood_density(logits, max_n=50)
+    assert sub == soft_neighborhood_density(logits, max_n=50)  # same rows every time
+    assert sub != first_rows  # both classes are in the subset
+    assert soft_neighborhood_density(logits, max_n=500) == soft_neighborhood_density(logits)
