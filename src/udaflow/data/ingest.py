@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from udaflow.data.manifest import IMAGE_SUFFIXES, MANIFEST_NAME, DataError, describe_image, read_manifest, stratified_split, write_manifest
+from udaflow.data.manifest import IMAGE_SUFFIXES, MANIFEST_NAME, MAX_SIDE, DataError, describe_image, read_manifest, stratified_split, write_manifest
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 LAYOUT_HINT = "an ImageFolder has one sub-folder per class (<class>/<image>); a flat folder of images is an unlabelled target"
@@ -30,7 +30,8 @@ def check_domain_name(name: str) -> None:
         raise DataError(f"domain name '{name}': use lower-case letters, digits, '-' and '_' (e.g. 'factory-b')")
 
 
-def _images_under(folder: Path, root: Path) -> list[Path]:
+def _images_under(folder: Path, root: Path, recursive: bool = False) -> list[Path]:
+    """Image files in `folder` (and, `recursive`, in its sub-folders, as torchvision's ImageFolder reads a class)."""
     files = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
@@ -42,6 +43,8 @@ def _images_under(folder: Path, root: Path) -> list[Path]:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise DataError(f"{path}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))}); move it out of the folder")
             files.append(path)
+        elif recursive and path.is_dir():
+            files += _images_under(path, root, recursive=True)
     return files
 
 
@@ -58,30 +61,32 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
     entries: list[tuple[Path, str]] = []
     if class_dirs:
         for d in class_dirs:
-            files = _images_under(d, source)
+            files = _images_under(d, source, recursive=True)
             if not files:
                 raise DataError(f"{d}: class '{d.name}' has no images", LAYOUT_HINT)
-            entries += [(f, d.name) for f in files]
+            entries += [(f, d.name, f.relative_to(d)) for f in files]
         stray = _images_under(source, source)
         if stray:
             raise DataError(f"{stray[0]}: image outside any class folder in an ImageFolder layout", LAYOUT_HINT)
     else:
-        entries = [(f, "") for f in _images_under(source, source)]
+        entries = [(f, "", Path(f.name)) for f in _images_under(source, source)]
     if not entries:
         raise DataError(f"{source}: no images found", LAYOUT_HINT)
 
     labelled = bool(class_dirs)
-    splits = stratified_split([label for _, label in entries], holdout_fraction, seed) if labelled else ["train"] * len(entries)
+    splits = stratified_split([label for _, label, _ in entries], holdout_fraction, seed) if labelled else ["train"] * len(entries)
     staged = Path(data_root) / f".{name}.ingesting"
     shutil.rmtree(staged, ignore_errors=True)
     try:
         rows = []
-        for (file, label), split in zip(entries, splits):
-            rel = Path(label) / file.name if label else Path(file.name)
-            dest = staged / rel
+        for (file, label, inside), split in zip(entries, splits):
+            dest = staged / label / inside  # a class's sub-folders are kept: same-named files cannot collide
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, dest)
-            rows.append(describe_image(dest, staged, label, split))
+            row = describe_image(dest, staged, label, split, shown=file)
+            if max(row.width, row.height) > MAX_SIDE:
+                raise DataError(f"{file}: {row.width}x{row.height} px, over the {MAX_SIDE} px limit; refused from its header, not decoded")
+            rows.append(row)
         write_manifest(staged, rows)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

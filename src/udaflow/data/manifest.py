@@ -18,6 +18,7 @@ from PIL import Image
 
 MANIFEST_NAME = "manifest.csv"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_SIDE = 4096  # px: larger images are refused from their header, never decoded (decompression bombs)
 
 
 class DataError(ValueError):
@@ -43,13 +44,20 @@ class ManifestRow:
 COLUMNS = [f.name for f in fields(ManifestRow)]
 
 
-def describe_image(file: Path, root: Path, label: str, split: str) -> ManifestRow:
+def describe_image(file: Path, root: Path, label: str, split: str, shown: Path | None = None) -> ManifestRow:
+    """One manifest row. The header is read first: an image over MAX_SIDE px a side is described from
+    its header and never decoded (decodable False); one whose header declares more pixels than PIL's
+    bomb limit raises DataError naming the file (`shown`, e.g. the user's original, else `file`)."""
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            width, height, mode, ok = img.width, img.height, img.mode, True
+        with Image.open(io.BytesIO(data)) as img:  # parses the header only
+            width, height, mode, ok = img.width, img.height, img.mode, False
+            if max(width, height) <= MAX_SIDE:
+                img.load()
+                ok = True
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{shown or file}: refused before decoding, its header declares a decompression bomb ({exc})") from None
     except Exception:  # noqa: BLE001 - any decoder failure means "not decodable"
         width, height, mode, ok = 0, 0, "", False
     return ManifestRow(file.relative_to(root).as_posix(), label, split, digest, width, height, mode, ok)
