@@ -181,7 +181,10 @@ def run(
     try:
         from udaflow.methods import get_method_class
 
+        from udaflow.preflight import check_run_config
+
         cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device})
+        check_run_config(cfg)  # before anything is validated, versioned or trained
         if get_method_class(cfg.method).uses_target_labels:
             raise ValueError(f"method '{cfg.method}' trains on target labels: benchmark only (`udaflow bench`), never registered")
         _quiet_prefect()

@@ -110,14 +110,22 @@ def test_build_ingest_run_bench(workspace: Path):
         (["run", "--set", "train.batch_size=many"], "train.batch_size"),
         (["run", "--set", "model.backbone=not_a_timm_model", "--source", "synth", "--target", "fonts-b"], "unknown backbone"),
         (["run", "--source", "synth", "--target", "missing-domain"], "missing-domain"),
+        (["run", "--set", "methods.adamatch.tau=high", "--source", "synth", "--target", "fonts-b"], "methods.adamatch.tau: expected float"),
+        (["run", "--set", "validator=best", "--source", "synth", "--target", "fonts-b"], "validator: unknown validator 'best'"),
         (["bench", "--shifts", "synth-mnist"], "SOURCE:TARGET"),
     ],
 )
 def test_errors_are_one_line_and_nonzero(workspace: Path, args, needle):
+    def state():  # what a refused run must not touch: the DVC remote, the MLflow store, run outputs
+        return sorted(str(p.relative_to(workspace)) for d in ("dvc-remote", "mlflow", "runs") if (workspace / d).exists()
+                      for p in (workspace / d).rglob("*") if p.is_file() and p.suffix not in (".db-journal", ".db-wal", ".db-shm"))
+    before = state()
     result = invoke(args, workspace)
     assert result.exit_code == 2, result.output
     assert needle in result.output
     assert "Traceback" not in result.output
+    if args[0] == "run":
+        assert state() == before  # refused before validation, versioning or training
 
 
 def _corrupt_folder(base: Path, kind: str) -> Path:
