@@ -15,15 +15,15 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from udaflow.auxiliary import RotationHead, rotation_loss
-from udaflow.config import TrainConfig
+from udaflow.config import AugmentConfig, TrainConfig
 from udaflow.data.datasets import LabelledImages, UnlabelledImages
 from udaflow.data.transforms import augment_view, to_input
 from udaflow.methods.base import Batch, Method, StepContext
@@ -147,11 +147,138 @@ def _schedule(warmup: int, total: int):
     return factor
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+@dataclass
+class Record:
+    """What a run has measured so far. It is carried from step to step and saved in every checkpoint,
+    so a resumed run reports exactly what an uninterrupted one does."""
+
+    validator_history: list[dict[str, float]] = field(default_factory=list)  # step + every validator score, per evaluation
+    loss_history: list[dict[str, float]] = field(default_factory=list)  # step + mean of each named loss, per evaluation interval
+    best_score: float = -math.inf  # the validator's best score among selectable evaluations
+    best_step: int = 0
+    best_state: dict[str, torch.Tensor] | None = None  # classifier weights (CPU) at best_step
+    kept: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)  # (step, weights) per evaluation, when kept
+    loss_sums: dict[str, float] = field(default_factory=dict)  # the open interval's loss sums: a resume can fall inside one
+    loss_count: int = 0  # steps in the open interval
+
+    def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():
+            self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v.detach())
+        self.loss_count += 1
+
+    def close_loss_interval(self, step: int) -> None:
+        self.loss_history.append({"step": step, **{k: v / self.loss_count for k, v in self.loss_sums.items()}})
+        self.loss_sums, self.loss_count = {}, 0
+
+    def add_scores(self, step: int, scores: dict[str, float], classifier: Classifier, validator: str, selectable: bool, keep: bool) -> None:
+        """Log one evaluation; keep its weights when asked; remember them when the validator prefers them."""
+        self.validator_history.append({"step": step, **scores})
+        if keep:
+            self.kept.append((step, {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}))
+        if selectable and scores[validator] > self.best_score:
+            self.best_score, self.best_step = scores[validator], step
+            self.best_state = copy.deepcopy({k: v.cpu() for k, v in classifier.state_dict().items()})
+
+
+@dataclass
+class Checkpoint:
+    """A resume point: everything a killed run needs to continue to the same bits, and which run wrote it.
+
+    Saved as one file of tensors and plain containers, written atomically (a kill mid-write leaves the
+    previous checkpoint) and read with weights_only=True (reading one never runs code). `save` and
+    `load` are the only places a checkpoint is written or read.
+    """
+
+    FORMAT: ClassVar[int] = 2  # 1: the loose 13-key dict of udaflow before this class
+
+    step: int  # optimisation steps done
+    fingerprint: str | None  # what produced the run (experiment.run_fingerprint); resumed only under the same one
+    weights: dict[str, dict[str, torch.Tensor]]  # state_dict of each trained module: classifier, method, rotation (when on)
+    method_extra: dict[str, Any]  # method.extra_state(): what a method keeps outside its parameters (pairs, class status)
+    optimiser: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, torch.Tensor]  # the batch generator's state and torch's global CPU state
+    record: Record
+
+    @classmethod
+    def capture(cls, step: int, fingerprint: str | None, modules: dict[str, torch.nn.Module], method: Method,
+                optimiser: torch.optim.Optimizer, scheduler: Any, generator: torch.Generator, record: Record) -> Checkpoint:
+        """The live run at `step`; it shares tensors with the modules, so save it at once."""
+        return cls(
+            step=step, fingerprint=fingerprint, weights={name: m.state_dict() for name, m in modules.items()},
+            method_extra=method.extra_state(), optimiser=optimiser.state_dict(), scheduler=scheduler.state_dict(),
+            rng={"generator": generator.get_state(), "torch": torch.get_rng_state()}, record=record,
+        )
+
+    def restore(self, modules: dict[str, torch.nn.Module], method: Method, optimiser: torch.optim.Optimizer, scheduler: Any,
+                generator: torch.Generator) -> Record:
+        """Put the saved state back into the live run; returns the record to carry on."""
+        for name, module in modules.items():
+            module.load_state_dict(self.weights[name])
+        method.load_extra_state(self.method_extra)
+        optimiser.load_state_dict(self.optimiser)
+        scheduler.load_state_dict(self.scheduler)
+        generator.set_state(self.rng["generator"])
+        torch.set_rng_state(self.rng["torch"])
+        return self.record
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved = {f.name: getattr(self, f.name) for f in fields(self)}
+        saved["record"] = {f.name: getattr(self.record, f.name) for f in fields(self.record)}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"format": self.FORMAT, **saved}, tmp)
+        os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+    @classmethod
+    def load(cls, path: Path | None, fingerprint: str | None, description: str) -> Checkpoint | None:
+        """The checkpoint at `path` if this run wrote it (same fingerprint), else None.
+
+        Anything else there (another run's checkpoint, an older udaflow's, a truncated file, a
+        pickle payload) is never continued: it is set aside as `<name>.stale` and the run starts
+        fresh, saying why in one line.
+        """
+        if path is None or not path.exists():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict) or saved.get("format") != cls.FORMAT:
+                return _set_aside(path, description, "was written by an older udaflow (another checkpoint format)")
+            if saved.get("fingerprint") != fingerprint:
+                return _set_aside(path, description, "was written by another run (params, data, code or start weights differ)")
+            ckpt = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name != "record"}, record=Record(**saved["record"]))
+        except Exception as exc:  # noqa: BLE001 - truncated file, pickle payload, foreign format
+            return _set_aside(path, description, f"is not a readable udaflow checkpoint ({type(exc).__name__})")
+        ckpt.record.kept = [tuple(pair) for pair in ckpt.record.kept]
+        _say(f"{description}: resuming from step {ckpt.step} ({path})")
+        return ckpt
+
+
+def _set_aside(path: Path, description: str, why: str) -> None:
+    _say(f"{description}: {path} {why}; starting fresh")
+    path.replace(path.with_suffix(".stale"))
+    return None
+
+
+@dataclass
+class _Domain:
+    """One domain's images as the loop and the methods see them: augmented inputs of a batch, or
+    the current model's features and logits of every image."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    classifier: Classifier
+    augment: AugmentConfig
+    generator: torch.Generator
+    device: torch.device
+    amp: bool
+
+    def inputs(self, idx: torch.Tensor, view: str = "default") -> torch.Tensor:
+        """(B, 3, H, W) normalised inputs of images[idx] in a view: weak | default | strong."""
+        return to_input(augment_view(self.images[idx], self.augment, self.generator, view), self.device)
+
+    def embed(self, model: Classifier | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, D) and logits (N, K) of every image, from `model` (e.g. an EMA teacher) or the trained classifier."""
+        return predict(model if model is not None else self.classifier, self.images, self.device, amp=self.amp)
 
 
 def train(
@@ -193,95 +320,37 @@ def train(
     # the self-supervised auxiliary task (auxiliary.py), for adaptation on a target: never in pretraining,
     # whose cached source model must not depend on the target
     rotation = RotationHead(classifier.num_features).to(device) if auxiliary and cfg.rotation_weight > 0 and target is not None else None
-    trained = [classifier, method, *([rotation] if rotation is not None else [])]
-    optimiser = torch.optim.AdamW(_param_groups(trained, cfg.weight_decay), lr=lr, betas=(0.9, 0.999))
+    modules = {"classifier": classifier, "method": method, **({"rotation": rotation} if rotation is not None else {})}
+    optimiser = torch.optim.AdamW(_param_groups(list(modules.values()), cfg.weight_decay), lr=lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg.warmup_steps, steps))
     generator = torch.Generator().manual_seed(seed)
-    use_target = target is not None and (method.uses_target or method.draws_own_batches)
-    source_labels = source.labels
-
-    def source_inputs(idx: torch.Tensor, view: str = "default") -> torch.Tensor:
-        return to_input(augment_view(source.images[idx], cfg.augment, generator, view), device)
-
-    def target_inputs(idx: torch.Tensor, view: str = "default") -> torch.Tensor:
-        return to_input(augment_view(target.images[idx], cfg.augment, generator, view), device)
-
-    def embed_source(model: Classifier | None = None):
-        return predict(model if model is not None else classifier, source.images, device, amp=cfg.amp)
-
-    def embed_target(model: Classifier | None = None):
-        return predict(model if model is not None else classifier, target.images, device, amp=cfg.amp)
-
-    start, best_score, best_step, best_state = 0, -math.inf, 0, None
-    selectable_from = method.selection_start(steps)  # earlier checkpoints are scored, never selected
-    kept: list[tuple[int, dict[str, torch.Tensor]]] = []
-    validator_history: list[dict[str, float]] = []
-    loss_history: list[dict[str, float]] = []
-    ckpt = _resumable(checkpoint_path, fingerprint, description)
+    start, record = 0, Record()
+    ckpt = Checkpoint.load(checkpoint_path, fingerprint, description)
     if ckpt is not None:
-        classifier.load_state_dict(ckpt["classifier"])
-        method.load_state_dict(ckpt["method"])
-        method.load_extra_state(ckpt["method_extra"])
-        if rotation is not None:
-            rotation.load_state_dict(ckpt["rotation"])
-        optimiser.load_state_dict(ckpt["optimiser"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start, best_score, best_step = ckpt["step"], ckpt["best_score"], ckpt["best_step"]
-        best_state = ckpt["best_state"]
-        validator_history, loss_history = ckpt["validator_history"], ckpt["loss_history"]
+        start, record = ckpt.step, ckpt.restore(modules, method, optimiser, scheduler, generator)
 
-    def checkpoint(step: int) -> None:
-        if checkpoint_path is None:
-            return
-        _atomic_save(
-            {
-                "step": step,
-                "fingerprint": fingerprint,
-                "classifier": classifier.state_dict(),
-                "method": method.state_dict(),
-                "method_extra": method.extra_state(),
-                **({"rotation": rotation.state_dict()} if rotation is not None else {}),
-                "optimiser": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "best_score": best_score,
-                "best_step": best_step,
-                "best_state": best_state,
-                "validator_history": validator_history,
-                "loss_history": loss_history,
-            },
-            checkpoint_path,
-        )
-
-    sums: dict[str, float] = {}
-    count = 0
+    src = _Domain(source.images, classifier, cfg.augment, generator, device, cfg.amp)
+    tgt = _Domain(target.images, classifier, cfg.augment, generator, device, cfg.amp) if target is not None else None
+    use_target = tgt is not None and (method.uses_target or method.draws_own_batches)
+    context = StepContext(
+        step=start, total_steps=steps, batch_size=cfg.batch_size, generator=generator, device=device,
+        source_inputs=src.inputs, target_inputs=tgt.inputs if tgt is not None else None, source_labels=source.labels,
+        embed_source=src.embed, embed_target=tgt.embed if tgt is not None else None, num_target=len(target) if target is not None else 0,
+    )
+    selectable_from = method.selection_start(steps)  # earlier checkpoints are scored, never selected
     seconds, images = 0.0, 0
     with ProgressReport(cfg.progress, description, steps, start) as progress:
         for step in range(start, steps):
-            ctx = StepContext(
-                step=step, total_steps=steps, batch_size=cfg.batch_size, generator=generator, device=device,
-                source_inputs=source_inputs, target_inputs=target_inputs, source_labels=source_labels,
-                embed_source=embed_source, embed_target=embed_target, num_target=len(target) if target is not None else 0,
-            )
-            if method.refresh_every and target is not None and step % method.refresh_every == 0:
+            ctx = replace(context, step=step)
+            if method.refresh_every and tgt is not None and step % method.refresh_every == 0:
                 # on resume between refreshes the method's restored extra state (e.g. pairs) is used
                 method.refresh(classifier, ctx)
             t0 = time.perf_counter()
-            batch = None
-            if not method.draws_own_batches:
-                s_idx = torch.randint(len(source), (cfg.batch_size,), generator=generator)
-                x_t = t_idx = None
-                if use_target:
-                    t_idx = torch.randint(len(target), (cfg.batch_size,), generator=generator)
-                    x_t = target_inputs(t_idx)
-                batch = Batch(source_inputs(s_idx), source_labels[s_idx].to(device), x_t, t_idx)
+            batch = None if method.draws_own_batches else _draw_batch(src, tgt if use_target else None, source.labels, cfg.batch_size, generator)
             with _autocast(device, cfg.amp):
                 losses = method(classifier, batch, ctx)
                 if rotation is not None:
-                    t_rot = target_inputs(torch.randint(len(target), (cfg.batch_size,), generator=generator), "weak")
+                    t_rot = tgt.inputs(torch.randint(len(tgt.images), (cfg.batch_size,), generator=generator), "weak")
                     rot = rotation_loss(classifier, rotation, t_rot, generator)
                     losses = {**losses, "loss": losses["loss"] + cfg.rotation_weight * rot, "rotation": rot}
             optimiser.zero_grad(set_to_none=True)
@@ -293,70 +362,53 @@ def train(
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0
             images += method.images_per_step(cfg.batch_size, use_target) + (cfg.batch_size if rotation is not None else 0)
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            count += 1
+            record.add_losses(losses)
             done = step + 1
             progress.update(done, float(losses["loss"].detach()))
             if done % cfg.eval_every == 0 or done == steps:
-                loss_history.append({"step": done, **{k: v / count for k, v in sums.items()}})
-                sums, count = {}, 0
-                if target is not None:
-                    target_features, logits = embed_target()
-                    scores = score_all(logits)
-                    if source_val is not None:
-                        val_features, val_logits = predict(classifier, source_val.images, device, amp=cfg.amp)
-                        scores["dev"] = dev_score(val_features, val_logits, source_val.labels, target_features)
-                    validator_history.append({"step": done, **scores})
-                    if keep_checkpoints:
-                        kept.append((done, {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}))
-                    if done >= selectable_from and scores[validator] > best_score:
-                        best_score, best_step = scores[validator], done
-                        best_state = copy.deepcopy({k: v.cpu() for k, v in classifier.state_dict().items()})
-            if done % cfg.checkpoint_every == 0 or done == steps:
-                checkpoint(done)
+                record.close_loss_interval(done)
+                if tgt is not None:
+                    scores = _scores(tgt, classifier, source_val, device, cfg.amp)
+                    record.add_scores(done, scores, classifier, validator, done >= selectable_from, keep_checkpoints)
+            if checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+                Checkpoint.capture(done, fingerprint, modules, method, optimiser, scheduler, generator, record).save(checkpoint_path)
 
     last_state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
-    if best_state is None:
-        best_state, best_step = last_state, steps
     return TrainResult(
         last_state=last_state,
-        selected_state=best_state,
-        selected_step=best_step,
+        selected_state=record.best_state if record.best_state is not None else last_state,
+        selected_step=record.best_step if record.best_state is not None else steps,
         selected_by=validator if target is not None else "last",
-        validator_history=validator_history,
-        loss_history=loss_history,
+        validator_history=record.validator_history,
+        loss_history=record.loss_history,
         steps=steps,
         seconds=seconds,
         train_images=images,
         device=str(device),
         resumed_from=start,
         extra={"selectable_from": selectable_from},
-        checkpoint_states=kept,
+        checkpoint_states=record.kept,
     )
 
 
-def _resumable(path: Path | None, fingerprint: str | None, description: str) -> dict[str, Any] | None:
-    """The checkpoint at `path` if it belongs to this run (same fingerprint), else None.
+def _draw_batch(source: _Domain, target: _Domain | None, source_labels: torch.Tensor, batch_size: int, generator: torch.Generator) -> Batch:
+    """B random source images with their labels and, when the method trains on it, B random target images."""
+    s_idx = torch.randint(len(source.images), (batch_size,), generator=generator)
+    x_t = t_idx = None
+    if target is not None:
+        t_idx = torch.randint(len(target.images), (batch_size,), generator=generator)
+        x_t = target.inputs(t_idx)
+    return Batch(source.inputs(s_idx), source_labels[s_idx].to(source.device), x_t, t_idx)
 
-    Tensors and plain containers only (weights_only=True): a checkpoint never runs code when read.
-    A checkpoint of another run (other params, data, code or start weights) is never continued:
-    it is set aside as `<name>.stale` and the run starts fresh, saying so in one line.
-    """
-    if path is None or not path.exists():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated file, pickle payload, foreign format
-        _say(f"{description}: {path} is not a readable udaflow checkpoint ({type(exc).__name__}); starting fresh")
-        path.replace(path.with_suffix(".stale"))
-        return None
-    if ckpt.get("fingerprint") != fingerprint:
-        _say(f"{description}: {path} was written by another run (params, data, code or start weights differ); starting fresh")
-        path.replace(path.with_suffix(".stale"))
-        return None
-    _say(f"{description}: resuming from step {ckpt['step']} ({path})")
-    return ckpt
+
+def _scores(target: _Domain, classifier: Classifier, source_val: LabelledImages | None, device: torch.device, amp: bool) -> dict[str, float]:
+    """Every label-free validator's score of the current classifier; DEV when labelled source validation data is given."""
+    target_features, logits = target.embed()
+    scores = score_all(logits)
+    if source_val is not None:
+        val_features, val_logits = predict(classifier, source_val.images, device, amp=amp)
+        scores["dev"] = dev_score(val_features, val_logits, source_val.labels, target_features)
+    return scores
 
 
 def _say(line: str) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from udaflow import engine
+from udaflow.data.datasets import LabelledImages
 from udaflow.methods import create_method
 from udaflow.models import build_classifier
 from udaflow.validators import VALIDATORS, score_all
@@ -176,8 +177,6 @@ def test_accuracy_by_hand():
 
 def test_dev_selection_uses_source_val_and_keeps_scored_checkpoints(tiny_shift, make_train_config):
     source, target, _ = tiny_shift
-    from udaflow.data.datasets import LabelledImages
-
     val = LabelledImages(source.images[:30], source.labels[:30], source.classes, "src-val")
     clf, method = _fresh("dann", None)
     with pytest.raises(ValueError, match="source_val"):
@@ -303,6 +302,68 @@ def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tiny_shift, make_tr
     assert result.resumed_from == 0
     assert not (tmp_path / "PWNED").exists()
     assert "not a readable udaflow checkpoint" in capsys.readouterr().err
+
+
+def test_resume_inside_a_loss_interval_with_kept_checkpoints_is_bit_identical(tiny_shift, make_train_config, tmp_path):
+    """Resume points that are not evaluation points: the open interval's loss sums and the kept
+    checkpoints (the pretraining cache keeps them for the validator study) travel in the checkpoint."""
+    source, target, _ = tiny_shift
+    val = LabelledImages(source.images[:30], source.labels[:30], source.classes, "src-val")
+    cfg = make_train_config(checkpoint_every=6, eval_every=5)
+
+    def run(ckpt, kill_at_call=None):
+        clf, method = _fresh("dann", None, kill_at_call)
+        return engine.train(clf, method, source, target, cfg, steps=20, lr=3e-3, seed=0, checkpoint_path=ckpt,
+                            source_val=val, validator="dev", keep_checkpoints=True)
+
+    uninterrupted = run(None)
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(Killed):
+        run(ckpt, kill_at_call=16)  # last resume point: step 12, two steps into the interval (10, 15]
+    resumed = run(ckpt)
+    assert resumed.resumed_from == 12
+    assert resumed.loss_history == uninterrupted.loss_history
+    assert resumed.validator_history == uninterrupted.validator_history
+    assert [s for s, _ in resumed.checkpoint_states] == [s for s, _ in uninterrupted.checkpoint_states] == [5, 10, 15, 20]
+    for (_, a), (_, b) in zip(uninterrupted.checkpoint_states, resumed.checkpoint_states):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.selected_step == uninterrupted.selected_step
+    assert all(torch.equal(v, resumed.last_state[k]) for k, v in uninterrupted.last_state.items())
+
+
+def test_a_checkpoint_is_one_file_of_tensors_and_plain_values(tiny_shift, make_train_config, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    with pytest.raises(Killed):
+        _run("cdtrans", {"refresh_every": 5}, tiny_shift, make_train_config(checkpoint_every=10), ckpt, kill_at_call=16, fingerprint="run-a")
+    saved = torch.load(ckpt, weights_only=True)  # no pickled objects: nothing in it can run code
+    assert saved["format"] == engine.Checkpoint.FORMAT and saved["step"] == 10 and saved["fingerprint"] == "run-a"
+    back = engine.Checkpoint.load(ckpt, "run-a", "adapt")
+    assert back.step == 10 and set(back.weights) == {"classifier", "method"}
+    assert [row["step"] for row in back.record.loss_history] == [10]
+    assert back.method_extra["pairs"] is not None  # the method's own state (cdtrans's pairs) is in it
+    assert "adapt: resuming from step 10" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, needle", [
+    # what udaflow wrote before checkpoints had a format: a loose dict with the same fingerprint
+    ({"step": 10, "fingerprint": None, "classifier": {}, "optimiser": {}, "best_score": 0.0}, "was written by an older udaflow"),
+    ([1, 2, 3], "was written by an older udaflow"),
+    ({"format": engine.Checkpoint.FORMAT, "step": 10, "fingerprint": None}, "is not a readable udaflow checkpoint (KeyError)"),
+    (b"PK\x03\x04 truncated", "is not a readable udaflow checkpoint"),
+])
+def test_an_unusable_checkpoint_is_set_aside_never_a_crash(tiny_shift, make_train_config, tmp_path, capsys, content, needle):
+    ckpt = tmp_path / "ckpt.pt"
+    if isinstance(content, bytes):
+        ckpt.write_bytes(content)
+    else:
+        torch.save(content, ckpt)
+    result = _run("source_only", None, tiny_shift, make_train_config(), ckpt)
+    assert result.resumed_from == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if str(ckpt) in line]
+    assert len(lines) == 1 and needle in lines[0] and lines[0].endswith("starting fresh"), lines
+    assert (tmp_path / "ckpt.stale").exists()
+    fresh = _run("source_only", None, tiny_shift, make_train_config(), None)
+    assert all(torch.equal(v, result.last_state[k]) for k, v in fresh.last_state.items())  # exactly a fresh run
 
 
 def test_run_fingerprint_covers_params_data_and_start_weights(tiny_shift):
