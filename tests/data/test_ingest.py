@@ -16,20 +16,13 @@ from udaflow.data.domains import build_domain
 from udaflow.data.ingest import ingest_domain
 from udaflow.data.manifest import DataError, read_manifest
 
-REPO = Path(__file__).resolve().parents[2]
+from ingest_project import make_project, snapshot
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """git + DVC + the repository's own .gitignore and a dvc.yaml whose stage outputs `data/raw/builtin`."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    versioning.init_repo(root)
-    shutil.copyfile(REPO / ".gitignore", root / ".gitignore")
-    (root / "dvc.yaml").write_text("stages:\n  build:\n    cmd: 'true'\n    outs:\n      - data/raw/builtin\n")
-    (root / "data/raw").mkdir(parents=True)
-    return root
+    return make_project(tmp_path / "proj")
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +46,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 def ingest(project: Path, folder: Path, name: str, **kw):
     kw.setdefault("report_dir", project / "runs/ingest" / name)
     return ingest_domain(folder, name, project / "data/raw", seed=0, **kw)
-
-
-def snapshot(project: Path) -> dict:
-    """Everything a failed ingest must leave as it was."""
-    def tree(folder: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(project)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
-
-    git = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=project, capture_output=True, text=True, check=True).stdout
-    return {"data": tree(project / "data"), "cache": tree(project / ".dvc/cache"), "git": git, "lock": tree(project / "dvc.lock")}
 
 
 def test_new_names_are_versioned_in_the_real_layout(project: Path, folders):

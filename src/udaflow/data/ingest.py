@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,63 +31,145 @@ def check_domain_name(name: str) -> None:
         raise DataError(f"domain name '{name}': use lower-case letters, digits, '-' and '_' (e.g. 'factory-b')")
 
 
-def _images_under(folder: Path, root: Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder` (and, `recursive`, in its sub-folders, as torchvision's ImageFolder reads a class)."""
+def shown(path: Path) -> str:
+    """`path` as an error message can print it: undecodable bytes and control characters escaped."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return "".join(repr(c)[1:-1] if _breaks_lines(c) else c for c in text)
+
+
+def _breaks_lines(c: str) -> bool:
+    """A control character (line break, tab, escape, ...) or a Unicode line/paragraph separator."""
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
+
+
+_RESERVED = {MANIFEST_NAME, MANIFEST_NAME + ".tmp"}  # what write_manifest puts at the domain's top
+
+
+def _check_entry(path: Path, root: Path) -> Path:
+    """Refuse a name or a link that ingestion cannot copy faithfully; returns the path's real target."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{shown(path)}: the name is not valid UTF-8; rename it") from None
+    if any(_breaks_lines(c) for c in path.name):
+        raise DataError(f"{shown(path)}: the name holds a control character (a line break, tab, ...); rename it")
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a link chain that loops ("Symlink loop from ...")
+        raise DataError(f"{shown(path)}: symlink loop, it never reaches a file; remove it") from None
+    if path.is_symlink():
+        if not resolved.is_relative_to(root.resolve()):
+            raise DataError(f"{shown(path)}: symlink points outside the dataset root ({shown(resolved)}); copy the file in instead")
+        if not resolved.exists():
+            raise DataError(f"{shown(path)}: broken symlink, its target {shown(resolved)} does not exist; remove it or copy the file in")
+    return resolved
+
+
+def _images_under(folder: Path, root: Path, recursive: bool = False, seen: set[Path] | None = None) -> list[Path]:
+    """Image files in `folder` (and, `recursive`, in its sub-folders, as torchvision's ImageFolder reads a class).
+
+    Anything that cannot be copied as it is read is refused, naming it: a non-image file, a pipe or
+    device, a name that is not valid UTF-8 or holds a control character, a symlink escaping `root`,
+    a broken symlink, a folder reached twice through a symlink (a loop, or a class read twice).
+    Hidden names (starting with '.') are skipped.
+    """
+    seen = set() if seen is None else seen
     files = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        resolved = path.resolve()
-        if path.is_symlink() and not resolved.is_relative_to(root.resolve()):
-            raise DataError(f"{path}: symlink points outside the dataset root ({resolved}); copy the file in instead")
+        resolved = _check_entry(path, root)
         if path.is_file():
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DataError(f"{path}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))}); move it out of the folder")
+                raise DataError(f"{shown(path)}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))}); move it out of the folder")
             files.append(path)
-        elif recursive and path.is_dir():
-            files += _images_under(path, root, recursive=True)
+        elif path.is_dir():
+            if recursive:
+                if resolved in seen:
+                    raise DataError(f"{shown(path)}: symlink to {shown(resolved)}, a folder this ingest reads already (a loop or a duplicate); remove it")
+                seen.add(resolved)
+                files += _images_under(path, root, recursive=True, seen=seen)
+        else:
+            raise DataError(f"{shown(path)}: not a regular file or folder (a pipe, socket or device); remove it")
     return files
+
+
+def _unreadable_reason(file: Path) -> str:
+    """Why PIL cannot decode `file` (for an error message)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            img.load()
+    except UnidentifiedImageError:
+        return "not an image format PIL recognises"
+    except Exception as exc:  # noqa: BLE001 - the decoder's own words
+        return str(exc).strip() or type(exc).__name__
+    return "decoding failed"
 
 
 def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: float = 0.2, seed: int = 0) -> Path:
     """Copy an ImageFolder (or flat folder) into data_root/.<name>.ingesting with a manifest; returns that folder.
 
     Nothing under data_root/<name> is touched: the caller validates the staged copy, then swaps it in.
+    Every image must decode (a corrupt or truncated file is refused here, naming it); on any error
+    the staged copy is removed again.
     """
     check_domain_name(name)
     source = Path(source)
     if not source.is_dir():
-        raise DataError(f"{source}: not a directory", LAYOUT_HINT)
-    class_dirs = [d for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-    entries: list[tuple[Path, str]] = []
+        raise DataError(f"{shown(source)}: not a directory", LAYOUT_HINT)
+    seen = {source.resolve()}
+    class_dirs = []
+    for d in sorted(source.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        resolved = _check_entry(d, source)
+        if d.name in _RESERVED:
+            raise DataError(f"{shown(d)}: a class folder cannot be named '{d.name}', the domain's manifest uses that name; rename it", LAYOUT_HINT)
+        if resolved in seen:
+            raise DataError(f"{shown(d)}: symlink to {shown(resolved)}, a folder this ingest reads already (a loop or a duplicate); remove it")
+        seen.add(resolved)
+        class_dirs.append(d)
+    entries: list[tuple[Path, str, Path]] = []
     if class_dirs:
-        for d in class_dirs:
-            files = _images_under(d, source, recursive=True)
-            if not files:
-                raise DataError(f"{d}: class '{d.name}' has no images", LAYOUT_HINT)
-            entries += [(f, d.name, f.relative_to(d)) for f in files]
         stray = _images_under(source, source)
         if stray:
-            raise DataError(f"{stray[0]}: image outside any class folder in an ImageFolder layout", LAYOUT_HINT)
+            raise DataError(f"{shown(stray[0])}: image outside any class folder in an ImageFolder layout", LAYOUT_HINT)
+        for d in class_dirs:
+            files = _images_under(d, source, recursive=True, seen=seen)
+            if not files:
+                raise DataError(f"{shown(d)}: class '{d.name}' has no images", LAYOUT_HINT)
+            entries += [(f, d.name, f.relative_to(d)) for f in files]
     else:
         entries = [(f, "", Path(f.name)) for f in _images_under(source, source)]
     if not entries:
-        raise DataError(f"{source}: no images found", LAYOUT_HINT)
+        raise DataError(f"{shown(source)}: no images found", LAYOUT_HINT)
 
     labelled = bool(class_dirs)
     splits = stratified_split([label for _, label, _ in entries], holdout_fraction, seed) if labelled else ["train"] * len(entries)
     staged = Path(data_root) / f".{name}.ingesting"
     shutil.rmtree(staged, ignore_errors=True)
     try:
-        rows = []
+        rows, unreadable = [], []
         for (file, label, inside), split in zip(entries, splits):
+            try:
+                data = file.read_bytes()
+            except OSError as exc:
+                raise DataError(f"{shown(file)}: cannot be read ({exc.strerror or exc})") from None
             dest = staged / label / inside  # a class's sub-folders are kept: same-named files cannot collide
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, dest)
-            row = describe_image(dest, staged, label, split, shown=file)
+            dest.write_bytes(data)
+            row = describe_image(dest, staged, label, split, shown=Path(shown(file)))
             if max(row.width, row.height) > MAX_SIDE:
-                raise DataError(f"{file}: {row.width}x{row.height} px, over the {MAX_SIDE} px limit; refused from its header, not decoded")
+                raise DataError(f"{shown(file)}: {row.width}x{row.height} px, over the {MAX_SIDE} px limit; refused from its header, not decoded")
+            if not row.decodable:
+                unreadable.append((file, dest))
             rows.append(row)
+        if unreadable:
+            (file, dest), more = unreadable[0], [shown(f) for f, _ in unreadable[1:]]
+            also = f"; {len(more)} more cannot be decoded either (e.g. {', '.join(more[:3])})" if more else ""
+            raise DataError(f"{shown(file)}: not a readable image ({_unreadable_reason(dest)}){also}", "fix or remove the file(s) and ingest again")
         write_manifest(staged, rows)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

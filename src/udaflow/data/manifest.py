@@ -67,7 +67,7 @@ def write_manifest(root: Path, rows: list[ManifestRow]) -> Path:
     rows = sorted(rows, key=lambda r: r.path)
     out = root / MANIFEST_NAME
     tmp = out.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as fh:
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in rows:
@@ -80,7 +80,7 @@ def read_manifest(root: Path) -> list[ManifestRow]:
     path = root / MANIFEST_NAME
     if not path.exists():
         raise DataError(f"{path}: no manifest; build the domain with `udaflow data build` or `udaflow data ingest`")
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         missing = set(COLUMNS) - set(reader.fieldnames or [])
         if missing:
