@@ -2,17 +2,23 @@
 
 params.yaml holds every parameter (DVC reads it too). A profile (`quick`, `full`) is a partial
 config deep-merged over the base; `--set a.b=value` overrides are applied last. Every model is
-`extra="forbid"`, so a misspelt key fails with its dotted path instead of being ignored.
+`extra="forbid"`, so a misspelt key fails with its dotted path instead of being ignored; a value
+of the wrong type or out of range fails the same way: `params.yaml: train.lr: must be > 0 (got -1)`.
+
+`methods.<name>` holds each method's options; their models (`MethodConfig` subclasses, one per
+method file) are checked by `udaflow.preflight.validate_run`, which also checks the names that
+need a registry (method, validators, backbone) and that the domains exist.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -21,6 +27,25 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's `Config` (params.yaml `methods.<name>`): an unknown key, a wrong type
+    or a value out of its range is refused. Types are strict (no "0.5" for a number, no 1 for
+    true) except that an integer is fine for a float; YAML has lists only, so a list is read as a
+    tuple where the field is one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_as_tuples(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        def is_tuple(key: str) -> bool:
+            field = cls.model_fields.get(key)
+            return field is not None and (get_origin(field.annotation) or field.annotation) is tuple
+        return {k: tuple(v) if isinstance(v, list) and is_tuple(k) else v for k, v in values.items()}
 
 
 class DataConfig(_Strict):
@@ -87,6 +112,9 @@ class PromotionConfig(_Strict):
     validator: str | None = None  # label-free score the gate compares without target labels; None = `validator`
 
 
+DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a folder under data.root, as `udaflow data ingest --name` makes
+
+
 class Config(_Strict):
     seed: int = 0
     source: str = "synth"
@@ -101,6 +129,13 @@ class Config(_Strict):
     bench: BenchConfig = Field(default_factory=BenchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    @field_validator("source", "target")
+    @classmethod
+    def _domain_name(cls, name: str) -> str:
+        if not DOMAIN_NAME.match(name):
+            raise ValueError("not a domain name: lower-case letters, digits, '-' and '_' (a folder under data.root)")
+        return name
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -121,13 +156,63 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw)
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return f"{source}: key '{key}': {msg}"
+_EXPECTED = {
+    "float_type": "a number", "float_parsing": "a number", "int_type": "an integer", "int_parsing": "an integer",
+    "int_from_float": "an integer", "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "a string", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "tuple_type": "a list", "list_type": "a list", "path_type": "a path",
+}
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML (true, null, 1.5, 'text'), kept short."""
+    if isinstance(value, bool) or value is None:
+        text = {True: "true", False: "false", None: "null"}[value]
+    else:
+        text = repr(str(value) if isinstance(value, Path) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _known_keys(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys the (sub)model at `loc`'s parent accepts, for an unknown key's message."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def explain(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
+    """The first error of a pydantic validation as one line naming the full dotted key:
+    `methods.adamatch.tau: must be <= 1 (got 1.5)`. `prefix` is the key of the validated mapping
+    (e.g. `methods.adamatch`); `model` the validated class, for the known keys of an unknown one."""
+    first = err.errors(include_url=False)[0]
+    loc = tuple(first["loc"])
+    key = prefix
+    for part in loc:  # methods.ssrt.layers[1]
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    kind, ctx = first["type"], first.get("ctx") or {}
+    if kind == "extra_forbidden":
+        known = _known_keys(model, loc)
+        return f"{key}: unknown key" + (f" (known: {', '.join(known)})" if known else "")
+    if kind in _BOUNDS:
+        name, op = _BOUNDS[kind]
+        why = f"must be {op} {_number(ctx[name])}"
+    elif kind in _EXPECTED:
+        why = f"expected {_EXPECTED[kind]}"
+    elif kind == "finite_number":
+        why = "must be a finite number"
+    elif kind == "value_error":
+        why = str(ctx.get("error") or first["msg"].removeprefix("Value error, "))
+    else:
+        msg = first["msg"].replace("Input should be", "must be")
+        why = msg[:1].lower() + msg[1:]
+    return f"{key}: {why} (got {_show(first['input'])})"
 
 
 def load_config(
@@ -162,4 +247,4 @@ def load_config(
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(str(path), exc)) from None
+        raise ConfigError(f"{path}: {explain(exc, model=Config)}") from None

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
 from udaflow.pseudo_labels import PseudoLabelFilter, ema_update
@@ -84,11 +84,10 @@ def adamatch_losses(
     return {"cls": cls, "unlabelled": unlabelled, "mask_rate": mask.mean()}
 
 
-@dataclass
-class AdaMatchConfig:
-    tau: float = 0.9  # relative confidence threshold (x the source's mean top-1 confidence)
-    teacher_ema: float = 0.0  # > 0: target pseudo-labels from an EMA teacher of the weights (decay per step)
-    unlabelled_weight: float = 1.0  # weight of the target pseudo-label loss once ramped up
+class AdaMatchConfig(MethodConfig):
+    tau: float = Field(0.9, gt=0, le=1)  # relative confidence threshold (x the source's mean top-1 confidence)
+    teacher_ema: float = Field(0.0, ge=0, lt=1)  # > 0: target pseudo-labels from an EMA teacher of the weights (decay per step)
+    unlabelled_weight: float = Field(1.0, ge=0)  # weight of the target pseudo-label loss once ramped up
     logit_interpolation: bool = False  # the paper's second, source-only pass (BN statistics per domain): 1.5x the cost
 
 

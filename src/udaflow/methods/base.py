@@ -6,7 +6,6 @@ optimisers, schedules, AMP and checkpoints. No training loop lives in a method.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -93,20 +92,16 @@ class Method(nn.Module):
 
 
 def config_from_dict(cls: type, values: dict[str, Any], where: str):
-    """Build a method's Config dataclass; unknown keys and wrong types name their dotted path."""
-    from udaflow.config import ConfigError
+    """Build a method's Config (a pydantic `MethodConfig`) from params.yaml's `methods.<name>`; an
+    unknown key, a wrong type or a value out of range raises ConfigError naming the full dotted key,
+    e.g. `methods.adamatch.tau: must be <= 1 (got 1.5)`."""
+    from pydantic import ValidationError
 
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    values = dict(values)
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(known)})")
-        expected = type(known[key].default)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if expected is tuple and isinstance(value, list):  # YAML has lists only
-            values[key] = tuple(value)
-            continue
-        if not isinstance(value, expected):
-            raise ConfigError(f"{where}.{key}: expected {expected.__name__}, got {value!r}")
-    return cls(**values)
+    from udaflow.config import ConfigError, explain
+
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of options (got {values!r})")
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(explain(exc, where, cls)) from None

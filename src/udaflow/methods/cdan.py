@@ -10,11 +10,11 @@ Confident examples weigh more, so alignment follows the classes instead of the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
 from udaflow.methods.dann import domain_adversarial_loss, grl_coeff
@@ -33,12 +33,11 @@ def entropy_weights(probs: torch.Tensor) -> torch.Tensor:
     return w / w.sum() * len(w)
 
 
-@dataclass
-class CdanConfig:
-    trade_off: float = 1.0
-    hidden: int = 256
+class CdanConfig(MethodConfig):
+    trade_off: float = Field(1.0, ge=0)
+    hidden: int = Field(256, ge=1)
     entropy: bool = True  # entropy conditioning (CDAN+E)
-    label_smoothing: float = 0.1
+    label_smoothing: float = Field(0.1, ge=0, le=1)
 
 
 @register_method("cdan")

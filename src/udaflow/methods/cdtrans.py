@@ -30,13 +30,13 @@ from an aligned model, so the warm-up must not eat into it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import copy
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
 from udaflow.methods.dann import domain_adversarial_loss, grl_coeff
@@ -109,20 +109,19 @@ def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor
     return (teacher * (torch.log(teacher + 1e-8) - log_student)).sum(1).mean() * t * t
 
 
-@dataclass
-class CdtransConfig:
-    refresh_every: int = 50  # steps between pseudo-label / pair refreshes (measured: 200 -> 71%, 100 -> 79% synth->mnist)
-    target_weight: float = 1.0  # CE of the target branch on the pair labels
-    distill_weight: float = 1.0  # cross branch -> target branch distillation
-    temperature: float = 1.0  # distillation temperature
-    start_fraction: float = 0.5  # share of each pseudo-class's most confident targets used at first
-    ramp: float = 0.5  # progress (of the pair phase, after warm-up) at which every agreeing pair is used
-    label_smoothing: float = 0.1
-    adversarial_weight: float = 0.0  # DANN gradient-reversal domain loss on source/target branch features; 0 = off
-    hidden: int = 256  # domain discriminator width (when adversarial_weight > 0)
-    warmup_fraction: float = 0.0  # share of training with source CE (+ adversarial) only, before any pairs
-    ema: float = 0.0  # EMA decay of the teacher that pseudo-labels and pairs; 0 = use the current weights
-    step_scale: float = 1.0  # adapt for step_scale * train.adapt_steps (the warm-up is part of them); 1 = as every method
+class CdtransConfig(MethodConfig):
+    refresh_every: int = Field(50, ge=1)  # steps between pseudo-label / pair refreshes (measured: 200 -> 71%, 100 -> 79% synth->mnist)
+    target_weight: float = Field(1.0, ge=0)  # CE of the target branch on the pair labels
+    distill_weight: float = Field(1.0, ge=0)  # cross branch -> target branch distillation
+    temperature: float = Field(1.0, gt=0)  # distillation temperature
+    start_fraction: float = Field(0.5, gt=0, le=1)  # share of each pseudo-class's most confident targets used at first
+    ramp: float = Field(0.5, ge=0, le=1)  # progress (of the pair phase, after warm-up) at which every agreeing pair is used
+    label_smoothing: float = Field(0.1, ge=0, le=1)
+    adversarial_weight: float = Field(0.0, ge=0)  # DANN gradient-reversal domain loss on source/target branch features; 0 = off
+    hidden: int = Field(256, ge=1)  # domain discriminator width (when adversarial_weight > 0)
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)  # share of training with source CE (+ adversarial) only, before any pairs
+    ema: float = Field(0.0, ge=0, lt=1)  # EMA decay of the teacher that pseudo-labels and pairs; 0 = use the current weights
+    step_scale: float = Field(1.0, gt=0)  # adapt for step_scale * train.adapt_steps (the warm-up is part of them); 1 = as every method
 
 
 @register_method("cdtrans")

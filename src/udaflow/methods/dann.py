@@ -15,11 +15,11 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
 from udaflow.models.heads import DomainDiscriminator, grad_reverse
@@ -49,11 +49,10 @@ def domain_adversarial_loss(
     return 0.5 * (s_loss + t_loss)
 
 
-@dataclass
-class DannConfig:
-    trade_off: float = 1.0  # weight of the adversarial loss
-    hidden: int = 256  # discriminator width
-    label_smoothing: float = 0.1
+class DannConfig(MethodConfig):
+    trade_off: float = Field(1.0, ge=0)  # weight of the adversarial loss
+    hidden: int = Field(256, ge=1)  # discriminator width
+    label_smoothing: float = Field(0.1, ge=0, le=1)
 
 
 @register_method("dann")

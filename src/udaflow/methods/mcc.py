@@ -10,11 +10,11 @@ Adaptation", ECCV 2020).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
 
@@ -31,11 +31,10 @@ def class_confusion_loss(target_logits: torch.Tensor, temperature: float = 2.5) 
     return (confusion.sum() - confusion.trace()) / k
 
 
-@dataclass
-class MccConfig:
-    trade_off: float = 1.0
-    temperature: float = 2.5
-    label_smoothing: float = 0.1
+class MccConfig(MethodConfig):
+    trade_off: float = Field(1.0, ge=0)
+    temperature: float = Field(2.5, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, le=1)
 
 
 @register_method("mcc")

@@ -8,17 +8,16 @@ The engine feeds it labelled target-train images in the source slot of the batch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
+from pydantic import Field
 
+from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
 
 
-@dataclass
-class OracleConfig:
-    label_smoothing: float = 0.1
+class OracleConfig(MethodConfig):
+    label_smoothing: float = Field(0.1, ge=0, le=1)
 
 
 @register_method("oracle")

@@ -5,17 +5,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
+from pydantic import Field
 
+from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
 
 
-@dataclass
-class SourceOnlyConfig:
-    label_smoothing: float = 0.1  # on the source cross-entropy
+class SourceOnlyConfig(MethodConfig):
+    label_smoothing: float = Field(0.1, ge=0, le=1)  # on the source cross-entropy
 
 
 @register_method("source_only")

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
+from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
 from udaflow.methods.dann import domain_adversarial_loss, grl_coeff
@@ -77,17 +78,16 @@ def diversity_dropped(diversities: list[float], previous: list[float] | None, le
     return False
 
 
-@dataclass
-class SsrtConfig:
-    trade_off: float = 1.0  # weight of the adversarial loss
-    hidden: int = 256  # discriminator width
-    sr_weight: float = 0.2  # weight of the self-refinement (consistency) loss, once ramped in
-    alpha: float = 0.3  # perturbation strength towards another target image's tokens
-    layers: tuple = ()  # blocks whose input tokens may be perturbed; () = every block
-    eps: float = 0.4  # confidence above which a prediction is refined
-    period: int = 200  # T: steps between snapshots, and the ramp length
-    levels: int = 4  # L: sub-interval splits of a period checked for a diversity drop
-    label_smoothing: float = 0.1
+class SsrtConfig(MethodConfig):
+    trade_off: float = Field(1.0, ge=0)  # weight of the adversarial loss
+    hidden: int = Field(256, ge=1)  # discriminator width
+    sr_weight: float = Field(0.2, ge=0)  # weight of the self-refinement (consistency) loss, once ramped in
+    alpha: float = Field(0.3, ge=0, le=1)  # perturbation strength towards another target image's tokens
+    layers: tuple[Annotated[int, Field(ge=0)], ...] = ()  # blocks whose input tokens may be perturbed; () = every block
+    eps: float = Field(0.4, ge=0, le=1)  # confidence above which a prediction is refined
+    period: int = Field(200, ge=1)  # T: steps between snapshots, and the ramp length
+    levels: int = Field(4, ge=0)  # L: sub-interval splits of a period checked for a diversity drop
+    label_smoothing: float = Field(0.1, ge=0, le=1)
 
 
 @register_method("ssrt")
