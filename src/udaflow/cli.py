@@ -1,30 +1,125 @@
 """The `udaflow` command.
 
-Errors a person can fix (bad params, bad data, unknown names) print one line plus a hint and exit
-with code 2; `--debug` shows the traceback instead.
+Errors a person can fix (bad params, bad data, unknown names, a model or run that does not exist)
+print one line plus a hint and exit with code 2; `--debug` shows the traceback instead. One place
+does this for every command (`_Commands.invoke`); any other exception is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import json
+import linecache
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
-app = typer.Typer(help="Transformer unsupervised domain adaptation, run as a pipeline.", no_args_is_help=True, add_completion=False)
+_STATE = {"debug": False}
+
+
+class NotFound(LookupError):
+    """A model or run the command names does not exist: checked before any flow starts."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.hint = hint
+
+
+# a known error without a hint of its own gets its command's
+_HINTS = {
+    "reproduce": "run ids are in `udaflow run`'s summary and the MLflow UI (`udaflow ui`)",
+    "promote": "list registered models with `udaflow ui`",
+    "rollback": "a rollback needs at least two promotions in the model's history",
+}
+_CONFIG_HINT = "keys and defaults are in params.yaml; each method's options and their ranges are its Config (src/udaflow/methods/)"
+
+
+_ERROR_TYPES = (  # udaflow's error types, by module
+    ("udaflow.config", "ConfigError"), ("udaflow.data.manifest", "DataError"), ("udaflow.methods", "UnknownMethodError"),
+    ("udaflow.models.backbone", "BackboneError"), ("udaflow.versioning", "VersioningError"),
+)
+
+
+def _error_types() -> tuple[type[BaseException], ...]:
+    """The error types of the modules loaded so far: one that was never imported raised nothing
+    (so a failing command does not import torch just to check)."""
+    loaded = [getattr(sys.modules[mod], name) for mod, name in _ERROR_TYPES if mod in sys.modules]
+    return (NotFound, *loaded)
+
+
+def _raised_on_purpose(exc: BaseException) -> bool:
+    """A `raise` statement in udaflow, flows or tasks: an error with a message meant for the user.
+
+    The same types raised inside torch, numpy or a library (a shape mismatch, a KeyError from a
+    lookup in our code) start nowhere near a `raise` of ours: they are bugs."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = Path(tb.tb_frame.f_code.co_filename).resolve()
+    roots = [Path(d).resolve() for name in ("udaflow", "flows", "tasks") if (m := sys.modules.get(name)) for d in getattr(m, "__path__", [])]
+    if not any(filename.is_relative_to(root) for root in roots):
+        return False
+    return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def _is_known(exc: Exception) -> bool:
+    """udaflow's error types, or a ValueError / RuntimeError / FileNotFoundError / LookupError
+    that udaflow's own code raised on purpose; never a KeyError, IndexError or NotImplementedError."""
+    if isinstance(exc, _error_types()):
+        return True
+    if isinstance(exc, (KeyError, IndexError, NotImplementedError)):
+        return False
+    return isinstance(exc, (ValueError, RuntimeError, FileNotFoundError, LookupError)) and _raised_on_purpose(exc)
+
+
+def _report(exc: Exception, command: str | None) -> None:
+    """One line for a known error, then the error's own hint (or its kind's, or its command's)."""
+    from udaflow.config import ConfigError
+
+    hint = getattr(exc, "hint", None) or (_CONFIG_HINT if isinstance(exc, ConfigError) else _HINTS.get(command or ""))
+    err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)  # Text: no markup in messages
+    if hint:
+        err_console.print(Text(f"hint: {hint}"), highlight=False, soft_wrap=True)
+
+
+class _Commands(TyperGroup):
+    """The root command group: every command runs inside its `invoke`, the one place that turns a
+    known error into `error: <one line>` (+ `hint:`) and exit code 2. Any other exception, and
+    every exception under --debug, propagates with its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # exit codes, Ctrl-C and usage errors: click's own handling
+        except Exception as exc:
+            if _STATE["debug"] or not _is_known(exc):
+                raise
+            _report(exc, ctx.invoked_subcommand)
+            raise typer.Exit(code=2) from None
+
+
+app = typer.Typer(
+    cls=_Commands, help="Transformer unsupervised domain adaptation, run as a pipeline.", no_args_is_help=True, add_completion=False,
+)
 data_app = typer.Typer(help="Build and import domains under data/raw.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 # piped output (CI logs, `| tee`) gets full-width tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-
-_STATE = {"debug": False}
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (every run parameter)")]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="quick | full (profiles in params.yaml)")]
@@ -43,27 +138,6 @@ def setup_environment() -> None:
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }.items():
         os.environ.setdefault(key, value)
-
-
-def _fail(exc: BaseException, hint: str | None = None) -> None:
-    """One line for a known error, then the error's own hint (or the command's, when it has none)."""
-    if _STATE["debug"]:
-        raise exc
-    hint = getattr(exc, "hint", None) or hint
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    if hint:
-        err_console.print(f"hint: {hint}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-def _known_errors():
-    from udaflow.config import ConfigError
-    from udaflow.data.manifest import DataError
-    from udaflow.methods import UnknownMethodError
-    from udaflow.models import BackboneError
-    from udaflow.versioning import VersioningError
-
-    return (ConfigError, DataError, UnknownMethodError, BackboneError, VersioningError, ValueError, FileNotFoundError, RuntimeError)
 
 
 def _load(params: Path, profile: str | None, overrides: list[str] | None, **extra: str | None):
@@ -86,22 +160,19 @@ def data_build(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Build the built-in domains (synth, mnist, mnistm) as ImageFolder PNGs + manifests."""
-    try:
-        from udaflow.data.domains import BUILTIN_DOMAINS, build_domain
+    from udaflow.data.domains import BUILTIN_DOMAINS, build_domain
 
-        cfg = _load(params, None, None)
-        names = [d.strip() for d in domains.split(",") if d.strip()]
-        unknown = [d for d in names if d not in BUILTIN_DOMAINS]
-        if unknown:
-            raise ValueError(f"unknown built-in domain(s) {unknown} (known: {', '.join(BUILTIN_DOMAINS)})")
-        for name in names:
-            t0 = time.perf_counter()
-            out = build_domain(name, cfg.data.root, seed=seed, synth_size=cfg.data.synth_size, holdout_fraction=cfg.data.holdout_fraction)
-            n = sum(1 for _ in (out / "manifest.csv").open()) - 1
-            console.print(f"built [bold]{name}[/]: {n} images in {out} ({time.perf_counter() - t0:.1f}s)")
-            _version(out)
-    except _known_errors() as exc:
-        _fail(exc)
+    cfg = _load(params, None, None)
+    names = [d.strip() for d in domains.split(",") if d.strip()]
+    unknown = [d for d in names if d not in BUILTIN_DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown built-in domain(s) {unknown} (known: {', '.join(BUILTIN_DOMAINS)})")
+    for name in names:
+        t0 = time.perf_counter()
+        out = build_domain(name, cfg.data.root, seed=seed, synth_size=cfg.data.synth_size, holdout_fraction=cfg.data.holdout_fraction)
+        n = sum(1 for _ in (out / "manifest.csv").open()) - 1
+        console.print(f"built [bold]{name}[/]: {n} images in {out} ({time.perf_counter() - t0:.1f}s)")
+        _version(out)
 
 
 def _version(folder: Path) -> None:
@@ -136,35 +207,32 @@ def data_ingest(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Import a user's image folder as a domain: validated (GX), then versioned (DVC); all or nothing."""
-    try:
-        from udaflow.data.ingest import ingest_domain
+    from udaflow.data.ingest import ingest_domain
 
-        cfg = _load(params, None, None)
-        result = ingest_domain(
-            path, name, Path(cfg.data.root), source=source, replace=replace, holdout_fraction=cfg.data.holdout_fraction,
-            seed=cfg.seed, min_per_class=cfg.data.min_per_class, report_dir=Path(cfg.work_dir) / "ingest" / name / "validation",
-            progress=lambda line: console.print(f"  {line}", highlight=False),
+    cfg = _load(params, None, None)
+    result = ingest_domain(
+        path, name, Path(cfg.data.root), source=source, replace=replace, holdout_fraction=cfg.data.holdout_fraction,
+        seed=cfg.seed, min_per_class=cfg.data.min_per_class, report_dir=Path(cfg.work_dir) / "ingest" / name / "validation",
+        progress=lambda line: console.print(f"  {line}", highlight=False),
+    )
+    kind = "labelled" if result.labelled else "unlabelled"
+    checks = f"validated on its own and as a target of '{source}'" if source else "validated on its own"
+    console.print(f"ingested [bold]{name}[/]: {result.images} {kind} images in {result.path}, {checks}")
+    for overlap in result.overlaps:
+        err_console.print(f"warning: {overlap.describe(name)}", highlight=False, soft_wrap=True)
+    state = "new version" if result.changed else "unchanged"
+    console.print(f"  dvc: {result.pointer} -> {result.md5} ({state}; pushed to the default remote)", highlight=False)
+    if result.replaced:
+        how = (
+            f"`git checkout HEAD -- {result.pointer} && dvc checkout {result.pointer}` brings it back" if result.replaced_in_git
+            else f"put `md5: {result.replaced}` back in {result.pointer} and run `dvc checkout {result.pointer}` to bring it back"
         )
-        kind = "labelled" if result.labelled else "unlabelled"
-        checks = f"validated on its own and as a target of '{source}'" if source else "validated on its own"
-        console.print(f"ingested [bold]{name}[/]: {result.images} {kind} images in {result.path}, {checks}")
-        for overlap in result.overlaps:
-            err_console.print(f"warning: {overlap.describe(name)}", highlight=False, soft_wrap=True)
-        state = "new version" if result.changed else "unchanged"
-        console.print(f"  dvc: {result.pointer} -> {result.md5} ({state}; pushed to the default remote)", highlight=False)
-        if result.replaced:
-            how = (
-                f"`git checkout HEAD -- {result.pointer} && dvc checkout {result.pointer}` brings it back" if result.replaced_in_git
-                else f"put `md5: {result.replaced}` back in {result.pointer} and run `dvc checkout {result.pointer}` to bring it back"
-            )
-            console.print(f"  replaced version {result.replaced}: it stays in the DVC cache and remote; {how}", highlight=False)
-        if result.changed:
-            console.print(f"  record it in git: git add {result.pointer} && git commit", highlight=False)
-            _announce_new_data(name, result.md5)
-        else:
-            console.print("  same content as the recorded version: no retrain triggered")
-    except _known_errors() as exc:
-        _fail(exc)
+        console.print(f"  replaced version {result.replaced}: it stays in the DVC cache and remote; {how}", highlight=False)
+    if result.changed:
+        console.print(f"  record it in git: git add {result.pointer} && git commit", highlight=False)
+        _announce_new_data(name, result.md5)
+    else:
+        console.print("  same content as the recorded version: no retrain triggered")
 
 
 @app.command("run")
@@ -178,41 +246,46 @@ def run(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run the pipeline flow: validate, version, pretrain (cached), adapt, evaluate, register."""
-    try:
-        from udaflow.methods import get_method_class
+    from udaflow.methods import get_method_class
+    from udaflow.preflight import validate_run
 
-        from udaflow.preflight import check_run_config
+    cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device})
+    validate_run(cfg)  # before anything is validated, versioned or trained
+    if get_method_class(cfg.method).uses_target_labels:
+        raise ValueError(f"method '{cfg.method}' trains on target labels: benchmark only (`udaflow bench`), never registered")
+    _quiet_prefect()
+    from flows.pipeline import adaptation_pipeline
 
-        cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device})
-        check_run_config(cfg)  # before anything is validated, versioned or trained
-        if get_method_class(cfg.method).uses_target_labels:
-            raise ValueError(f"method '{cfg.method}' trains on target labels: benchmark only (`udaflow bench`), never registered")
-        _quiet_prefect()
-        from flows.pipeline import adaptation_pipeline
+    t0 = time.perf_counter()
+    result = adaptation_pipeline(cfg, str(params))
+    result["wall_seconds"] = time.perf_counter() - t0
+    if _is_params_default(cfg, params):
+        _record_pipeline_outputs()
+    _print_run_summary(cfg, result)
 
-        t0 = time.perf_counter()
-        result = adaptation_pipeline(cfg, str(params))
-        result["wall_seconds"] = time.perf_counter() - t0
-        if _is_params_default(cfg, params):
-            _record_pipeline_outputs()
-        _print_run_summary(cfg, result)
-    except _known_errors() as exc:
-        from udaflow.config import ConfigError
 
-        _fail(exc, "keys and defaults are in params.yaml" if isinstance(exc, ConfigError) else None)
+class _BelowCritical(logging.Filter):
+    """Drops every record below CRITICAL: the CLI reports a failure itself (one line, or the bug's traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.CRITICAL
+
+
+_QUIET = _BelowCritical()
 
 
 def _quiet_prefect() -> None:
-    """Prefect logs a failed flow's traceback; the CLI prints one line instead (unless --debug)."""
-    import logging
+    """Prefect logs a failed flow's traceback; the CLI prints one line instead (unless --debug).
 
+    A filter, not a logger level: Prefect's ephemeral server re-applies its logging config (levels)
+    when it starts, after this runs, but leaves filters alone."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     if not _STATE["debug"]:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         import prefect  # noqa: F401 - configures its loggers first, then we quieten them
 
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+            logging.getLogger(name).addFilter(_QUIET)  # adding it twice keeps one
 
 
 def _is_params_default(cfg, params: Path) -> bool:
@@ -275,29 +348,59 @@ def schedule(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Deploy the retrain flow on a running Prefect server: cron schedule + retrain on new target data."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise RuntimeError("no Prefect server: start `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    from prefect.client.schemas.schedules import CronSchedule
+
     try:
-        if not os.environ.get("PREFECT_API_URL"):
-            raise RuntimeError("no Prefect server: start `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
-        from prefect.client.schemas.schedules import CronSchedule
+        CronSchedule(cron=cron)
+    except ValueError:
+        raise ValueError(f"--cron {cron!r} is not a valid cron expression (e.g. \"0 3 * * *\")") from None
+    cfg = _load(params, profile, None, **{"source": source, "target": target, "method": method})
+    from udaflow.preflight import validate_run
 
-        try:
-            CronSchedule(cron=cron)
-        except ValueError:
-            raise ValueError(f"--cron {cron!r} is not a valid cron expression (e.g. \"0 3 * * *\")") from None
-        cfg = _load(params, profile, None, **{"source": source, "target": target, "method": method})
-        for name in (source, target):
-            if not (Path(cfg.data.root) / name).is_dir():
-                raise FileNotFoundError(f"{Path(cfg.data.root) / name}: domain '{name}' not found; build or ingest it first")
-        from flows.schedule import deploy_retrain
+    validate_run(cfg)  # a retrain at 3 a.m. must not be the first to find a bad setting
+    from flows.schedule import deploy_retrain
 
-        deployment_id = deploy_retrain(params, source, target, cron, method, profile, pool)
-        console.print(f"deployment udaflow-retrain/{source}-to-{target} ({deployment_id}): cron {cron!r}, and on new '{target}' data")
-        console.print(f"run it with a worker: prefect worker start --pool {pool}")
-    except _known_errors() as exc:
-        _fail(exc)
+    deployment_id = deploy_retrain(params, source, target, cron, method, profile, pool)
+    console.print(f"deployment udaflow-retrain/{source}-to-{target} ({deployment_id}): cron {cron!r}, and on new '{target}' data")
+    console.print(f"run it with a worker: prefect worker start --pool {pool}")
 
 
 ModelOpt = Annotated[str, typer.Option("--model", help="registered model, e.g. udaflow-synth-to-mnist")]
+
+
+def _lookup_store(cfg, missing: str) -> None:
+    """Point udaflow.tracking at params.yaml's store for a lookup. A SQLite store that is not there
+    holds nothing: `missing` is the error, and no empty store is created by asking."""
+    from udaflow import tracking
+
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise NotFound(f"{missing}: no MLflow store at {uri.removeprefix('sqlite:///')} (tracking.uri {uri})",
+                       "run udaflow in the project folder, where `udaflow run` made the store (or fix tracking.uri in params.yaml)")
+    tracking.configure(uri, Path(cfg.tracking.artifact_root))
+
+
+def _require_model(cfg, name: str) -> None:
+    """Fail before any flow starts when no registered model `name` exists (Prefect would log the crash)."""
+    from udaflow import tracking
+
+    where = f"registered model '{name}' does not exist"
+    hint = "models are named udaflow-<source>-to-<target> (`udaflow run` registers them); list them with `udaflow ui`"
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise NotFound(f"{where}: '{name}' is not a model name", hint)
+    _lookup_store(cfg, where)
+    if not tracking.latest_versions(name):
+        raise NotFound(f"{where} in {cfg.tracking.uri}", hint)
+
+
+def _require_run(cfg, run_id: str) -> None:
+    """Fail before any flow starts when `run_id` is not a `udaflow run` in the store (or lacks its record)."""
+    from udaflow import tracking
+
+    _lookup_store(cfg, f"MLflow run '{run_id}' does not exist")
+    tracking.run_record(run_id)  # LookupError naming what is missing; the flow reads it again
 
 
 @app.command("promote")
@@ -307,36 +410,32 @@ def promote(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Promotion gate: move `champion` to `challenger` if it is at least as good (no target labels needed)."""
-    try:
-        cfg = _load(params, None, None)
-        _quiet_prefect()
-        from flows.promote import promote_model
+    cfg = _load(params, None, None)
+    _require_model(cfg, model)
+    _quiet_prefect()
+    from flows.promote import promote_model
 
-        decision, challenger, champion = promote_model(cfg, model, dry_run)
-        table = Table(title=f"{model}: challenger v{challenger} vs champion {'v' + champion if champion else '(none)'}")
-        for col in ("metric", "champion", "challenger"):
-            table.add_column(col, justify="left" if col == "metric" else "right")
-        for row in decision.rows:
-            table.add_row(*row)
-        console.print(table)
-        verb = "would promote" if dry_run and decision.promote else "promoted" if decision.promote else "not promoted"
-        console.print(f"{'[dry run] ' if dry_run else ''}{verb}: {decision.reason}")
-    except (LookupError, *_known_errors()) as exc:
-        _fail(exc, "list registered models with `udaflow ui`")
+    decision, challenger, champion = promote_model(cfg, model, dry_run)
+    table = Table(title=f"{model}: challenger v{challenger} vs champion {'v' + champion if champion else '(none)'}")
+    for col in ("metric", "champion", "challenger"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in decision.rows:
+        table.add_row(*row)
+    console.print(table)
+    verb = "would promote" if dry_run and decision.promote else "promoted" if decision.promote else "not promoted"
+    console.print(f"{'[dry run] ' if dry_run else ''}{verb}: {decision.reason}")
 
 
 @app.command("rollback")
 def rollback(model: ModelOpt, params: ParamsOpt = Path("params.yaml")) -> None:
     """Move `champion` back to the previous champion version."""
-    try:
-        cfg = _load(params, None, None)
-        _quiet_prefect()
-        from flows.promote import rollback_model
+    cfg = _load(params, None, None)
+    _require_model(cfg, model)
+    _quiet_prefect()
+    from flows.promote import rollback_model
 
-        current, previous = rollback_model(cfg, model)
-        console.print(f"{model}: champion rolled back from v{current} to v{previous}")
-    except (LookupError, *_known_errors()) as exc:
-        _fail(exc, "a rollback needs at least two promotions in the model's history")
+    current, previous = rollback_model(cfg, model)
+    console.print(f"{model}: champion rolled back from v{current} to v{previous}")
 
 
 @app.command("reproduce")
@@ -345,27 +444,25 @@ def reproduce(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Restore a run's datasets from DVC into runs/reproduce/RUN_ID, re-run it, compare metrics (exit 1 if they differ)."""
-    try:
-        from udaflow import tracking, versioning
+    from udaflow import tracking, versioning
 
-        cfg = _load(params, None, None)
-        project = versioning.find_root(Path(cfg.data.root)) or Path.cwd()
-        _quiet_prefect()
-        from flows.reproduce import reproduce_run
+    cfg = _load(params, None, None)
+    _require_run(cfg, run_id)
+    project = versioning.find_root(Path(cfg.data.root)) or Path.cwd()
+    _quiet_prefect()
+    from flows.reproduce import reproduce_run
 
-        workspace = Path(cfg.work_dir) / "reproduce" / run_id
-        result = reproduce_run(run_id, cfg.tracking.uri, str(cfg.tracking.artifact_root), str(project), str(workspace))
-        now = tracking.git_state().get("git.commit")  # the code's commit, as `udaflow run` records it
-        if result["commit"] != now:
-            err_console.print(f"warning: run {run_id} was made at commit {result['commit']}; this checkout is {now}", highlight=False)
-        table = Table(title=f"reproduce {run_id} (workspace {result['workspace']})")
-        for col in ("metric", "original", "reproduced"):
-            table.add_column(col, justify="left" if col == "metric" else "right")
-        for key, a, b in result["rows"]:
-            table.add_row(key, _fmt(a), _fmt(b))
-        console.print(table)
-    except (LookupError, *_known_errors()) as exc:
-        _fail(exc, "run ids are in `udaflow run`'s summary and the MLflow UI (`udaflow ui`)")
+    workspace = Path(cfg.work_dir) / "reproduce" / run_id
+    result = reproduce_run(run_id, cfg.tracking.uri, str(cfg.tracking.artifact_root), str(project), str(workspace))
+    now = tracking.git_state().get("git.commit")  # the code's commit, as `udaflow run` records it
+    if result["commit"] != now:
+        err_console.print(f"warning: run {run_id} was made at commit {result['commit']}; this checkout is {now}", highlight=False)
+    table = Table(title=f"reproduce {run_id} (workspace {result['workspace']})")
+    for col in ("metric", "original", "reproduced"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, a, b in result["rows"]:
+        table.add_row(key, _fmt(a), _fmt(b))
+    console.print(table)
     if not result["same"]:
         console.print("[bold red]reproduced metrics differ from the recorded ones[/]")
         raise typer.Exit(code=1)
@@ -379,52 +476,43 @@ app.add_typer(stage_app, name="stage")
 @stage_app.command("validate")
 def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Great Expectations suites on the source and target."""
-    try:
-        from udaflow import steps
-        from udaflow.data.manifest import DataError
+    from udaflow import steps
+    from udaflow.data.manifest import DataError
+    from udaflow.preflight import validate_run
 
-        report = steps.validate_datasets(_load(params, None, None))
-        if not report.success:
-            raise DataError(report.error())
-        console.print(f"validated: {report.statistics}")
-    except _known_errors() as exc:
-        _fail(exc)
+    cfg = _load(params, None, None)
+    validate_run(cfg)  # the first stage of `dvc repro`: every setting, before anything trains
+    report = steps.validate_datasets(cfg)
+    if not report.success:
+        raise DataError(report.error())
+    console.print(f"validated: {report.statistics}")
 
 
 @stage_app.command("pretrain")
 def stage_pretrain(params: ParamsOpt = Path("params.yaml")) -> None:
     """Source pretraining (reuses the on-disk cache)."""
-    try:
-        from udaflow import steps
+    from udaflow import steps
 
-        outcome = steps.pretrain(_load(params, None, None))
-        console.print(f"source model: {outcome.path} ({'cached' if outcome.cached else 'trained'})")
-    except _known_errors() as exc:
-        _fail(exc)
+    outcome = steps.pretrain(_load(params, None, None))
+    console.print(f"source model: {outcome.path} ({'cached' if outcome.cached else 'trained'})")
 
 
 @stage_app.command("adapt")
 def stage_adapt(params: ParamsOpt = Path("params.yaml")) -> None:
     """Adaptation with params.yaml's method."""
-    try:
-        from udaflow import steps
+    from udaflow import steps
 
-        console.print(f"adapted model: {steps.adapt(_load(params, None, None)).path}")
-    except _known_errors() as exc:
-        _fail(exc)
+    console.print(f"adapted model: {steps.adapt(_load(params, None, None)).path}")
 
 
 @stage_app.command("evaluate")
 def stage_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Metrics and figures of the adapted model."""
-    try:
-        from udaflow import steps
+    from udaflow import steps
 
-        cfg = _load(params, None, None)
-        metrics = steps.evaluate(cfg)
-        console.print(f"target accuracy {_fmt(metrics.get('target_acc'))} -> {steps.run_paths(cfg).metrics}")
-    except _known_errors() as exc:
-        _fail(exc)
+    cfg = _load(params, None, None)
+    metrics = steps.evaluate(cfg)
+    console.print(f"target accuracy {_fmt(metrics.get('target_acc'))} -> {steps.run_paths(cfg).metrics}")
 
 
 @app.command("ui")
@@ -433,16 +521,13 @@ def ui(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 for the local store."""
-    try:
-        cfg = _load(params, None, None)
-        cmd = [
-            sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking.uri,
-            "--default-artifact-root", str(Path(cfg.tracking.artifact_root).resolve()), "--host", "127.0.0.1", "--port", str(port),
-        ]
-        console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
-        os.execv(sys.executable, cmd)
-    except _known_errors() as exc:
-        _fail(exc)
+    cfg = _load(params, None, None)
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking.uri,
+        "--default-artifact-root", str(Path(cfg.tracking.artifact_root).resolve()), "--host", "127.0.0.1", "--port", str(port),
+    ]
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    os.execv(sys.executable, cmd)
 
 
 @app.command("bench")
@@ -458,35 +543,35 @@ def bench(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Benchmark methods on shifts; prints a table and writes one JSON row per (shift, method, seed)."""
-    try:
-        from udaflow.bench import parse_shifts, run_bench, summarise
+    from udaflow.bench import parse_shifts, run_bench, summarise
+    from udaflow.preflight import validate_run
 
-        if protocol not in ("transductive", "holdout"):
-            raise ValueError(f"--protocol {protocol!r}: use transductive or holdout")
-        cfg = _load(params, profile, overrides, **{"train.device": device})
-        method_list = [m.strip() for m in methods.split(",") if m.strip()]
-        t0 = time.perf_counter()
+    if protocol not in ("transductive", "holdout"):
+        raise ValueError(f"--protocol {protocol!r}: use transductive or holdout")
+    cfg = _load(params, profile, overrides, **{"train.device": device})
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    shift_list = parse_shifts(shifts)
+    validate_run(cfg, methods=method_list, domains=[(f"--shifts {s}:{t}", d) for s, t in shift_list for d in (s, t)])
+    t0 = time.perf_counter()
 
-        def show(row):
-            console.print(
-                f"{row['shift']:>14} {row['method']:>12} seed {row['seed']}: target {_fmt(row.get('target_acc'))} "
-                f"(selected {_fmt(row.get('target_acc_selected'))}), source val {_fmt(row['source_val_acc'])}, "
-                f"{row['seconds']:.0f}s, {row['train_images_per_s']:.0f} img/s, {row['achieved_gflops']:.0f} GFLOP/s "
-                f"({100 * (row['matmul_fraction'] or 0):.0f}% of matmul)"
-            )
-
-        def machine(gflops: float, threads: int) -> None:
-            console.print(f"machine: fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {threads} threads; speeds below are shares of it")
-
-        rows = run_bench(
-            cfg, parse_shifts(shifts), method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine,
+    def show(row):
+        console.print(
+            f"{row['shift']:>14} {row['method']:>12} seed {row['seed']}: target {_fmt(row.get('target_acc'))} "
+            f"(selected {_fmt(row.get('target_acc_selected'))}), source val {_fmt(row['source_val_acc'])}, "
+            f"{row['seconds']:.0f}s, {row['train_images_per_s']:.0f} img/s, {row['achieved_gflops']:.0f} GFLOP/s "
+            f"({100 * (row['matmul_fraction'] or 0):.0f}% of matmul)"
         )
-        _print_bench_table(rows)
-        if seeds > 1:
-            _print_seed_summary(summarise(rows))
-        console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f}s in all)")
-    except _known_errors() as exc:
-        _fail(exc)
+
+    def machine(gflops: float, threads: int) -> None:
+        console.print(f"machine: fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {threads} threads; speeds below are shares of it")
+
+    rows = run_bench(
+        cfg, shift_list, method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine,
+    )
+    _print_bench_table(rows)
+    if seeds > 1:
+        _print_seed_summary(summarise(rows))
+    console.print(f"{len(rows)} rows -> {out} ({time.perf_counter() - t0:.0f}s in all)")
 
 
 def _print_correlations(correlations: dict) -> None:

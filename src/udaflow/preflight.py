@@ -1,34 +1,55 @@
 """Everything a run can know is wrong before it validates, versions or trains anything.
 
-`check_run_config(cfg)` raises ConfigError naming the params.yaml key (or DataError naming the
-domain folder) for: an unknown method, a method option of the wrong name or type (every
-`methods.<name>` entry, not only the chosen method's), an unknown validator (`validator`,
-`promotion.validator`), an unknown backbone or backbone argument, and a source or target domain
-that is not under `data.root`. Building the backbone once on CPU is the check for its arguments.
+`validate_run(cfg)` is the one check every training command makes first. `cfg` has been through
+the `Config` model already (types, ranges and unknown keys of params.yaml, domain-name syntax);
+this adds what needs a registry or the disk, and raises ConfigError naming the params.yaml key
+(or DataError naming the domain folder) for: an unknown method, a `methods.<name>` option of the
+wrong name, type or range (every entry, not only the chosen method's: each method's pydantic
+`Config` model), an unknown validator (`validator`, `promotion.validator`), an unknown backbone or
+backbone argument, and a source or target domain that is not under `data.root`. Building the
+backbone once on CPU is the check for its arguments.
 """
 
 from __future__ import annotations
 
-import timm
+from collections.abc import Iterable, Sequence
 
-from udaflow.config import Config, ConfigError
+import timm
+from pydantic import ValidationError
+
+from udaflow.config import Config, ConfigError, explain
 from udaflow.data.manifest import DataError
-from udaflow.methods import UnknownMethodError, get_method_class, list_methods
+from udaflow.methods import get_method_class, list_methods
 from udaflow.methods.base import config_from_dict
 from udaflow.models import BackboneError, create_backbone
 from udaflow.validators import get_validator
 
 
-def check_run_config(cfg: Config, *, domains: bool = True) -> None:
-    try:
-        get_method_class(cfg.method)
-    except UnknownMethodError as exc:
-        raise ConfigError(f"method: {exc}") from None
+def validate_run(
+    cfg: Config,
+    *,
+    methods: Sequence[str] | None = None,
+    domains: Iterable[tuple[str, str]] | None = None,
+) -> None:
+    """Raise ConfigError / DataError for the first thing about this run that cannot work.
+
+    `methods`: the methods the command trains (default: `cfg.method`, named by key `method`);
+    `domains`: (key, domain name) pairs that must exist under `data.root` (default: `source` and
+    `target`; `()` skips the check, e.g. before a workspace's data is restored).
+    """
+    try:  # again, for a config made in code (model_copy(update=...) skips validation)
+        Config.model_validate(cfg.model_dump())
+    except ValidationError as exc:
+        raise ConfigError(explain(exc, model=Config)) from None
     known = list_methods()
+    wanted = [("method", cfg.method)] if methods is None else [("--methods", name) for name in methods]
+    for key, name in wanted:
+        if name not in known:
+            raise ConfigError(f"{key}: unknown method '{name}' (known: {', '.join(known)})")
     for name, options in cfg.methods.items():
         if name not in known:
             raise ConfigError(f"methods.{name}: unknown method (known: {', '.join(known)})")
-        config_from_dict(get_method_class(name).Config, options or {}, f"methods.{name}")
+        config_from_dict(get_method_class(name).Config, options if options is not None else {}, f"methods.{name}")
     for key, name in (("validator", cfg.validator), ("promotion.validator", cfg.promotion.validator)):
         if name is None:
             continue
@@ -44,9 +65,13 @@ def check_run_config(cfg: Config, *, domains: bool = True) -> None:
         raise ConfigError(f"model: {exc}") from None
     except TypeError as exc:  # an argument the timm model does not take
         raise ConfigError(f"model.backbone_args: {exc}") from None
-    if domains:
-        for key in ("source", "target"):
-            folder = cfg.data.root / getattr(cfg, key)
-            if not folder.is_dir():
-                raise DataError(f"{key}: domain '{getattr(cfg, key)}' not found ({folder} is missing); "
-                                "build it (udaflow data build) or ingest it (udaflow data ingest)")
+    for key, name in (("source", cfg.source), ("target", cfg.target)) if domains is None else domains:
+        folder = cfg.data.root / name
+        if not folder.is_dir():
+            raise DataError(f"{key}: domain '{name}' not found ({folder} is missing); "
+                            "build it (udaflow data build) or ingest it (udaflow data ingest)")
+
+
+def check_run_config(cfg: Config, *, domains: bool = True) -> None:
+    """The earlier name of `validate_run` (domains=False: skip the domain folders)."""
+    validate_run(cfg, domains=None if domains else ())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,7 +112,9 @@ def test_build_ingest_run_bench(workspace: Path):
         (["run", "--set", "train.batch_size=many"], "train.batch_size"),
         (["run", "--set", "model.backbone=not_a_timm_model", "--source", "synth", "--target", "fonts-b"], "unknown backbone"),
         (["run", "--source", "synth", "--target", "missing-domain"], "missing-domain"),
-        (["run", "--set", "methods.adamatch.tau=high", "--source", "synth", "--target", "fonts-b"], "methods.adamatch.tau: expected float"),
+        (["run", "--set", "methods.adamatch.tau=high", "--source", "synth", "--target", "fonts-b"], "methods.adamatch.tau: expected a number (got 'high')"),
+        (["run", "--set", "methods.adamatch.tau=1.5", "--source", "synth", "--target", "fonts-b"], "methods.adamatch.tau: must be <= 1 (got 1.5)"),
+        (["run", "--set", "methods.cdtrans.refresh_every=0", "--source", "synth", "--target", "fonts-b"], "methods.cdtrans.refresh_every: must be >= 1 (got 0)"),
         (["run", "--set", "validator=best", "--source", "synth", "--target", "fonts-b"], "validator: unknown validator 'best'"),
         (["bench", "--shifts", "synth-mnist"], "SOURCE:TARGET"),
     ],
@@ -126,6 +130,30 @@ def test_errors_are_one_line_and_nonzero(workspace: Path, args, needle):
     assert "Traceback" not in result.output
     if args[0] == "run":
         assert state() == before  # refused before validation, versioning or training
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["reproduce", "does-not-exist"], "error: MLflow run 'does-not-exist' does not exist in "),
+    (["promote", "--model", "nosuch"], "error: registered model 'nosuch' does not exist in "),
+    (["rollback", "--model", "nosuch"], "error: registered model 'nosuch' does not exist in "),
+])
+def test_an_unknown_run_or_model_is_refused_before_any_flow_starts(workspace: Path, args, needle):
+    """The real entry point in a subprocess, so Prefect's and MLflow's own logging (not captured by
+    CliRunner) would show too: only the error and its hint, no flow-failure traceback."""
+    import mlflow
+
+    uri = yaml.safe_load((workspace / "params.yaml").read_text())["tracking"]["uri"]
+    mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()  # the store exists, as after any run
+    result = subprocess.run(
+        [sys.executable, "-m", "udaflow.cli", *args, "--params", str(workspace / "params.yaml")],
+        cwd=workspace, capture_output=True, text=True, timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) <= 3 and lines[0].startswith(needle) and lines[-1].startswith("hint: "), output
+    assert "Traceback" not in output
+    assert not (workspace / "runs/reproduce/does-not-exist").exists()
 
 
 def _corrupt_folder(base: Path, kind: str) -> Path:

@@ -1,12 +1,19 @@
-"""Bad settings are refused before anything runs, naming the key."""
+"""Bad settings are refused before anything runs, naming the key; the CLI turns such known errors
+into one line (+ hint) and exit 2, and keeps the traceback of anything else (a bug)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
 
+from udaflow import cli
 from udaflow.config import Config, ConfigError
 from udaflow.data.manifest import DataError
-from udaflow.preflight import check_run_config
+from udaflow.preflight import check_run_config, validate_run
 
 
 def _cfg(tmp_path: Path, **update) -> Config:
@@ -29,8 +36,14 @@ def test_a_good_config_passes(tmp_path):
 
 @pytest.mark.parametrize("update, match", [
     ({"method": "nosuch"}, r"^method: unknown method 'nosuch'"),
-    ({"methods": {"dann": {"trade_off": "big"}}}, r"^methods\.dann\.trade_off: expected float"),
-    ({"methods": {"adamatch": {"tua": 0.9}}}, r"^methods\.adamatch\.tua: unknown key"),
+    ({"methods": {"dann": {"trade_off": "big"}}}, r"^methods\.dann\.trade_off: expected a number \(got 'big'\)$"),
+    ({"methods": {"adamatch": {"tua": 0.9}}}, r"^methods\.adamatch\.tua: unknown key \(known: tau, "),
+    ({"methods": {"adamatch": {"tau": 1.5}}}, r"^methods\.adamatch\.tau: must be <= 1 \(got 1\.5\)$"),
+    ({"methods": {"cdtrans": {"refresh_every": 0}}}, r"^methods\.cdtrans\.refresh_every: must be >= 1 \(got 0\)$"),
+    ({"methods": {"dann": {"trade_off": -1.0}}}, r"^methods\.dann\.trade_off: must be >= 0 \(got -1\.0\)$"),
+    ({"methods": {"ssrt": {"eps": 1.5}}}, r"^methods\.ssrt\.eps: must be <= 1 \(got 1\.5\)$"),
+    ({"methods": {"mcc": None}}, r"^methods\.mcc: expected a mapping \(got null\)$"),  # made in code, past the model
+    ({"train.lr": -1.0}, r"^train\.lr: must be > 0 \(got -1\.0\)$"),  # model_copy skips validation: checked again
     ({"methods": {"nosuch": {}}}, r"^methods\.nosuch: unknown method"),
     ({"validator": "accuracy"}, r"^validator: unknown validator 'accuracy'"),
     ({"promotion.validator": "best"}, r"^promotion\.validator: unknown validator 'best'"),
@@ -46,3 +59,100 @@ def test_bad_settings_name_their_key(tmp_path, update, match):
 def test_a_missing_domain_names_the_folder(tmp_path):
     with pytest.raises(DataError, match=r"target: domain 'nosuch' not found"):
         check_run_config(_cfg(tmp_path, target="nosuch"))
+
+
+def test_every_method_the_command_trains_and_every_domain_it_reads(tmp_path):
+    cfg = _cfg(tmp_path, method="nosuch")
+    validate_run(cfg, methods=["dann", "oracle"])  # bench: its --methods, not params.yaml's method
+    with pytest.raises(ConfigError, match=r"^--methods: unknown method 'dnn' \(known: "):
+        validate_run(cfg, methods=["dann", "dnn"])
+    with pytest.raises(DataError, match=r"^--shifts synth:mnistm: domain 'mnistm' not found"):
+        validate_run(cfg, methods=["dann"], domains=[("--shifts synth:mnistm", "synth"), ("--shifts synth:mnistm", "mnistm")])
+    validate_run(_cfg(tmp_path, target="nosuch"), domains=())  # () skips the folders
+
+
+# ----------------------------------------------------------------------------- the CLI's one error path
+def _app() -> typer.Typer:
+    """A throwaway app on the CLI's command group, with its --debug option."""
+    from udaflow.bench import parse_shifts
+    from udaflow.methods.cdan import multilinear_map
+
+    app = typer.Typer(cls=cli._Commands)
+    app.callback()(cli.main_options)
+
+    @app.command("config")
+    def config_error():
+        raise ConfigError("methods.adamatch.tau: must be <= 1 (got 1.5)")
+
+    @app.command("shifts")
+    def udaflow_value_error():
+        parse_shifts("synth-mnist")  # a ValueError udaflow raises on purpose, for the user
+
+    @app.command("torch")
+    def torch_error():
+        import torch
+
+        multilinear_map(torch.zeros(2, 3), torch.zeros(3, 4))  # a RuntimeError from inside torch: a bug
+
+    @app.command("key")
+    def key_error():
+        {}["missing"]
+
+    return app
+
+
+@pytest.mark.parametrize("command, line", [
+    ("config", "error: methods.adamatch.tau: must be <= 1 (got 1.5)"),
+    ("shifts", "error: --shifts: 'synth-mnist' is not SOURCE:TARGET (e.g. synth:mnist)"),
+])
+def test_a_known_error_is_one_line_a_hint_and_exit_2(command, line):
+    result = CliRunner().invoke(_app(), [command])
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == line and len(lines) <= 2 and "Traceback" not in result.output
+    if command == "config":
+        assert lines[1].startswith("hint: keys and defaults are in params.yaml")
+
+
+@pytest.mark.parametrize("command, kind", [("torch", RuntimeError), ("key", KeyError)])
+def test_an_unexpected_error_propagates(command, kind):
+    result = CliRunner().invoke(_app(), [command])
+    assert isinstance(result.exception, kind) and result.exit_code == 1
+    assert "error:" not in result.output
+
+
+def test_debug_propagates_a_known_error_too():
+    result = CliRunner().invoke(_app(), ["--debug", "config"])
+    assert isinstance(result.exception, ConfigError) and result.exit_code == 1
+    assert CliRunner().invoke(_app(), ["config"]).exit_code == 2  # and the next run without --debug is quiet again
+
+
+def test_the_real_entry_point_prints_a_bug_s_traceback():
+    script = (
+        "import sys\n"
+        "from udaflow import cli\n"
+        "@cli.app.command('boom')\n"
+        "def boom():\n"
+        "    {}['missing']\n"
+        "sys.argv = ['udaflow', 'boom']\n"
+        "cli.main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "KeyError: 'missing'" in result.stderr
+    assert "error:" not in result.stderr
+
+
+def test_a_lookup_in_a_store_that_does_not_exist_is_one_line_and_creates_nothing(tmp_path):
+    params = tmp_path / "params.yaml"
+    store = tmp_path / "mlflow"
+    params.write_text(yaml.safe_dump({"tracking": {"uri": f"sqlite:///{store}/mlflow.db", "artifact_root": str(store / "artifacts")}}))
+    for args, what in ((["reproduce", "does-not-exist"], "MLflow run 'does-not-exist'"),
+                       (["promote", "--model", "nosuch"], "registered model 'nosuch'"),
+                       (["rollback", "--model", "nosuch"], "registered model 'nosuch'")):
+        result = CliRunner().invoke(cli.app, [*args, "--params", str(params)])
+        assert result.exit_code == 2, result.output
+        lines = result.output.splitlines()
+        assert len(lines) == 2 and lines[0] == f"error: {what} does not exist: no MLflow store at {store}/mlflow.db (tracking.uri sqlite:///{store}/mlflow.db)"
+        assert lines[1].startswith("hint: run udaflow in the project folder")
+    assert not store.exists()
