@@ -16,6 +16,7 @@ from tasks.tracking import (
     close_tracking_run, log_datasets, log_evaluation, log_training, log_validation, open_tracking_run, register_challenger,
 )
 from tasks.training import adapt_to_target, evaluate_model, pretrain_source_cached
+from udaflow import steps
 from udaflow.config import Config
 from udaflow.data.manifest import DataError
 
@@ -26,14 +27,22 @@ class DataValidationError(DataError):
 
 @flow(name="udaflow-pipeline", log_prints=True)
 def adaptation_pipeline(cfg: Config, params_file: str = "params.yaml") -> dict[str, Any]:
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-    run = open_tracking_run(cfg, params_file, str(flow_run.get_id() or ""))
+    with steps.exclusive_shift(cfg):  # a second run on this shift waits: they share files and the registry
+        seconds: dict[str, float] = {}
+        run = open_tracking_run(cfg, params_file, str(flow_run.get_id() or ""))
+        try:
+            return _pipeline(cfg, run, seconds)
+        except BaseException:
+            close_tracking_run(run, seconds, failed=True)  # the run and any child still open end FAILED
+            raise
 
+
+def _pipeline(cfg: Config, run, seconds: dict[str, float]) -> dict[str, Any]:
+    clock = time.perf_counter()
     report = validate_datasets(cfg)
     log_validation(run, report)
     if not report.success:
-        close_tracking_run(run, {"validate": time.perf_counter() - clock}, failed=True)
+        seconds["validate"] = time.perf_counter() - clock
         raise DataValidationError(report.error())
     versions = [version_dataset(cfg, cfg.source, "source"), version_dataset(cfg, cfg.target, "target")]
     log_datasets(run, versions)
@@ -61,5 +70,6 @@ def adaptation_pipeline(cfg: Config, params_file: str = "params.yaml") -> dict[s
         "run_id": run.run_id, "experiment_id": run.experiment_id, "model": registered.name, "version": registered.version,
         "alias": registered.alias, "source_cached": source_cached, "prefect_task_cached": pretrain_state.name == "Cached",
         "metrics": {k: v for k, v in metrics.items() if k != "history"}, "stage_seconds": seconds, "datasets": versions,
-        "gate": {"promoted": decision.promote, "reason": decision.reason, "champion_before": champion},
+        "gate": {"promoted": decision.promote, "reason": decision.reason, "champion_before": champion, "data": decision.data,
+                 "rows": decision.rows},
     }

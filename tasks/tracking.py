@@ -45,13 +45,13 @@ def log_evaluation(cfg: Config, run: tracking.PipelineRun, metrics: dict[str, An
 
 @task(name="register-challenger", cache_policy=NO_CACHE)  # no retries: a retry after a partial registration would add a second version
 def register_challenger(cfg: Config, run: tracking.PipelineRun, metrics: dict[str, Any], versions: list[dict[str, str]]) -> tracking.Registered:
-    model, example = steps.registered_model(cfg)
+    package, example = steps.registered_model(cfg)
     tags = {
         "method": cfg.method, "backbone": cfg.model.backbone, "seed": cfg.seed,
         **{f"data.{v['role']}.md5": v["md5"] for v in versions},
         **{f"data.{v['role']}.name": v["name"] for v in versions},
     }
-    return tracking.register_challenger(run, model, example, metrics, tags)
+    return tracking.register_challenger(run, package, example, metrics, tags)
 
 
 @task(name="close-tracking-run", cache_policy=NO_CACHE)

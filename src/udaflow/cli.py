@@ -333,8 +333,9 @@ def _print_run_summary(cfg, r: dict) -> None:
     gate = r.get("gate")
     if gate:
         table.add_row("promotion gate", ("promoted to champion: " if gate["promoted"] else "champion unchanged: ") + gate["reason"])
+        table.add_row("gate decided on", gate.get("data", "-"))
     console.print(table)
-    console.print(f"load it: mlflow.pytorch.load_model('models:/{r['model']}@{r['alias']}')")
+    console.print(f"load it: mlflow.pyfunc.load_model('models:/{r['model']}@{r['alias']}') (safetensors weights, nothing unpickled)")
 
 
 @app.command("schedule")
@@ -409,7 +410,11 @@ def promote(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the comparison and decision; change nothing")] = False,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Promotion gate: move `champion` to `challenger` if it is at least as good (no target labels needed)."""
+    """Promotion gate: measure `champion` and `challenger` now on the same data and move `champion` if the challenger is at least as good.
+
+    The data: the label-free validator on the target's current unlabelled pool (or accuracy on
+    the target's labelled `val` split when it has one; never `test`) and source val accuracy. A
+    collapsed challenger is refused; a first version must beat its own source-only model."""
     cfg = _load(params, None, None)
     _require_model(cfg, model)
     _quiet_prefect()
@@ -422,6 +427,12 @@ def promote(
     for row in decision.rows:
         table.add_row(*row)
     console.print(table)
+    console.print(f"decided on: {decision.data}")
+    from udaflow import tracking
+
+    incomplete = tracking.incomplete_versions(model)
+    if incomplete:
+        console.print(f"incomplete: v{', v'.join(incomplete)} (registration cut short; never aliased)")
     verb = "would promote" if dry_run and decision.promote else "promoted" if decision.promote else "not promoted"
     console.print(f"{'[dry run] ' if dry_run else ''}{verb}: {decision.reason}")
 

@@ -110,6 +110,7 @@ class TrackingConfig(_Strict):
 class PromotionConfig(_Strict):
     source_tolerance: float = Field(1.0, ge=0)  # most source val accuracy (points) a challenger may lose vs champion
     validator: str | None = None  # label-free score the gate compares without target labels; None = `validator`
+    min_diversity: float = Field(0.5, ge=0, le=1)  # below: collapsed (normalised entropy of the predicted-class histogram on the pool)
 
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a folder under data.root, as `udaflow data ingest --name` makes

@@ -1,62 +1,119 @@
 """The promotion gate: should `challenger` replace `champion`? Pure logic, no MLflow here.
 
-Rule (DESIGN.md, "Evaluation and promotion"):
-  1. no champion yet -> promote (first promotion);
-  2. challenger is already the champion -> nothing to do;
-  3. score = labelled target-holdout accuracy when both versions have it, otherwise the configured
-     label-free validator (higher is better for every validator here);
-  4. promote when challenger score >= champion score AND the challenger's source val accuracy has
-     not dropped more than `source_tolerance` points below the champion's.
+Both versions are measured at gate time on the *same* data (DESIGN.md, "Evaluation and promotion"):
+the current target pool (the label-free validator, and how many classes the model still predicts)
+and the source validation split; when the target domain has a labelled `val` split, accuracy on it
+(never the `test` split whose accuracy is reported). Rule:
+
+  1. challenger is already the champion -> nothing to do;
+  2. a collapsed challenger is refused: its predictions on the pool must spread over the classes
+     (normalised entropy of the predicted-class histogram >= `min_diversity`);
+  3. no champion yet (first version) -> a sanity check instead of a comparison: the challenger's
+     validator must beat its own source-only model's, both scored at evaluation on the pool it
+     adapted on, and its source val accuracy may not fall more than `source_tolerance` points
+     below that source-only model's;
+  4. otherwise score = target `val` accuracy when that split exists, else the validator on the
+     current pool (higher is better for every validator here); promote when challenger >= champion
+     AND the challenger's source val accuracy is no more than `source_tolerance` points below the
+     champion's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Measurement:
+    """One registered version, measured at gate time on the gate's data."""
+
     version: str
-    target_acc: float | None  # labelled target holdout accuracy, when the target has labels
-    validator: float | None  # the configured label-free score of the registered weights
-    source_val_acc: float | None
+    validator: float | None  # the label-free score on the current target pool
+    source_val_acc: float  # accuracy (%) on the source validation split
+    diversity: float  # normalised entropy of the predicted-class histogram on the pool, 0 (one class) .. 1
+    target_val_acc: float | None = None  # accuracy (%) on the target's labelled `val` split, when it has one
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the pipeline recorded for a version at evaluation, on the pool it adapted on."""
+
+    validator: float | None  # the registered (selected) weights
+    source_only_validator: float | None  # its own source-only model, same pool
+    source_only_source_val_acc: float | None
 
 
 @dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
-    criterion: str  # "target_acc" | "validator.<name>" | "first" | "same"
+    criterion: str  # "target_val_acc" | "validator.<name>" | "first" | "same" | "collapse"
     rows: list[tuple[str, str, str]] = field(default_factory=list)  # (metric, champion, challenger)
+    data: str = ""  # which data decided, in words
+
+
+def prediction_diversity(predicted: list[int] | tuple[int, ...], num_classes: int) -> float:
+    """Normalised entropy of the predicted-class histogram: 1 = every class equally often, 0 = one class."""
+    if num_classes < 2 or not predicted:
+        return 1.0
+    counts = [0] * num_classes
+    for p in predicted:
+        counts[int(p)] += 1
+    n = len(predicted)
+    entropy = -sum(c / n * math.log(c / n) for c in counts if c)
+    return max(0.0, entropy / math.log(num_classes))
 
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def decide(challenger: Candidate, champion: Candidate | None, validator: str, source_tolerance: float) -> Decision:
-    if champion is None:
-        rows = [("target_acc", "-", _fmt(challenger.target_acc)), (f"validator.{validator}", "-", _fmt(challenger.validator)),
-                ("source_val_acc", "-", _fmt(challenger.source_val_acc))]
-        return Decision(True, f"no champion yet: version {challenger.version} becomes the first champion", "first", rows)
-    if challenger.version == champion.version:
-        return Decision(False, f"version {challenger.version} is already the champion", "same")
+def decide(
+    challenger: Measurement, champion: Measurement | None, validator: str, source_tolerance: float, min_diversity: float,
+    recorded: Recorded | None = None, data: str = "",
+) -> Decision:
+    key = f"validator.{validator}"
+    if champion is not None and challenger.version == champion.version:
+        return Decision(False, f"version {challenger.version} is already the champion", "same", data=data)
     rows = [
-        ("version", champion.version, challenger.version),
-        ("target_acc", _fmt(champion.target_acc), _fmt(challenger.target_acc)),
-        (f"validator.{validator}", _fmt(champion.validator), _fmt(challenger.validator)),
-        ("source_val_acc", _fmt(champion.source_val_acc), _fmt(challenger.source_val_acc)),
+        ("version", "-" if champion is None else champion.version, challenger.version),
+        *([("target_val_acc", _fmt(champion and champion.target_val_acc), _fmt(challenger.target_val_acc))] if challenger.target_val_acc is not None else []),
+        (key, _fmt(champion and champion.validator), _fmt(challenger.validator)),
+        ("source_val_acc", _fmt(champion and champion.source_val_acc), _fmt(challenger.source_val_acc)),
+        ("prediction_diversity", _fmt(champion and champion.diversity), _fmt(challenger.diversity)),
     ]
-    if challenger.target_acc is not None and champion.target_acc is not None:
-        criterion, new, old = "target_acc", challenger.target_acc, champion.target_acc
+    if challenger.diversity < min_diversity:
+        return Decision(False, f"collapsed: prediction diversity {challenger.diversity:.3f} < {min_diversity} on the target pool", "collapse", rows, data)
+    if champion is None:
+        return _first(challenger, recorded, key, source_tolerance, rows, data)
+    if challenger.target_val_acc is not None and champion.target_val_acc is not None:
+        criterion, new, old = "target_val_acc", challenger.target_val_acc, champion.target_val_acc
     elif challenger.validator is not None and champion.validator is not None:
-        criterion, new, old = f"validator.{validator}", challenger.validator, champion.validator
+        criterion, new, old = key, challenger.validator, champion.validator
     else:
-        return Decision(False, f"cannot compare: neither target accuracy nor validator '{validator}' is recorded on both versions", "none", rows)
+        return Decision(False, f"cannot compare: validator '{validator}' could not be computed on both versions", "none", rows, data)
     if new < old:
-        return Decision(False, f"{criterion} {new:.4g} < champion's {old:.4g}", criterion, rows)
-    if challenger.source_val_acc is not None and champion.source_val_acc is not None:
-        drop = champion.source_val_acc - challenger.source_val_acc
+        return Decision(False, f"{criterion} {new:.4g} < champion's {old:.4g}", criterion, rows, data)
+    drop = champion.source_val_acc - challenger.source_val_acc
+    if drop > source_tolerance:
+        return Decision(False, f"source val accuracy dropped {drop:.2f} points (> tolerance {source_tolerance})", criterion, rows, data)
+    return Decision(True, f"{criterion} {new:.4g} >= champion's {old:.4g}, source val within {source_tolerance} points", criterion, rows, data)
+
+
+def _first(challenger: Measurement, recorded: Recorded | None, key: str, source_tolerance: float, rows: list, data: str) -> Decision:
+    """No champion yet: the version must beat its own source-only model (recorded at evaluation)."""
+    if recorded is None or recorded.validator is None or recorded.source_only_validator is None:
+        return Decision(False, f"first version: no recorded {key} of it and of its source-only model to check it against", "first", rows, data)
+    rows = [*rows, (f"{key} at evaluation (source-only | adapted)", _fmt(recorded.source_only_validator), _fmt(recorded.validator)),
+            ("source_val_acc (source-only | adapted)", _fmt(recorded.source_only_source_val_acc), _fmt(challenger.source_val_acc))]
+    if recorded.validator <= recorded.source_only_validator:
+        return Decision(False, f"first version: {key} {recorded.validator:.4g} does not beat its source-only model's "
+                               f"{recorded.source_only_validator:.4g} on the pool it adapted on", "first", rows, data)
+    if recorded.source_only_source_val_acc is not None:
+        drop = recorded.source_only_source_val_acc - challenger.source_val_acc
         if drop > source_tolerance:
-            return Decision(False, f"source val accuracy dropped {drop:.2f} points (> tolerance {source_tolerance})", criterion, rows)
-    return Decision(True, f"{criterion} {new:.4g} >= champion's {old:.4g}, source val within {source_tolerance} points", criterion, rows)
+            return Decision(False, f"first version: source val accuracy {drop:.2f} points below its source-only model's "
+                                   f"(> tolerance {source_tolerance})", "first", rows, data)
+    return Decision(True, f"first version: {key} {recorded.validator:.4g} beats its source-only model's {recorded.source_only_validator:.4g}, "
+                          f"predictions not collapsed, source val within {source_tolerance} points: it becomes the first champion", "first", rows, data)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,13 @@ from typing import Any
 import torch
 
 from udaflow.config import Config
-from udaflow.data.datasets import ShiftData, load_shift
+from udaflow.data.datasets import Domain, ShiftData, load_shift
 from udaflow.data.expectations import ValidationReport, validate_shift
 from udaflow.engine import TrainResult, accuracy, per_class_accuracy, predict, resolve_device
 from udaflow.experiment import StageResult, adapt_to_target, load_stage, new_classifier, pretrain_source, save_stage
 from udaflow.models import ImageClassifier
-from udaflow.validators import dev_score, score_all
+from udaflow.promotion import Measurement, prediction_diversity
+from udaflow.validators import dev_score, get_validator, score_all
 
 
 @dataclass(frozen=True)
@@ -131,15 +133,82 @@ def _scores(classifier, data: ShiftData, device) -> dict[str, Any]:
     return out
 
 
-def registered_model(cfg: Config, data: ShiftData | None = None) -> tuple[ImageClassifier, Any]:
-    """The model a pipeline run registers (the validator-selected weights) and an input example."""
+def registered_model(cfg: Config, data: ShiftData | None = None) -> tuple[Path, Any]:
+    """The model a pipeline run registers (the validator-selected weights), packaged as
+    safetensors + config.json in runs/<shift>/<method>/registered/, and an input example."""
+    from udaflow.models import packaged
+
     paths = run_paths(cfg)
     stage, classes = _load(cfg, paths.model)
     stage.classifier.load_state_dict(stage.train.selected_state)
     model = ImageClassifier(stage.classifier, classes).eval()
-    data = data or load_data(cfg)
-    example = (data.target_adapt.images[:2].float() / 255.0).numpy()
-    return model, example
+    folder = packaged.save(model, paths.method_dir / "registered", cfg.model.backbone, cfg.model.backbone_args, cfg.data.image_size)
+    if data is None:
+        images = Domain.open(cfg.data.root, cfg.target).unlabelled("train", cfg.data.image_size).images[:2]
+    else:
+        images = data.target_adapt.images[:2]
+    return folder, (images.float() / 255.0).numpy()
+
+
+# --- the promotion gate's measurements (the decision is udaflow.promotion's, the registry udaflow.tracking's) ---
+
+
+@dataclass(frozen=True)
+class GateData:
+    """What the gate scores every version on, loaded once per gate: the current target pool, the
+    source val split and, when the target has one, its labelled `val` split (never `test`)."""
+
+    pool: torch.Tensor  # (N, 3, H, W) uint8, target `train` split, labels never read
+    source_val: Any  # LabelledImages
+    target_val: Any  # LabelledImages | None
+    classes: tuple[str, ...]
+    description: str
+
+
+def load_gate_data(cfg: Config) -> GateData:
+    src, tgt = Domain.open(cfg.data.root, cfg.source), Domain.open(cfg.data.root, cfg.target)
+    classes, size = src.classes, cfg.data.image_size
+    pool = tgt.unlabelled("train", size).images
+    source_val = src.labelled("test", classes, size)
+    target_val = tgt.labelled("val", classes, size) if tgt.has_labels("val") else None
+    validator = cfg.promotion.validator or cfg.validator
+    decided = (f"accuracy on target '{cfg.target}' val split ({len(target_val)} labelled images)" if target_val is not None
+               else f"validator '{validator}' on target '{cfg.target}' train pool ({len(pool)} images, labels unread)")
+    description = f"{decided}; source val accuracy on '{cfg.source}' test split ({len(source_val)} images)"
+    return GateData(pool, source_val, target_val, classes, description)
+
+
+def measure_for_gate(model: ImageClassifier, data: GateData, validator: str, device) -> Measurement:
+    """Score one registered model on the gate's data (the version number is filled in by the caller)."""
+    if tuple(model.classes) != tuple(data.classes):
+        raise ValueError(f"the model's classes {model.classes} are not the source's {list(data.classes)}")
+    classifier = model.classifier.to(device)
+    pool_features, pool_logits = predict(classifier, data.pool, device)
+    source_features, source_logits = predict(classifier, data.source_val.images, device)
+    score_fn = get_validator(validator)
+    score = score_fn(pool_logits) if score_fn else dev_score(source_features, source_logits, data.source_val.labels, pool_features)
+    target_val_acc = None
+    if data.target_val is not None:
+        target_val_acc = accuracy(predict(classifier, data.target_val.images, device)[1], data.target_val.labels)
+    return Measurement(
+        version="", validator=score, source_val_acc=accuracy(source_logits, data.source_val.labels),
+        diversity=prediction_diversity(pool_logits.argmax(1).tolist(), len(data.classes)), target_val_acc=target_val_acc,
+    )
+
+
+def gate(cfg: Config, name: str, dry_run: bool = False):
+    """The promotion gate on the registry: both versions measured now on the same data.
+    Returns (decision, challenger version, previous champion version or None)."""
+    from udaflow import tracking
+
+    data = load_gate_data(cfg)
+    validator = cfg.promotion.validator or cfg.validator
+    device = resolve_device(cfg.train.device)
+
+    def measure(uri: str) -> Measurement:
+        return measure_for_gate(tracking.load_model(uri), data, validator, device)
+
+    return tracking.promote(name, measure, validator, cfg.promotion.source_tolerance, cfg.promotion.min_diversity, data.description, dry_run)
 
 
 def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | None = None) -> dict[str, Any]:
@@ -179,6 +248,7 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
         source_only_source_val_acc=before["source_val_acc"],
         validators=selected["validators"],
         validators_last=last["validators"],
+        validators_source_only=before["validators"],
         target_per_class_acc=selected.get("target_per_class_acc"),
         target_images=len(data.target_eval) if data.target_eval is not None else 0,
     )
@@ -227,3 +297,29 @@ def compare_metrics(original: dict[str, float], reproduced: dict[str, Any], tole
         same &= a is not None and abs(float(a) - float(value)) <= max(tolerance, 1e-6)
         rows.append((f"validator.{key}", a, value))
     return same, rows
+
+
+@contextmanager
+def exclusive_shift(cfg: Config):
+    """Hold runs/<source>-to-<target>/.lock for a whole pipeline run: two runs on one shift share its
+    files (source model copy, checkpoints) and its registered model, so the second waits its turn."""
+    import fcntl
+    import os
+
+    shift_dir = run_paths(cfg).shift_dir
+    shift_dir.mkdir(parents=True, exist_ok=True)
+    with open(shift_dir / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            print(f"waiting for another udaflow run on {shift_dir.name} ({fh.read().strip() or 'lock held'}) to finish", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

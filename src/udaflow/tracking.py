@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 PACKAGES = ("udaflow", "torch", "torchvision", "timm", "mlflow", "prefect", "dvc", "great_expectations", "numpy")
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -170,39 +170,57 @@ class Registered:
     model_uri: str
 
 
+COMPLETE_TAG = "udaflow.complete"  # set last on a version: its tags are all there and it may take an alias
+
+
 def register_model(
-    run_id: str, model: Any, input_example: Any, name: str, tags: dict[str, Any], alias: str = CHALLENGER
+    run_id: str, package: Path, input_example: Any, name: str, tags: dict[str, Any], alias: str = CHALLENGER
 ) -> Registered:
-    """Log the torch model (signature from the input example) and register it as a new version."""
+    """Log a packaged model (safetensors + config.json, see udaflow.models.packaged) as a pyfunc model
+    in run `run_id` and register it as a new version of `name`.
+
+    Order, so that a kill between any two calls leaves nothing a later run or the gate misreads:
+    model logged -> version created -> its tags -> the `complete` mark -> the alias. A version
+    without the mark never gets an alias; `incomplete_versions` lists it.
+    """
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
     from mlflow.models import infer_signature
 
-    import logging
+    from udaflow.models import packaged
 
     client = _client()
-    # pickle (not pt2) keeps the module's methods and class names; MLflow warns about pickle on every save
-    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=run_id):
-        import torch
-
-        with torch.no_grad():
-            output = model(torch.as_tensor(input_example)).numpy()
-        info = mlflow.pytorch.log_model(
-            model, name="model", input_example=input_example, signature=infer_signature(input_example, output),
-            serialization_format="pickle",
-        )
-    version = mlflow.register_model(info.model_uri, name, await_registration_for=60)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, str(value))
-    client.set_registered_model_alias(name, alias, version.version)
+    output = packaged.PackagedModel(packaged.load(package), {}).predict(input_example)
+    requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "timm", "safetensors", "numpy")]
+    with registry_lock(name):
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", loader_module="udaflow.models.packaged", data_path=str(package), input_example=input_example,
+                signature=infer_signature(input_example, output), pip_requirements=requirements,
+            )
+        version = mlflow.register_model(info.model_uri, name, await_registration_for=60)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version.version, key, str(value))
+        client.set_model_version_tag(name, version.version, COMPLETE_TAG, "true")
+        client.set_registered_model_alias(name, alias, version.version)
     return Registered(name, str(version.version), alias, f"models:/{name}@{alias}")
 
 
 def load_model(uri: str):
-    import mlflow.pytorch
+    """The registered ImageClassifier behind `uri` (models:/NAME@ALIAS or /VERSION), loaded from its
+    safetensors weights; a version logged in any other format is refused (nothing is unpickled)."""
+    import mlflow.pyfunc
+    from mlflow.models import get_model_info
 
-    return mlflow.pytorch.load_model(uri, map_location="cpu")
+    loader = get_model_info(uri).flavors.get("python_function", {}).get("loader_module")  # reads MLmodel (YAML) only
+    if loader != "udaflow.models.packaged":
+        raise LookupError(f"{uri}: not a udaflow packaged model (pyfunc loader {loader!r}); refusing to load it")
+    return mlflow.pyfunc.load_model(uri).get_raw_model()
+
+
+def incomplete_versions(name: str) -> list[str]:
+    """Versions of `name` whose registration was cut short (no `complete` mark): never aliased."""
+    return [str(v.version) for v in latest_versions(name) if v.tags.get(COMPLETE_TAG) != "true"]
 
 
 def get_run(run_id: str):
@@ -318,23 +336,33 @@ def log_evaluation(run: PipelineRun, metrics: dict[str, Any], figures: Iterable[
     return child
 
 
-def register_challenger(run: PipelineRun, model: Any, input_example: Any, metrics: dict[str, Any], tags: dict[str, Any]) -> Registered:
-    """Child run `register`: log the model, register a new version, point `challenger` at it."""
+def register_challenger(run: PipelineRun, package: Path, input_example: Any, metrics: dict[str, Any], tags: dict[str, Any]) -> Registered:
+    """Log the packaged model in the pipeline run (the run that holds the metrics, params and
+    datasets), register a new version, point `challenger` at it. A `register` child run marks the step."""
     child = start_run(run.experiment_id, "register", {"udaflow.stage": "register"}, run.run_id)
     version_tags = {
         **tags,
         "run_id": run.run_id,
-        **{k: metrics[k] for k in ("target_acc", "target_acc_last", "source_val_acc", "selected_by") if metrics.get(k) is not None},
+        **{k: metrics[k] for k in ("target_acc", "target_acc_last", "source_val_acc", "source_only_source_val_acc", "selected_by") if metrics.get(k) is not None},
         **{f"validator.{k}": round(v, 6) for k, v in metrics.get("validators", {}).items()},
+        **{f"source_only.validator.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
     }
-    registered = register_model(child, model, input_example, model_name(run.source, run.target), version_tags)
+    registered = register_model(run.run_id, package, input_example, model_name(run.source, run.target), version_tags)
     set_tags(run.run_id, {"registry.model": registered.name, "registry.version": registered.version, "registry.alias": registered.alias})
+    set_tags(child, {"registry.model": registered.name, "registry.version": registered.version})
     end_run(child)
     return registered
 
 
 def close_pipeline_run(run: PipelineRun, stage_seconds: dict[str, float], failed: bool = False) -> None:
+    """End the pipeline run; when it failed, its child runs still open end FAILED with it."""
     log_metrics(run.run_id, {f"seconds.{k}": v for k, v in stage_seconds.items()})
+    if failed:
+        children = _client().search_runs(
+            [run.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}' and attributes.status = 'RUNNING'",
+        )
+        for child in children:
+            end_run(child.info.run_id, failed=True)
     end_run(run.run_id, failed)
 
 
@@ -367,11 +395,9 @@ def _alias_version(name: str, alias: str):
         return None
 
 
-def _candidate(version, validator: str):
-    from udaflow.promotion import Candidate
-
-    if version is None:
-        return None
+def _recorded(version, validator: str):
+    """The figures the pipeline tagged on a version at evaluation (for the first-version check)."""
+    from udaflow.promotion import Recorded
 
     def num(key):
         try:
@@ -379,14 +405,19 @@ def _candidate(version, validator: str):
         except (KeyError, ValueError):
             return None
 
-    return Candidate(str(version.version), num("target_acc"), num(f"validator.{validator}"), num("source_val_acc"))
+    return Recorded(num(f"validator.{validator}"), num(f"source_only.validator.{validator}"), num("source_only_source_val_acc"))
 
 
-def promote(name: str, validator: str, source_tolerance: float, dry_run: bool = False):
+def promote(name: str, measure: Callable[[str], Any], validator: str, source_tolerance: float, min_diversity: float,
+            data: str, dry_run: bool = False):
     """Run the gate for model `name`; move `champion` to `challenger` when it passes (unless dry_run).
 
+    `measure(model_uri)` scores one version on the gate's data (a promotion.Measurement); both
+    versions are measured now, under the registry lock, so they are compared on the same data.
     Returns (decision, challenger version, previous champion version or None).
     """
+    from dataclasses import replace
+
     from mlflow.exceptions import MlflowException
 
     from udaflow.promotion import decide
@@ -400,39 +431,70 @@ def promote(name: str, validator: str, source_tolerance: float, dry_run: bool = 
         challenger = _alias_version(name, CHALLENGER)
         if challenger is None:
             raise LookupError(f"model '{name}' has no '{CHALLENGER}' alias: run `udaflow run` first")
+        if challenger.tags.get(COMPLETE_TAG) != "true":  # pragma: no cover - register_model aliases complete versions only
+            raise LookupError(f"model '{name}' v{challenger.version} is incomplete (its registration was cut short)")
         champion = _alias_version(name, CHAMPION)
-        decision = decide(_candidate(challenger, validator), _candidate(champion, validator), validator, source_tolerance)
+        history = _history(name, champion)
+        if champion is not None and str(champion.version) == str(challenger.version):
+            measured_champion = measured_challenger = None
+        else:
+            measured_challenger = replace(measure(f"models:/{name}/{challenger.version}"), version=str(challenger.version))
+            measured_champion = None if champion is None else replace(measure(f"models:/{name}/{champion.version}"), version=str(champion.version))
+        if measured_challenger is None:
+            from udaflow.promotion import Decision
+
+            decision = Decision(False, f"version {challenger.version} is already the champion", "same", data=data)
+        else:
+            decision = decide(measured_challenger, measured_champion, validator, source_tolerance, min_diversity,
+                              _recorded(challenger, validator), data)
+        previous = None if champion is None else str(champion.version)
         if dry_run or decision.criterion == "same":
-            return decision, str(challenger.version), None if champion is None else str(champion.version)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            return decision, str(challenger.version), previous
         tags = {
             "gate.decision": "promoted" if decision.promote else "rejected",
             "gate.reason": decision.reason,
             "gate.criterion": decision.criterion,
-            "gate.compared_with": "none" if champion is None else str(champion.version),
-            "gate.at": stamp,
+            "gate.compared_with": previous or "none",
+            "gate.data": decision.data,
+            "gate.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "gate.table": json.dumps(decision.rows),
         }
         for key, value in tags.items():
             client.set_model_version_tag(name, challenger.version, key, value)
         if decision.promote:
-            history = _history(name)
-            client.set_registered_model_alias(name, CHAMPION, challenger.version)
+            # history first, alias second: a kill in between leaves a history one entry ahead of the
+            # alias, which _history() trims back to the alias on the next promote or rollback
             client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(challenger.version)]))
-        return decision, str(challenger.version), None if champion is None else str(champion.version)
+            client.set_registered_model_alias(name, CHAMPION, challenger.version)
+        return decision, str(challenger.version), previous
 
 
-def _history(name: str) -> list[str]:
+def _history(name: str, champion=None) -> list[str]:
+    """Champion versions, oldest first, ending at the current champion.
+
+    Entries after the alias's version are a promote or rollback cut short between its two writes:
+    they are dropped, so the history always ends where `champion` points.
+    """
     tags = _client().get_registered_model(name).tags
-    return [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
+    history = [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
+    if champion is None:
+        return []
+    current = str(champion.version)
+    if current not in history:
+        return [*history, current]
+    return history[: len(history) - history[::-1].index(current)]
 
 
 def rollback(name: str) -> tuple[str, str]:
-    """Move `champion` back to the previous champion; returns (from_version, to_version)."""
+    """Move `champion` back to the previous champion; returns (from_version, to_version).
+
+    Alias first, history second: a kill in between leaves the history one entry ahead of the
+    alias, which _history() trims.
+    """
     client = _client()
     with registry_lock(name):
-        history = _history(name)
         champion = _alias_version(name, CHAMPION)
+        history = _history(name, champion)
         if champion is None or len(history) < 2:
             raise LookupError(f"model '{name}' has no previous champion to roll back to (history: {history or 'empty'})")
         current, previous = history[-1], history[-2]

@@ -43,7 +43,7 @@ def first_run(project: Path):
 def test_registered_challenger_reproduces_the_logged_target_accuracy(project: Path, first_run):
     cfg, result = first_run
     assert result["model"] == "udaflow-synth-to-fonts-b" and result["version"] == "1" and result["alias"] == "challenger"
-    model = mlflow.pytorch.load_model("models:/udaflow-synth-to-fonts-b@challenger", map_location="cpu")
+    model = tracking.load_model("models:/udaflow-synth-to-fonts-b@challenger")
     test = Domain.open(cfg.data.root, "fonts-b")
     rows = test.select("test")
     classes = Domain.open(cfg.data.root, "synth").classes

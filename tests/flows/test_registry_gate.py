@@ -1,43 +1,90 @@
-"""Promote / rollback against a real MLflow registry (temp SQLite), through the CLI and flows."""
+"""The promotion gate, promote and rollback against a real MLflow registry (temp SQLite) and real
+data (a tiny synth -> fonts-b project), through the CLI and flows. Models are a briefly trained
+micro ViT and variants of it, registered in udaflow's packaged format."""
 
 from __future__ import annotations
 
+import copy
+import csv
 import multiprocessing
+import pickle
+import tempfile
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from udaflow import tracking
+from udaflow import steps, tracking
 from udaflow.cli import app
+from udaflow.config import load_config
+from udaflow.models import ImageClassifier, packaged
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-NAME = "udaflow-a-to-b"
+NAME = "udaflow-synth-to-fonts-b"
 runner = CliRunner()
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, new_shift_project) -> Path:
+    root = new_shift_project(tmp_path_factory.mktemp("gate"), tmp_path_factory.mktemp("fonts-b"), 60)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params.update(source="synth", target="fonts-b")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(project: Path) -> ImageClassifier:
+    """The source model of the tiny project (30 steps): predictions spread over the classes."""
+    cfg = _cfg(project, "train.pretrain_steps=150")
+    outcome = steps.pretrain(cfg)
+    stage, classes = steps._load(cfg, Path(outcome.path))
+    return ImageClassifier(stage.classifier, classes).eval()
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> Path:
-    params = yaml.safe_load((Path(__file__).parents[2] / "params.yaml").read_text())
+def registry(project: Path, tmp_path: Path) -> Path:
+    """A fresh, empty MLflow store for each test; the project's data and params otherwise."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
     params["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "artifacts")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     tracking.configure(params["tracking"]["uri"], tmp_path / "artifacts")
     return tmp_path
 
 
-def add_version(target_acc: float | None, im: float, source_val: float = 99.0) -> str:
-    """Register a (tiny) model version as challenger with the tags a pipeline run writes."""
-    exp = tracking.experiment_id("a", "b")
-    run = tracking.PipelineRun(exp, tracking.start_run(exp, "test", {}), "a", "b")
-    metrics = {"source_val_acc": source_val, "validators": {"im": im}, "selected_by": "im"}
-    if target_acc is not None:
-        metrics["target_acc"] = target_acc
-    model = torch.nn.Linear(4, 2)
-    return tracking.register_challenger(run, model, np.zeros((1, 4), dtype=np.float32), metrics, {"method": "test"}).version
+def _cfg(root: Path, *overrides: str):
+    return load_config(root / "params.yaml", None, list(overrides))
+
+
+def variant(model: ImageClassifier, seed: int, noise: float = 0.0, collapse: bool = False) -> ImageClassifier:
+    """A copy of `model` with noise on its head (`noise` x the weights' std: a different, still spread-out model), or collapsed
+    onto class 0 (every image predicted as one class)."""
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head = out.classifier.head
+        head.weight.add_(noise * head.weight.std() * torch.randn(head.weight.shape, generator=g))  # relative to the weights
+        if collapse:
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[0] = 10.0
+    return out
+
+
+def add_version(registry: Path, model: ImageClassifier, recorded_im: float = 0.8, source_only_im: float = 0.5,
+                source_only_val: float = 0.0, **claimed) -> str:
+    """Register `model` as challenger with the tags a pipeline run writes (`claimed` adds any)."""
+    cfg = _cfg(registry)
+    exp = tracking.experiment_id(cfg.source, cfg.target)
+    run = tracking.PipelineRun(exp, tracking.start_run(exp, "test", {}), cfg.source, cfg.target)
+    package = packaged.save(model, Path(tempfile.mkdtemp(dir=registry)), cfg.model.backbone, cfg.model.backbone_args, cfg.data.image_size)
+    metrics = {"source_val_acc": 99.0, "source_only_source_val_acc": source_only_val, "selected_by": "im",
+               "validators": {"im": recorded_im}, "validators_source_only": {"im": source_only_im}, **claimed}
+    example = torch.rand(2, 3, 32, 32).numpy()
+    return tracking.register_challenger(run, package, example, metrics, {"method": "test"}).version
 
 
 def champion() -> str | None:
@@ -49,41 +96,151 @@ def cli(args, root):
     return runner.invoke(app, [*args, "--params", str(root / "params.yaml")])
 
 
-def test_first_promotion_pass_fail_dry_run_and_rollback(registry: Path):
-    add_version(80.0, 0.5)
+def measured(registry: Path, version: str):
+    cfg = _cfg(registry)
+    return steps.measure_for_gate(tracking.load_model(f"models:/{NAME}/{version}"), steps.load_gate_data(cfg), "im", "cpu")
+
+
+def test_first_version_needs_a_sanity_check_then_the_gate_measures_both_now(registry: Path, trained):
+    add_version(registry, variant(trained, 0), recorded_im=0.4, source_only_im=0.5)  # worse than its own source-only
+    result = cli(["promote", "--model", NAME], registry)
+    assert result.exit_code == 0 and "not promoted" in result.output and "does not beat its source-only" in result.output
+    assert champion() is None
+    assert "validator 'im' on target 'fonts-b' train pool" in result.output  # which data decided
+
+    add_version(registry, variant(trained, 1), recorded_im=0.6, source_only_im=0.5)
     result = cli(["promote", "--model", NAME, "--dry-run"], registry)
-    assert result.exit_code == 0, result.output
-    assert "would promote" in result.output and champion() is None  # dry run changes nothing
-
+    assert "would promote" in result.output and champion() is None  # a dry run changes nothing
     result = cli(["promote", "--model", NAME], registry)
-    assert result.exit_code == 0 and "no champion yet" in result.output and champion() == "1"
+    assert result.exit_code == 0 and "first version" in result.output and champion() == "2"
 
-    add_version(85.0, 0.4)  # better on the labelled holdout: passes
+    # the challenger claims far better numbers in its tags; the gate ignores them and measures both
+    v3 = add_version(registry, variant(trained, 3, noise=0.3), recorded_im=9.9, target_acc=100.0)
+    new, old = measured(registry, v3), measured(registry, "2")
     result = cli(["promote", "--model", NAME], registry)
-    assert "promoted" in result.output and champion() == "2"
-    tags = mlflow.MlflowClient().get_model_version(NAME, "2").tags
-    assert tags["gate.decision"] == "promoted" and tags["gate.compared_with"] == "1" and tags["gate.criterion"] == "target_acc"
+    assert (champion() == "3") == (new.validator >= old.validator and old.source_val_acc - new.source_val_acc <= 1.0), result.output
+    tags = mlflow.MlflowClient().get_model_version(NAME, "3").tags
+    assert tags["gate.compared_with"] == "2" and tags["gate.criterion"] in ("validator.im", "collapse")
+    assert "source val accuracy on 'synth' test split" in tags["gate.data"]
+    rows = {r[0]: r[1:] for r in yaml.safe_load(tags["gate.table"])}
+    assert rows["validator.im"] == [f"{old.validator:.4g}", f"{new.validator:.4g}"]
 
-    add_version(84.0, 0.9)  # worse target accuracy: fails, champion stays
+
+def test_collapsed_challenger_is_refused(registry: Path, trained):
+    add_version(registry, variant(trained, 0, collapse=True), recorded_im=0.9, source_only_im=0.1)
     result = cli(["promote", "--model", NAME], registry)
-    assert "not promoted" in result.output and champion() == "2"
-    assert mlflow.MlflowClient().get_model_version(NAME, "3").tags["gate.decision"] == "rejected"
+    assert "not promoted" in result.output and "collapsed: prediction diversity 0.000" in result.output and champion() is None
 
+
+def test_labelled_target_val_split_decides_and_test_is_never_read(registry: Path, trained, project: Path):
+    """A target with a labelled `val` split: the gate compares accuracy there. Its `test` files are
+    made unreadable for the test: the gate must not touch them."""
+    domain = project / "data/raw/fonts-b"
+    manifest = domain / "manifest.csv"
+    original = manifest.read_text()
+    rows = list(csv.DictReader(original.splitlines()))
+    train = [r for r in rows if r["split"] == "train"]
+    for r in train[: len(train) // 2]:
+        r["split"] = "val"
+    tests = [domain / r["path"] for r in rows if r["split"] == "test"]
+    saved = {p: p.read_bytes() for p in tests}
+    try:
+        with manifest.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        for p in tests:
+            p.write_bytes(b"not an image")
+        add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+        cli(["promote", "--model", NAME], registry)
+        assert champion() == "1"
+        v2 = add_version(registry, variant(trained, 5, noise=0.3))
+        new, old = measured(registry, v2), measured(registry, "1")
+        assert new.target_val_acc is not None
+        result = cli(["promote", "--model", NAME], registry)
+        assert "accuracy on target 'fonts-b' val split" in result.output, result.output
+        tags = mlflow.MlflowClient().get_model_version(NAME, v2).tags
+        expected = "target_val_acc" if new.diversity >= 0.5 else "collapse"
+        assert tags["gate.criterion"] == expected
+        if expected == "target_val_acc":
+            assert (champion() == v2) == (new.target_val_acc >= old.target_val_acc and old.source_val_acc - new.source_val_acc <= 1.0)
+    finally:
+        manifest.write_text(original)
+        for p, data in saved.items():
+            p.write_bytes(data)
+
+
+def test_rollback_and_a_promotion_cut_short_between_its_two_writes(registry: Path, trained):
+    for i in range(3):
+        add_version(registry, variant(trained, 0), recorded_im=0.6 + i, source_only_im=0.5)
+        if i == 0:
+            cli(["promote", "--model", NAME], registry)
+    client = mlflow.MlflowClient()
+    # versions 2 and 3 equal version 1's weights: each ties and is promoted in turn
+    for _ in range(2):
+        client.set_registered_model_alias(NAME, "challenger", str(int(champion()) + 1))
+        assert "promoted" in cli(["promote", "--model", NAME], registry).output
+    assert champion() == "3" and client.get_registered_model(NAME).tags[tracking.HISTORY_TAG] == "1,2,3"
+
+    # a promote killed after writing the history but before moving the alias: history is ahead
+    client.set_registered_model_tag(NAME, tracking.HISTORY_TAG, "1,2,3,4")
     result = cli(["rollback", "--model", NAME], registry)
-    assert result.exit_code == 0 and "from v2 to v1" in result.output and champion() == "1"
+    assert result.exit_code == 0 and "from v3 to v2" in result.output and champion() == "2"
+    # a rollback killed after moving the alias but before trimming the history
+    client.set_registered_model_alias(NAME, "champion", "1")
     result = cli(["rollback", "--model", NAME], registry)
-    assert result.exit_code == 2 and "no previous champion" in result.output
+    assert result.exit_code == 2 and "no previous champion" in result.output and champion() == "1"
+    assert tracking._history(NAME, tracking._alias_version(NAME, "champion")) == ["1"]
 
 
-def test_label_free_gate_and_source_tolerance(registry: Path):
-    add_version(None, 0.5)
-    cli(["promote", "--model", NAME], registry)
-    add_version(None, 0.6, source_val=95.0)  # better validator but source accuracy fell 4 points
+def test_registration_cut_short_is_incomplete_and_never_aliased(registry: Path, trained):
+    add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    client = mlflow.MlflowClient()
+    # what a kill between `register_model` and the complete mark leaves: a version without it
+    source = client.get_model_version(NAME, "1").source
+    partial = client.create_model_version(NAME, source, run_id=client.get_model_version(NAME, "1").run_id)
+    assert tracking.incomplete_versions(NAME) == [str(partial.version)]
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
     result = cli(["promote", "--model", NAME], registry)
-    assert "dropped 4.00" in result.output and champion() == "1"
-    add_version(None, 0.7, source_val=98.5)
-    result = cli(["promote", "--model", NAME], registry)
-    assert "validator.im" in result.output and champion() == "3"
+    assert champion() == "1" and f"incomplete: v{partial.version}" in result.output
+
+
+def test_registered_version_links_to_the_run_with_the_metrics(registry: Path, trained):
+    add_version(registry, variant(trained, 0))
+    version = mlflow.MlflowClient().get_model_version(NAME, "1")
+    run = mlflow.MlflowClient().get_run(version.run_id)
+    assert run.info.run_name == "test" and "mlflow.parentRunId" not in run.data.tags  # the pipeline run, not `register`
+    assert version.tags[tracking.COMPLETE_TAG] == "true"
+
+
+def test_pickles_are_refused_where_a_model_is_loaded(registry: Path, trained, tmp_path: Path):
+    """A pickle in place of the weights, and a model logged in MLflow's pickle format, are both
+    refused without being unpickled (the payload would write a file if it ran)."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "ran"))
+
+    add_version(registry, variant(trained, 0))
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "dl")))
+    weights = next(folder.rglob(packaged.WEIGHTS))
+    weights.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(packaged.PackageError, match="not a safetensors file"):
+        packaged.load(weights.parent)
+
+    from mlflow import pytorch as mlflow_pytorch
+
+    with mlflow.start_run(experiment_id=tracking.experiment_id("synth", "fonts-b")):  # artifacts in the test's store
+        info = mlflow_pytorch.log_model(Payload2(), name="legacy", serialization_format="pickle", input_example=torch.zeros(1, 2).numpy())
+    with pytest.raises(LookupError, match="refusing to load it"):
+        tracking.load_model(info.model_uri)
+    assert not marker.exists()
+
+
+class Payload2(torch.nn.Linear):
+    def __init__(self):
+        super().__init__(2, 2)
 
 
 def test_unknown_model_is_one_line(registry: Path):
@@ -91,25 +248,24 @@ def test_unknown_model_is_one_line(registry: Path):
     assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
 
 
-def _promote_in_process(uri: str, artifacts: str, queue) -> None:
-    tracking.configure(uri, Path(artifacts))
-    decision, challenger, _ = tracking.promote(NAME, "im", 1.0)
+def _promote_in_process(params: str, queue) -> None:
+    cfg = load_config(Path(params), None, [])
+    tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
+    decision, challenger, _ = steps.gate(cfg, NAME)
     queue.put((decision.promote, decision.criterion, challenger))
 
 
-def test_concurrent_promotions_leave_one_consistent_champion(registry: Path):
-    add_version(80.0, 0.5)
+def test_concurrent_promotions_leave_one_consistent_champion(registry: Path, trained):
+    add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    uri = f"sqlite:///{registry}/mlflow.db"
-    procs = [ctx.Process(target=_promote_in_process, args=(uri, str(registry / "artifacts"), queue)) for _ in range(2)]
+    procs = [ctx.Process(target=_promote_in_process, args=(str(registry / "params.yaml"), queue)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(180)
     outcomes = sorted(queue.get(timeout=5) for _ in procs)
     # exactly one promoted; the other found the challenger already champion
     assert [o[0] for o in outcomes] == [False, True] and {o[1] for o in outcomes} == {"first", "same"}
     assert champion() == "1"
-    history = mlflow.MlflowClient().get_registered_model(NAME).tags[tracking.HISTORY_TAG]
-    assert history == "1"
+    assert mlflow.MlflowClient().get_registered_model(NAME).tags[tracking.HISTORY_TAG] == "1"

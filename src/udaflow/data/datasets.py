@@ -20,6 +20,10 @@ from PIL import Image
 
 from udaflow.data.manifest import DataError, ManifestRow, read_manifest
 
+# manifest splits: train (the adaptation pool for a target), test (reported accuracy), val (a target
+# split a user chose to label: only the promotion gate reads it); "all" = every row
+Split = Literal["train", "val", "test", "all"]
+
 
 @dataclass(frozen=True)
 class UnlabelledImages:
@@ -83,7 +87,7 @@ class Domain:
     def classes(self) -> tuple[str, ...]:
         return tuple(sorted({r.label for r in self.rows if r.label}, key=_class_key))
 
-    def select(self, split: Literal["train", "test", "all"]) -> list[ManifestRow]:
+    def select(self, split: Split) -> list[ManifestRow]:
         rows = [r for r in self.rows if split == "all" or r.split == split]
         bad = [r.path for r in rows if not r.decodable]
         if bad:
@@ -101,7 +105,7 @@ class Domain:
                 raise DataError(f"{self.root / r.path}: cannot be decoded ({exc}); rebuild or re-ingest '{self.name}'") from None
         return torch.from_numpy(np.stack(arrays))
 
-    def labelled(self, split: Literal["train", "test", "all"], classes: tuple[str, ...], size: int) -> LabelledImages:
+    def labelled(self, split: Split, classes: tuple[str, ...], size: int) -> LabelledImages:
         rows = self.select(split)
         index = {c: i for i, c in enumerate(classes)}
         unlabelled = [r.path for r in rows if not r.label]
@@ -115,11 +119,11 @@ class Domain:
         labels = torch.tensor([index[r.label] for r in rows], dtype=torch.int64)
         return LabelledImages(self.pixels(rows, size), labels, classes, self.name)
 
-    def unlabelled(self, split: Literal["train", "test", "all"], size: int) -> UnlabelledImages:
+    def unlabelled(self, split: Split, size: int) -> UnlabelledImages:
         # labels are never read here: only paths go to the decoder
         return UnlabelledImages(self.pixels(self.select(split), size), self.name)
 
-    def has_labels(self, split: Literal["train", "test", "all"]) -> bool:
+    def has_labels(self, split: Split) -> bool:
         rows = self.select(split)
         return bool(rows) and all(r.label for r in rows)
 
