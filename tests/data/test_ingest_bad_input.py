@@ -144,13 +144,13 @@ def dotdot_escape(base: Path):
 def dotdot_to_root(base: Path):
     f = image_folder(base)
     os.symlink("..", f / "a/up")  # inside the root, but a loop: a/up/a/up/...
-    return f, f"{f}/a/up: symlink to {f}, a folder this ingest reads already (a loop or a duplicate); remove it", {}
+    return f, f"{f}/a/up: the same folder as {f} (a symlink loop or a duplicate); remove the symlink", {}
 
 
 def class_read_twice(base: Path):
     f = image_folder(base)
-    os.symlink("a", f / "c")  # class c = class a's images again: leakage between classes
-    return f, f"{f}/c: symlink to {f}/a, a folder this ingest reads already (a loop or a duplicate); remove it", {}
+    os.symlink("b", f / "0")  # class 0 = class b's images again (and read first): leakage between classes
+    return f, f"{f}/b: the same folder as {f}/0 (a symlink loop or a duplicate); remove the symlink", {}
 
 
 def broken_symlink(base: Path):

@@ -65,7 +65,14 @@ def _check_entry(path: Path, root: Path) -> Path:
     return resolved
 
 
-def _images_under(folder: Path, root: Path, recursive: bool = False, seen: set[Path] | None = None) -> list[Path]:
+def _read_once(path: Path, resolved: Path, seen: dict[Path, Path]) -> None:
+    """Refuse a folder reached a second time (through a symlink): a loop, or images read twice."""
+    first = seen.setdefault(resolved, path)
+    if first != path:
+        raise DataError(f"{shown(path)}: the same folder as {shown(first)} (a symlink loop or a duplicate); remove the symlink")
+
+
+def _images_under(folder: Path, root: Path, recursive: bool = False, seen: dict[Path, Path] | None = None) -> list[Path]:
     """Image files in `folder` (and, `recursive`, in its sub-folders, as torchvision's ImageFolder reads a class).
 
     Anything that cannot be copied as it is read is refused, naming it: a non-image file, a pipe or
@@ -73,7 +80,7 @@ def _images_under(folder: Path, root: Path, recursive: bool = False, seen: set[P
     a broken symlink, a folder reached twice through a symlink (a loop, or a class read twice).
     Hidden names (starting with '.') are skipped.
     """
-    seen = set() if seen is None else seen
+    seen = {} if seen is None else seen
     files = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
@@ -85,9 +92,7 @@ def _images_under(folder: Path, root: Path, recursive: bool = False, seen: set[P
             files.append(path)
         elif path.is_dir():
             if recursive:
-                if resolved in seen:
-                    raise DataError(f"{shown(path)}: symlink to {shown(resolved)}, a folder this ingest reads already (a loop or a duplicate); remove it")
-                seen.add(resolved)
+                _read_once(path, resolved, seen)
                 files += _images_under(path, root, recursive=True, seen=seen)
         else:
             raise DataError(f"{shown(path)}: not a regular file or folder (a pipe, socket or device); remove it")
@@ -119,7 +124,7 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
     source = Path(source)
     if not source.is_dir():
         raise DataError(f"{shown(source)}: not a directory", LAYOUT_HINT)
-    seen = {source.resolve()}
+    seen = {source.resolve(): source}
     class_dirs = []
     for d in sorted(source.iterdir()):
         if d.name.startswith(".") or not d.is_dir():
@@ -127,9 +132,7 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
         resolved = _check_entry(d, source)
         if d.name in _RESERVED:
             raise DataError(f"{shown(d)}: a class folder cannot be named '{d.name}', the domain's manifest uses that name; rename it", LAYOUT_HINT)
-        if resolved in seen:
-            raise DataError(f"{shown(d)}: symlink to {shown(resolved)}, a folder this ingest reads already (a loop or a duplicate); remove it")
-        seen.add(resolved)
+        _read_once(d, resolved, seen)
         class_dirs.append(d)
     entries: list[tuple[Path, str, Path]] = []
     if class_dirs:
