@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -130,3 +131,20 @@ def test_wrong_image_size_and_mode_fail(root: Path, tmp_path: Path):
 def test_missing_domain_is_a_data_error(root: Path, tmp_path: Path):
     with pytest.raises(DataError, match="nope"):
         validate_shift(root, "synth", "nope", tmp_path / "out")
+
+
+def test_label_check_reads_only_labelled_target_rows(root: Path, tmp_path: Path):
+    """The row conditions (GX Condition objects): an empty target label is not checked, a source row
+    never is, a target label unknown to the source is, alone."""
+    from udaflow.data.manifest import read_manifest, write_manifest
+
+    rows = read_manifest(root / "target")
+    rows[0] = dataclasses.replace(rows[0], label="")
+    rows[1] = dataclasses.replace(rows[1], label="zz")
+    write_manifest(root / "target", rows)
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    assert [(f.expectation, f.column) for f in report.failures] == [("expect_column_values_to_be_in_set", "label")]
+    assert [(e["domain"], e["path"]) for e in report.failures[0].examples] == [("target", rows[1].path)]
+    payload = json.loads(report.result_json.read_text())["suites"]["udaflow.images"]["results"]
+    label_check = next(r for r in payload if r["expectation_config"]["kwargs"].get("column") == "label")
+    assert label_check["result"]["unexpected_count"] == 1 and label_check["result"]["element_count"] == 59  # target rows with a label

@@ -117,10 +117,14 @@ def _domain_expectations():
 
 def _suites(source_classes: list[str], min_per_class: int):
     import great_expectations as gx
+    from great_expectations.expectations.row_conditions import Column
 
     E = gx.expectations
-    target = {"row_condition": 'role=="target"', "condition_parser": "pandas"}
-    labelled_target = {"row_condition": 'role=="target" and label!=""', "condition_parser": "pandas"}
+    # GX 1.x Condition objects (strings with a condition_parser are deprecated since GX 1.9); the
+    # pandas engine runs them as the same queries: role == 'target' (and label != '')
+    is_target = Column("role") == "target"
+    target = {"row_condition": is_target}
+    labelled_target = {"row_condition": is_target & (Column("label") != "")}
     images = [
         *_domain_expectations(),
         E.ExpectColumnDistinctValuesToContainSet(column="role", value_set=["source", "target"]),
