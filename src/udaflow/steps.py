@@ -305,6 +305,7 @@ def exclusive_shift(cfg: Config):
     files (source model copy, checkpoints) and its registered model, so the second waits its turn."""
     import fcntl
     import os
+    import sys
 
     shift_dir = run_paths(cfg).shift_dir
     shift_dir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +314,9 @@ def exclusive_shift(cfg: Config):
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            print(f"waiting for another udaflow run on {shift_dir.name} ({fh.read().strip() or 'lock held'}) to finish", flush=True)
+            # stderr itself, not print(): a flow with log_prints would route it to Prefect's (quietened) logger
+            sys.stderr.write(f"waiting for another udaflow run on {shift_dir.name} ({fh.read().strip() or 'lock held'}) to finish\n")
+            sys.stderr.flush()
             fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
         fh.truncate()

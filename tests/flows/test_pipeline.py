@@ -164,3 +164,26 @@ def test_reproduce_restores_the_old_data_revision_and_matches_exactly(project: P
 
     unknown = CliRunner().invoke(app, ["reproduce", "0" * 32, "--params", str(project / "params.yaml")])
     assert unknown.exit_code == 2 and "does not exist" in unknown.output
+
+
+def test_a_flow_that_fails_after_validation_ends_its_runs_failed(project: Path, first_run, monkeypatch):
+    """A crash in adaptation (after validation, versioning and pretraining): the parent run and any
+    child run end FAILED, none is left RUNNING, and nothing is registered."""
+    from flows.pipeline import adaptation_pipeline
+    from udaflow import steps
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("adaptation crashed")
+
+    monkeypatch.setattr(steps, "adapt", broken)
+    versions_before = len(tracking.latest_versions("udaflow-synth-to-fonts-b"))
+    cfg = _cfg(project, method="dann")
+    with pytest.raises(RuntimeError, match="adaptation crashed"):
+        adaptation_pipeline(cfg, str(project / "params.yaml"))
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("udaflow/synth-to-fonts-b").experiment_id
+    parent = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20)
+    parent = next(r for r in parent if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED"
+    assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
+    assert len(tracking.latest_versions("udaflow-synth-to-fonts-b")) == versions_before
