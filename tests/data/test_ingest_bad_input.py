@@ -67,30 +67,40 @@ def _truncated(path: Path) -> Path:
 
 
 # Each case: build a bad folder under `base` (a clean ImageFolder with classes a, b unless said
-# otherwise) and return (folder, the exact message, extra ingest_domain arguments). For the
-# validation (GX) failures the message is compared up to "; full report: <path>".
+# otherwise) and return (folder, the exact message, extra ingest_domain arguments[, the exact hint]).
+# For the validation (GX) failures the message is compared up to "; full report: <path>".
 Case = Callable[[Path], tuple[Path, str, dict]]
 
 
 def corrupt(base: Path):
     f = image_folder(base)
     (f / "a/bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    return f, f"{f}/a/bad.png: not a readable image (not an image format PIL recognises)", {}
+    return f, (
+        f"{f}: data validation failed: expect_column_values_to_be_in_set on 'decodable' failed "
+        "(e.g. domain=tgt, path=a/bad.png, label=a, split=train, width=0, mode=) (+3 more failed expectations)"
+    ), {}, f"{f}/a/bad.png is not a readable image (not an image format PIL recognises): fix or remove it and ingest again"
 
 
 def truncated(base: Path):
     f = image_folder(base)
     _truncated(f / "b/cut.png")
-    return f, f"{f}/b/cut.png: not a readable image (image file is truncated)", {}
+    return f, (
+        f"{f}: data validation failed: expect_column_values_to_be_in_set on 'decodable' failed "
+        "(e.g. domain=tgt, path=b/cut.png, label=b, split=train, width=0, mode=) (+3 more failed expectations)"
+    ), {}, f"{f}/b/cut.png is not a readable image (image file is truncated): fix or remove it and ingest again"
 
 
 def several_corrupt(base: Path):
     f = image_folder(base)
     for p in ("a/bad1.png", "b/bad2.jpg", "b/x/bad3.gif"):
         (f / p).parent.mkdir(exist_ok=True)
-        (f / p).write_bytes(b"garbage")
+        (f / p).write_bytes(f"garbage {p}".encode())
     more = f"{f}/b/bad2.jpg, {f}/b/x/bad3.gif"
-    return f, f"{f}/a/bad1.png: not a readable image (not an image format PIL recognises); 2 more cannot be decoded either (e.g. {more})", {}
+    return f, (
+        f"{f}: data validation failed: expect_column_values_to_be_in_set on 'decodable' failed "
+        "(e.g. domain=tgt, path=a/bad1.png, label=a, split=train, width=0, mode=; domain=tgt, path=b/bad2.jpg, label=b, split=test, width=0, mode=; "
+        "domain=tgt, path=b/x/bad3.gif, label=b, split=train, width=0, mode=) (+3 more failed expectations)"
+    ), {}, f"{f}/a/bad1.png is not a readable image (not an image format PIL recognises); 2 more cannot be decoded either (e.g. {more}): fix or remove it and ingest again"
 
 
 def non_image_file(base: Path):
@@ -274,11 +284,13 @@ CASES: list[Case] = [
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_bad_input_is_refused_naming_the_file_and_changes_nothing(project: Path, tmp_path: Path, case: Case):
     (tmp_path / "user").mkdir()
-    folder, message, kw = case(tmp_path / "user")
+    folder, message, kw, *hint = case(tmp_path / "user")
     before = snapshot(project)
     with pytest.raises(DataError) as err:
         ingest_domain(folder, "tgt", project / "data/raw", replace=True, report_dir=tmp_path / "report", **kw)
     assert str(err.value).split("; full report: ")[0] == message
+    if hint:
+        assert err.value.hint == hint[0]
     assert snapshot(project) == before  # data/, the DVC cache, pointers, git's view, dvc.lock
     assert leftovers(project) == []  # no staged or moved-aside copy
     assert [r.path for r in read_manifest(project / "data/raw/tgt")] == [f"t{i}.png" for i in range(6)]

@@ -99,6 +99,15 @@ def _images_under(folder: Path, root: Path, recursive: bool = False, seen: dict[
     return files
 
 
+def _unreadable_hint(folder: Path, staged: Path, rows: list) -> str | None:
+    """For a refused folder with images PIL cannot decode: the first (the user's path) and why, how many more."""
+    bad = [r.path for r in rows if not r.decodable]
+    if not bad:
+        return None
+    more = f"; {len(bad) - 1} more cannot be decoded either (e.g. {', '.join(shown(folder / p) for p in bad[1:4])})" if len(bad) > 1 else ""
+    return f"{shown(folder / bad[0])} is not a readable image ({_unreadable_reason(staged / bad[0])}){more}: fix or remove it and ingest again"
+
+
 def _unreadable_reason(file: Path) -> str:
     """Why PIL cannot decode `file` (for an error message)."""
     from PIL import Image, UnidentifiedImageError
@@ -117,8 +126,8 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
     """Copy an ImageFolder (or flat folder) into data_root/.<name>.ingesting with a manifest; returns that folder.
 
     Nothing under data_root/<name> is touched: the caller validates the staged copy, then swaps it in.
-    Every image must decode (a corrupt or truncated file is refused here, naming it); on any error
-    the staged copy is removed again.
+    A file that does not decode gets `decodable` False in the manifest (the GX suites refuse it);
+    on any error the staged copy is removed again.
     """
     check_domain_name(name)
     source = Path(source)
@@ -154,7 +163,7 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
     staged = Path(data_root) / f".{name}.ingesting"
     shutil.rmtree(staged, ignore_errors=True)
     try:
-        rows, unreadable = [], []
+        rows = []
         for (file, label, inside), split in zip(entries, splits):
             try:
                 data = file.read_bytes()
@@ -166,13 +175,7 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
             row = describe_image(dest, staged, label, split, shown=Path(shown(file)))
             if max(row.width, row.height) > MAX_SIDE:
                 raise DataError(f"{shown(file)}: {row.width}x{row.height} px, over the {MAX_SIDE} px limit; refused from its header, not decoded")
-            if not row.decodable:
-                unreadable.append((file, dest))
             rows.append(row)
-        if unreadable:
-            (file, dest), more = unreadable[0], [shown(f) for f, _ in unreadable[1:]]
-            also = f"; {len(more)} more cannot be decoded either (e.g. {', '.join(more[:3])})" if more else ""
-            raise DataError(f"{shown(file)}: not a readable image ({_unreadable_reason(dest)}){also}", "fix or remove the file(s) and ingest again")
         write_manifest(staged, rows)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -270,8 +273,8 @@ def ingest_domain(
         report = validate_domain(data_root, staged.name, Path(report_dir) / "domain")
         if report.success and source is not None:
             report = validate_shift(data_root, source, staged.name, Path(report_dir) / f"against-{source}", min_per_class)
-        if not report.success:
-            raise DataError(f"{folder}: {report.error().replace(staged.name, name)}")
+        if not report.success:  # a file PIL cannot decode: the hint names it and says why
+            raise DataError(f"{folder}: {report.error().replace(staged.name, name)}", _unreadable_hint(Path(folder), staged, rows))
         overlaps = find_overlaps(staged, data_root, name)
 
         same = out.is_dir() and (out / MANIFEST_NAME).is_file() and (out / MANIFEST_NAME).read_bytes() == (staged / MANIFEST_NAME).read_bytes()
