@@ -1,0 +1,161 @@
+"""Kill -9 in the middle of adaptation and run the same command again, the way a user meets it: a
+fresh `git clone` of this repository, their own data ingested, the `udaflow` command in a subprocess.
+
+The re-run says where it resumed and ends with exactly the metrics of a run that was never
+interrupted (another fresh clone); a re-run with other parameters sets the checkpoint aside and
+says why, instead of continuing another run's weights."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from udaflow.data.domains import build_domain
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+ADAPT_STEPS = 60
+# the real params.yaml made small from the command line; a resume point every 5 adaptation steps,
+# so a kill once the first checkpoint appears lands well inside adaptation (~0.06 s a step here)
+SMALL = [
+    "--set", "model.backbone=udaflow_vit_micro", "--set", "train.pretrain_steps=30", "--set", f"train.adapt_steps={ADAPT_STEPS}",
+    "--set", "train.eval_every=10", "--set", "train.checkpoint_every=5", "--set", "train.warmup_steps=3",
+    "--set", "train.batch_size=16", "--set", "train.num_threads=1",
+]
+RUN = ["run", "--source", "my-digits", "--target", "my-camera", *SMALL]
+SHIFT = "my-digits-to-my-camera"
+
+
+@pytest.fixture(scope="module")
+def user_folders(tmp_path_factory) -> dict[str, Path]:
+    """A user's labelled source and a labelled target (so the runs report target accuracy too)."""
+    scratch = tmp_path_factory.mktemp("user-data")
+    out = {}
+    for key, seed, size in (("digits", 0, 120), ("camera", 5, 60)):
+        build_domain("synth", scratch / key, seed=seed, synth_size=size)
+        (scratch / key / "synth/manifest.csv").unlink()
+        out[key] = scratch / key / "synth"
+    return out
+
+
+def fresh_clone(root: Path, user_folders: dict[str, Path]) -> tuple[Path, dict[str, str]]:
+    """`git clone` of this repository with the user's two domains ingested; its own Prefect home."""
+    clone = root / "udaflow"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    # each `udaflow run` starts Prefect's temporary server; keep it away from the session's harness
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               MLFLOW_DISABLE_TELEMETRY="true", GX_ANALYTICS_ENABLED="False")
+    for folder, args in ((user_folders["digits"], ["--name", "my-digits"]), (user_folders["camera"], ["--name", "my-camera", "--source", "my-digits"])):
+        out = subprocess.run([str(BIN / "udaflow"), "data", "ingest", str(folder), *args], cwd=clone, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+    return clone, env
+
+
+def start(clone: Path, env: dict, *args: str) -> subprocess.Popen:
+    """`udaflow ARGS` in the clone, output to run.log, in its own process group: a kill of the group
+    takes Prefect's temporary server with it, as a kill -9 of a job would."""
+    with (clone / "run.log").open("w") as log:
+        return subprocess.Popen([str(BIN / "udaflow"), *args], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def udaflow(clone: Path, env: dict, *args: str) -> str:
+    """Run `udaflow ARGS` to its end; its output (stdout and stderr)."""
+    proc = start(clone, env, *args)
+    try:
+        proc.wait(timeout=600)
+    finally:
+        kill(proc)  # nothing outlives the test, even when the run hangs
+    output = (clone / "run.log").read_text()
+    assert proc.returncode == 0 and "Traceback" not in output and "MLflow run id" in output, output
+    return output
+
+
+def group_alive(pgid: int, wait: float = 30.0) -> bool:
+    """Whether any process of the group is still there after `wait` s (killed children take a moment to be reaped)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def kill_mid_adaptation(clone: Path, env: dict) -> Path:
+    """Start the run and SIGKILL it (with its children) once the adaptation checkpoint exists; that checkpoint."""
+    proc = start(clone, env, *RUN)
+    deadline = time.monotonic() + 600
+    try:
+        while not (found := list((clone / "runs" / SHIFT).glob("*/checkpoint.pt"))):
+            assert proc.poll() is None, f"the run ended before its first adaptation checkpoint:\n{(clone / 'run.log').read_text()}"
+            assert time.monotonic() < deadline, "no adaptation checkpoint within 10 minutes"
+            time.sleep(0.02)
+    finally:
+        kill(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert not group_alive(proc.pid), "the killed run left processes behind"
+    output = (clone / "run.log").read_text()
+    assert "adapt adamatch:" in output and f"{ADAPT_STEPS}/{ADAPT_STEPS} steps" not in output, output  # killed inside adaptation
+    assert found[0].exists()
+    return found[0]
+
+
+def uninterrupted_run(root: Path, user_folders: dict[str, Path]) -> tuple[str, bytes]:
+    """The reference: the same command in another fresh clone, never interrupted; (output, metrics.json)."""
+    clone, env = fresh_clone(root, user_folders)
+    output = udaflow(clone, env, *RUN)
+    return output, (clone / "runs" / SHIFT / "adamatch/metrics.json").read_bytes()
+
+
+def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, user_folders: dict[str, Path]):
+    with ThreadPoolExecutor(1) as pool:  # the reference runs beside the rest: two processes, two cores
+        reference = pool.submit(uninterrupted_run, tmp_path / "uninterrupted", user_folders)
+        clone, env = fresh_clone(tmp_path / "killed", user_folders)
+
+        checkpoint = kill_mid_adaptation(clone, env)
+        assert checkpoint.parent.name == "adamatch"  # the default method
+        assert not (checkpoint.parent / "metrics.json").exists()
+        output = udaflow(clone, env, *RUN)
+        where = re.escape(str(checkpoint.relative_to(clone)))
+        step = int(re.search(rf"adapt adamatch: resuming from step (\d+) \({where}\)", output).group(1))
+        assert 0 < step < ADAPT_STEPS and step % 5 == 0
+        assert f"adapt adamatch: resumed at step {step}/{ADAPT_STEPS}" in output
+        assert "source model" in output and "reused" in output  # pretraining finished before the kill: not redone
+        assert not checkpoint.exists()  # a finished adaptation leaves no resume point behind
+
+        reference_output, reference_metrics = reference.result()
+    assert "resuming" not in reference_output
+    resumed = (checkpoint.parent / "metrics.json").read_bytes()
+    assert json.loads(resumed) == json.loads(reference_metrics)  # a readable diff first
+    assert resumed == reference_metrics  # then byte for byte
+    assert any(k.startswith("target_acc") and v is not None for k, v in json.loads(resumed).items())  # it covers target accuracy
+
+    # killed again, then re-run with another adaptation learning rate: that checkpoint belongs to another run
+    checkpoint = kill_mid_adaptation(clone, env)
+    output = udaflow(clone, env, *RUN, "--set", "train.adapt_lr=0.0005")
+    assert (f"adapt adamatch: {checkpoint.relative_to(clone)} was written by another run (params, data, code or start weights differ); "
+            "starting fresh") in output, output
+    assert "resuming from step" not in output and "resumed at step" not in output
+    assert checkpoint.with_suffix(".stale").exists() and not checkpoint.exists()
+    assert f"adapt adamatch: {ADAPT_STEPS}/{ADAPT_STEPS} steps (100%)" in output
