@@ -5,8 +5,10 @@ all of them) and `holdout` (adapt on target train, accuracy on the labelled targ
 The oracle trains on target-train labels and is always scored on target test.
 
 Source pretraining is shared by the methods of a shift (and cached on disk across runs).
-Reported accuracies are the last iterate (`target_acc`) and the checkpoint the label-free
+Reported accuracies are the last iterate (`target_acc_last`) and the checkpoint the label-free
 validator picked (`target_acc_selected`, named in `selected_by`); never a best-by-target pick.
+Rows carry the names the pipeline's metrics.json, MLflow and the registry use (one evaluation
+function, experiment.evaluate_stage).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from udaflow.methods import get_method_class
 from udaflow.validators import ensemble_agreement
 
 ROW_KEYS = (
-    "shift", "method", "seed", "protocol", "target_acc", "target_acc_selected", "selected_by", "selected_step",
-    "source_val_acc", "validators", "seconds", "train_images_per_s", "peak_rss_mb", "device",
+    "shift", "method", "seed", "protocol", "target_acc_last", "target_acc_selected", "selected_by", "selected_step",
+    "source_val_acc_last", "source_val_acc_selected", "validators_last", "validators_selected", "seconds", "train_images_per_s",
+    "peak_rss_mb", "device",
 )  # plus training_cost's keys; for every non-oracle method: best_checkpoint_target_acc, selection_loss,
 # regret (per validator) and median_last5_target_acc (reported, never used to select)
 
@@ -187,7 +190,7 @@ def validator_correlations(study: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-SUMMARY_KEYS = ("target_acc", "target_acc_selected", "median_last5_target_acc", "seconds", "train_images_per_s", "achieved_gflops")
+SUMMARY_KEYS = ("target_acc_last", "target_acc_selected", "median_last5_target_acc", "seconds", "train_images_per_s", "achieved_gflops")
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -320,12 +320,12 @@ def _print_run_summary(cfg, r: dict) -> None:
     table.add_row("MLflow run id", r["run_id"])
     table.add_row("model version", f"{r['model']} v{r['version']} @{r['alias']}")
     table.add_row("source model", "reused (cached Prefect task)" if r["prefect_task_cached"] else ("reused cached checkpoint" if r["source_cached"] else "trained"))
-    table.add_row(f"target accuracy (registered: {m['selected_by']} pick, step {m['selected_step']})", _fmt(m.get("target_acc")))
-    table.add_row("target accuracy (last iterate)", _fmt(m.get("target_acc_last")))
-    table.add_row("source-only target accuracy", _fmt(m.get("source_only_target_acc")))
-    table.add_row("source val accuracy", _fmt(m.get("source_val_acc")))
-    for name, value in m["validators"].items():
-        table.add_row(f"validator {name}", _fmt(value))
+    table.add_row(f"target_acc_selected (registered: {m['selected_by']} pick, step {m['selected_step']})", _fmt(m.get("target_acc_selected")))
+    table.add_row("target_acc_last (last iterate)", _fmt(m.get("target_acc_last")))
+    table.add_row("source_only_target_acc", _fmt(m.get("source_only_target_acc")))
+    table.add_row("source_val_acc_selected", _fmt(m.get("source_val_acc_selected")))
+    for name, value in m["validators_selected"].items():
+        table.add_row(f"validator_selected.{name}", _fmt(value))
     table.add_row("proxy A-distance before -> after", f"{m['shift']['pad_before']:.2f} -> {m['shift']['pad_after']:.2f}")
     for stage, sec in r["stage_seconds"].items():
         table.add_row(f"seconds: {stage}", f"{sec:.1f}")
@@ -523,7 +523,7 @@ def stage_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
 
     cfg = _load(params, None, None)
     metrics = steps.evaluate(cfg)
-    console.print(f"target accuracy {_fmt(metrics.get('target_acc'))} -> {steps.run_paths(cfg).metrics}")
+    console.print(f"target_acc_selected {_fmt(metrics.get('target_acc_selected'))}, target_acc_last {_fmt(metrics.get('target_acc_last'))} -> {steps.run_paths(cfg).metrics}")
 
 
 @app.command("ui")
@@ -567,8 +567,8 @@ def bench(
 
     def show(row):
         console.print(
-            f"{row['shift']:>14} {row['method']:>12} seed {row['seed']}: target {_fmt(row.get('target_acc'))} "
-            f"(selected {_fmt(row.get('target_acc_selected'))}), source val {_fmt(row['source_val_acc'])}, "
+            f"{row['shift']:>14} {row['method']:>12} seed {row['seed']}: target_acc_last {_fmt(row.get('target_acc_last'))} "
+            f"(selected {_fmt(row.get('target_acc_selected'))}), source val {_fmt(row['source_val_acc_last'])}, "
             f"{row['seconds']:.0f}s, {row['train_images_per_s']:.0f} img/s, {row['achieved_gflops']:.0f} GFLOP/s "
             f"({100 * (row['matmul_fraction'] or 0):.0f}% of matmul)"
         )
@@ -609,14 +609,14 @@ def _print_correlations(correlations: dict) -> None:
 def _print_bench_table(rows: list[dict]) -> None:
     table = Table(title="udaflow bench")
     for col in (
-        "shift", "method", "seed", "target_acc", "target_acc_selected", "selected_by", "selection loss", "median last 5",
-        "source_val_acc", "seconds", "img/s", "GFLOP/s", "of matmul", "device",
+        "shift", "method", "seed", "target_acc_last", "target_acc_selected", "selected_by", "selection loss", "median last 5",
+        "source_val_acc_last", "seconds", "img/s", "GFLOP/s", "of matmul", "device",
     ):
         table.add_column(col, justify="right" if col not in ("shift", "method", "selected_by") else "left")
     for r in rows:
         table.add_row(
-            r["shift"], r["method"], str(r["seed"]), _fmt(r.get("target_acc")), _fmt(r.get("target_acc_selected")),
-            r["selected_by"], _fmt(r.get("selection_loss")), _fmt(r.get("median_last5_target_acc")), _fmt(r["source_val_acc"]),
+            r["shift"], r["method"], str(r["seed"]), _fmt(r.get("target_acc_last")), _fmt(r.get("target_acc_selected")),
+            r["selected_by"], _fmt(r.get("selection_loss")), _fmt(r.get("median_last5_target_acc")), _fmt(r["source_val_acc_last"]),
             _fmt(r["seconds"]), _fmt(r["train_images_per_s"]), _fmt(r.get("achieved_gflops")), _fmt(r.get("matmul_fraction")), r["device"],
         )
     console.print(table)

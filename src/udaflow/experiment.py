@@ -22,7 +22,7 @@ import torch
 from udaflow.config import Config
 from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
 from udaflow.data.manifest import MANIFEST_NAME
-from udaflow.engine import TrainResult, evaluate, peak_rss_mb, predict, seed_everything, train
+from udaflow.engine import TrainResult, peak_rss_mb, predict, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
 from udaflow.validators import dev_score, score_all
@@ -201,10 +201,34 @@ def train_oracle(cfg: Config, source_model: StageResult, target_train_labelled: 
     return StageResult(classifier, result, time.perf_counter() - t0)
 
 
-def evaluate_stage(cfg: Config, stage: StageResult, data: ShiftData, target_eval: LabelledImages | None = None) -> dict[str, Any]:
-    """Accuracy of the last iterate and of the validator-selected checkpoint, plus label-free scores.
+def score_weights(classifier: Classifier, data: ShiftData, target_eval: LabelledImages | None, device) -> dict[str, Any]:
+    """One set of weights, scored: the label-free validators on the target pool, source val accuracy
+    and, when `target_eval` is given, target accuracy (per class too). Labels are read only here."""
+    from udaflow.engine import per_class_accuracy
+    from udaflow.engine import accuracy as top1
 
-    Target labels are read here and only here, after training has finished.
+    classifier.to(device)
+    target_features, target_logits = predict(classifier, data.target_adapt.images, device)
+    validators = score_all(target_logits)
+    val_features, val_logits = predict(classifier, data.source_val.images, device)
+    validators["dev"] = dev_score(val_features, val_logits, data.source_val.labels, target_features)
+    out: dict[str, Any] = {"validators": validators, "source_val_acc": top1(val_logits, data.source_val.labels), "target_acc": None}
+    if target_eval is not None:
+        _, logits = predict(classifier, target_eval.images, device)
+        out["target_acc"] = top1(logits, target_eval.labels)
+        out["target_per_class_acc"] = dict(zip(data.classes, per_class_accuracy(logits, target_eval.labels, len(data.classes))))
+        out["predictions"] = logits.argmax(1)
+    return out
+
+
+def evaluate_stage(cfg: Config, stage: StageResult, data: ShiftData, target_eval: LabelledImages | None = None) -> dict[str, Any]:
+    """The one evaluation of a trained stage, used by the pipeline and the bench alike.
+
+    Every figure has one name everywhere (metrics.json, MLflow, registry tags, bench rows):
+    `<figure>_last` is the last iterate, `<figure>_selected` the checkpoint the label-free validator
+    picked (`selected_by`, at `selected_step`), which is what the pipeline registers. Figures:
+    target_acc, target_per_class_acc, source_val_acc, validators. Target labels are read here and
+    only here, after training has finished. Leaves the last iterate's weights in the classifier.
     """
     from udaflow.engine import resolve_device
 
@@ -212,24 +236,17 @@ def evaluate_stage(cfg: Config, stage: StageResult, data: ShiftData, target_eval
     target_eval = target_eval if target_eval is not None else data.target_eval
     classifier = stage.classifier
     out: dict[str, Any] = {}
-    classifier.load_state_dict(stage.train.last_state)
-    classifier.to(device)
-    target_features, target_logits = predict(classifier, data.target_adapt.images, device)
-    out["validators"] = score_all(target_logits)
-    val_features, val_logits = predict(classifier, data.source_val.images, device)
-    out["validators"]["dev"] = dev_score(val_features, val_logits, data.source_val.labels, target_features)
-    out["source_val_acc"] = evaluate(classifier, data.source_val, device)["acc"]
-    if target_eval is not None:
-        last = evaluate(classifier, target_eval, device)
-        out["target_acc"] = last["acc"]
-        out["target_per_class_acc"] = last["per_class"]
-    classifier.load_state_dict(stage.train.selected_state)
-    if target_eval is not None:
-        out["target_acc_selected"] = evaluate(classifier, target_eval, device)["acc"]
-    out["source_val_acc_selected"] = evaluate(classifier, data.source_val, device)["acc"]
+    for name, state in (("selected", stage.train.selected_state), ("last", stage.train.last_state)):
+        classifier.load_state_dict(state)
+        scores = score_weights(classifier, data, target_eval, device)
+        out[f"target_acc_{name}"] = scores["target_acc"]
+        out[f"source_val_acc_{name}"] = scores["source_val_acc"]
+        out[f"validators_{name}"] = scores["validators"]
+        if "target_per_class_acc" in scores:
+            out[f"target_per_class_acc_{name}"] = scores["target_per_class_acc"]
+            out[f"_predictions_{name}"] = scores["predictions"]
     out["selected_by"] = stage.train.selected_by
     out["selected_step"] = stage.train.selected_step
-    classifier.load_state_dict(stage.train.last_state)  # leave the last iterate in place
     out["seconds"] = round(stage.wall_seconds, 2)
     out["train_images_per_s"] = round(stage.train.images_per_s, 1)
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)

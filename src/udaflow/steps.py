@@ -27,11 +27,11 @@ import torch
 from udaflow.config import Config
 from udaflow.data.datasets import Domain, ShiftData, load_shift
 from udaflow.data.expectations import ValidationReport, validate_shift
-from udaflow.engine import TrainResult, accuracy, per_class_accuracy, predict, resolve_device
-from udaflow.experiment import StageResult, adapt_to_target, load_stage, new_classifier, pretrain_source, save_stage
+from udaflow.engine import TrainResult, accuracy, predict, resolve_device
+from udaflow.experiment import StageResult, adapt_to_target, evaluate_stage, load_stage, new_classifier, pretrain_source, save_stage, score_weights
 from udaflow.models import ImageClassifier
 from udaflow.promotion import Measurement, prediction_diversity
-from udaflow.validators import dev_score, get_validator, score_all
+from udaflow.validators import dev_score, get_validator
 
 
 @dataclass(frozen=True)
@@ -118,21 +118,6 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     )
 
 
-def _scores(classifier, data: ShiftData, device) -> dict[str, Any]:
-    """Accuracies (labels read only here, after training) and label-free scores of one set of weights."""
-    target_features, target_logits = predict(classifier, data.target_adapt.images, device)
-    out: dict[str, Any] = {"validators": score_all(target_logits)}
-    source_features, source_logits = predict(classifier, data.source_val.images, device)
-    out["validators"]["dev"] = dev_score(source_features, source_logits, data.source_val.labels, target_features)
-    out["source_val_acc"] = accuracy(source_logits, data.source_val.labels)
-    if data.target_eval is not None:
-        _, logits = predict(classifier, data.target_eval.images, device)
-        out["target_acc"] = accuracy(logits, data.target_eval.labels)
-        out["target_per_class_acc"] = dict(zip(data.classes, per_class_accuracy(logits, data.target_eval.labels, len(data.classes))))
-        out["_predictions"] = logits.argmax(1)
-    return out
-
-
 def registered_model(cfg: Config, data: ShiftData | None = None) -> tuple[Path, Any]:
     """The model a pipeline run registers (the validator-selected weights), packaged as
     safetensors + config.json in runs/<shift>/<method>/registered/, and an input example."""
@@ -214,9 +199,10 @@ def gate(cfg: Config, name: str, dry_run: bool = False):
 def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | None = None) -> dict[str, Any]:
     """Evaluate source and adapted models; write metrics.json and the figures; return the metrics.
 
-    The registered model is the checkpoint the label-free validator picked (`target_acc`); the last
-    iterate is reported beside it (`target_acc_last`). Shift is measured on source-val vs the
-    target pool features, before (source model) and after (adapted model) adaptation.
+    The figures come from experiment.evaluate_stage, the bench's evaluation too: `<figure>_selected`
+    is the checkpoint the label-free validator picked (the registered weights), `<figure>_last` the
+    last iterate, `source_only_<figure>` the source model. Shift is measured on source-val vs the
+    target pool features, before (source model) and after (registered weights) adaptation.
     """
     from udaflow import plots
     from udaflow.shift import mmd, proxy_a_distance
@@ -226,33 +212,20 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
     device = resolve_device(cfg.train.device)
     source, _ = _load(cfg, Path(source_model or paths.source_model))
     adapted, classes = _load(cfg, paths.model)
-    metrics: dict[str, Any] = {"source": cfg.source, "target": cfg.target, "method": cfg.method, "seed": cfg.seed}
-
-    source.classifier.to(device)
-    before = _scores(source.classifier, data, device)
-    adapted.classifier.to(device)
-    adapted.classifier.load_state_dict(adapted.train.last_state)
-    last = _scores(adapted.classifier, data, device)
-    adapted.classifier.load_state_dict(adapted.train.selected_state)
-    selected = _scores(adapted.classifier, data, device)
-
+    before = score_weights(source.classifier, data, data.target_eval, device)
+    scores = evaluate_stage(cfg, adapted, data)
+    predictions = scores.pop("_predictions_selected", None)
+    scores.pop("_predictions_last", None)
+    metrics: dict[str, Any] = {"source": cfg.source, "target": cfg.target, "method": cfg.method, "seed": cfg.seed, "registered": "selected"}
+    metrics.update({k: v for k, v in scores.items() if k not in ("seconds", "train_images_per_s", "peak_rss_mb", "device", "cached")})
     metrics.update(
-        registered="selected",
-        selected_by=adapted.train.selected_by,
-        selected_step=adapted.train.selected_step,
-        target_acc=selected.get("target_acc"),
-        target_acc_last=last.get("target_acc"),
-        source_only_target_acc=before.get("target_acc"),
-        source_val_acc=selected["source_val_acc"],
-        source_val_acc_last=last["source_val_acc"],
+        source_only_target_acc=before["target_acc"],
         source_only_source_val_acc=before["source_val_acc"],
-        validators=selected["validators"],
-        validators_last=last["validators"],
         validators_source_only=before["validators"],
-        target_per_class_acc=selected.get("target_per_class_acc"),
         target_images=len(data.target_eval) if data.target_eval is not None else 0,
     )
 
+    adapted.classifier.load_state_dict(adapted.train.selected_state)
     feats_before = (predict(source.classifier, data.source_val.images, device)[0], predict(source.classifier, data.target_adapt.images, device)[0])
     feats_after = (predict(adapted.classifier, data.source_val.images, device)[0], predict(adapted.classifier, data.target_adapt.images, device)[0])
     metrics["shift"] = {
@@ -263,8 +236,8 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
     }
 
     paths.method_dir.mkdir(parents=True, exist_ok=True)
-    if data.target_eval is not None:
-        matrix = plots.confusion_matrix(data.target_eval.labels, selected["_predictions"], classes)
+    if predictions is not None:
+        matrix = plots.confusion_matrix(data.target_eval.labels, predictions, classes)
         plots.plot_confusion(matrix, classes, f"{cfg.method}: {cfg.source} -> {cfg.target} (target test)", paths.method_dir / "confusion_matrix.png")
     plots.plot_feature_maps(
         {"before": plots.embed_2d(*feats_before, seed=cfg.seed), "after": plots.embed_2d(*feats_after, seed=cfg.seed)},
@@ -279,23 +252,25 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
     return metrics
 
 
-REPRODUCED_METRICS = ("target_acc", "target_acc_last", "source_val_acc", "source_val_acc_last", "source_only_target_acc")
+REPRODUCED_METRICS = ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "source_val_acc_last", "source_only_target_acc")
+# names runs logged before every figure carried its _selected / _last suffix
+LEGACY_NAMES = {"target_acc_selected": "target_acc", "source_val_acc_selected": "source_val_acc"}
 
 
 def compare_metrics(original: dict[str, float], reproduced: dict[str, Any], tolerance: float = 0.0) -> tuple[bool, list[tuple[str, Any, Any]]]:
     """Side-by-side rows of the headline metrics; equal when every pair differs by <= tolerance."""
     rows, same = [], True
     for key in REPRODUCED_METRICS:
-        a, b = original.get(key), reproduced.get(key)
+        a, b = original.get(key, original.get(LEGACY_NAMES.get(key, ""))), reproduced.get(key)
         if a is None and b is None:
             continue
         ok = a is not None and b is not None and abs(float(a) - float(b)) <= tolerance
         same &= ok
         rows.append((key, a, b))
-    for key, value in sorted(reproduced.get("validators", {}).items()):
-        a = original.get(f"validator.{key}")
+    for key, value in sorted(reproduced.get("validators_selected", {}).items()):
+        a = original.get(f"validator_selected.{key}", original.get(f"validator.{key}"))
         same &= a is not None and abs(float(a) - float(value)) <= max(tolerance, 1e-6)
-        rows.append((f"validator.{key}", a, value))
+        rows.append((f"validator_selected.{key}", a, value))
     return same, rows
 
 

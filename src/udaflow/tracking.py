@@ -321,10 +321,11 @@ def log_evaluation(run: PipelineRun, metrics: dict[str, Any], figures: Iterable[
     child = start_run(run.experiment_id, "evaluate", {"udaflow.stage": "evaluate"}, run.run_id)
     flat = {
         **_numeric("", {k: v for k, v in metrics.items() if k not in ("seed", "selected_step")}),
-        **_numeric("validator.", metrics.get("validators", {})),
+        **_numeric("validator_selected.", metrics.get("validators_selected", {})),
         **_numeric("validator_last.", metrics.get("validators_last", {})),
+        **_numeric("validator_source_only.", metrics.get("validators_source_only", {})),
         **_numeric("shift.", metrics.get("shift", {})),
-        **_numeric("target_acc.class_", {k: v for k, v in (metrics.get("target_per_class_acc") or {}).items() if v is not None}),
+        **_numeric("target_acc_selected.class_", {k: v for k, v in (metrics.get("target_per_class_acc_selected") or {}).items() if v is not None}),
     }
     for run_id in (child, run.run_id):
         log_metrics(run_id, flat)
@@ -343,9 +344,10 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
     version_tags = {
         **tags,
         "run_id": run.run_id,
-        **{k: metrics[k] for k in ("target_acc", "target_acc_last", "source_val_acc", "source_only_source_val_acc", "selected_by") if metrics.get(k) is not None},
-        **{f"validator.{k}": round(v, 6) for k, v in metrics.get("validators", {}).items()},
-        **{f"source_only.validator.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
+        **{k: metrics[k] for k in ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "source_only_source_val_acc", "selected_by")
+           if metrics.get(k) is not None},
+        **{f"validator_selected.{k}": round(v, 6) for k, v in metrics.get("validators_selected", {}).items()},
+        **{f"validator_source_only.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
     }
     registered = register_model(run.run_id, package, input_example, model_name(run.source, run.target), version_tags)
     set_tags(run.run_id, {"registry.model": registered.name, "registry.version": registered.version, "registry.alias": registered.alias})
@@ -405,7 +407,7 @@ def _recorded(version, validator: str):
         except (KeyError, ValueError):
             return None
 
-    return Recorded(num(f"validator.{validator}"), num(f"source_only.validator.{validator}"), num("source_only_source_val_acc"))
+    return Recorded(num(f"validator_selected.{validator}"), num(f"validator_source_only.{validator}"), num("source_only_source_val_acc"))
 
 
 def promote(name: str, measure: Callable[[str], Any], validator: str, source_tolerance: float, min_diversity: float,

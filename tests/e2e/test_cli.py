@@ -59,9 +59,9 @@ def test_build_ingest_run_bench(workspace: Path):
     assert result.exit_code == 0, result.output
     assert "trained" in result.output and "v1 @challenger" in result.output
     metrics = json.loads((ws / "runs/synth-to-fonts-b/dann/metrics.json").read_text())
-    assert 0.0 <= metrics["target_acc"] <= 100.0
+    assert 0.0 <= metrics["target_acc_selected"] <= 100.0 and 0.0 <= metrics["target_acc_last"] <= 100.0
     assert metrics["selected_by"] == "im"
-    assert set(metrics["validators"]) == {"entropy", "im", "snd", "bnm", "dev"}
+    assert set(metrics["validators_selected"]) == set(metrics["validators_last"]) == {"entropy", "im", "snd", "bnm", "dev"}
 
     # a second method on the same source reuses the cached source model
     result = invoke(["run", "--source", "synth", "--target", "fonts-b", "--method", "mcc"], ws)
@@ -78,14 +78,14 @@ def test_build_ingest_run_bench(workspace: Path):
     bench = json.loads(out.read_text())
     assert [r["method"] for r in bench] == ["source_only", "oracle", "dann", "cdtrans"]
     for row in bench:
-        for key in ("shift", "seed", "target_acc", "target_acc_selected", "selected_by", "source_val_acc",
-                    "seconds", "train_images_per_s", "peak_rss_mb", "validators"):
+        for key in ("shift", "seed", "target_acc_last", "target_acc_selected", "selected_by", "source_val_acc_last",
+                    "source_val_acc_selected", "seconds", "train_images_per_s", "peak_rss_mb", "validators_last", "validators_selected"):
             assert key in row, key
         assert row["shift"] == "synth:fonts-b"
-        assert 0.0 <= row["target_acc"] <= 100.0
+        assert 0.0 <= row["target_acc_last"] <= 100.0
     assert bench[0]["cached_pretraining"] is True  # pretraining shared with the earlier runs
     for row in bench:
-        assert set(row["validators"]) == {"entropy", "im", "snd", "bnm", "dev"}
+        assert set(row["validators_last"]) == {"entropy", "im", "snd", "bnm", "dev"}
         if row["method"] != "oracle":  # the validator study: reported, never used
             assert row["best_checkpoint_target_acc"] >= row["target_acc_selected"]
             assert row["selection_loss"] == pytest.approx(row["best_checkpoint_target_acc"] - row["target_acc_selected"], abs=0.01)

@@ -51,9 +51,9 @@ def test_registered_challenger_reproduces_the_logged_target_accuracy(project: Pa
     labels = torch.tensor([classes.index(r.label) for r in rows])
     with torch.no_grad():
         acc = (model(images).argmax(1) == labels).float().mean().item() * 100
-    logged = mlflow.MlflowClient().get_run(result["run_id"]).data.metrics["target_acc"]
+    logged = mlflow.MlflowClient().get_run(result["run_id"]).data.metrics["target_acc_selected"]
     assert abs(acc - logged) < 0.1
-    assert logged == pytest.approx(result["metrics"]["target_acc"])
+    assert logged == pytest.approx(result["metrics"]["target_acc_selected"])
     assert model.classes == list(classes)
 
 
@@ -71,8 +71,9 @@ def test_run_records_lineage_metrics_and_artifacts(project: Path, first_run):
     assert tags["prefect.flow_run_id"] and tags["version.torch"].startswith("2.14")
     assert tags["registry.version"] == "1"
     metrics = run.data.metrics
-    for key in ("target_acc", "target_acc_last", "source_val_acc", "validator.im", "validator.snd", "shift.pad_before",
-                "shift.pad_after", "shift.mmd_after", "target_acc.class_0", "seconds.adapt"):
+    for key in ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "validator_selected.im", "validator_selected.snd",
+                "validator_last.im", "validator_source_only.im", "shift.pad_before", "shift.pad_after", "shift.mmd_after",
+                "target_acc_selected.class_0", "seconds.adapt"):
         assert key in metrics, key
     assert 0 <= metrics["shift.pad_before"] <= 2
     assert run.data.params["method"] == "dann" and run.data.params["train.adapt_steps"] == "12"
@@ -95,8 +96,31 @@ def test_run_records_lineage_metrics_and_artifacts(project: Path, first_run):
 
     version = client.get_model_version("udaflow-synth-to-fonts-b", "1")
     assert version.tags["method"] == "dann" and version.tags["backbone"] == "udaflow_vit_micro"
-    assert version.tags["data.source.md5"] == source_md5 and float(version.tags["target_acc"]) == pytest.approx(metrics["target_acc"])
+    assert version.tags["data.source.md5"] == source_md5 and float(version.tags["target_acc_selected"]) == pytest.approx(metrics["target_acc_selected"])
     assert versioning.status(project) == {}  # nothing changed in DVC's view
+
+
+def test_one_name_per_figure_in_metrics_mlflow_registry_and_bench(project: Path, first_run):
+    """The pipeline and the bench share one evaluation: the same run's figures carry the same names
+    and the same values in metrics.json, MLflow, the registry tags and a bench row. (Runs before the
+    tests that change the target's data.)"""
+    import json
+
+    from udaflow.bench import run_bench
+
+    cfg, result = first_run
+    metrics = json.loads((Path(cfg.work_dir) / "synth-to-fonts-b/dann/metrics.json").read_text())
+    assert "target_acc" not in metrics and "validators" not in metrics and "source_val_acc" not in metrics
+    client = mlflow.MlflowClient()
+    logged = client.get_run(result["run_id"]).data.metrics
+    tags = client.get_model_version("udaflow-synth-to-fonts-b", result["version"]).tags
+    [row] = run_bench(cfg, [("synth", "fonts-b")], ["dann"], protocol="holdout")
+    for key in ("target_acc_selected", "target_acc_last", "source_val_acc_selected"):
+        assert row[key] == pytest.approx(metrics[key], abs=1e-9) and logged[key] == pytest.approx(metrics[key]), key
+    assert float(tags["target_acc_selected"]) == pytest.approx(metrics["target_acc_selected"])
+    for name, value in metrics["validators_selected"].items():
+        assert row["validators_selected"][name] == pytest.approx(value, abs=1e-6), name
+        assert logged[f"validator_selected.{name}"] == pytest.approx(value, abs=1e-6)
 
 
 def test_second_method_reuses_the_cached_source_model_and_registers_version_2(project: Path, first_run):
@@ -187,3 +211,4 @@ def test_a_flow_that_fails_after_validation_ends_its_runs_failed(project: Path, 
     assert parent.info.status == "FAILED"
     assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
     assert len(tracking.latest_versions("udaflow-synth-to-fonts-b")) == versions_before
+

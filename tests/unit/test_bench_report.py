@@ -41,11 +41,11 @@ def test_seed_summary_is_mean_and_sample_std_per_cell():
     from udaflow.bench import summarise
 
     rows = [
-        {"shift": "a:b", "method": "dann", "seed": 0, "target_acc": 90.0, "seconds": 10.0},
-        {"shift": "a:b", "method": "dann", "seed": 1, "target_acc": 92.0, "seconds": 12.0},
-        {"shift": "a:b", "method": "dann", "seed": 2, "target_acc": 94.0, "seconds": 11.0},
-        {"shift": "a:b", "method": "mcc", "seed": 0, "target_acc": 80.0, "seconds": 9.0},
+        {"shift": "a:b", "method": "dann", "seed": 0, "target_acc_last": 90.0, "seconds": 10.0},
+        {"shift": "a:b", "method": "dann", "seed": 1, "target_acc_last": 92.0, "seconds": 12.0},
+        {"shift": "a:b", "method": "dann", "seed": 2, "target_acc_last": 94.0, "seconds": 11.0},
+        {"shift": "a:b", "method": "mcc", "seed": 0, "target_acc_last": 80.0, "seconds": 9.0},
     ]
     dann, mcc = summarise(rows)
-    assert dann["seeds"] == 3 and dann["target_acc"] == {"mean": 92.0, "std": 2.0} and dann["seconds"]["mean"] == 11.0
-    assert mcc["target_acc"] == {"mean": 80.0, "std": 0.0} and "median_last5_target_acc" not in mcc
+    assert dann["seeds"] == 3 and dann["target_acc_last"] == {"mean": 92.0, "std": 2.0} and dann["seconds"]["mean"] == 11.0
+    assert mcc["target_acc_last"] == {"mean": 80.0, "std": 0.0} and "median_last5_target_acc" not in mcc
