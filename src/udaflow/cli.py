@@ -204,6 +204,9 @@ def data_ingest(
     name: Annotated[str, typer.Option("--name", help="domain name under data/raw")],
     source: Annotated[Optional[str], typer.Option("--source", help="also check it as a target of this source domain (its classes, leakage)")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="make this folder the new version of an existing domain")] = False,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.0, max=0.9, help=(
+        "keep this fraction of each class as a labelled `val` split: a target's val split is what the promotion "
+        "gate compares (instead of the label-free validator); never trained on, never reported"))] = 0.0,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Import a user's image folder as a domain: validated (GX), then versioned (DVC); all or nothing."""
@@ -213,7 +216,7 @@ def data_ingest(
     result = ingest_domain(
         path, name, Path(cfg.data.root), source=source, replace=replace, holdout_fraction=cfg.data.holdout_fraction,
         seed=cfg.seed, min_per_class=cfg.data.min_per_class, report_dir=Path(cfg.work_dir) / "ingest" / name / "validation",
-        progress=lambda line: console.print(f"  {line}", highlight=False),
+        progress=lambda line: console.print(f"  {line}", highlight=False), val_fraction=val_fraction,
     )
     kind = "labelled" if result.labelled else "unlabelled"
     checks = f"validated on its own and as a target of '{source}'" if source else "validated on its own"

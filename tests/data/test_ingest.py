@@ -130,3 +130,28 @@ def test_a_failed_push_after_the_copy_leaves_everything_as_it_was(project: Path,
             ingest(project, folders["labelled"], name, replace=replace)
         assert snapshot(project) == before, name
     assert not [p for p in os.listdir(project / "data/raw") if p.startswith(".") and p != ".gitignore"]
+
+
+def test_val_fraction_keeps_a_labelled_val_split_the_adaptation_pool_never_sees(project: Path, folders, tmp_path: Path):
+    """`data ingest --val-fraction`: a stratified labelled `val` split (the promotion gate's), the same
+    `test` split as without it, validated by the GX suites; the target's adaptation pool leaves it out."""
+    from udaflow.data.datasets import Domain, load_shift
+
+    ingest(project, folders["labelled"], "src-a")
+    build_domain("synth", tmp_path, seed=3, synth_size=60)
+    (tmp_path / "synth/manifest.csv").unlink()
+    result = ingest(project, tmp_path / "synth", "tgt-v", source="src-a", val_fraction=0.25)
+    assert result.labelled and result.validated_against == "src-a"
+    rows = read_manifest(project / "data/raw/tgt-v")
+    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
+    assert len(by_split["val"]) == 20 and all(r.label for r in by_split["val"])  # round(6 per class x 0.25) = 2 per class
+    assert {r.label for r in by_split["val"]} == {r.label for r in rows}  # stratified: every class has val images
+    from udaflow.data.manifest import stratified_split
+
+    labels = [r.label for r in rows]
+    assert [s == "test" for s in stratified_split(labels, 0.2, 0)] == [r.split == "test" for r in rows]  # test does not move
+    shift = load_shift(project / "data/raw", "src-a", "tgt-v", 32, "holdout")
+    assert len(shift.target_adapt) == len(by_split["train"])
+    assert Domain.open(project / "data/raw", "tgt-v").has_labels("val")
+    with pytest.raises(DataError, match="a val split needs labels"):
+        ingest(project, folders["flat"], "flat-v", val_fraction=0.2)

@@ -111,7 +111,7 @@ def _domain_expectations():
         E.ExpectColumnValuesToBeInSet(column="mode", value_set=ALLOWED_MODES),
         E.ExpectColumnValuesToBeBetween(column="width", min_value=MIN_SIDE, max_value=MAX_SIDE),
         E.ExpectColumnValuesToBeBetween(column="height", min_value=MIN_SIDE, max_value=MAX_SIDE),
-        E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"]),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test"]),
     ]
 
 
@@ -129,7 +129,7 @@ def _suites(source_classes: list[str], min_per_class: int):
         *_domain_expectations(),
         E.ExpectColumnDistinctValuesToContainSet(column="role", value_set=["source", "target"]),
         E.ExpectColumnValuesToBeInSet(column="label", value_set=source_classes, **labelled_target),
-        E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"], **target),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "val", "test"], **target),
     ]
     classes = [
         E.ExpectTableRowCountToBeBetween(min_value=2),

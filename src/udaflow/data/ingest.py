@@ -122,7 +122,7 @@ def _unreadable_reason(file: Path) -> str:
     return "decoding failed"
 
 
-def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: float = 0.2, seed: int = 0) -> Path:
+def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: float = 0.2, seed: int = 0, val_fraction: float = 0.0) -> Path:
     """Copy an ImageFolder (or flat folder) into data_root/.<name>.ingesting with a manifest; returns that folder.
 
     Nothing under data_root/<name> is touched: the caller validates the staged copy, then swaps it in.
@@ -159,7 +159,11 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
         raise DataError(f"{shown(source)}: no images found", LAYOUT_HINT)
 
     labelled = bool(class_dirs)
-    splits = stratified_split([label for _, label, _ in entries], holdout_fraction, seed) if labelled else ["train"] * len(entries)
+    if val_fraction and not labelled:
+        raise DataError(f"{source}: a val split needs labels (an ImageFolder <class>/<image>); this folder is unlabelled")
+    if holdout_fraction + val_fraction >= 1:
+        raise DataError(f"{source}: test fraction {holdout_fraction} + val fraction {val_fraction} leave no train images")
+    splits = stratified_split([label for _, label, _ in entries], holdout_fraction, seed, val_fraction) if labelled else ["train"] * len(entries)
     staged = Path(data_root) / f".{name}.ingesting"
     shutil.rmtree(staged, ignore_errors=True)
     try:
@@ -237,7 +241,7 @@ class IngestResult:
 def ingest_domain(
     folder: Path, name: str, data_root: Path, *, source: str | None = None, replace: bool = False,
     holdout_fraction: float = 0.2, seed: int = 0, min_per_class: int = 5, report_dir: Path,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Callable[[str], None] = lambda _: None, val_fraction: float = 0.0,
 ) -> IngestResult:
     """Validate `folder` and make it domain `name`, versioned in DVC; on any failure nothing changes.
 
@@ -265,7 +269,7 @@ def ingest_domain(
             "ingest under another --name",
         )
 
-    staged = stage_folder(folder, name, data_root, holdout_fraction, seed)
+    staged = stage_folder(folder, name, data_root, holdout_fraction, seed, val_fraction)
     try:
         rows = read_manifest(staged)
         labelled = any(r.label for r in rows)

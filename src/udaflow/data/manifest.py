@@ -94,10 +94,13 @@ def read_manifest(root: Path) -> list[ManifestRow]:
         ]
 
 
-def stratified_split(labels: list[str], holdout_fraction: float, seed: int) -> list[str]:
-    """Return 'train'/'test' per item: each class keeps ~holdout_fraction of its items in 'test'.
+def stratified_split(labels: list[str], holdout_fraction: float, seed: int, val_fraction: float = 0.0) -> list[str]:
+    """Return 'train'/'test' (and 'val') per item: each class keeps ~holdout_fraction of its items in
+    'test' and, with val_fraction > 0, ~val_fraction of them in 'val' (a labelled target split only
+    the promotion gate reads), the rest in 'train'.
 
-    Unlabelled items (empty label) are split as one group. Seeded, so splits are reproducible.
+    Unlabelled items (empty label) are split as one group. Seeded, so splits are reproducible; the
+    'test' items do not depend on val_fraction.
     """
     rng = np.random.default_rng(seed)
     splits = ["train"] * len(labels)
@@ -108,6 +111,9 @@ def stratified_split(labels: list[str], holdout_fraction: float, seed: int) -> l
         idx = np.array(by_class[label])
         rng.shuffle(idx)
         n_test = int(round(len(idx) * holdout_fraction))
+        n_val = int(round(len(idx) * val_fraction))
         for i in idx[:n_test]:
             splits[i] = "test"
+        for i in idx[n_test : n_test + n_val]:
+            splits[i] = "val"
     return splits
