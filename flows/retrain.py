@@ -1,4 +1,5 @@
-"""Retrain: what a schedule or a data trigger runs. Skip when the data equals the champion's;
+"""Retrain: what a schedule or a data trigger runs. Skip when the data equals the champion's (or
+the latest challenger's);
 otherwise run the pipeline (validate, version, pretrain (cached), adapt, evaluate, register, gate)."""
 
 from __future__ import annotations

@@ -24,17 +24,20 @@ def restore_dataset(md5: str, dest: str, project: str) -> str:
 
 @task(name="data-unchanged-since-champion", cache_policy=NO_CACHE)
 def data_unchanged_since_champion(cfg) -> str | None:
-    """A reason to skip a retrain when source and target are byte-identical to the champion's data."""
+    """A reason to skip a retrain when source and target are byte-identical to the data the champion
+    (or the latest challenger, which the gate may have turned down) was adapted on."""
     tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
-    champion = tracking.champion_data_hashes(tracking.model_name(cfg.source, cfg.target))
-    if champion is None:
+    name = tracking.model_name(cfg.source, cfg.target)
+    recorded = {alias: tracking.alias_data_hashes(name, alias) for alias in (tracking.CHAMPION, tracking.CHALLENGER)}
+    if not any(recorded.values()):
         return None
     now = {}
-    for role, name in (("source", cfg.source), ("target", cfg.target)):
-        version = versioning.dataset_version(Path(cfg.data.root) / name)
+    for role, domain in (("source", cfg.source), ("target", cfg.target)):
+        version = versioning.dataset_version(Path(cfg.data.root) / domain)
         if version is None:  # untracked or modified since it was versioned: not the same data
             return None
         now[role] = version.md5
-    if now == champion:
-        return f"source and target DVC hashes equal the champion's ({now['source']}, {now['target']}): nothing new to learn from"
+    for alias, hashes in recorded.items():
+        if now == hashes:
+            return f"source and target DVC hashes equal the {alias}'s ({now['source']}, {now['target']}): nothing new to learn from"
     return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -250,6 +251,8 @@ def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: st
         **git_state(project), **package_versions(),
         "prefect.flow_run_id": flow_run_id, "udaflow.method": method, "udaflow.source": source, "udaflow.target": target,
     }
+    end_runs_of_dead_processes(exp)
+    tags.update({"udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid())})
     run_id = start_run(exp, f"{method}:{source}-to-{target}", tags)
     log_params(run_id, config)
     with _tempdir() as tmp:
@@ -261,6 +264,26 @@ def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: st
         if Path(params_file).exists():
             log_artifact(run_id, Path(params_file), "params")
     return PipelineRun(exp, run_id, source, target)
+
+
+def end_runs_of_dead_processes(experiment: str) -> list[str]:
+    """Mark KILLED the runs a killed `udaflow run` on this host left RUNNING (its process is gone),
+    with their child runs; returns their ids. A run of a live process is left alone."""
+    client = _client()
+    host, ended = socket.gethostname(), []
+    for run in client.search_runs([experiment], f"attributes.status = 'RUNNING' and tags.`udaflow.host` = '{host}'"):
+        try:
+            os.kill(int(run.data.tags.get("udaflow.pid", "0")), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, ValueError):
+            continue
+        for child in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(child.info.run_id, "KILLED")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def _tempdir():
@@ -543,16 +566,20 @@ def run_record(run_id: str) -> RunRecord:
     return RunRecord(run_id, config, tags, dict(run.data.metrics), datasets)
 
 
-def champion_data_hashes(name: str) -> dict[str, str] | None:
-    """{'source': md5, 'target': md5} of the run behind the current champion, or None without one."""
+def alias_data_hashes(name: str, alias: str = CHAMPION) -> dict[str, str] | None:
+    """{'source': md5, 'target': md5} of the data behind the version `alias` points at, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        champion = _alias_version(name, CHAMPION)
+        version = _alias_version(name, alias)
     except MlflowException:
         return None
-    if champion is None or not champion.run_id:
+    if version is None or not version.run_id:
         return None
-    tags = dict(champion.tags)
+    tags = dict(version.tags)
     hashes = {role: tags.get(f"data.{role}.md5") for role in ("source", "target")}
     return hashes if all(hashes.values()) else None
+
+
+def champion_data_hashes(name: str) -> dict[str, str] | None:
+    return alias_data_hashes(name, CHAMPION)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -159,3 +160,8 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, us
     assert "resuming from step" not in output and "resumed at step" not in output
     assert checkpoint.with_suffix(".stale").exists() and not checkpoint.exists()
     assert f"adapt adamatch: {ADAPT_STEPS}/{ADAPT_STEPS} steps (100%)" in output
+
+    # the MLflow runs the two kills left RUNNING were marked KILLED by the next run on this host
+    with sqlite3.connect(clone / "mlflow/mlflow.db") as db:
+        statuses = [row[0] for row in db.execute("select status from runs where name like 'adamatch:%'")]
+    assert statuses.count("KILLED") == 2 and statuses.count("FINISHED") == 2 and "RUNNING" not in statuses, statuses

@@ -130,9 +130,9 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
         # a scheduled run, started now instead of at 03:00
         httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).raise_for_status()
         _wait_completed(api, deployment["id"], 1)
-        assert _versions(project) == 1, _describe(api, deployment["id"])  # and, as the first version, it became champion
+        assert _versions(project) == 1, _describe(api, deployment["id"])  # the gate then ran its first-version check
 
-        # a retrain on unchanged data (same hashes as the champion's run) is skipped with a message
+        # a retrain on unchanged data (same hashes as the champion's or the challenger's run) is skipped with a message
         run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
         _wait_completed(api, deployment["id"], 2)
         assert _versions(project) == 1
