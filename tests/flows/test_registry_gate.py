@@ -81,8 +81,8 @@ def add_version(registry: Path, model: ImageClassifier, recorded_im: float = 0.8
     exp = tracking.experiment_id(cfg.source, cfg.target)
     run = tracking.PipelineRun(exp, tracking.start_run(exp, "test", {}), cfg.source, cfg.target)
     package = packaged.save(model, Path(tempfile.mkdtemp(dir=registry)), cfg.model.backbone, cfg.model.backbone_args, cfg.data.image_size)
-    metrics = {"source_val_acc": 99.0, "source_only_source_val_acc": source_only_val, "selected_by": "im",
-               "validators": {"im": recorded_im}, "validators_source_only": {"im": source_only_im}, **claimed}
+    metrics = {"source_val_acc_selected": 99.0, "source_only_source_val_acc": source_only_val, "selected_by": "im",
+               "validators_selected": {"im": recorded_im}, "validators_source_only": {"im": source_only_im}, **claimed}
     example = torch.rand(2, 3, 32, 32).numpy()
     return tracking.register_challenger(run, package, example, metrics, {"method": "test"}).version
 
@@ -115,7 +115,7 @@ def test_first_version_needs_a_sanity_check_then_the_gate_measures_both_now(regi
     assert result.exit_code == 0 and "first version" in result.output and champion() == "2"
 
     # the challenger claims far better numbers in its tags; the gate ignores them and measures both
-    v3 = add_version(registry, variant(trained, 3, noise=0.3), recorded_im=9.9, target_acc=100.0)
+    v3 = add_version(registry, variant(trained, 3, noise=0.3), recorded_im=9.9, target_acc_selected=100.0)
     new, old = measured(registry, v3), measured(registry, "2")
     result = cli(["promote", "--model", NAME], registry)
     assert (champion() == "3") == (new.validator >= old.validator and old.source_val_acc - new.source_val_acc <= 1.0), result.output
