@@ -51,13 +51,18 @@ def test_missing_weights_file_raises():
         create_backbone("udaflow_vit_micro", pretrained="/nonexistent.pt")
 
 
-@pytest.mark.parametrize("wrapped", [False, True], ids=["state_dict", "wrapped_in_state_dict_key"])
-def test_weights_file_round_trip(tmp_path, wrapped):
+@pytest.mark.parametrize("form", ["state_dict", "wrapped", "safetensors", "safetensors_other_suffix"])
+def test_weights_file_round_trip(tmp_path, form):
+    from safetensors.torch import save_file
+
     torch.manual_seed(1)
     original = create_backbone("udaflow_vit_micro")
     state = original.state_dict()
-    path = tmp_path / "weights.pt"
-    torch.save({"state_dict": state} if wrapped else state, path)
+    path = tmp_path / ("weights.safetensors" if form == "safetensors" else "weights.bin")
+    if form.startswith("safetensors"):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"state_dict": state} if form == "wrapped" else state, path)
     torch.manual_seed(2)
     loaded = create_backbone("udaflow_vit_micro", pretrained=str(path))
     assert loaded.state_dict().keys() == state.keys()
@@ -84,3 +89,23 @@ def test_weights_of_another_architecture_raise_backbone_error(tmp_path):
 def test_conv_stem_rejects_other_patch_sizes():
     with pytest.raises(BackboneError, match="patch_size"):
         ConvStem(patch_size=16)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+@pytest.mark.parametrize("content", ["pickle", "garbage", "bad_safetensors"])
+def test_foreign_weights_files_are_one_clear_error_and_never_run(tmp_path, monkeypatch, content):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / ("w.safetensors" if content == "bad_safetensors" else "w.pt")
+    if content == "pickle":
+        torch.save({"blocks.0.attn.qkv.weight": _Payload()}, path)
+    elif content == "garbage":
+        path.write_bytes(b"not weights at all")
+    else:
+        path.write_bytes((100).to_bytes(8, "little") + b"{truncated")
+    with pytest.raises(BackboneError, match=str(path)):
+        create_backbone("udaflow_vit_micro", pretrained=str(path))
+    assert not (tmp_path / "PWNED").exists()

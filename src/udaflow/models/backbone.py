@@ -108,11 +108,37 @@ def udaflow_vit_micro(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return _hybrid_vit(embed_dim=kwargs.pop("embed_dim", 32), depth=kwargs.pop("depth", 2), num_heads=kwargs.pop("num_heads", 2), **kwargs)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file: safetensors, or a torch file of tensors (`{"state_dict": ...}`
+    or the dict itself), loaded without unpickling objects. Anything else is a BackboneError."""
+    if not path.is_file():
+        raise BackboneError(f"{path}: pretrained weights file not found (model.pretrained)")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BackboneError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds on a foreign or pickled file
+        raise BackboneError(f"{path}: not a safetensors or torch weights file of tensors ({type(exc).__name__}); refusing to load it") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: holds no state dict of tensors")
+    return state
+
+
 def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> nn.Module:
     """A timm model without classifier (forward returns pooled features of size `num_features`).
 
-    pretrained: None (from scratch), a path to a state-dict file, or "timm" to use weights that are
-    already in the local timm/Hugging Face cache (never downloaded: HF_HUB_OFFLINE is forced).
+    pretrained: None (from scratch), a path to a weights file (safetensors, or a torch state dict),
+    or "timm" to use weights that are already in the local timm/Hugging Face cache (never
+    downloaded: HF_HUB_OFFLINE is forced). A file's tensors must match the backbone's by name and shape.
     """
     if not timm.is_model(name):
         similar = timm.list_models(f"*{name.split('_')[0]}*")[:8]
@@ -132,10 +158,7 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> nn.Mo
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if pretrained:
         path = Path(pretrained)
-        if not path.is_file():
-            raise BackboneError(f"{path}: pretrained weights file not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = read_weights(path)
         own = model.state_dict()
         matching = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
         wrong_shape = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
