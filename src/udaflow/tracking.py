@@ -579,7 +579,3 @@ def alias_data_hashes(name: str, alias: str = CHAMPION) -> dict[str, str] | None
     tags = dict(version.tags)
     hashes = {role: tags.get(f"data.{role}.md5") for role in ("source", "target")}
     return hashes if all(hashes.values()) else None
-
-
-def champion_data_hashes(name: str) -> dict[str, str] | None:
-    return alias_data_hashes(name, CHAMPION)
