@@ -41,8 +41,7 @@ def rotate_quarters(images: torch.Tensor, quarters: torch.Tensor) -> torch.Tenso
     return out
 
 
-def rotation_loss(classifier: nn.Module, head: RotationHead, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Rotate each image by a random quarter turn (drawn from `generator`) and score the head's guess."""
-    quarters = torch.randint(4, (images.shape[0],), generator=generator)
+def rotation_loss(classifier: nn.Module, head: RotationHead, images: torch.Tensor, quarters: torch.Tensor) -> torch.Tensor:
+    """Rotate each image (B, 3, H, W) by its quarter turns (B,) in 0..3 and score the head's guess."""
     rotated = rotate_quarters(images, quarters.to(images.device))
     return F.cross_entropy(head(classifier.features(rotated)), quarters.to(images.device))

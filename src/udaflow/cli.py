@@ -246,13 +246,14 @@ def run(
     profile: ProfileOpt = None,
     overrides: SetOpt = None,
     device: DeviceOpt = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="training processes under torchrun (train.nproc); the global batch stays train.batch_size")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run the pipeline flow: validate, version, pretrain (cached), adapt, evaluate, register."""
     from udaflow.methods import get_method_class
     from udaflow.preflight import validate_run
 
-    cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device})
+    cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device, "train.nproc": nproc})
     validate_run(cfg)  # before anything is validated, versioned or trained
     if get_method_class(cfg.method).uses_target_labels:
         raise ValueError(f"method '{cfg.method}' trains on target labels: benchmark only (`udaflow bench`), never registered")

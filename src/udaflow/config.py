@@ -92,8 +92,10 @@ class TrainConfig(_Strict):
     deterministic: bool = True  # torch deterministic algorithms + fixed seeds (CPU runs are bit-identical)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    nproc: int = Field(1, ge=1)  # training processes (torchrun data parallel; gloo on CPU, nccl on GPU); batch_size stays the global batch
     progress: bool = True  # progress: a bar on a terminal, a line every 5% in a log file
     rotation_weight: float = Field(0.0, ge=0)  # adaptation only: self-supervised rotation prediction on target images (0 = off)
+    rotation_batch: int | None = Field(None, gt=0)  # target images per step for the rotation task; None = batch_size
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)  # adaptation only
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from udaflow import distributed
 from udaflow.auxiliary import RotationHead, rotation_loss
 from udaflow.config import AugmentConfig, TrainConfig
 from udaflow.data.datasets import LabelledImages, UnlabelledImages
@@ -231,7 +232,7 @@ class Checkpoint:
         os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
     @classmethod
-    def load(cls, path: Path | None, fingerprint: str | None, description: str) -> Checkpoint | None:
+    def load(cls, path: Path | None, fingerprint: str | None, description: str, main: bool = True) -> Checkpoint | None:
         """The checkpoint at `path` if this run wrote it (same fingerprint), else None.
 
         Anything else there (another run's checkpoint, an older udaflow's, a truncated file, a
@@ -243,20 +244,22 @@ class Checkpoint:
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(saved, dict) or saved.get("format") != cls.FORMAT:
-                return _set_aside(path, description, "was written by an older udaflow (another checkpoint format)")
+                return _set_aside(path, description, "was written by an older udaflow (another checkpoint format)", main)
             if saved.get("fingerprint") != fingerprint:
-                return _set_aside(path, description, "was written by another run (params, data, code or start weights differ)")
+                return _set_aside(path, description, "was written by another run (params, data, code or start weights differ)", main)
             ckpt = cls(**{f.name: saved[f.name] for f in fields(cls) if f.name != "record"}, record=Record(**saved["record"]))
         except Exception as exc:  # noqa: BLE001 - truncated file, pickle payload, foreign format
-            return _set_aside(path, description, f"is not a readable udaflow checkpoint ({type(exc).__name__})")
+            return _set_aside(path, description, f"is not a readable udaflow checkpoint ({type(exc).__name__})", main)
         ckpt.record.kept = [tuple(pair) for pair in ckpt.record.kept]
-        _say(f"{description}: resuming from step {ckpt.step} ({path})")
+        if main:
+            _say(f"{description}: resuming from step {ckpt.step} ({path})")
         return ckpt
 
 
-def _set_aside(path: Path, description: str, why: str) -> None:
-    _say(f"{description}: {path} {why}; starting fresh")
-    path.replace(path.with_suffix(".stale"))
+def _set_aside(path: Path, description: str, why: str, main: bool = True) -> None:
+    if main:  # under torchrun the other ranks only read
+        _say(f"{description}: {path} {why}; starting fresh")
+        path.replace(path.with_suffix(".stale"))
     return None
 
 
@@ -273,12 +276,15 @@ class _Domain:
     amp: bool
 
     def inputs(self, idx: torch.Tensor, view: str = "default") -> torch.Tensor:
-        """(B, 3, H, W) normalised inputs of images[idx] in a view: weak | default | strong."""
-        return to_input(augment_view(self.images[idx], self.augment, self.generator, view), self.device)
+        """Normalised inputs of images[idx] in a view (weak | default | strong): (B, 3, H, W), or under
+        torchrun this rank's rows of them (the whole draw is augmented alike on every rank)."""
+        return to_input(distributed.shard(augment_view(self.images[idx], self.augment, self.generator, view)), self.device)
 
     def embed(self, model: Classifier | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (N, D) and logits (N, K) of every image, from `model` (e.g. an EMA teacher) or the trained classifier."""
-        return predict(model if model is not None else self.classifier, self.images, self.device, amp=self.amp)
+        """Features (N, D) and logits (N, K) of every image, from `model` (e.g. an EMA teacher) or the trained
+        classifier; under torchrun each rank embeds its share and all ranks get all rows."""
+        model = model if model is not None else self.classifier
+        return distributed.gather_rows(len(self.images), lambda rows: predict(model, self.images[rows], self.device, amp=self.amp))
 
 
 def train(
@@ -315,17 +321,22 @@ def train(
         raise ValueError(f"validator '{validator}' needs the labelled source validation set (source_val)")
     device = resolve_device(cfg.device)
     seed_everything(seed, cfg.deterministic, cfg.num_threads)
+    main = distributed.is_main()  # under torchrun only rank 0 checkpoints and reports
+    if distributed.active():
+        distributed.sync_batchnorm_(classifier)
+        distributed.sync_batchnorm_(method)
     classifier.to(device).train()
     method.to(device).train()
     # the self-supervised auxiliary task (auxiliary.py), for adaptation on a target: never in pretraining,
     # whose cached source model must not depend on the target
     rotation = RotationHead(classifier.num_features).to(device) if auxiliary and cfg.rotation_weight > 0 and target is not None else None
+    rotation_batch = cfg.rotation_batch or cfg.batch_size
     modules = {"classifier": classifier, "method": method, **({"rotation": rotation} if rotation is not None else {})}
     optimiser = torch.optim.AdamW(_param_groups(list(modules.values()), cfg.weight_decay), lr=lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg.warmup_steps, steps))
     generator = torch.Generator().manual_seed(seed)
     start, record = 0, Record()
-    ckpt = Checkpoint.load(checkpoint_path, fingerprint, description)
+    ckpt = Checkpoint.load(checkpoint_path, fingerprint, description, main)
     if ckpt is not None:
         start, record = ckpt.step, ckpt.restore(modules, method, optimiser, scheduler, generator)
 
@@ -339,7 +350,7 @@ def train(
     )
     selectable_from = method.selection_start(steps)  # earlier checkpoints are scored, never selected
     seconds, images = 0.0, 0
-    with ProgressReport(cfg.progress, description, steps, start) as progress:
+    with ProgressReport(cfg.progress and main, description, steps, start) as progress:
         for step in range(start, steps):
             ctx = replace(context, step=step)
             if method.refresh_every and tgt is not None and step % method.refresh_every == 0:
@@ -350,19 +361,22 @@ def train(
             with _autocast(device, cfg.amp):
                 losses = method(classifier, batch, ctx)
                 if rotation is not None:
-                    t_rot = tgt.inputs(torch.randint(len(tgt.images), (cfg.batch_size,), generator=generator), "weak")
-                    rot = rotation_loss(classifier, rotation, t_rot, generator)
+                    t_rot = tgt.inputs(torch.randint(len(tgt.images), (rotation_batch,), generator=generator), "weak")
+                    quarters = distributed.shard(torch.randint(4, (rotation_batch,), generator=generator))
+                    rot = rotation_loss(classifier, rotation, t_rot, quarters)
                     losses = {**losses, "loss": losses["loss"] + cfg.rotation_weight * rot, "rotation": rot}
             optimiser.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimiser.param_groups for p in g["params"]], cfg.grad_clip)
+            trained = [p for g in optimiser.param_groups for p in g["params"]]
+            distributed.average_gradients(trained)
+            torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             optimiser.step()
             scheduler.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - t0
-            images += method.images_per_step(cfg.batch_size, use_target) + (cfg.batch_size if rotation is not None else 0)
-            record.add_losses(losses)
+            images += method.images_per_step(cfg.batch_size, use_target) + (rotation_batch if rotation is not None else 0)
+            record.add_losses(distributed.mean_over_ranks(losses))
             done = step + 1
             progress.update(done, float(losses["loss"].detach()))
             if done % cfg.eval_every == 0 or done == steps:
@@ -370,9 +384,11 @@ def train(
                 if tgt is not None:
                     scores = _scores(tgt, classifier, source_val, device, cfg.amp)
                     record.add_scores(done, scores, classifier, validator, done >= selectable_from, keep_checkpoints)
-            if checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+            if main and checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == steps):
                 Checkpoint.capture(done, fingerprint, modules, method, optimiser, scheduler, generator, record).save(checkpoint_path)
 
+    distributed.unsync_batchnorm_(classifier)
+    distributed.unsync_batchnorm_(method)
     last_state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
     return TrainResult(
         last_state=last_state,
@@ -398,7 +414,8 @@ def _draw_batch(source: _Domain, target: _Domain | None, source_labels: torch.Te
     if target is not None:
         t_idx = torch.randint(len(target.images), (batch_size,), generator=generator)
         x_t = target.inputs(t_idx)
-    return Batch(source.inputs(s_idx), source_labels[s_idx].to(source.device), x_t, t_idx)
+        t_idx = distributed.shard(t_idx)
+    return Batch(source.inputs(s_idx), distributed.shard(source_labels[s_idx]).to(source.device), x_t, t_idx)
 
 
 def _scores(target: _Domain, classifier: Classifier, source_val: LabelledImages | None, device: torch.device, amp: bool) -> dict[str, float]:
@@ -406,7 +423,7 @@ def _scores(target: _Domain, classifier: Classifier, source_val: LabelledImages 
     target_features, logits = target.embed()
     scores = score_all(logits)
     if source_val is not None:
-        val_features, val_logits = predict(classifier, source_val.images, device, amp=amp)
+        val_features, val_logits = distributed.gather_rows(len(source_val.images), lambda rows: predict(classifier, source_val.images[rows], device, amp=amp))
         scores["dev"] = dev_score(val_features, val_logits, source_val.labels, target_features)
     return scores
 

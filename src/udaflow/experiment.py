@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from udaflow import distributed
 from udaflow.config import Config
 from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
 from udaflow.data.manifest import MANIFEST_NAME
@@ -34,7 +35,7 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
 
 def source_params(cfg: Config, num_classes: int) -> dict:
     """Every parameter the source model depends on (not the adaptation ones)."""
-    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "pseudo_labels", "progress", "checkpoint_every"})
+    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "rotation_batch", "pseudo_labels", "progress", "checkpoint_every"})
     # kept: device, num_threads and amp change the bits (kernels), eval_every the stored selection history;
     # left out: adaptation-only fields, the progress display, and checkpoint_every (resume is bit-identical)
     return {
@@ -152,8 +153,9 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
         fingerprint=run_fingerprint(cfg, "source_only", classifier, data.source_train, data.target_adapt, data.source_val),
     )
     wall = time.perf_counter() - t0
-    save_stage(cache, result, wall, data.classes)
-    cache.with_suffix(".ckpt").unlink(missing_ok=True)
+    if distributed.is_main():  # under torchrun rank 0 alone writes
+        save_stage(cache, result, wall, data.classes)
+        cache.with_suffix(".ckpt").unlink(missing_ok=True)
     return StageResult(classifier, result, wall, info={"cache": str(cache), "key": key})
 
 

@@ -41,6 +41,10 @@ def validate_run(
         Config.model_validate(cfg.model_dump())
     except ValidationError as exc:
         raise ConfigError(explain(exc, model=Config)) from None
+    t = cfg.train
+    for key, batch in (("train.batch_size", t.batch_size), ("train.rotation_batch", t.rotation_batch)):
+        if batch is not None and batch % t.nproc:
+            raise ConfigError(f"train.nproc: {t.nproc} processes cannot split {key} = {batch} evenly (the global batch); make it a multiple of {t.nproc}")
     known = list_methods()
     wanted = [("method", cfg.method)] if methods is None else [("--methods", name) for name in methods]
     for key, name in wanted:

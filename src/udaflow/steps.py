@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from udaflow import distributed
 from udaflow.config import Config
 from udaflow.data.datasets import Domain, ShiftData, load_shift
 from udaflow.data.expectations import ValidationReport, validate_shift
@@ -90,28 +91,39 @@ def _load(cfg: Config, path: Path) -> tuple[StageResult, tuple[str, ...]]:
     return StageResult(classifier, result, wall_seconds), classes
 
 
+def _under_torchrun(cfg: Config) -> bool:
+    """True when this process should start `train.nproc` ranks instead of training itself."""
+    return cfg.train.nproc > 1 and not distributed.active()
+
+
 def pretrain(cfg: Config, data: ShiftData | None = None, cache_dir: Path | None = None) -> StepOutcome:
     """Source pretraining, reused from the on-disk cache when source content and params match."""
+    if _under_torchrun(cfg):
+        return StepOutcome(**distributed.launch("pretrain", cfg, run_paths(cfg).shift_dir / "pretrain.outcome.json", cache_dir=cache_dir))
     data = data or load_data(cfg)
     stage = pretrain_source(cfg, data, cfg.source, cache_dir)
-    _copy_stage(Path(stage.info["cache"]), run_paths(cfg).source_model)
+    if distributed.is_main():
+        _copy_stage(Path(stage.info["cache"]), run_paths(cfg).source_model)
     # the cache file is what later steps read: it outlives this shift's copy and is keyed on content
     return StepOutcome(stage.info["cache"], stage.wall_seconds, stage.cached, stage.info["key"], stage.train.images_per_s, steps=stage.train.steps)
 
 
 def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None = None) -> StepOutcome:
     """Adapt the source model with cfg.method; resumes from the method's checkpoint if a run was killed."""
-    data = data or load_data(cfg)
     paths = run_paths(cfg)
+    if _under_torchrun(cfg):
+        return StepOutcome(**distributed.launch("adapt", cfg, paths.method_dir / "adapt.outcome.json", source_model=source_model))
+    data = data or load_data(cfg)
     source_model = Path(source_model or paths.source_model)
-    if source_model.resolve() != paths.source_model.resolve():
+    if distributed.is_main() and source_model.resolve() != paths.source_model.resolve():
         # a cached source model from another shift: this shift's copy is what dvc.yaml's stages read
         _copy_stage(source_model, paths.source_model)
     source, classes = _load(cfg, source_model)
     t0 = time.perf_counter()
     adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint, data.source_val)
-    save_stage(paths.model, adapted.train, adapted.wall_seconds, classes)
-    paths.checkpoint.unlink(missing_ok=True)
+    if distributed.is_main():
+        save_stage(paths.model, adapted.train, adapted.wall_seconds, classes)
+        paths.checkpoint.unlink(missing_ok=True)
     return StepOutcome(
         str(paths.model), time.perf_counter() - t0, images_per_s=adapted.train.images_per_s, selected_step=adapted.train.selected_step,
         steps=adapted.train.steps,

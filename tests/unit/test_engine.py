@@ -234,10 +234,10 @@ def test_rotate_quarters_by_hand():
 def test_rotation_task_switches_on_for_adaptation_only(tiny_shift, make_train_config, tmp_path):
     source, target, _ = tiny_shift
 
-    def run(weight, auxiliary=True, checkpoint=None, steps=20):
+    def run(weight, auxiliary=True, checkpoint=None, steps=20, **extra):
         torch.manual_seed(0)
         clf = build_classifier("udaflow_vit_micro", 3)
-        cfg = make_train_config(rotation_weight=weight)
+        cfg = make_train_config(rotation_weight=weight, **extra)
         return engine.train(clf, create_method("dann", clf), source, target, cfg, steps=steps, lr=cfg.adapt_lr, seed=0,
                             auxiliary=auxiliary, checkpoint_path=checkpoint)
 
@@ -245,6 +245,9 @@ def test_rotation_task_switches_on_for_adaptation_only(tiny_shift, make_train_co
     assert "rotation" not in off.loss_history[0] and "rotation" in on.loss_history[-1]
     assert 0.0 < on.loss_history[-1]["rotation"] < 3.0
     assert on.train_images == off.train_images * 3 // 2  # B extra target images a step
+    half = run(0.5, rotation_batch=make_train_config().batch_size // 2)
+    assert half.train_images == off.train_images * 5 // 4  # train.rotation_batch: B/2 extra
+    assert half.loss_history[-1]["loss"] != on.loss_history[-1]["loss"]
     changed = [k for k in off.last_state if not torch.equal(off.last_state[k], on.last_state[k])]
     assert changed  # the auxiliary gradient reaches the shared features
     # pretraining (auxiliary=False) ignores the weight: bit-identical to the task switched off

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from udaflow import distributed
 from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
@@ -70,16 +71,19 @@ def adamatch_losses(
     """
     cls = 0.5 * (F.cross_entropy(source_weak, labels) + F.cross_entropy(source_strong, labels))
     with torch.no_grad():
-        p_s = F.softmax(source_weak.float(), dim=1)
+        # batch statistics (threshold, class mix, filter) over the global batch: under torchrun every
+        # rank gathers all rows, decides alike, and keeps its own rows' labels and mask
+        p_s = distributed.gather(F.softmax(source_weak.float(), dim=1))
         reader = target_weak if teacher_weak is None else teacher_weak
-        p_t = distribution_alignment(F.softmax(reader.float(), dim=1), p_s)
+        p_t = distribution_alignment(distributed.gather(F.softmax(reader.float(), dim=1)), p_s)
         threshold = relative_threshold(p_s, tau)
         if denoise is None:
             confidence, pseudo_labels = p_t.max(1)  # (B,), (B,)
             mask = (confidence >= threshold).float()  # (B,)
         else:
             second = target_strong if teacher_weak is None else target_weak
-            pseudo_labels, mask = denoise(p_t, threshold, second=second.float())
+            pseudo_labels, mask = denoise(p_t, threshold, second=distributed.gather(second.float()))
+        pseudo_labels, mask = distributed.shard(pseudo_labels), distributed.shard(mask)
     unlabelled = (F.cross_entropy(target_strong, pseudo_labels, reduction="none") * mask).mean()
     return {"cls": cls, "unlabelled": unlabelled, "mask_rate": mask.mean()}
 
@@ -112,7 +116,8 @@ class AdaMatch(Method):
         t_idx = torch.randint(ctx.num_target, (b,), generator=ctx.generator)
         source = torch.cat([ctx.source_inputs(s_idx, "weak"), ctx.source_inputs(s_idx, "strong")])  # (2B, 3, H, W)
         target = torch.cat([ctx.target_inputs(t_idx, "weak"), ctx.target_inputs(t_idx, "strong")])  # (2B, 3, H, W)
-        labels = ctx.source_labels[s_idx].to(ctx.device)
+        labels = distributed.shard(ctx.source_labels[s_idx]).to(ctx.device)
+        b = len(labels)  # this rank's rows per view (all B in one process)
         teacher_weak = None
         if self.config.teacher_ema > 0:
             ema_update(self.teacher, classifier, self.config.teacher_ema)  # the weights after the previous step
@@ -122,7 +127,8 @@ class AdaMatch(Method):
         source_logits, target_logits = logits[: 2 * b], logits[2 * b :]
         if self.config.logit_interpolation:
             alone = classifier(source)  # (2B, K)
-            mix = torch.rand(source_logits.shape, generator=ctx.generator).to(ctx.device)  # (2B, K)
+            mix = torch.rand((2, ctx.batch_size, source_logits.shape[1]), generator=ctx.generator)  # (2, B, K) over the global batch
+            mix = distributed.shard(mix.transpose(0, 1)).transpose(0, 1).reshape(source_logits.shape).to(ctx.device)  # (2b, K)
             source_logits = mix * source_logits + (1.0 - mix) * alone
         losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits.chunk(2), self.config.tau, getattr(self, "pseudo_labels", None), teacher_weak)
         mu = self.config.unlabelled_weight * unlabelled_weight(ctx.progress)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from udaflow import distributed
 from udaflow.config import MethodConfig
 from udaflow.methods import register_method
 from udaflow.methods.base import Method
@@ -190,15 +191,15 @@ class Cdtrans(Method):
             idx = torch.randint(len(ctx.source_labels), (b,), generator=ctx.generator)
             x_s = ctx.source_inputs(idx)
             if c.adversarial_weight <= 0:
-                cls = F.cross_entropy(classifier(x_s), ctx.source_labels[idx].to(ctx.device))
+                cls = F.cross_entropy(classifier(x_s), distributed.shard(ctx.source_labels[idx]).to(ctx.device))
                 return {"loss": cls, "cls": cls}
             t_idx = torch.randint(ctx.num_target, (b,), generator=ctx.generator)
             f_s, f_t = classifier.features(torch.cat([x_s, ctx.target_inputs(t_idx)])).chunk(2)
-            cls = F.cross_entropy(classifier.head(f_s), ctx.source_labels[idx].to(ctx.device), label_smoothing=c.label_smoothing)
+            cls = F.cross_entropy(classifier.head(f_s), distributed.shard(ctx.source_labels[idx]).to(ctx.device), label_smoothing=c.label_smoothing)
             adv = domain_adversarial_loss(self.discriminator, f_s, f_t, grl_coeff(ctx.progress))
             return {"loss": cls + c.adversarial_weight * adv, "cls": cls, "adv": adv}
         s_idx, t_idx = self._sample_pairs(b, ctx.generator)
-        y = ctx.source_labels[s_idx].to(ctx.device)
+        y = distributed.shard(ctx.source_labels[s_idx]).to(ctx.device)
         f_s, f_t, f_st = three_branch_features(classifier.backbone, ctx.source_inputs(s_idx), ctx.target_inputs(t_idx))
         ls = c.label_smoothing
         logits_t, logits_st = classifier.head(f_t), classifier.head(f_st)

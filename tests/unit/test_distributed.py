@@ -1,0 +1,85 @@
+"""Data-parallel training under torchrun (gloo on CPU) equals single-process training on the same
+global batch: parameters within 1e-5 after two optimiser steps, pairs and pseudo-label state
+identical on every rank."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from udaflow import distributed
+from udaflow.config import ConfigError
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+STEPS = 2  # the second step runs with the first step's synced BatchNorm statistics and a non-zero GRL coefficient
+
+
+def _run(cmd: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _states(tmp_path: Path, method: str, nproc: int) -> list[dict]:
+    out = tmp_path / f"{method}-{nproc}"
+    if nproc == 1:
+        _run([sys.executable, str(WORKER), method, str(out), str(STEPS)])
+    else:
+        _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), method, str(out), str(STEPS)])
+    return [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+def _max_diff(a: dict, b: dict, skip=()) -> float:
+    return max(((a[k].float() - b[k].float()).abs().max().item() for k in a if k not in skip), default=0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dann", "cdtrans", "adamatch"])
+def test_two_process_steps_equal_the_single_process_steps(method, tmp_path):
+    (single,) = _states(tmp_path, method, 1)
+    ranks = _states(tmp_path, method, 2)
+    assert single["world"] == 1 and all(r["world"] == 2 for r in ranks)
+    floats = [k for k, v in single["last"].items() if v.is_floating_point()]
+    assert max((single["last"][k] - single["start"][k]).abs().max().item() for k in floats) > 1e-3  # the steps trained
+    # every rank holds the same weights, equal to the single process's up to float rounding
+    assert _max_diff(ranks[0]["last"], ranks[1]["last"]) == 0.0
+    assert _max_diff(single["last"], ranks[0]["last"]) < 1e-5
+    # the method's own modules too. A Linear bias feeding a BatchNorm (the domain discriminator's) has a zero
+    # gradient in exact arithmetic; Adam turns its rounding noise into +-lr steps, so it and the BN
+    # running mean it shifts are only bounded by the step size.
+    dead = {k for k in single["method"] if k.startswith("discriminator.") and (k.endswith(("0.bias", "3.bias")) or k.endswith(("1.running_mean", "4.running_mean")))}
+    assert _max_diff(single["method"], ranks[0]["method"], skip=dead) < 1e-5
+    assert _max_diff(single["method"], ranks[0]["method"]) <= 2 * 3e-3
+    assert _max_diff(ranks[0]["method"], ranks[1]["method"]) == 0.0
+    # what the ranks derive from the whole target (cdtrans's pairs, adamatch's class-balanced
+    # pseudo-label status) is identical on every rank and equal to the single process's
+    for key, value in single["extra"].items():
+        assert torch.equal(ranks[0]["extra"][key], ranks[1]["extra"][key]) and torch.equal(ranks[0]["extra"][key], value), key
+    if method == "cdtrans":
+        assert len(single["extra"]["pairs"]) > 0
+    if method == "adamatch":
+        assert torch.allclose(single["method"]["pseudo_labels.status"], ranks[1]["method"]["pseudo_labels.status"], atol=1e-6)
+    # rank 0's loss record is the global batch's: the mean over ranks of their share's means
+    for a, b in zip(single["losses"], ranks[0]["losses"]):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+
+
+def test_one_process_helpers_are_identities():
+    x = torch.arange(12.0).reshape(6, 2)
+    assert not distributed.active() and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.shard(x) is x and distributed.gather(x) is x
+    (rows,) = distributed.gather_rows(6, lambda s: (x[s],))
+    assert torch.equal(rows, x)
+
+
+def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
+    from udaflow.config import load_config
+    from udaflow.preflight import validate_run
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "params.yaml", None, ["train.nproc=3", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"train.nproc: 3 processes cannot split train.batch_size = 64 evenly"):
+        validate_run(cfg, domains=())
