@@ -211,6 +211,9 @@ def launch(stage: str, cfg, out: Path, **paths: Path | None) -> dict:
     for key, value in paths.items():
         if value is not None:
             cmd += [f"--{key.replace('_', '-')}", str(value)]
+    n, batch = cfg.train.nproc, cfg.train.batch_size
+    sys.stderr.write(f"{stage}: {n} processes under torchrun (global batch {batch} per domain, {batch // n} per process)\n")
+    sys.stderr.flush()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, env=env)
     if done.returncode != 0:

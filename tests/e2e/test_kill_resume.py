@@ -103,9 +103,9 @@ def group_alive(pgid: int, wait: float = 30.0) -> bool:
     return True
 
 
-def kill_mid_adaptation(clone: Path, env: dict) -> Path:
+def kill_mid_adaptation(clone: Path, env: dict, run: list[str] = RUN) -> Path:
     """Start the run and SIGKILL it (with its children) once the adaptation checkpoint exists; that checkpoint."""
-    proc = start(clone, env, *RUN)
+    proc = start(clone, env, *run)
     deadline = time.monotonic() + 600
     try:
         while not (found := list((clone / "runs" / SHIFT).glob("*/checkpoint.pt"))):
@@ -122,10 +122,10 @@ def kill_mid_adaptation(clone: Path, env: dict) -> Path:
     return found[0]
 
 
-def uninterrupted_run(root: Path, user_folders: dict[str, Path]) -> tuple[str, bytes]:
+def uninterrupted_run(root: Path, user_folders: dict[str, Path], run: list[str] = RUN) -> tuple[str, bytes]:
     """The reference: the same command in another fresh clone, never interrupted; (output, metrics.json)."""
     clone, env = fresh_clone(root, user_folders)
-    output = udaflow(clone, env, *RUN)
+    output = udaflow(clone, env, *run)
     return output, (clone / "runs" / SHIFT / "adamatch/metrics.json").read_bytes()
 
 
@@ -165,3 +165,27 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, us
     with sqlite3.connect(clone / "mlflow/mlflow.db") as db:
         statuses = [row[0] for row in db.execute("select status from runs where name like 'adamatch:%'")]
     assert statuses.count("KILLED") == 2 and statuses.count("FINISHED") == 2 and "RUNNING" not in statuses, statuses
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_bits(tmp_path: Path, user_folders: dict[str, Path]):
+    """`udaflow run --nproc 2`: rank 0 alone writes the checkpoint, every rank resumes from it, and the
+    result equals, byte for byte, an uninterrupted two-process run; one model is registered."""
+    run = [*RUN, "--nproc", "2"]
+    with ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(uninterrupted_run, tmp_path / "uninterrupted", user_folders, run)
+        clone, env = fresh_clone(tmp_path / "killed", user_folders)
+        checkpoint = kill_mid_adaptation(clone, env, run)
+        output = udaflow(clone, env, *run)
+        reference_output, reference_metrics = reference.result()
+    for out in (output, reference_output):
+        assert "pretrain: 2 processes under torchrun" in out
+        assert "adapt: 2 processes under torchrun (global batch 16 per domain, 8 per process)" in out, out
+        assert out.count(f"adapt adamatch: {ADAPT_STEPS}/{ADAPT_STEPS} steps (100%)") == 1  # rank 0 alone reports progress
+        assert "udaflow-my-digits-to-my-camera v" in out
+    step = int(re.search(r"adapt adamatch: resuming from step (\d+)", output).group(1))
+    assert 0 < step < ADAPT_STEPS and output.count("resuming from step") == 1  # said once, by rank 0
+    assert not checkpoint.exists()
+    resumed = (checkpoint.parent / "metrics.json").read_bytes()
+    assert json.loads(resumed) == json.loads(reference_metrics)
+    assert resumed == reference_metrics
+    assert json.loads(resumed)["target_acc_selected"] is not None
