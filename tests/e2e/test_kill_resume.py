@@ -177,8 +177,8 @@ def test_a_killed_two_process_run_resumes_to_the_same_bits(tmp_path: Path, user_
         checkpoint = kill_mid_adaptation(clone, env, run)
         output = udaflow(clone, env, *run)
         reference_output, reference_metrics = reference.result()
+    assert "pretrain: 2 processes under torchrun" in reference_output  # the resumed run reuses the cached source model
     for out in (output, reference_output):
-        assert "pretrain: 2 processes under torchrun" in out
         assert "adapt: 2 processes under torchrun (global batch 16 per domain, 8 per process)" in out, out
         assert out.count(f"adapt adamatch: {ADAPT_STEPS}/{ADAPT_STEPS} steps (100%)") == 1  # rank 0 alone reports progress
         assert "udaflow-my-digits-to-my-camera v" in out
