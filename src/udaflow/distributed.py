@@ -198,6 +198,25 @@ def unsync_batchnorm_(module: nn.Module) -> nn.Module:
 # --- launching: `udaflow run --nproc N` runs the training stages through torchrun ---------------
 
 
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies.
+
+    torchrun starts each rank in a session of its own, so a `kill -9` of `udaflow run` (or of its
+    process group) would otherwise leave the ranks training on, writing stage files after the run
+    is gone. A rank dies with the torchrun agent, the agent with `udaflow run`; the re-run then
+    resumes from rank 0's last checkpoint.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def launch(stage: str, cfg, out: Path, **paths: Path | None) -> dict:
     """Run `stage` (pretrain | adapt) under `torchrun --nproc_per_node cfg.train.nproc` and return
     rank 0's outcome (what steps.pretrain / steps.adapt return, as a dict)."""
@@ -215,7 +234,7 @@ def launch(stage: str, cfg, out: Path, **paths: Path | None) -> dict:
     sys.stderr.write(f"{stage}: {n} processes under torchrun (global batch {batch} per domain, {batch // n} per process)\n")
     sys.stderr.flush()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, env=env)
+    done = subprocess.run(cmd, env=env, preexec_fn=die_with_parent)
     if done.returncode != 0:
         raise RuntimeError(f"{stage} under torchrun ({cfg.train.nproc} processes) failed with exit code {done.returncode}; its ranks' output is above")
     outcome = json.loads(out.read_text())
@@ -236,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--source-model", type=Path)
     args = parser.parse_args(argv)
+    die_with_parent()
     cfg = Config.model_validate(json.loads(args.params.read_text()))
     init_from_env(cfg.train.device)
     try:
