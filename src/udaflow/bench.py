@@ -67,7 +67,7 @@ def run_bench(
     correlations: dict[str, Any] = {}
     for source, target in shifts:
         study: list[dict[str, Any]] = []
-        data = load_shift(cfg.data.root, source, target, cfg.data.image_size, protocol)  # type: ignore[arg-type]
+        data = load_shift(cfg.data.root, source, target, cfg.data.image_size, protocol, cfg.image_cache)  # type: ignore[arg-type]
         if data.target_eval is None:
             raise ValueError(f"bench needs target labels to report accuracy; domain '{target}' has none")
         for seed in range(seeds):
@@ -77,9 +77,9 @@ def run_bench(
                 if method == "source_only":
                     stage, target_eval = pretrained, None
                 elif get_method_class(method).uses_target_labels:
-                    labelled = load_oracle_data(cfg.data.root, target, data.classes, cfg.data.image_size)
+                    labelled = load_oracle_data(cfg.data.root, target, data.classes, cfg.data.image_size, cfg.image_cache)
                     stage = train_oracle(run_cfg, pretrained, labelled, data.target_adapt)
-                    test = load_shift(cfg.data.root, source, target, cfg.data.image_size, "holdout")
+                    test = load_shift(cfg.data.root, source, target, cfg.data.image_size, "holdout", cfg.image_cache)
                     target_eval = test.target_eval
                 else:
                     stage, target_eval = adapt_to_target(

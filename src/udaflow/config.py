@@ -54,6 +54,7 @@ class DataConfig(_Strict):
     holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per-domain stratified split: source val / target test
     image_size: int = Field(32, gt=0)  # every image is resized to this square size when loaded
     min_per_class: int = Field(5, ge=1)  # validation: fewest source images a class may have
+    stream: bool = True  # decode each split once per image size into <work_dir>/cache/images and read it per batch (flat memory); false: hold it in memory
 
 
 class ModelConfig(_Strict):
@@ -132,6 +133,11 @@ class Config(_Strict):
     bench: BenchConfig = Field(default_factory=BenchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+
+    @property
+    def image_cache(self) -> Path | None:
+        """Where decoded images are kept as files of rows (data.stream), or None to hold them in memory."""
+        return Path(self.work_dir) / "cache" / "images" if self.data.stream else None
 
     @field_validator("source", "target")
     @classmethod

@@ -206,15 +206,16 @@ def die_with_parent() -> None:
     is gone. A rank dies with the torchrun agent, the agent with `udaflow run`; the re-run then
     resumes from rank 0's last checkpoint.
     """
-    if not sys.platform.startswith("linux"):
+    if _LIBC is None:
         return
-    import ctypes
-    import signal
-
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    _LIBC.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
+
+
+# loaded once here, not between fork and exec (preexec_fn), where dlopen could deadlock on a lock another thread held
+_LIBC = __import__("ctypes").CDLL(None) if sys.platform.startswith("linux") else None
 
 
 def launch(stage: str, cfg, out: Path, **paths: Path | None) -> dict:

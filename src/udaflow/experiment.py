@@ -23,6 +23,7 @@ from udaflow import distributed
 from udaflow.config import Config
 from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
 from udaflow.data.manifest import MANIFEST_NAME
+from udaflow.data.store import digest
 from udaflow.engine import TrainResult, peak_rss_mb, predict, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
@@ -36,8 +37,11 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
 def source_params(cfg: Config, num_classes: int) -> dict:
     """Every parameter the source model depends on (not the adaptation ones)."""
     train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "rotation_batch", "pseudo_labels", "progress", "checkpoint_every"})
-    # kept: device, num_threads and amp change the bits (kernels), eval_every the stored selection history;
+    # kept: device, num_threads and amp change the bits (kernels), eval_every the stored selection history,
+    # nproc > 1 (float rounding of the reductions over ranks);
     # left out: adaptation-only fields, the progress display, and checkpoint_every (resume is bit-identical)
+    if train_cfg.get("nproc") == 1:
+        del train_cfg["nproc"]  # one process: the key of the source models cached before nproc existed
     return {
         "model": cfg.model.model_dump(mode="json"),
         "train": train_cfg,
@@ -111,7 +115,7 @@ def run_fingerprint(cfg: Config, method_name: str, start: torch.nn.Module, *data
     h.update(json.dumps({"params": params, "method": method_name}, sort_keys=True, default=str).encode())
     for data in datasets:
         h.update(data.domain.encode())
-        h.update(data.images.contiguous().numpy().tobytes())
+        h.update(digest(data.images).encode())  # the pixels' content (a file of rows is named by it)
         if isinstance(data, LabelledImages):
             h.update(data.labels.numpy().tobytes())
             h.update(json.dumps(list(data.classes)).encode())

@@ -66,7 +66,7 @@ class StepOutcome:
 
 
 def load_data(cfg: Config) -> ShiftData:
-    return load_shift(cfg.data.root, cfg.source, cfg.target, cfg.data.image_size, "holdout")
+    return load_shift(cfg.data.root, cfg.source, cfg.target, cfg.data.image_size, "holdout", cfg.image_cache)
 
 
 def validate_datasets(cfg: Config) -> ValidationReport:
@@ -141,7 +141,7 @@ def registered_model(cfg: Config, data: ShiftData | None = None) -> tuple[Path, 
     model = ImageClassifier(stage.classifier, classes).eval()
     folder = packaged.save(model, paths.method_dir / "registered", cfg.model.backbone, cfg.model.backbone_args, cfg.data.image_size)
     if data is None:
-        images = Domain.open(cfg.data.root, cfg.target).unlabelled("train", cfg.data.image_size).images[:2]
+        images = Domain.open(cfg.data.root, cfg.target).unlabelled("train", cfg.data.image_size, cfg.image_cache).images[:2]
     else:
         images = data.target_adapt.images[:2]
     return folder, (images.float() / 255.0).numpy()
@@ -155,7 +155,7 @@ class GateData:
     """What the gate scores every version on, loaded once per gate: the current target pool, the
     source val split and, when the target has one, its labelled `val` split (never `test`)."""
 
-    pool: torch.Tensor  # (N, 3, H, W) uint8, target `train` split, labels never read
+    pool: Any  # (N, 3, H, W) uint8 (tensor or store.ImageFile), target `train` split, labels never read
     source_val: Any  # LabelledImages
     target_val: Any  # LabelledImages | None
     classes: tuple[str, ...]
@@ -165,9 +165,9 @@ class GateData:
 def load_gate_data(cfg: Config) -> GateData:
     src, tgt = Domain.open(cfg.data.root, cfg.source), Domain.open(cfg.data.root, cfg.target)
     classes, size = src.classes, cfg.data.image_size
-    pool = tgt.unlabelled("train", size).images
-    source_val = src.labelled("test", classes, size)
-    target_val = tgt.labelled("val", classes, size) if tgt.has_labels("val") else None
+    pool = tgt.unlabelled("train", size, cfg.image_cache).images
+    source_val = src.labelled("test", classes, size, cfg.image_cache)
+    target_val = tgt.labelled("val", classes, size, cfg.image_cache) if tgt.has_labels("val") else None
     validator = cfg.promotion.validator or cfg.validator
     decided = (f"accuracy on target '{cfg.target}' val split ({len(target_val)} labelled images)" if target_val is not None
                else f"validator '{validator}' on target '{cfg.target}' train pool ({len(pool)} images, labels unread)")

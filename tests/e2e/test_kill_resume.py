@@ -167,6 +167,17 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, us
     assert statuses.count("KILLED") == 2 and statuses.count("FINISHED") == 2 and "RUNNING" not in statuses, statuses
 
 
+def ranks_of(clone: Path) -> list[int]:
+    """pids of live processes started for this clone's stages by `udaflow.distributed` (torchrun ranks and agent)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "udaflow.distributed" in cmd and str(clone) in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
 def test_a_killed_two_process_run_resumes_to_the_same_bits(tmp_path: Path, user_folders: dict[str, Path]):
     """`udaflow run --nproc 2`: rank 0 alone writes the checkpoint, every rank resumes from it, and the
     result equals, byte for byte, an uninterrupted two-process run; one model is registered."""
@@ -175,6 +186,8 @@ def test_a_killed_two_process_run_resumes_to_the_same_bits(tmp_path: Path, user_
         reference = pool.submit(uninterrupted_run, tmp_path / "uninterrupted", user_folders, run)
         clone, env = fresh_clone(tmp_path / "killed", user_folders)
         checkpoint = kill_mid_adaptation(clone, env, run)
+        time.sleep(2)
+        assert not ranks_of(clone), "the killed run left torchrun ranks training"
         output = udaflow(clone, env, *run)
         reference_output, reference_metrics = reference.result()
     assert "pretrain: 2 processes under torchrun" in reference_output  # the resumed run reuses the cached source model

@@ -1,7 +1,9 @@
-"""In-memory image sets and the label firewall.
+"""Image sets and the label firewall.
 
-Domains are small (thousands of 32x32 images), so a domain is decoded once into a uint8 tensor
-and batches are drawn by index: no DataLoader workers to fight over two CPU cores.
+A domain split is decoded once per image size, either into a uint8 tensor in memory or (with a
+cache folder, what the pipeline and the bench use) into a flat file of rows read per batch
+(`store.ImageFile`), so memory stays flat as a domain grows. Batches are drawn by index either
+way: no DataLoader workers to fight over two CPU cores.
 
 The firewall is a type: target adaptation data is an `UnlabelledImages`, which has no label
 field at all, so no training code can read target labels by accident. Labelled target data
@@ -19,6 +21,7 @@ import torch
 from PIL import Image
 
 from udaflow.data.manifest import DataError, ManifestRow, read_manifest
+from udaflow.data.store import ImageFile, Images, content_key
 
 # manifest splits: train (the adaptation pool for a target), test (reported accuracy), val (a target
 # split a user chose to label: only the promotion gate reads it); "all" = every row
@@ -29,7 +32,7 @@ Split = Literal["train", "val", "test", "all"]
 class UnlabelledImages:
     """Images without labels: (N, 3, H, W) uint8. The only kind of target data training sees."""
 
-    images: torch.Tensor
+    images: Images  # a uint8 tensor or an ImageFile that indexes like one
     domain: str
 
     def __len__(self) -> int:
@@ -40,7 +43,7 @@ class UnlabelledImages:
 class LabelledImages:
     """Images with class indices into `classes`: (N, 3, H, W) uint8 and (N,) int64."""
 
-    images: torch.Tensor
+    images: Images
     labels: torch.Tensor
     classes: tuple[str, ...]
     domain: str
@@ -94,18 +97,27 @@ class Domain:
             raise DataError(f"{self.root / bad[0]}: not a decodable image ({len(bad)} such files in '{self.name}')")
         return rows
 
-    def pixels(self, rows: list[ManifestRow], size: int) -> torch.Tensor:
-        if not rows:
-            raise DataError(f"{self.root}: no images in the requested split of domain '{self.name}'")
-        arrays = []
+    def _decoded(self, rows: list[ManifestRow], size: int):
         for r in rows:
             try:
-                arrays.append(decode_image(self.root / r.path, size))
+                yield decode_image(self.root / r.path, size)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise DataError(f"{self.root / r.path}: cannot be decoded ({exc}); rebuild or re-ingest '{self.name}'") from None
-        return torch.from_numpy(np.stack(arrays))
 
-    def labelled(self, split: Split, classes: tuple[str, ...], size: int) -> LabelledImages:
+    def pixels(self, rows: list[ManifestRow], size: int, cache: Path | None = None) -> Images:
+        """The rows' images at size x size: a uint8 tensor, or with `cache` a file of rows there (decoded
+        once per content and size, then reused)."""
+        if not rows:
+            raise DataError(f"{self.root}: no images in the requested split of domain '{self.name}'")
+        if cache is None:
+            return torch.from_numpy(np.stack(list(self._decoded(rows, size))))
+        key = content_key([(r.path, r.sha256) for r in rows], size)
+        path = Path(cache) / f"{self.name}-{size}px-{key}.u8"
+        if path.exists():
+            return ImageFile(path, size, key)
+        return ImageFile.build(path, self._decoded(rows, size), len(rows), size, key)
+
+    def labelled(self, split: Split, classes: tuple[str, ...], size: int, cache: Path | None = None) -> LabelledImages:
         rows = self.select(split)
         index = {c: i for i, c in enumerate(classes)}
         unlabelled = [r.path for r in rows if not r.label]
@@ -117,11 +129,11 @@ class Domain:
                 f"{self.root}: class(es) {unknown} of domain '{self.name}' are unknown to the source classes {list(classes)}"
             )
         labels = torch.tensor([index[r.label] for r in rows], dtype=torch.int64)
-        return LabelledImages(self.pixels(rows, size), labels, classes, self.name)
+        return LabelledImages(self.pixels(rows, size, cache), labels, classes, self.name)
 
-    def unlabelled(self, split: Split, size: int) -> UnlabelledImages:
+    def unlabelled(self, split: Split, size: int, cache: Path | None = None) -> UnlabelledImages:
         # labels are never read here: only paths go to the decoder
-        return UnlabelledImages(self.pixels(self.select(split), size), self.name)
+        return UnlabelledImages(self.pixels(self.select(split), size, cache), self.name)
 
     def has_labels(self, split: Split) -> bool:
         rows = self.select(split)
@@ -153,10 +165,12 @@ class ShiftData:
 
 
 def load_shift(
-    data_root: Path, source: str, target: str, image_size: int, protocol: Literal["transductive", "holdout"] = "holdout"
+    data_root: Path, source: str, target: str, image_size: int, protocol: Literal["transductive", "holdout"] = "holdout",
+    cache: Path | None = None,
 ) -> ShiftData:
     """Load a shift. `holdout`: adapt on target train, report on target test. `transductive`
-    (the literature's protocol): adapt on every target image, report accuracy over all of them."""
+    (the literature's protocol): adapt on every target image, report accuracy over all of them.
+    `cache`: a folder for decoded-row files (read per batch, see store.py); None = in memory."""
     if source == target:
         raise DataError(f"source and target are both '{source}': pick two different domains")
     src, tgt = Domain.open(data_root, source), Domain.open(data_root, target)
@@ -165,16 +179,16 @@ def load_shift(
         raise DataError(f"{src.root}: source domain '{source}' has no labelled images")
     adapt_split = "all" if protocol == "transductive" else "train"
     eval_split = "all" if protocol == "transductive" else "test"
-    target_eval = tgt.labelled(eval_split, classes, image_size) if tgt.has_labels(eval_split) else None
+    target_eval = tgt.labelled(eval_split, classes, image_size, cache) if tgt.has_labels(eval_split) else None
     return ShiftData(
-        source_train=src.labelled("train", classes, image_size),
-        source_val=src.labelled("test", classes, image_size),
-        target_adapt=tgt.unlabelled(adapt_split, image_size),
+        source_train=src.labelled("train", classes, image_size, cache),
+        source_val=src.labelled("test", classes, image_size, cache),
+        target_adapt=tgt.unlabelled(adapt_split, image_size, cache),
         target_eval=target_eval,
         protocol=protocol,
     )
 
 
-def load_oracle_data(data_root: Path, target: str, classes: tuple[str, ...], image_size: int) -> LabelledImages:
+def load_oracle_data(data_root: Path, target: str, classes: tuple[str, ...], image_size: int, cache: Path | None = None) -> LabelledImages:
     """Target-train WITH labels: for the benchmark-only `oracle` upper bound, never for a candidate."""
-    return Domain.open(data_root, target).labelled("train", classes, image_size)
+    return Domain.open(data_root, target).labelled("train", classes, image_size, cache)
