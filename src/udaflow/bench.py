@@ -23,7 +23,7 @@ import torch
 from udaflow.config import Config
 from udaflow.costs import matmul_gflops, training_gflop_per_image
 from udaflow.data.datasets import load_oracle_data, load_shift
-from udaflow.experiment import adapt_to_target, evaluate_stage, pretrain_source, train_oracle
+from udaflow.experiment import adapt_to_target, evaluate_stage, image_spec, pretrain_source, train_oracle
 from udaflow.methods import get_method_class
 from udaflow.validators import ensemble_agreement
 
@@ -67,7 +67,7 @@ def run_bench(
     correlations: dict[str, Any] = {}
     for source, target in shifts:
         study: list[dict[str, Any]] = []
-        data = load_shift(cfg.data.root, source, target, cfg.data.image_size, protocol, cfg.image_cache)  # type: ignore[arg-type]
+        data = load_shift(cfg.data.root, source, target, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
         if data.target_eval is None:
             raise ValueError(f"bench needs target labels to report accuracy; domain '{target}' has none")
         for seed in range(seeds):
@@ -77,9 +77,9 @@ def run_bench(
                 if method == "source_only":
                     stage, target_eval = pretrained, None
                 elif get_method_class(method).uses_target_labels:
-                    labelled = load_oracle_data(cfg.data.root, target, data.classes, cfg.data.image_size, cfg.image_cache)
+                    labelled = load_oracle_data(cfg.data.root, target, data.classes, image_spec(cfg), cfg.image_cache)
                     stage = train_oracle(run_cfg, pretrained, labelled, data.target_adapt)
-                    test = load_shift(cfg.data.root, source, target, cfg.data.image_size, "holdout", cfg.image_cache)
+                    test = load_shift(cfg.data.root, source, target, image_spec(cfg), "holdout", cfg.image_cache)
                     target_eval = test.target_eval
                 else:
                     stage, target_eval = adapt_to_target(
@@ -118,7 +118,7 @@ def run_bench(
 
 def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float) -> dict[str, float]:
     """Training FLOPs per image (forward + backward), the GFLOP/s that achieved, and its share of the GEMM rate."""
-    per_image = training_gflop_per_image(stage.classifier, cfg.data.image_size)
+    per_image = training_gflop_per_image(stage.classifier, image_spec(cfg).size)
     achieved = per_image * images_per_s
     return {
         "train_gflop_per_image": round(per_image, 6), "achieved_gflops": round(achieved, 1),

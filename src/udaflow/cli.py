@@ -257,6 +257,7 @@ def run(
     validate_run(cfg)  # before anything is validated, versioned or trained
     if get_method_class(cfg.method).uses_target_labels:
         raise ValueError(f"method '{cfg.method}' trains on target labels: benchmark only (`udaflow bench`), never registered")
+    _say_input(cfg)
     _quiet_prefect()
     from flows.pipeline import adaptation_pipeline
 
@@ -266,6 +267,17 @@ def run(
     if _is_params_default(cfg, params):
         _record_pipeline_outputs()
     _print_run_summary(cfg, result)
+
+
+def _say_input(cfg) -> None:
+    """One line when the backbone's timm config, not params.yaml, decides the input."""
+    from udaflow.experiment import image_spec
+
+    spec = image_spec(cfg)
+    if spec.crop_pct is not None:
+        unused = f"; data.image_size {cfg.data.image_size} not used" if cfg.data.image_size != spec.size else ""
+        console.print(f"input: {spec.size} px ({spec.interpolation} resize of the shorter side to {int(spec.size / spec.crop_pct)} px, "
+                      f"centre crop), mean {spec.mean}, std {spec.std}, from {spec.origin}{unused}")
 
 
 class _BelowCritical(logging.Filter):

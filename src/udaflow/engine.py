@@ -74,7 +74,7 @@ def predict(
     feats, logits = [], []
     try:
         for i in range(0, len(images), batch_size):
-            x = to_input(images[i : i + batch_size], device)
+            x = to_input(images[i : i + batch_size], device, classifier.input_mean, classifier.input_std)
             with _autocast(device, amp):
                 f = classifier.features(x)
                 g = classifier.head(f)
@@ -278,7 +278,8 @@ class _Domain:
     def inputs(self, idx: torch.Tensor, view: str = "default") -> torch.Tensor:
         """Normalised inputs of images[idx] in a view (weak | default | strong): (B, 3, H, W), or under
         torchrun this rank's rows of them (the whole draw is augmented alike on every rank)."""
-        return to_input(distributed.shard(augment_view(self.images[idx], self.augment, self.generator, view)), self.device)
+        x = distributed.shard(augment_view(self.images[idx], self.augment, self.generator, view))
+        return to_input(x, self.device, self.classifier.input_mean, self.classifier.input_std)
 
     def embed(self, model: Classifier | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (N, D) and logits (N, K) of every image, from `model` (e.g. an EMA teacher) or the trained

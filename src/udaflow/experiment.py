@@ -27,7 +27,14 @@ from udaflow.data.store import digest
 from udaflow.engine import TrainResult, peak_rss_mb, predict, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
+from udaflow.models.preprocess import ImageSpec
+from udaflow.models.preprocess import resolve as resolve_preprocessing
 from udaflow.validators import dev_score, score_all
+
+
+def image_spec(cfg: Config) -> ImageSpec:
+    """Input size, resize/crop and normalisation: the backbone's timm pretrained config, else data.image_size."""
+    return resolve_preprocessing(cfg.model.backbone, cfg.model.backbone_args, cfg.data.image_size)
 
 
 def new_classifier(cfg: Config, num_classes: int) -> Classifier:
@@ -45,7 +52,8 @@ def source_params(cfg: Config, num_classes: int) -> dict:
     return {
         "model": cfg.model.model_dump(mode="json"),
         "train": train_cfg,
-        "image_size": cfg.data.image_size,
+        "image_size": image_spec(cfg).size,
+        **({"preprocess": image_spec(cfg).variant} if image_spec(cfg).variant else {}),
         "source_only": cfg.methods.get("source_only", {}),
         "num_classes": num_classes,
         "seed": cfg.seed,

@@ -29,7 +29,9 @@ from udaflow.config import Config
 from udaflow.data.datasets import Domain, ShiftData, load_shift
 from udaflow.data.expectations import ValidationReport, validate_shift
 from udaflow.engine import TrainResult, accuracy, predict, resolve_device
-from udaflow.experiment import StageResult, adapt_to_target, evaluate_stage, load_stage, new_classifier, pretrain_source, save_stage, score_weights
+from udaflow.experiment import (
+    StageResult, adapt_to_target, evaluate_stage, image_spec, load_stage, new_classifier, pretrain_source, save_stage, score_weights,
+)
 from udaflow.models import ImageClassifier
 from udaflow.promotion import Measurement, prediction_diversity
 from udaflow.validators import dev_score, get_validator
@@ -66,7 +68,7 @@ class StepOutcome:
 
 
 def load_data(cfg: Config) -> ShiftData:
-    return load_shift(cfg.data.root, cfg.source, cfg.target, cfg.data.image_size, "holdout", cfg.image_cache)
+    return load_shift(cfg.data.root, cfg.source, cfg.target, image_spec(cfg), "holdout", cfg.image_cache)
 
 
 def validate_datasets(cfg: Config) -> ValidationReport:
@@ -138,10 +140,10 @@ def registered_model(cfg: Config, data: ShiftData | None = None) -> tuple[Path, 
     paths = run_paths(cfg)
     stage, classes = _load(cfg, paths.model)
     stage.classifier.load_state_dict(stage.train.selected_state)
-    model = ImageClassifier(stage.classifier, classes).eval()
-    folder = packaged.save(model, paths.method_dir / "registered", cfg.model.backbone, cfg.model.backbone_args, cfg.data.image_size)
+    model = ImageClassifier(stage.classifier, classes).eval()  # with the backbone's normalisation
+    folder = packaged.save(model, paths.method_dir / "registered", cfg.model.backbone, cfg.model.backbone_args, image_spec(cfg).size)
     if data is None:
-        images = Domain.open(cfg.data.root, cfg.target).unlabelled("train", cfg.data.image_size, cfg.image_cache).images[:2]
+        images = Domain.open(cfg.data.root, cfg.target).unlabelled("train", image_spec(cfg), cfg.image_cache).images[:2]
     else:
         images = data.target_adapt.images[:2]
     return folder, (images.float() / 255.0).numpy()
@@ -164,7 +166,7 @@ class GateData:
 
 def load_gate_data(cfg: Config) -> GateData:
     src, tgt = Domain.open(cfg.data.root, cfg.source), Domain.open(cfg.data.root, cfg.target)
-    classes, size = src.classes, cfg.data.image_size
+    classes, size = src.classes, image_spec(cfg)
     pool = tgt.unlabelled("train", size, cfg.image_cache).images
     source_val = src.labelled("test", classes, size, cfg.image_cache)
     target_val = tgt.labelled("val", classes, size, cfg.image_cache) if tgt.has_labels("val") else None

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 RUN = [
     "run", "--source", "studio", "--target", "line-b", "--method", "dann",
-    "--set", "model.backbone=vit_tiny_patch16_224", "--set", "model.backbone_args.img_size=64", "--set", "data.image_size=64",
+    "--set", "model.backbone=vit_tiny_patch16_224", "--set", "model.backbone_args.img_size=64",
     "--set", "data.min_per_class=3", "--set", "train.pretrain_steps=6", "--set", "train.adapt_steps=6", "--set", "train.eval_every=3",
     "--set", "train.checkpoint_every=3", "--set", "train.warmup_steps=1", "--set", "train.batch_size=8", "--set", "train.num_threads=1",
 ]
@@ -74,6 +74,9 @@ def test_pretrained_vit_from_a_file_on_mixed_size_photos_at_64px(tmp_path: Path)
     out = udaflow(*RUN, "--set", f"model.pretrained={weights}")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "udaflow-studio-to-line-b v1 @challenger" in out.stdout
+    # the backbone's timm config decides the input, not params.yaml's data.image_size (32)
+    assert ("input: 64 px (bicubic resize of the shorter side to 71 px, centre crop), mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5), "
+            "from timm's pretrained config of vit_tiny_patch16_224; data.image_size 32 not used") in " ".join(out.stdout.split()), out.stdout
 
     import mlflow
 
@@ -85,4 +88,5 @@ def test_pretrained_vit_from_a_file_on_mixed_size_photos_at_64px(tmp_path: Path)
     with torch.no_grad():
         assert model(torch.rand(2, 3, 64, 64)).shape == (2, 3)
     run = mlflow.MlflowClient().get_run(tracking.latest_versions("udaflow-studio-to-line-b")[0].run_id)
-    assert run.data.params["model.pretrained"] == str(weights) and run.data.params["data.image_size"] == "64"
+    assert run.data.params["model.pretrained"] == str(weights)
+    assert any(f.name.startswith("line-b-64px-") for f in (clone / "runs/cache/images").glob("*.u8"))  # decoded once at 64 px

@@ -22,6 +22,9 @@ from PIL import Image
 
 from udaflow.data.manifest import DataError, ManifestRow, read_manifest
 from udaflow.data.store import ImageFile, Images, content_key
+from udaflow.models.preprocess import ImageSpec
+
+_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
 # manifest splits: train (the adaptation pool for a target), test (reported accuracy), val (a target
 # split a user chose to label: only the promotion gate reads it); "all" = every row
@@ -55,8 +58,13 @@ class LabelledImages:
         return UnlabelledImages(self.images, self.domain)
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """Any PIL-readable image -> (3, size, size) uint8 RGB (16-bit and alpha handled)."""
+def decode_image(path: Path, size: int | ImageSpec) -> np.ndarray:
+    """Any PIL-readable image -> (3, size, size) uint8 RGB (16-bit and alpha handled).
+
+    An ImageSpec with a crop fraction resizes the shorter side to size / crop_pct and centre-crops,
+    as timm's evaluation transform; otherwise the image is resized straight to a square."""
+    spec = size if isinstance(size, ImageSpec) else ImageSpec(size)
+    size = spec.size
     with Image.open(path) as img:
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float32)
@@ -66,8 +74,17 @@ def decode_image(path: Path, size: int) -> np.ndarray:
             bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
             img = Image.alpha_composite(bg, img)
         img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
+        resample = _RESAMPLE[spec.interpolation]
+        if spec.crop_pct is not None:
+            scale = int(size / spec.crop_pct)  # timm: the shorter side to floor(size / crop_pct)
+            w, h = img.size
+            new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)  # torchvision's Resize(int)
+            if new != img.size:
+                img = img.resize(new, resample)
+            left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))  # torchvision's CenterCrop
+            img = img.crop((left, top, left + size, top + size))
+        elif img.size != (size, size):
+            img = img.resize((size, size), resample)
         return np.asarray(img).transpose(2, 0, 1).copy()
 
 
@@ -97,27 +114,28 @@ class Domain:
             raise DataError(f"{self.root / bad[0]}: not a decodable image ({len(bad)} such files in '{self.name}')")
         return rows
 
-    def _decoded(self, rows: list[ManifestRow], size: int):
+    def _decoded(self, rows: list[ManifestRow], size: int | ImageSpec):
         for r in rows:
             try:
                 yield decode_image(self.root / r.path, size)
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 raise DataError(f"{self.root / r.path}: cannot be decoded ({exc}); rebuild or re-ingest '{self.name}'") from None
 
-    def pixels(self, rows: list[ManifestRow], size: int, cache: Path | None = None) -> Images:
+    def pixels(self, rows: list[ManifestRow], size: int | ImageSpec, cache: Path | None = None) -> Images:
         """The rows' images at size x size: a uint8 tensor, or with `cache` a file of rows there (decoded
         once per content and size, then reused)."""
         if not rows:
             raise DataError(f"{self.root}: no images in the requested split of domain '{self.name}'")
         if cache is None:
             return torch.from_numpy(np.stack(list(self._decoded(rows, size))))
-        key = content_key([(r.path, r.sha256) for r in rows], size)
-        path = Path(cache) / f"{self.name}-{size}px-{key}.u8"
+        spec = size if isinstance(size, ImageSpec) else ImageSpec(size)
+        key = content_key([(r.path, r.sha256) for r in rows], spec.size, spec.variant)
+        path = Path(cache) / f"{self.name}-{spec.size}px-{key}.u8"
         if path.exists():
-            return ImageFile(path, size, key)
-        return ImageFile.build(path, self._decoded(rows, size), len(rows), size, key)
+            return ImageFile(path, spec.size, key)
+        return ImageFile.build(path, self._decoded(rows, spec), len(rows), spec.size, key)
 
-    def labelled(self, split: Split, classes: tuple[str, ...], size: int, cache: Path | None = None) -> LabelledImages:
+    def labelled(self, split: Split, classes: tuple[str, ...], size: int | ImageSpec, cache: Path | None = None) -> LabelledImages:
         rows = self.select(split)
         index = {c: i for i, c in enumerate(classes)}
         unlabelled = [r.path for r in rows if not r.label]
@@ -131,7 +149,7 @@ class Domain:
         labels = torch.tensor([index[r.label] for r in rows], dtype=torch.int64)
         return LabelledImages(self.pixels(rows, size, cache), labels, classes, self.name)
 
-    def unlabelled(self, split: Split, size: int, cache: Path | None = None) -> UnlabelledImages:
+    def unlabelled(self, split: Split, size: int | ImageSpec, cache: Path | None = None) -> UnlabelledImages:
         # labels are never read here: only paths go to the decoder
         return UnlabelledImages(self.pixels(self.select(split), size, cache), self.name)
 
@@ -165,7 +183,7 @@ class ShiftData:
 
 
 def load_shift(
-    data_root: Path, source: str, target: str, image_size: int, protocol: Literal["transductive", "holdout"] = "holdout",
+    data_root: Path, source: str, target: str, image_size: int | ImageSpec, protocol: Literal["transductive", "holdout"] = "holdout",
     cache: Path | None = None,
 ) -> ShiftData:
     """Load a shift. `holdout`: adapt on target train, report on target test. `transductive`
@@ -189,6 +207,6 @@ def load_shift(
     )
 
 
-def load_oracle_data(data_root: Path, target: str, classes: tuple[str, ...], image_size: int, cache: Path | None = None) -> LabelledImages:
+def load_oracle_data(data_root: Path, target: str, classes: tuple[str, ...], image_size: int | ImageSpec, cache: Path | None = None) -> LabelledImages:
     """Target-train WITH labels: for the benchmark-only `oracle` upper bound, never for a candidate."""
     return Domain.open(data_root, target).labelled("train", classes, image_size, cache)

@@ -28,9 +28,9 @@ import torch
 FORMAT = "udaflow-rows-v1"  # bump when decoding changes: old files are then never read
 
 
-def content_key(items: Sequence[tuple[str, str]], size: int) -> str:
-    """A name for the decoded rows of (path, sha256) items at `size` px."""
-    h = hashlib.sha256(f"{FORMAT}:{size}\n".encode())
+def content_key(items: Sequence[tuple[str, str]], size: int, variant: str = "") -> str:
+    """A name for the decoded rows of (path, sha256) items at `size` px (`variant`: resize/crop, ImageSpec.variant)."""
+    h = hashlib.sha256(f"{FORMAT}:{size}{':' + variant if variant else ''}\n".encode())
     for path, digest in items:
         h.update(f"{path}\t{digest}\n".encode())
     return h.hexdigest()[:20]

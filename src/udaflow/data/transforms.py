@@ -15,9 +15,15 @@ from udaflow.config import AugmentConfig
 MEAN, STD = 0.5, 0.5
 
 
-def to_input(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> normalised float32 on device."""
-    return (images.to(device, non_blocking=True).float().div_(255.0) - MEAN) / STD
+def to_input(images: torch.Tensor, device: torch.device | str = "cpu", mean: float | tuple[float, ...] = MEAN,
+             std: float | tuple[float, ...] = STD) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 on device, (x / 255 - mean) / std (one value, or one per channel)."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    if not isinstance(mean, (int, float)):
+        mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    if not isinstance(std, (int, float)):
+        std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
 
 
 def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

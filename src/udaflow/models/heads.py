@@ -10,8 +10,10 @@ import torch.nn as nn
 class Classifier(nn.Module):
     """backbone (pooled features, (B, D)) -> linear head -> logits (B, K). `forward` always returns logits."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int):
+    def __init__(self, backbone: nn.Module, num_classes: int, input_mean: float | tuple[float, ...] = 0.5, input_std: float | tuple[float, ...] = 0.5):
         super().__init__()
+        # how uint8 pixels become inputs: (x / 255 - mean) / std (data.transforms.to_input); not weights
+        self.input_mean, self.input_std = input_mean, input_std
         self.backbone = backbone
         self.num_features = int(backbone.num_features)
         self.num_classes = num_classes
@@ -62,12 +64,16 @@ class ImageClassifier(nn.Module):
     needs nothing from udaflow's data code to call it.
     """
 
-    def __init__(self, classifier: Classifier, classes: tuple[str, ...], mean: float = 0.5, std: float = 0.5):
+    def __init__(self, classifier: Classifier, classes: tuple[str, ...], mean: float | tuple[float, ...] | None = None,
+                 std: float | tuple[float, ...] | None = None):
         super().__init__()
         self.classifier = classifier
         self.classes = list(classes)
-        self.register_buffer("mean", torch.tensor(mean))
-        self.register_buffer("std", torch.tensor(std))
+        mean = classifier.input_mean if mean is None else mean
+        std = classifier.input_std if std is None else std
+        # one value, or one per channel (a timm backbone's pretrained normalisation)
+        self.register_buffer("mean", torch.tensor(mean) if isinstance(mean, (int, float)) else torch.tensor(mean).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(std) if isinstance(std, (int, float)) else torch.tensor(std).view(-1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier((images - self.mean) / self.std)

@@ -45,10 +45,15 @@ def save(model: ImageClassifier, folder: Path, backbone: str, backbone_args: dic
     save_file(state, str(folder / WEIGHTS), metadata={"format": str(FORMAT)})
     config = {
         "format": FORMAT, "backbone": backbone, "backbone_args": dict(backbone_args), "classes": list(model.classes),
-        "mean": float(model.mean), "std": float(model.std), "image_size": int(image_size),
+        "mean": _values(model.mean), "std": _values(model.std), "image_size": int(image_size),
     }
     (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
+
+
+def _values(t: torch.Tensor) -> float | list[float]:
+    flat = t.flatten().tolist()
+    return float(flat[0]) if t.dim() == 0 else [float(v) for v in flat]
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -83,7 +88,8 @@ def load(folder: Path) -> ImageClassifier:
     except (SafetensorError, OSError, ValueError) as exc:
         raise PackageError(f"{folder / WEIGHTS}: not a safetensors file ({exc}); refusing to load it") from None
     classifier = build_classifier(config["backbone"], len(config["classes"]), None, **config["backbone_args"])
-    model = ImageClassifier(classifier, tuple(config["classes"]), config["mean"], config["std"])
+    mean, std = (v if isinstance(v, (int, float)) else tuple(v) for v in (config["mean"], config["std"]))
+    model = ImageClassifier(classifier, tuple(config["classes"]), mean, std)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PackageError(f"{folder / WEIGHTS}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,0 +1,58 @@
+"""The model's own input: a timm backbone with a pretrained config brings its size, resize/crop and
+normalisation; udaflow's backbones take data.image_size and 0.5/0.5."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from udaflow.data.datasets import decode_image
+from udaflow.models import ImageClassifier, build_classifier
+from udaflow.models import packaged
+from udaflow.models.preprocess import ImageSpec, resolve
+
+
+def test_the_spec_comes_from_timm_when_the_backbone_has_a_pretrained_config():
+    vit = resolve("vit_small_patch16_224", {}, 32)
+    assert (vit.size, vit.interpolation, vit.crop_pct, vit.mean, vit.std) == (224, "bicubic", 0.9, (0.5,) * 3, (0.5,) * 3)
+    assert "vit_small_patch16_224" in vit.origin
+    assert resolve("vit_tiny_patch16_224", {"img_size": 64}, 32).size == 64  # the built model's size beats the config's 224
+    resnet = resolve("resnet18", {}, 32)
+    assert resnet.mean == pytest.approx((0.485, 0.456, 0.406)) and resnet.crop_pct == 0.95
+    own = resolve("udaflow_vit_tiny", {}, 48)
+    assert own == ImageSpec(48) and own.variant == ""  # params.yaml decides; decoded as before
+
+
+def test_decoding_with_a_crop_matches_timms_eval_transform(tmp_path):
+    from timm.data import create_transform
+
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(120, 80), (50, 90), (64, 64), (300, 301)]):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        spec = ImageSpec(64, "bicubic", 0.9, (0.5,) * 3, (0.5,) * 3)
+        ours = decode_image(path, spec)
+        transform = create_transform(64, interpolation="bicubic", crop_pct=0.9, is_training=False, mean=(0.5,) * 3, std=(0.5,) * 3)
+        pil_steps = transform.transforms[:2]  # Resize, CenterCrop (then ToTensor, Normalize)
+        with Image.open(path) as img:
+            theirs = np.asarray(pil_steps[1](pil_steps[0](img.convert("RGB")))).transpose(2, 0, 1)
+        assert ours.shape == (3, 64, 64) and np.array_equal(ours, theirs), (w, h)
+    # no crop: straight to the square, as udaflow always did
+    assert decode_image(tmp_path / "0.png", 32).shape == (3, 32, 32)
+
+
+def test_per_channel_normalisation_travels_with_the_registered_model(tmp_path):
+    clf = build_classifier("resnet18", 3)
+    assert clf.input_mean == pytest.approx((0.485, 0.456, 0.406))
+    model = ImageClassifier(clf, ("a", "b", "c")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    expected = clf((x - torch.tensor(clf.input_mean).view(1, 3, 1, 1)) / torch.tensor(clf.input_std).view(1, 3, 1, 1))
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    folder = packaged.save(model, tmp_path / "m", "resnet18", {}, 224)
+    config = packaged.read_config(folder)
+    assert config["mean"] == pytest.approx([0.485, 0.456, 0.406]) and config["image_size"] == 224
+    again = packaged.load(folder)
+    assert torch.allclose(again(x), model(x), atol=1e-6)
+    # udaflow's own backbones keep one value (registered models of earlier versions load the same way)
+    own = ImageClassifier(build_classifier("udaflow_vit_micro", 3), ("a", "b", "c"))
+    assert own.mean.dim() == 0 and packaged.read_config(packaged.save(own, tmp_path / "o", "udaflow_vit_micro", {}, 32))["mean"] == 0.5
