@@ -58,6 +58,10 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     for m in methods:
         get_method_class(m)  # unknown names fail before any training
+    if cfg.train.nproc > 1:
+        from udaflow.config import ConfigError
+
+        raise ConfigError(f"train.nproc: the bench trains in one process (got {cfg.train.nproc}); `udaflow run --nproc N` runs data parallel")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     machine_gflops = round(matmul_gflops(), 1)  # this machine's fp32 GEMM rate: speeds below are ratios of it

@@ -328,6 +328,8 @@ def train(
         distributed.sync_batchnorm_(method)
     classifier.to(device).train()
     method.to(device).train()
+    if cfg.compile:
+        classifier.backbone.compile()  # in place: parameters and state_dict keys unchanged
     # the self-supervised auxiliary task (auxiliary.py), for adaptation on a target: never in pretraining,
     # whose cached source model must not depend on the target
     rotation = RotationHead(classifier.num_features).to(device) if auxiliary and cfg.rotation_weight > 0 and target is not None else None

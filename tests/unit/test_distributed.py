@@ -83,3 +83,13 @@ def test_a_global_batch_that_does_not_split_evenly_is_refused(tmp_path):
     cfg = load_config(repo / "params.yaml", None, ["train.nproc=3", f"data.root={tmp_path}"])
     with pytest.raises(ConfigError, match=r"train.nproc: 3 processes cannot split train.batch_size = 64 evenly"):
         validate_run(cfg, domains=())
+
+
+def test_the_bench_refuses_more_than_one_process(tmp_path):
+    from udaflow.bench import run_bench
+    from udaflow.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "params.yaml", None, ["train.nproc=2", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match="train.nproc: the bench trains in one process"):
+        run_bench(cfg, [("synth", "mnist")], ["dann"])

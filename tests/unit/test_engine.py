@@ -427,3 +427,17 @@ def test_source_cache_key_covers_what_changes_the_bits(tmp_path):
         assert with_train(**changed) != base, changed
     for same in ({"adapt_steps": 1}, {"adapt_lr": 1e-4}, {"progress": False}, {"checkpoint_every": 7}, {"rotation_weight": 0.5}):
         assert with_train(**same) == base, same
+
+
+@pytest.mark.slow
+def test_a_compiled_backbone_trains_like_the_eager_one(tiny_shift, make_train_config):
+    source, target, _ = tiny_shift
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        clf = build_classifier("udaflow_vit_micro", 3)
+        cfg = make_train_config(compile=compiled)
+        results.append(engine.train(clf, create_method("dann", clf), source, target, cfg, steps=4, lr=cfg.adapt_lr, seed=0))
+    eager, compiled = results
+    assert eager.last_state.keys() == compiled.last_state.keys()  # compiled in place: the same checkpoint keys
+    assert all(torch.allclose(eager.last_state[k].float(), compiled.last_state[k].float(), atol=1e-4) for k in eager.last_state)
