@@ -98,6 +98,7 @@ class TrainConfig(_Strict):
     progress: bool = True  # progress: a bar on a terminal, a line every 5% in a log file
     rotation_weight: float = Field(0.0, ge=0)  # adaptation only: self-supervised rotation prediction on target images (0 = off)
     rotation_batch: int | None = Field(None, gt=0)  # target images per step for the rotation task; None = batch_size
+    rotation_source: float = Field(0.0, ge=0, lt=1)  # share of the rotation batch drawn from the source (0 = target only)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)  # adaptation only
 

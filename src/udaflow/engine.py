@@ -334,6 +334,7 @@ def train(
     # whose cached source model must not depend on the target
     rotation = RotationHead(classifier.num_features).to(device) if auxiliary and cfg.rotation_weight > 0 and target is not None else None
     rotation_batch = cfg.rotation_batch or cfg.batch_size
+    rotation_from_source = round(rotation_batch * cfg.rotation_source)  # Sun et al. 2019 train the task on both domains
     modules = {"classifier": classifier, "method": method, **({"rotation": rotation} if rotation is not None else {})}
     optimiser = torch.optim.AdamW(_param_groups(list(modules.values()), cfg.weight_decay), lr=lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg.warmup_steps, steps))
@@ -364,9 +365,12 @@ def train(
             with _autocast(device, cfg.amp):
                 losses = method(classifier, batch, ctx)
                 if rotation is not None:
-                    t_rot = tgt.inputs(torch.randint(len(tgt.images), (rotation_batch,), generator=generator), "weak")
-                    quarters = distributed.shard(torch.randint(4, (rotation_batch,), generator=generator))
-                    rot = rotation_loss(classifier, rotation, t_rot, quarters)
+                    x_rot, quarters = [], []
+                    for domain, n in ((src, rotation_from_source), (tgt, rotation_batch - rotation_from_source)):
+                        if n:  # the source share first (none by default), then the target's
+                            x_rot.append(domain.inputs(torch.randint(len(domain.images), (n,), generator=generator), "weak"))
+                            quarters.append(distributed.shard(torch.randint(4, (n,), generator=generator)))
+                    rot = rotation_loss(classifier, rotation, torch.cat(x_rot), torch.cat(quarters))
                     losses = {**losses, "loss": losses["loss"] + cfg.rotation_weight * rot, "rotation": rot}
             optimiser.zero_grad(set_to_none=True)
             losses["loss"].backward()

@@ -43,7 +43,7 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
 
 def source_params(cfg: Config, num_classes: int) -> dict:
     """Every parameter the source model depends on (not the adaptation ones)."""
-    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "rotation_batch", "pseudo_labels", "progress", "checkpoint_every"})
+    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "rotation_batch", "rotation_source", "pseudo_labels", "progress", "checkpoint_every"})
     # kept: device, num_threads and amp change the bits (kernels), eval_every the stored selection history,
     # nproc > 1 (float rounding of the reductions over ranks);
     # left out: adaptation-only fields, the progress display, and checkpoint_every (resume is bit-identical)

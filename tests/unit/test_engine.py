@@ -248,6 +248,8 @@ def test_rotation_task_switches_on_for_adaptation_only(tiny_shift, make_train_co
     half = run(0.5, rotation_batch=make_train_config().batch_size // 2)
     assert half.train_images == off.train_images * 5 // 4  # train.rotation_batch: B/2 extra
     assert half.loss_history[-1]["loss"] != on.loss_history[-1]["loss"]
+    both = run(0.5, rotation_source=0.5)  # half the rotation batch from the source, as Sun et al. (2019)
+    assert both.train_images == on.train_images and both.loss_history[-1]["rotation"] != on.loss_history[-1]["rotation"]
     changed = [k for k in off.last_state if not torch.equal(off.last_state[k], on.last_state[k])]
     assert changed  # the auxiliary gradient reaches the shared features
     # pretraining (auxiliary=False) ignores the weight: bit-identical to the task switched off
