@@ -64,7 +64,7 @@ class ModelConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    translate: int = Field(3, ge=0)  # random shift in pixels (pad + crop)
+    translate: int = Field(3, ge=0)  # random shift in pixels of a 32 px image (pad + crop), scaled with the input size
     color: bool = True  # random brightness/contrast/channel mix per image
     invert: float = Field(0.5, ge=0, le=1)  # probability of inverting an image
     rotate: float = Field(0.0, ge=0, le=180)  # random rotation up to +-degrees (0 with scale 0: integer shift only)

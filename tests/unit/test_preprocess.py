@@ -56,3 +56,19 @@ def test_per_channel_normalisation_travels_with_the_registered_model(tmp_path):
     # udaflow's own backbones keep one value (registered models of earlier versions load the same way)
     own = ImageClassifier(build_classifier("udaflow_vit_micro", 3), ("a", "b", "c"))
     assert own.mean.dim() == 0 and packaged.read_config(packaged.save(own, tmp_path / "o", "udaflow_vit_micro", {}, 32))["mean"] == 0.5
+
+
+def test_augmentation_scales_with_the_input_size():
+    from udaflow.config import AugmentConfig
+    from udaflow.data.transforms import VIEWS, augment_view, pixels
+
+    cfg = AugmentConfig(color=False, invert=0.0)  # the shift alone
+    for size, expected in ((32, 3), (64, 6), (224, 21), (97, 9)):
+        x = torch.zeros(64, 3, size, size, dtype=torch.uint8)
+        x[:, :, size // 2, size // 2] = 255  # one bright pixel in the middle
+        assert pixels(cfg.translate, x) == expected
+        out = augment_view(x, cfg, torch.Generator().manual_seed(0), "default")
+        where = (out[:, 0] == 255).nonzero()[:, 1:] - size // 2  # (64, 2) offsets of the pixel
+        assert int(where.abs().max()) == expected  # moved up to the same share of the picture
+        for view in VIEWS:
+            assert augment_view(x, AugmentConfig(), torch.Generator().manual_seed(0), view).shape == x.shape

@@ -36,9 +36,9 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
     b = images.shape[0]
     x = images.float() / 255.0
     if cfg.rotate > 0 or cfg.scale > 0:
-        x = affine(x, cfg.translate, cfg.rotate, cfg.scale, generator)
+        x = affine(x, pixels(cfg.translate, x), cfg.rotate, cfg.scale, generator)
     elif cfg.translate > 0:
-        x = shift(x, cfg.translate, generator)
+        x = shift(x, pixels(cfg.translate, x), generator)
     if cfg.color:
         # random convex channel mix: covers grey<->colour and hue swaps between domains
         mix = torch.rand(b, 3, 3, generator=generator) + torch.eye(3) * 2.0
@@ -59,6 +59,12 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 
 
 VIEWS = ("weak", "default", "strong")
+REFERENCE_SIZE = 32  # `translate` is in pixels of a 32 px image and scales with the input size
+
+
+def pixels(translate: float, images: torch.Tensor) -> int:
+    """`translate` (px at 32 px) in pixels of these images: the same share of the picture at any size."""
+    return int(round(translate * min(images.shape[-2:]) / REFERENCE_SIZE))
 
 
 def shift(images: torch.Tensor, translate: int, generator: torch.Generator) -> torch.Tensor:
@@ -106,7 +112,7 @@ def augment_view(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Gene
     if view == "default":
         return augment(images, cfg, generator)
     if view == "weak":
-        return shift(images, max(1, cfg.translate // 2), generator) if cfg.translate > 0 else images
+        return shift(images, max(1, pixels(cfg.translate, images) // 2), generator) if cfg.translate > 0 else images
     if view == "strong":
         return cutout(augment(images, cfg, generator), generator)
     raise ValueError(f"unknown augmentation view '{view}' (known: {', '.join(VIEWS)})")
