@@ -8,6 +8,7 @@ from pathlib import Path
 from flows.retrain import DATASET_UPDATED, dataset_resource, retrain
 
 REPO = Path(__file__).resolve().parents[1]
+RETRAIN_ON = ("shifted", "no-champion")  # the `udaflow.drift` labels of an ingest event that start a retrain
 
 
 def ensure_work_pool(name: str) -> None:
@@ -32,7 +33,7 @@ def deploy_retrain(
     trigger = DeploymentEventTrigger(
         name=f"new {target} data",
         expect={DATASET_UPDATED},
-        match={"prefect.resource.id": dataset_resource(target)},
+        match={"prefect.resource.id": dataset_resource(target), "udaflow.drift": list(RETRAIN_ON)},
     )
     flow = retrain.from_source(source=str(REPO), entrypoint="flows/retrain.py:retrain")
     deployment_id = flow.deploy(
@@ -49,9 +50,12 @@ def deploy_retrain(
     return str(deployment_id)
 
 
-def emit_dataset_updated(name: str, md5: str) -> bool:
-    """Tell the Prefect server a domain has a new DVC version (retrain triggers listen for it)."""
+def emit_dataset_updated(name: str, md5: str, drift: str = "no-champion", figures: dict | None = None) -> bool:
+    """Tell the Prefect server a domain has a new DVC version. `drift` (shifted | unshifted |
+    no-champion, from `udaflow data ingest`) is a resource label the retrain triggers match on; the
+    per-model drift figures ride in the payload."""
     from prefect.events import emit_event
 
-    event = emit_event(event=DATASET_UPDATED, resource={"prefect.resource.id": dataset_resource(name), "udaflow.md5": md5})
+    resource = {"prefect.resource.id": dataset_resource(name), "udaflow.md5": md5, "udaflow.drift": drift}
+    event = emit_event(event=DATASET_UPDATED, resource=resource, payload={"drift": figures or {}})
     return event is not None

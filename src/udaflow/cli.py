@@ -187,15 +187,54 @@ def _version(folder: Path) -> None:
     return version
 
 
-def _announce_new_data(name: str, md5: str) -> None:
-    """A new DVC version of a domain -> a Prefect event; deployments whose target it is retrain."""
+def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
+    """Measure the new version of domain `name` against the data each model targeting it was adapted
+    on (its champion's), log a `drift` run per model, print each decision. Returns the event's verdict
+    ('shifted': retrain, 'unshifted': don't, 'no-champion': nothing to compare, retrain) and the figures."""
+    from udaflow import steps, tracking
+
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        console.print("  drift: no MLflow store yet, no champion to compare with: a retrain may run")
+        return "no-champion", {}
+    tracking.configure(uri, Path(cfg.tracking.artifact_root))
+    verdicts, figures = [], {}
+    for source in tracking.models_for_target(name):
+        shift_cfg = cfg.model_copy(update={"source": source, "target": name})
+        report = steps.drift(shift_cfg)
+        model = tracking.model_name(source, name)
+        if report is None:
+            console.print(f"  drift vs {model}: it has no champion, nothing to compare with: retrain", highlight=False)
+            verdicts.append("no-champion")
+            continue
+        run_id = tracking.log_drift(source, name, md5, report.figures(), report.as_dict())
+        figures[model] = {k.removeprefix("drift."): round(v, 6) for k, v in report.figures().items()}
+        console.print(
+            f"  drift vs {model}@champion ({report.n_reference} vs {report.n_new} images): PAD {report.pad:.3f}, "
+            f"MMD^2 {report.mmd:.4f} (p = {report.mmd_p_value:.3g}), {report.validator} {report.validator_reference:.3f} -> "
+            f"{report.validator_new:.3f}", highlight=False,
+        )
+        console.print(f"    {'retrain' if report.retrain else 'no retrain'}: {report.reason} (MLflow run {run_id})", highlight=False)
+        verdicts.append("shifted" if report.retrain else "unshifted")
+    if not verdicts:
+        console.print(f"  drift: no registered model targets '{name}' yet: a retrain may run")
+        return "no-champion", figures
+    verdict = "shifted" if "shifted" in verdicts else "no-champion" if "no-champion" in verdicts else "unshifted"
+    return verdict, figures
+
+
+def _announce_new_data(cfg, name: str, md5: str) -> None:
+    """A new DVC version of a domain: measure its drift, then a Prefect event carrying the figures;
+    deployments whose target it is retrain when it is shifted (or nothing can be compared)."""
+    verdict, figures = _drift(cfg, name, md5)
     if not os.environ.get("PREFECT_API_URL"):
         console.print("  no Prefect server (PREFECT_API_URL unset): no retrain triggered")
         return
     from flows.schedule import emit_dataset_updated
 
-    if emit_dataset_updated(name, md5):
-        console.print(f"  event udaflow.dataset.updated emitted for '{name}': its scheduled retrains will run")
+    if emit_dataset_updated(name, md5, verdict, figures):
+        what = "its scheduled retrains will run" if verdict != "unshifted" else "no shift: its scheduled retrains stay idle"
+        console.print(f"  event udaflow.dataset.updated (drift: {verdict}) emitted for '{name}': {what}")
 
 
 @data_app.command("ingest")
@@ -233,7 +272,7 @@ def data_ingest(
         console.print(f"  replaced version {result.replaced}: it stays in the DVC cache and remote; {how}", highlight=False)
     if result.changed:
         console.print(f"  record it in git: git add {result.pointer} && git commit", highlight=False)
-        _announce_new_data(name, result.md5)
+        _announce_new_data(cfg, name, result.md5)
     else:
         console.print("  same content as the recorded version: no retrain triggered")
 

@@ -118,6 +118,16 @@ class PromotionConfig(_Strict):
     min_diversity: float = Field(0.5, ge=0, le=1)  # below: collapsed (normalised entropy of the predicted-class histogram on the pool)
 
 
+class DriftConfig(_Strict):
+    """When new target data is ingested: is it shifted from the data the champion was adapted on?"""
+
+    max_images: int = Field(500, ge=20)  # images per side (sampled, seeded) the champion's features are taken on
+    permutations: int = Field(500, ge=50)  # MMD permutation test
+    alpha: float = Field(0.01, gt=0, lt=1)  # MMD p-value below this ...
+    min_pad: float = Field(0.2, ge=0, le=2)  # ... and a proxy A-distance at least this: a significant shift
+    validator_drop: float = Field(0.05, ge=0)  # or the champion's validator fell by more than this on the new data
+
+
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a folder under data.root, as `udaflow data ingest --name` makes
 
 
@@ -135,6 +145,7 @@ class Config(_Strict):
     bench: BenchConfig = Field(default_factory=BenchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
 
     @property
     def image_cache(self) -> Path | None:

@@ -2,7 +2,8 @@
 
 proxy A-distance (Ben-David et al. 2007): train a linear domain classifier on half the features,
 measure its error eps on the other half; PAD = 2 (1 - 2 eps). 0 = indistinguishable, 2 = separable.
-MMD: squared maximum mean discrepancy with a Gaussian kernel, bandwidth by the median heuristic.
+MMD: squared maximum mean discrepancy with a Gaussian kernel, bandwidth by the median heuristic,
+and its permutation test (is the difference more than sampling noise?).
 """
 
 from __future__ import annotations
@@ -33,13 +34,43 @@ def proxy_a_distance(source: torch.Tensor, target: torch.Tensor, max_per_domain:
     return float(max(0.0, 2.0 * (1.0 - 2.0 * error)))
 
 
+def _kernel(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Gaussian kernel over the pooled (Ns+Nt, D) features, bandwidth = median squared distance."""
+    z = torch.cat([s, t]).double()
+    d2 = torch.cdist(z, z).pow(2)  # (Ns+Nt, Ns+Nt)
+    positive = d2[d2 > 0]
+    bandwidth = positive.median() if len(positive) else torch.tensor(1.0, dtype=torch.float64)
+    return torch.exp(-d2 / bandwidth)
+
+
+def _mmd2(k: torch.Tensor, ns: int) -> float:
+    return float(k[:ns, :ns].mean() + k[ns:, ns:].mean() - 2 * k[:ns, ns:].mean())
+
+
 def mmd(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 1000, seed: int = 0) -> float:
     """Biased estimate of MMD^2 between (Ns, D) and (Nt, D) features, Gaussian kernel."""
     rng = np.random.default_rng(seed)
-    s, t = _sample(source, max_per_domain, rng).double(), _sample(target, max_per_domain, rng).double()
-    z = torch.cat([s, t])
-    d2 = torch.cdist(z, z).pow(2)  # (Ns+Nt, Ns+Nt)
-    bandwidth = d2[d2 > 0].median()
-    k = torch.exp(-d2 / bandwidth)
-    ns = len(s)
-    return float(k[:ns, :ns].mean() + k[ns:, ns:].mean() - 2 * k[:ns, ns:].mean())
+    s, t = _sample(source, max_per_domain, rng), _sample(target, max_per_domain, rng)
+    return _mmd2(_kernel(s, t), len(s))
+
+
+def mmd_test(source: torch.Tensor, target: torch.Tensor, permutations: int = 500, max_per_domain: int = 500, seed: int = 0) -> tuple[float, float]:
+    """Permutation two-sample test (Gretton et al., JMLR 2012): (MMD^2, p-value).
+
+    The domain labels of the pooled features are shuffled `permutations` times; p = (1 + #{MMD^2 of a
+    shuffle >= the observed}) / (1 + permutations). All shuffles reuse one kernel matrix K (N, N):
+    with a the (P, N) 0/1 membership of the first sample, MMD^2 = aKa'/ns^2 + bKb'/nt^2 - 2aKb'/(ns nt).
+    """
+    rng = np.random.default_rng(seed)
+    s, t = _sample(source, max_per_domain, rng), _sample(target, max_per_domain, rng)
+    k = _kernel(s, t)
+    ns, n = len(s), len(s) + len(t)
+    observed = _mmd2(k, ns)
+    order = np.argsort(rng.random((permutations, n)), axis=1)  # a shuffle per row
+    a = torch.zeros(permutations, n, dtype=torch.float64)
+    a.scatter_(1, torch.from_numpy(order[:, :ns]), 1.0)
+    b = 1.0 - a
+    ka, kb = a @ k, b @ k  # (P, N)
+    shuffled = (ka * a).sum(1) / ns**2 + (kb * b).sum(1) / (n - ns) ** 2 - 2 * (ka * b).sum(1) / (ns * (n - ns))
+    p_value = (1 + int((shuffled >= observed - 1e-12).sum())) / (1 + permutations)
+    return observed, float(p_value)

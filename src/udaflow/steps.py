@@ -315,3 +315,48 @@ def exclusive_shift(cfg: Config):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sample_pixels(domain: Domain, spec, max_images: int, seed: int):
+    """Up to `max_images` images of the whole domain (every split; labels never read), seeded."""
+    import numpy as np
+
+    rows = domain.select("all")
+    if len(rows) > max_images:
+        pick = np.sort(np.random.default_rng(seed).choice(len(rows), max_images, replace=False))
+        rows = [rows[i] for i in pick]
+    return domain.pixels(rows, spec)
+
+
+def drift(cfg: Config):
+    """New target data (data.root/<target> now) against the data the champion of <source>-to-<target>
+    was adapted on (restored by its DVC hash), on the champion's features: a drift.DriftReport, or
+    None when the model has no champion. The caller logs it and decides what to announce."""
+    import tempfile
+
+    from udaflow import drift as drift_lib
+    from udaflow import tracking, versioning
+
+    name = tracking.model_name(cfg.source, cfg.target)
+    hashes = tracking.alias_data_hashes(name, tracking.CHAMPION)
+    if hashes is None:
+        return None
+    spec, seed, d = image_spec(cfg), cfg.seed, cfg.drift
+    model = tracking.load_model(f"models:/{name}@{tracking.CHAMPION}")
+    device = resolve_device(cfg.train.device)
+    classifier = model.classifier.to(device)
+    with tempfile.TemporaryDirectory(prefix="udaflow-drift-") as tmp:
+        reference_root = Path(tmp)
+        project = versioning.find_root(Path(cfg.data.root).resolve())
+        versioning.restore_dataset(hashes["target"], reference_root / cfg.target, project)
+        reference = _sample_pixels(Domain.open(reference_root, cfg.target), spec, d.max_images, seed)
+    new = _sample_pixels(Domain.open(cfg.data.root, cfg.target), spec, d.max_images, seed + 1)
+    validator = cfg.promotion.validator or cfg.validator
+    score = get_validator(validator)
+    if score is None:  # a source-aware validator (dev) needs the source: compare with IM instead
+        validator, score = "im", get_validator("im")
+    return drift_lib.measure(
+        predict(classifier, reference, device), predict(classifier, new, device), score, validator,
+        alpha=d.alpha, min_pad=d.min_pad, validator_drop=d.validator_drop, permutations=d.permutations, seed=seed,
+        reference_name=f"'{cfg.target}' at {hashes['target']} (the data {name}@champion was adapted on)",
+    )

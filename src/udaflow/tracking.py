@@ -579,3 +579,29 @@ def alias_data_hashes(name: str, alias: str = CHAMPION) -> dict[str, str] | None
     tags = dict(version.tags)
     hashes = {role: tags.get(f"data.{role}.md5") for role in ("source", "target")}
     return hashes if all(hashes.values()) else None
+
+
+# --- drift of newly ingested target data (figures from udaflow.drift) ---
+
+
+def models_for_target(target: str) -> list[str]:
+    """Sources s with a registered model udaflow-<s>-to-<target>, sorted."""
+    suffix = f"-to-{target}"
+    names = [m.name for m in _client().search_registered_models(f"name LIKE 'udaflow-%{suffix}'")]
+    return sorted(n.removeprefix("udaflow-").removesuffix(suffix) for n in names if n.startswith("udaflow-") and n.endswith(suffix))
+
+
+def log_drift(source: str, target: str, md5: str, figures: dict[str, float], report: dict[str, Any]) -> str:
+    """A `drift` run in the shift's experiment: the figures as metrics, the decision as tags, the
+    whole report as JSON. Returns the run id."""
+    run_id = start_run(experiment_id(source, target), f"drift:{target}@{md5[:12]}", {
+        "udaflow.stage": "drift", "udaflow.source": source, "udaflow.target": target, "dvc.target.md5": md5,
+        "drift.decision": "retrain" if report["retrain"] else "no retrain", "drift.reason": report["reason"][:4000],
+    })
+    log_metrics(run_id, figures)
+    with _tempdir() as tmp:
+        path = Path(tmp) / "drift.json"
+        path.write_text(json.dumps(report, indent=2, sort_keys=True))
+        log_artifact(run_id, path, "drift")
+    end_run(run_id)
+    return run_id

@@ -1,0 +1,83 @@
+"""Is newly ingested target data shifted from the data the champion was adapted on?
+
+Three label-free figures, all on the champion model (features and predictions):
+
+- proxy A-distance (PAD, udaflow.shift): how well a linear classifier tells the two samples apart;
+  0 = indistinguishable, 2 = separable. An effect size.
+- MMD^2 and its permutation p-value (udaflow.shift.mmd_test): is the difference more than sampling
+  noise? A significance test; with many images a tiny shift is significant, hence PAD as well.
+- the champion's label-free validator (promotion.validator, e.g. IM) on both samples: a drop says
+  the champion got less sure of the new data even where the features barely moved.
+
+A retrain is worth it when the shift is significant (p < alpha and PAD >= min_pad) or the validator
+dropped by more than `validator_drop`. Thresholds are params.yaml `drift:`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from udaflow.shift import mmd_test, proxy_a_distance
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    reference: str  # what the new data is compared with (the champion's data), in words
+    n_reference: int
+    n_new: int
+    pad: float
+    mmd: float
+    mmd_p_value: float
+    validator: str
+    validator_reference: float
+    validator_new: float
+    significant: bool  # p < alpha and PAD >= min_pad
+    validator_dropped: bool
+    retrain: bool
+    reason: str
+
+    @property
+    def validator_drop(self) -> float:
+        return self.validator_reference - self.validator_new
+
+    def figures(self) -> dict[str, float]:
+        """The numbers, under the names MLflow metrics and the Prefect event carry."""
+        return {
+            "drift.pad": self.pad, "drift.mmd": self.mmd, "drift.mmd_p_value": self.mmd_p_value,
+            "drift.validator_reference": self.validator_reference, "drift.validator_new": self.validator_new,
+            "drift.validator_drop": self.validator_drop, "drift.n_reference": float(self.n_reference),
+            "drift.n_new": float(self.n_new), "drift.retrain": float(self.retrain),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "validator_drop": self.validator_drop}
+
+
+def measure(
+    reference: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor], score: Callable[[torch.Tensor], float],
+    validator: str, *, alpha: float, min_pad: float, validator_drop: float, permutations: int, seed: int = 0,
+    reference_name: str = "the champion's data",
+) -> DriftReport:
+    """reference, new: (features (N, D), logits (N, K)) of the champion on each sample -> a DriftReport."""
+    (ref_f, ref_l), (new_f, new_l) = reference, new
+    if min(len(ref_f), len(new_f)) < 2:
+        raise ValueError(f"drift needs at least 2 images per side (got {len(ref_f)} reference, {len(new_f)} new)")
+    pad = proxy_a_distance(ref_f, new_f, max_per_domain=len(ref_f) + len(new_f), seed=seed)
+    mmd2, p_value = mmd_test(ref_f, new_f, permutations=permutations, max_per_domain=len(ref_f) + len(new_f), seed=seed)
+    v_ref, v_new = score(ref_l), score(new_l)
+    significant = p_value < alpha and pad >= min_pad
+    dropped = v_ref - v_new > validator_drop
+    if significant:
+        reason = f"shift: MMD p = {p_value:.3g} < {alpha:g} and PAD {pad:.3f} >= {min_pad:g}"
+    elif dropped:
+        reason = f"the champion's {validator} fell {v_ref - v_new:.3f} (> {validator_drop:g}): {v_ref:.3f} -> {v_new:.3f}"
+    else:
+        why = f"MMD p = {p_value:.3g}" + (f" >= {alpha:g}" if p_value >= alpha else f", but PAD {pad:.3f} < {min_pad:g}")
+        reason = f"no shift: {why}; {validator} {v_ref:.3f} -> {v_new:.3f} (drop <= {validator_drop:g})"
+    return DriftReport(
+        reference_name, len(ref_f), len(new_f), pad, mmd2, p_value, validator, v_ref, v_new, significant, dropped,
+        significant or dropped, reason,
+    )

@@ -1,0 +1,68 @@
+"""Drift of new target data: the MMD permutation test and the retrain decision."""
+
+from __future__ import annotations
+
+import torch
+
+from udaflow import drift
+from udaflow.shift import mmd, mmd_test
+from udaflow.validators import information_maximization
+
+
+def _features(n: int, seed: int, offset: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, 8, generator=torch.Generator().manual_seed(seed)) + offset
+
+
+def test_mmd_test_matches_a_plain_permutation_loop():
+    s, t = _features(30, 0), _features(25, 1, 0.3)
+    observed, p = mmd_test(s, t, permutations=60, seed=3)
+    assert abs(observed - mmd(s, t)) < 1e-12
+    # the same shuffles, one at a time, with the plain estimator on the pooled rows
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    z = torch.cat([s, t])
+    order = np.argsort(rng.random((60, 55)), axis=1)
+    d2 = torch.cdist(z.double(), z.double()).pow(2)
+    k = torch.exp(-d2 / d2[d2 > 0].median())
+    count = 0
+    for row in order:
+        a, b = row[:30], row[30:]
+        value = k[a][:, a].mean() + k[b][:, b].mean() - 2 * k[a][:, b].mean()
+        count += int(value >= observed - 1e-12)
+    assert p == (1 + count) / 61
+
+
+def test_same_distribution_is_not_significant_and_a_shift_is():
+    same = mmd_test(_features(200, 0), _features(200, 1), permutations=200)
+    moved = mmd_test(_features(200, 0), _features(200, 1, 0.5), permutations=200)
+    assert same[1] > 0.05
+    assert moved[1] == 1 / 201  # no shuffle comes near the observed MMD
+    assert moved[0] > 10 * same[0]
+
+
+def _logits(n: int, seed: int, confident: bool) -> torch.Tensor:
+    labels = torch.arange(n) % 4
+    scale = 8.0 if confident else 0.5
+    return torch.nn.functional.one_hot(labels, 4).float() * scale + 0.1 * torch.randn(n, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _decide(new_features, new_logits):
+    reference = (_features(200, 0), _logits(200, 0, True))
+    return drift.measure(reference, (new_features, new_logits), information_maximization, "im",
+                         alpha=0.01, min_pad=0.2, validator_drop=0.05, permutations=200)
+
+
+def test_retrain_only_on_a_significant_shift_or_a_validator_drop():
+    unshifted = _decide(_features(200, 1), _logits(200, 1, True))
+    assert not unshifted.retrain and not unshifted.significant and not unshifted.validator_dropped
+    assert unshifted.reason.startswith("no shift") and unshifted.pad < 0.2
+
+    shifted = _decide(_features(200, 1, 1.0), _logits(200, 1, True))
+    assert shifted.retrain and shifted.significant and shifted.pad >= 0.2 and shifted.mmd_p_value < 0.01
+    assert shifted.reason.startswith("shift:")
+
+    unsure = _decide(_features(200, 1), _logits(200, 1, False))  # same features, the champion lost its confidence
+    assert unsure.retrain and not unsure.significant and unsure.validator_dropped
+    assert unsure.validator_drop > 0.05 and "fell" in unsure.reason
+    assert unsure.figures()["drift.retrain"] == 1.0 and unshifted.figures()["drift.retrain"] == 0.0
