@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow
+from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from tasks.data import validate_datasets, version_dataset
@@ -15,7 +15,7 @@ from tasks.registry import promotion_gate
 from tasks.tracking import (
     close_tracking_run, log_datasets, log_evaluation, log_training, log_validation, open_tracking_run, register_challenger,
 )
-from tasks.training import adapt_to_target, evaluate_model, pretrain_source_cached
+from tasks.training import adapt_to_target, evaluate_model, host_training_tag, pretrain_source_cached
 from udaflow import steps
 from udaflow.config import Config
 from udaflow.data.manifest import DataError
@@ -48,13 +48,14 @@ def _pipeline(cfg: Config, run, seconds: dict[str, float]) -> dict[str, Any]:
     log_datasets(run, versions)
     seconds["validate_version"] = time.perf_counter() - clock
 
-    pretrain_state = pretrain_source_cached(cfg, versions[0]["md5"])
-    source_model = pretrain_state.result()
-    source_cached = pretrain_state.name == "Cached" or source_model.cached
-    seconds["pretrain"] = time.perf_counter() - clock - sum(seconds.values())
+    with tags(host_training_tag()):  # a concurrency limit on this tag: one training per machine at a time
+        pretrain_state = pretrain_source_cached(cfg, versions[0]["md5"])
+        source_model = pretrain_state.result()
+        source_cached = pretrain_state.name == "Cached" or source_model.cached
+        seconds["pretrain"] = time.perf_counter() - clock - sum(seconds.values())
 
-    adapted = adapt_to_target(cfg, source_model.path)
-    seconds["adapt"] = time.perf_counter() - clock - sum(seconds.values())
+        adapted = adapt_to_target(cfg, source_model.path)
+        seconds["adapt"] = time.perf_counter() - clock - sum(seconds.values())
 
     metrics = evaluate_model(cfg, source_model.path)
     seconds["evaluate"] = time.perf_counter() - clock - sum(seconds.values())

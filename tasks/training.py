@@ -17,6 +17,17 @@ from udaflow.data.datasets import Domain
 from udaflow.experiment import source_cache_key, source_params
 
 
+TRAINING_TAG = "udaflow-training"  # on every training task; a Prefect tag concurrency limit on it bounds trainings
+
+
+def host_training_tag() -> str:
+    """`udaflow-training@<host>`: with a concurrency limit of 1 on it (`udaflow schedule` makes one for
+    the machine it runs on), one machine trains one model at a time, whichever worker started it."""
+    import socket
+
+    return f"{TRAINING_TAG}@{socket.gethostname()}"
+
+
 def source_model_path(cfg: Config) -> Path:
     """Where the library caches the source model for this source content and these params."""
     classes = Domain.open(cfg.data.root, cfg.source).classes
@@ -33,7 +44,7 @@ def source_model_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:
     return "udaflow-source-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-@task(name="pretrain-source", cache_key_fn=source_model_key, persist_result=True, retries=1)
+@task(name="pretrain-source", cache_key_fn=source_model_key, persist_result=True, retries=1, tags=[TRAINING_TAG])
 def pretrain_source(cfg: Config, source_md5: str) -> steps.StepOutcome:
     """Supervised training on the labelled source; Prefect caches it across methods and targets.
 
@@ -46,7 +57,7 @@ def pretrain_source(cfg: Config, source_md5: str) -> steps.StepOutcome:
     return outcome
 
 
-@task(name="adapt-to-target", cache_policy=NO_CACHE, retries=1)
+@task(name="adapt-to-target", cache_policy=NO_CACHE, retries=1, tags=[TRAINING_TAG])
 def adapt_to_target(cfg: Config, source_model: str) -> steps.StepOutcome:
     """Adapt with cfg.method; a retry (or a re-run after a kill) resumes from the checkpoint."""
     return steps.adapt(cfg, source_model=Path(source_model))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test names its own store; a shell's shared server is not one
 
 import pytest
 import torch

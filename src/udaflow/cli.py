@@ -472,6 +472,10 @@ def promote(
     collapsed challenger is refused; a first version must beat its own source-only model."""
     cfg = _load(params, None, None)
     _require_model(cfg, model)
+    from udaflow import tracking
+
+    source, target = tracking.model_shift(model)  # the gate measures on the model's own shift, whatever params.yaml names
+    cfg = _load(params, None, None, source=source, target=target)
     _quiet_prefect()
     from flows.promote import promote_model
 

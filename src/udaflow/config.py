@@ -13,6 +13,7 @@ need a registry (method, validators, backbone) and that the domains exist.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, get_origin
@@ -266,6 +267,12 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: '{k}' is not a section")
         node[keys[-1]] = value
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri and not any(item.split("=", 1)[0].strip() == "tracking.uri" for item in overrides):
+        # MLflow's own variable points udaflow at a shared server, as it does every MLflow client
+        tracking = raw.setdefault("tracking", {})
+        if isinstance(tracking, dict):
+            tracking["uri"] = env_uri
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:

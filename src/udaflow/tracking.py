@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable
 
 PACKAGES = ("udaflow", "torch", "torchvision", "timm", "mlflow", "prefect", "dvc", "great_expectations", "numpy")
 CHALLENGER, CHAMPION = "challenger", "champion"
+# the MLflow UI opens an experiment of this kind on its training-runs view (not the GenAI traces overview)
+KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 
 
 def model_name(source: str, target: str) -> str:
@@ -55,9 +57,25 @@ def experiment_id(source: str, target: str) -> str:
     name = experiment_name(source, target)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(KIND_TAG) != MODEL_DEVELOPMENT:  # made before udaflow tagged its experiments
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, MODEL_DEVELOPMENT)
         return exp.experiment_id
-    root = Path(os.environ.get("UDAFLOW_ARTIFACT_ROOT", "mlflow/artifacts")).resolve()
-    return client.create_experiment(name, artifact_location=(root / f"{source}-to-{target}").as_uri())
+    location = None  # a tracking server puts artifacts where its --artifacts-destination says
+    if not is_server(mlflow_uri()):
+        root = Path(os.environ.get("UDAFLOW_ARTIFACT_ROOT", "mlflow/artifacts")).resolve()
+        location = (root / f"{source}-to-{target}").as_uri()
+    return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: MODEL_DEVELOPMENT})
+
+
+def mlflow_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def is_server(uri: str) -> bool:
+    """A tracking server (http[s]://), as opposed to a database or folder this process writes itself."""
+    return uri.startswith(("http://", "https://"))
 
 
 def git_state(cwd: Path | None = None) -> dict[str, str]:
@@ -222,6 +240,18 @@ def load_model(uri: str):
 def incomplete_versions(name: str) -> list[str]:
     """Versions of `name` whose registration was cut short (no `complete` mark): never aliased."""
     return [str(v.version) for v in latest_versions(name) if v.tags.get(COMPLETE_TAG) != "true"]
+
+
+def model_shift(name: str) -> tuple[str, str]:
+    """(source, target) a registered model adapts between: the tags of the run behind its newest
+    version (a domain name may itself contain '-to-', so the model's name alone can be ambiguous)."""
+    for version in reversed(latest_versions(name)):
+        if version.run_id:
+            tags = _client().get_run(version.run_id).data.tags
+            if tags.get("udaflow.source") and tags.get("udaflow.target"):
+                return tags["udaflow.source"], tags["udaflow.target"]
+    source, _, target = name.removeprefix("udaflow-").partition("-to-")
+    return source, target
 
 
 def get_run(run_id: str):
