@@ -590,13 +590,19 @@ def ui(
     port: Annotated[int, typer.Option("--port")] = 5000,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Start the MLflow UI on 127.0.0.1 for the local store."""
+    """Start the MLflow UI on 127.0.0.1 for the local store (a tracking server serves its own)."""
     cfg = _load(params, None, None)
+    # the ML (training runs) layout: MLflow 3.17's UI picks GenAI or ML from a sidebar switch that
+    # defaults to GenAI; this query parameter sets it (the experiments also carry the kind tag)
+    view = "#/experiments?workflowType=machine_learning"
+    if cfg.tracking.uri.startswith(("http://", "https://")):
+        console.print(f"the tracking server serves the UI: {cfg.tracking.uri.rstrip('/')}/{view}")
+        return
     cmd = [
         sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking.uri,
         "--default-artifact-root", str(Path(cfg.tracking.artifact_root).resolve()), "--host", "127.0.0.1", "--port", str(port),
     ]
-    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    console.print(f"MLflow UI on http://127.0.0.1:{port}/{view} (Ctrl-C stops it)")
     os.execv(sys.executable, cmd)
 
 

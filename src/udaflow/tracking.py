@@ -187,6 +187,7 @@ class Registered:
     version: str
     alias: str
     model_uri: str
+    model_id: str = ""  # the MLflow 3 LoggedModel behind the version
 
 
 COMPLETE_TAG = "udaflow.complete"  # set last on a version: its tags are all there and it may take an alias
@@ -222,7 +223,7 @@ def register_model(
             client.set_model_version_tag(name, version.version, key, str(value))
         client.set_model_version_tag(name, version.version, COMPLETE_TAG, "true")
         client.set_registered_model_alias(name, alias, version.version)
-    return Registered(name, str(version.version), alias, f"models:/{name}@{alias}")
+    return Registered(name, str(version.version), alias, f"models:/{name}@{alias}", info.model_id or "")
 
 
 def load_model(uri: str):
@@ -403,10 +404,35 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
         **{f"validator_source_only.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
     }
     registered = register_model(run.run_id, package, input_example, model_name(run.source, run.target), version_tags)
+    link_model(run, registered.model_id, metrics)
     set_tags(run.run_id, {"registry.model": registered.name, "registry.version": registered.version, "registry.alias": registered.alias})
     set_tags(child, {"registry.model": registered.name, "registry.version": registered.version})
     end_run(child)
     return registered
+
+
+HEADLINE = ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "source_val_acc_last", "median_last5_target_acc")
+
+
+def link_model(run: PipelineRun, model_id: str, metrics: dict[str, Any]) -> None:
+    """Tie the LoggedModel to what measured it, as the MLflow UI reads it: the headline metrics on the
+    model, each with the dataset it was measured on (the DVC-hashed input), and the model as an input
+    of the `evaluate` child run. (log_model already made it an output of the pipeline run.)"""
+    from mlflow.entities import LoggedModelInput, Metric
+
+    if not model_id:
+        return
+    client = _client()
+    tags = client.get_run(run.run_id).data.tags
+    now = int(time.time() * 1000)
+    on = {key: ("source", tags.get("dvc.source.name"), tags.get("dvc.source.md5")) if key.startswith("source")
+          else ("target", tags.get("dvc.target.name"), tags.get("dvc.target.md5")) for key in HEADLINE}
+    items = [Metric(k, float(metrics[k]), now, 0, model_id=model_id, dataset_name=on[k][1], dataset_digest=on[k][2])
+             for k in HEADLINE if isinstance(metrics.get(k), (int, float)) and on[k][1] and on[k][2]]
+    if items:
+        client.log_batch(run.run_id, metrics=items)
+    for child in client.search_runs([run.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}' and tags.`udaflow.stage` = 'evaluate'"):
+        client.log_inputs(child.info.run_id, models=[LoggedModelInput(model_id)])
 
 
 def close_pipeline_run(run: PipelineRun, stage_seconds: dict[str, float], failed: bool = False) -> None:

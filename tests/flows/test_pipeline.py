@@ -3,6 +3,7 @@ SQLite), real DVC (temp git repo), real GX. One project per module; runs are sha
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,19 @@ def test_run_records_lineage_metrics_and_artifacts(project: Path, first_run):
     assert version.tags["method"] == "dann" and version.tags["backbone"] == "udaflow_vit_micro"
     assert version.tags["data.source.md5"] == source_md5 and float(version.tags["target_acc_selected"]) == pytest.approx(metrics["target_acc_selected"])
     assert versioning.status(project) == {}  # nothing changed in DVC's view
+
+    # what the MLflow UI shows: a model-development experiment; the run's logged model, linked to its
+    # metrics and the datasets they were measured on, registered, and an input of `evaluate`
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    [output] = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.source_run_id == run.info.run_id and version.source == f"models:/{model.model_id}"
+    assert {"name": "udaflow-synth-to-fonts-b", "version": 1} in json.loads(model.tags["mlflow.modelVersions"])
+    on = {m.key: (m.dataset_name, m.dataset_digest, m.value) for m in model.metrics if m.dataset_name}
+    assert on["target_acc_selected"] == ("fonts-b", target_md5, pytest.approx(metrics["target_acc_selected"]))
+    assert on["source_val_acc_selected"][:2] == ("synth", source_md5)
+    evaluate = next(c for c in children if c.data.tags["udaflow.stage"] == "evaluate")
+    assert [m.model_id for m in client.get_run(evaluate.info.run_id).inputs.model_inputs] == [model.model_id]
 
 
 def test_one_name_per_figure_in_metrics_mlflow_registry_and_bench(project: Path, first_run):
