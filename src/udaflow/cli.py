@@ -585,6 +585,36 @@ def stage_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     console.print(f"target_acc_selected {_fmt(metrics.get('target_acc_selected'))}, target_acc_last {_fmt(metrics.get('target_acc_last'))} -> {steps.run_paths(cfg).metrics}")
 
 
+@app.command("serve")
+def serve(
+    model: ModelOpt,
+    alias: Annotated[str, typer.Option("--alias", help="registry alias (or a version number)")] = "champion",
+    port: Annotated[int, typer.Option("--port")] = 5001,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve a registered model over HTTP with `mlflow models serve` (POST /invocations).
+
+    The body: {"inputs": [{"image": "<base64 PNG/JPEG>"}, {"image": [[r, g, b], ...] rows of uint8 pixels}]};
+    the answer: {"predictions": [{"class": ..., "probabilities": {class: p}}]}. A bad image gets a 400."""
+    cfg = _load(params, None, None)
+    _require_model(cfg, model)
+    uri = f"models:/{model}/{alias}" if alias.isdigit() else f"models:/{model}@{alias}"
+    bindir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        # MLflow starts its scoring server as `uvicorn` from PATH: this environment's, from any shell
+        "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")]),
+        "MLFLOW_TRACKING_URI": cfg.tracking.uri,
+    }
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+           "--host", host, "--port", str(port), "--workers", str(workers)]
+    console.print(f"serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops it)", highlight=False)
+    sys.stdout.flush()
+    os.execve(sys.executable, cmd, env)
+
+
 @app.command("ui")
 def ui(
     port: Annotated[int, typer.Option("--port")] = 5000,

@@ -132,7 +132,7 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     )
 
 
-def registered_model(cfg: Config, data: ShiftData | None = None) -> tuple[Path, Any]:
+def registered_model(cfg: Config) -> tuple[Path, Any]:
     """The model a pipeline run registers (the validator-selected weights), packaged as
     safetensors + config.json in runs/<shift>/<method>/registered/, and an input example."""
     from udaflow.models import packaged
@@ -142,11 +142,20 @@ def registered_model(cfg: Config, data: ShiftData | None = None) -> tuple[Path, 
     stage.classifier.load_state_dict(stage.train.selected_state)
     model = ImageClassifier(stage.classifier, classes).eval()  # with the backbone's normalisation
     folder = packaged.save(model, paths.method_dir / "registered", cfg.model.backbone, cfg.model.backbone_args, image_spec(cfg).size)
-    if data is None:
-        images = Domain.open(cfg.data.root, cfg.target).unlabelled("train", image_spec(cfg), cfg.image_cache).images[:2]
-    else:
-        images = data.target_adapt.images[:2]
-    return folder, (images.float() / 255.0).numpy()
+    return folder, serving_example(cfg)
+
+
+def serving_example(cfg: Config):
+    """Two target images as a client sends them: the files' bytes, base64 (MLflow's serving example)."""
+    import base64
+
+    import pandas as pd
+
+    from udaflow.models.packaged import IMAGE
+
+    target = Domain.open(cfg.data.root, cfg.target)
+    files = [target.root / row.path for row in target.select("train")[:2]]
+    return pd.DataFrame({IMAGE: [base64.b64encode(f.read_bytes()).decode("ascii") for f in files]})
 
 
 # --- the promotion gate's measurements (the decision is udaflow.promotion's, the registry udaflow.tracking's) ---

@@ -205,18 +205,13 @@ def register_model(
     """
     import mlflow
     import mlflow.pyfunc
-    from mlflow.models import infer_signature
-
-    from udaflow.models import packaged
-
     client = _client()
-    output = packaged.PackagedModel(packaged.load(package), {}).predict(input_example)
     requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "timm", "safetensors", "numpy")]
     with registry_lock(name):
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", loader_module="udaflow.models.packaged", data_path=str(package), input_example=input_example,
-                signature=infer_signature(input_example, output), pip_requirements=requirements,
+                signature=_signature(), pip_requirements=requirements,
             )
         version = mlflow.register_model(info.model_uri, name, await_registration_for=60)
         for key, value in tags.items():
@@ -224,6 +219,25 @@ def register_model(
         client.set_model_version_tag(name, version.version, COMPLETE_TAG, "true")
         client.set_registered_model_alias(name, alias, version.version)
     return Registered(name, str(version.version), alias, f"models:/{name}@{alias}", info.model_id or "")
+
+
+def _signature():
+    """In: one column `image`, any JSON value (base64 image file or uint8 pixel rows of any size: the
+    model checks each). Out: `class` and `probabilities`."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, DataType, Schema
+
+    from udaflow.models.packaged import IMAGE
+
+    return ModelSignature(Schema([ColSpec(AnyType(), IMAGE)]), Schema([ColSpec(DataType.string, "class"), ColSpec(AnyType(), "probabilities")]))
+
+
+def bad_request(message: str) -> Exception:
+    """An error the MLflow scoring server answers with 400 and this message (not a 500)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def load_model(uri: str):

@@ -83,7 +83,7 @@ def add_version(registry: Path, model: ImageClassifier, recorded_im: float = 0.8
     package = packaged.save(model, Path(tempfile.mkdtemp(dir=registry)), cfg.model.backbone, cfg.model.backbone_args, cfg.data.image_size)
     metrics = {"source_val_acc_selected": 99.0, "source_only_source_val_acc": source_only_val, "selected_by": "im",
                "validators_selected": {"im": recorded_im}, "validators_source_only": {"im": source_only_im}, **claimed}
-    example = torch.rand(2, 3, 32, 32).numpy()
+    example = steps.serving_example(cfg)
     return tracking.register_challenger(run, package, example, metrics, {"method": "test"}).version
 
 

@@ -134,3 +134,83 @@ def test_pipeline_on_the_servers_then_reproduce_from_the_s3_remote(team, project
     out = udaflow(team["env"], project, "reproduce", run.info.run_id)
     assert out.returncode == 0 and "identical metrics" in out.stdout
     assert (project / ".dvc/cache").is_dir()  # refilled from the remote
+
+
+def test_serving_the_champion_over_http(team, project: Path, first_run, tmp_path: Path):
+    """`udaflow serve` (mlflow models serve) from a shell without the venv on PATH: encoded files and
+    uint8 arrays get the predictions udaflow's own evaluation makes; bad requests get a 400."""
+    import base64
+    import io
+
+    import httpx
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from servers import free_port, stop, wait_http
+    from udaflow import tracking
+    from udaflow.config import load_config
+    from udaflow.data.datasets import Domain
+    from udaflow.engine import predict
+    from udaflow.experiment import image_spec
+
+    assert first_run["client"].get_model_version_by_alias(MODEL, "champion")  # promoted by the test before
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**team["env"], "PATH": "/usr/bin:/bin"}  # a fresh shell: no venv on PATH
+    proc = subprocess.Popen([str(BIN / "udaflow"), "serve", "--model", MODEL, "--port", str(port), "--params", str(project / "params.yaml")],
+                            cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, 180)
+        url = f"http://127.0.0.1:{port}/invocations"
+
+        # udaflow's own evaluation of the same files: decoded as the pipeline decodes, the registered model
+        cfg = load_config(project / "params.yaml", None, ["source=paint", "target=paint-b"])
+        tracking.configure(team["mlflow"].uri, cfg.tracking.artifact_root)
+        model = tracking.load_model(f"models:/{MODEL}@champion")
+        domain = Domain.open(project / "data/raw", "paint-b")
+        rows = domain.select("all")[:24]
+        _, logits = predict(model.classifier, domain.pixels(rows, image_spec(cfg)))
+        expected = torch.softmax(logits, 1).numpy()
+        classes = list(model.classes)
+
+        files = [(domain.root / r.path).read_bytes() for r in rows]
+        encoded = {"inputs": [{"image": base64.b64encode(f).decode()} for f in files]}
+        arrays = {"inputs": [{"image": np.asarray(Image.open(io.BytesIO(f))).tolist()} for f in files]}
+        for body in (encoded, arrays):
+            clock = time.perf_counter()
+            answer = httpx.post(url, json=body, timeout=60)
+            seconds = time.perf_counter() - clock
+            assert answer.status_code == 200, answer.text
+            predictions = answer.json()["predictions"]
+            assert [p["class"] for p in predictions] == [classes[k] for k in expected.argmax(1)]
+            served = np.array([[p["probabilities"][c] for c in classes] for p in predictions])
+            np.testing.assert_allclose(served, expected, atol=1e-5)
+            print(f"served {len(files)} images in {seconds * 1000:.0f} ms: {seconds / len(files) * 1000:.1f} ms per image")
+
+        # any size: a 45x70 photo-sized copy is resized by the model itself, the same whether sent as PNG or pixels
+        big = Image.open(io.BytesIO(files[0])).resize((70, 45))
+        png = io.BytesIO()
+        big.save(png, "PNG")
+        both = {"inputs": [{"image": base64.b64encode(png.getvalue()).decode()}, {"image": np.asarray(big).tolist()}]}
+        answer = httpx.post(url, json=both, timeout=60).json()["predictions"]
+        assert answer[0] == answer[1]
+
+        pixels = np.asarray(Image.open(io.BytesIO(files[0])))
+        bad = {
+            "not JSON": b"{inputs: [",
+            "not base64": {"inputs": [{"image": "not an image!"}]},
+            "not an image file": {"inputs": [{"image": base64.b64encode(b"plain text").decode()}]},
+            "pixels 0-255 as floats": {"inputs": [{"image": (pixels / 1.7).tolist()}]},
+            "over 255": {"inputs": [{"image": (pixels.astype(int) + 300).tolist()}]},
+            "no image column": {"inputs": [{"picture": "x"}]},
+            "a 1-D array": {"inputs": [{"image": [1, 2, 3]}]},
+        }
+        for what, body in bad.items():
+            answer = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=60) if isinstance(body, bytes) \
+                else httpx.post(url, json=body, timeout=60)
+            assert 400 <= answer.status_code < 500, (what, answer.status_code, answer.text[:300])
+            assert answer.json().get("message"), what
+        message = httpx.post(url, json=bad["over 255"], timeout=60).json()["message"]
+        assert "image 0" in message and "0-255" in message
+    finally:
+        stop(proc)

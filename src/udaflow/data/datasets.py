@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -58,34 +58,41 @@ class LabelledImages:
         return UnlabelledImages(self.images, self.domain)
 
 
-def decode_image(path: Path, size: int | ImageSpec) -> np.ndarray:
-    """Any PIL-readable image -> (3, size, size) uint8 RGB (16-bit and alpha handled).
+def decode_image(path: Path | BinaryIO, size: int | ImageSpec) -> np.ndarray:
+    """Any PIL-readable image (a path or an open binary file) -> (3, size, size) uint8 RGB (16-bit and
+    alpha handled).
 
     An ImageSpec with a crop fraction resizes the shorter side to size / crop_pct and centre-crops,
     as timm's evaluation transform; otherwise the image is resized straight to a square."""
+    with Image.open(path) as img:
+        return to_model_pixels(img, size)
+
+
+def to_model_pixels(img: Image.Image, size: int | ImageSpec) -> np.ndarray:
+    """A PIL image -> (3, size, size) uint8 RGB, the one conversion every decoded image goes through
+    (training, evaluation and the served model)."""
     spec = size if isinstance(size, ImageSpec) else ImageSpec(size)
     size = spec.size
-    with Image.open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float32)
-            img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8), "L")
-        if img.mode in ("RGBA", "LA", "P"):
-            img = img.convert("RGBA")
-            bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
-            img = Image.alpha_composite(bg, img)
-        img = img.convert("RGB")
-        resample = _RESAMPLE[spec.interpolation]
-        if spec.crop_pct is not None:
-            scale = int(size / spec.crop_pct)  # timm: the shorter side to floor(size / crop_pct)
-            w, h = img.size
-            new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)  # torchvision's Resize(int)
-            if new != img.size:
-                img = img.resize(new, resample)
-            left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))  # torchvision's CenterCrop
-            img = img.crop((left, top, left + size, top + size))
-        elif img.size != (size, size):
-            img = img.resize((size, size), resample)
-        return np.asarray(img).transpose(2, 0, 1).copy()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, img)
+    img = img.convert("RGB")
+    resample = _RESAMPLE[spec.interpolation]
+    if spec.crop_pct is not None:
+        scale = int(size / spec.crop_pct)  # timm: the shorter side to floor(size / crop_pct)
+        w, h = img.size
+        new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)  # torchvision's Resize(int)
+        if new != img.size:
+            img = img.resize(new, resample)
+        left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))  # torchvision's CenterCrop
+        img = img.crop((left, top, left + size, top + size))
+    elif img.size != (size, size):
+        img = img.resize((size, size), resample)
+    return np.asarray(img).transpose(2, 0, 1).copy()
 
 
 @dataclass(frozen=True)

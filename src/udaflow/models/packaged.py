@@ -12,19 +12,23 @@ pulled from an artifact store or a DVC remote can be loaded without trusting it.
 folder as a pyfunc model whose `loader_module` is this module (`_load_pyfunc`), imported from the
 installed package, never from the artifact store.
 
-`predict` takes float images (B, 3, H, W) in [0, 1] and returns logits (B, K), as a numpy array.
+`predict` takes images as a client has them (encoded files or uint8 pixels of any size, see
+PackagedModel) and returns the class and the probabilities per image.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from udaflow.models.heads import ImageClassifier
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 FORMAT = 1
 WEIGHTS = "weights.safetensors"
@@ -96,22 +100,162 @@ def load(folder: Path) -> ImageClassifier:
     return model.eval()
 
 
+class InputError(ValueError):
+    """A request the served model refuses; the message names the image and what is wrong with it."""
+
+
+IMAGE = "image"  # the one input column: an encoded image (base64 text or bytes) or uint8 pixels
+MAX_SIDE = 8192  # px; a larger array is refused (an encoded file is bounded by PIL's decompression-bomb check)
+
+
+def _pixels_of_array(value: Any, where: str) -> Image.Image:
+    """uint8 pixels (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> a PIL image, or InputError."""
+    from PIL import Image
+
+    try:
+        arr = np.asarray(value)
+    except ValueError as exc:  # numpy refuses ragged nesting outright
+        raise InputError(f"{where}: not an array of pixels ({exc})") from None
+    if arr.dtype == object:
+        raise InputError(f"{where}: rows of different lengths; send an (H, W) or (H, W, C) array of uint8 pixels")
+    if arr.dtype.kind not in "uif":
+        raise InputError(f"{where}: pixels must be numbers 0-255 (got {arr.dtype.name} values)")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise InputError(f"{where}: an array of shape {list(arr.shape)}; expected (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA")
+    if min(arr.shape[:2]) < 1 or max(arr.shape[:2]) > MAX_SIDE:
+        raise InputError(f"{where}: {arr.shape[0]}x{arr.shape[1]} pixels; each side must be 1-{MAX_SIDE}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise InputError(f"{where}: NaN or infinite pixel values")
+        if not np.array_equal(arr, np.round(arr)):
+            raise InputError(f"{where}: fractional pixel values (e.g. {arr.flat[np.argmax(arr != np.round(arr))]:g}); "
+                             "send uint8 pixels 0-255, as the image file holds them, or the encoded file")
+    low, high = arr.min(), arr.max()
+    if low < 0 or high > 255:
+        raise InputError(f"{where}: pixel values from {low:g} to {high:g}; uint8 pixels are 0-255")
+    return Image.fromarray(arr.astype(np.uint8), "L" if arr.ndim == 2 else "RGB" if arr.shape[2] == 3 else "RGBA")
+
+
+def _decode(value: Any, where: str, spec) -> np.ndarray:
+    """One image as a client sends it -> (3, S, S) uint8, through the same conversion as training."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from udaflow.data.datasets import to_model_pixels
+
+    if isinstance(value, np.ndarray) and value.dtype.kind in "US" and value.ndim == 0:
+        value = str(value)
+    if isinstance(value, str):
+        try:
+            value = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(f"{where}: a string that is not base64; send the image file's bytes base64-encoded") from None
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            with Image.open(io.BytesIO(value)) as img:
+                return to_model_pixels(img, spec)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(f"{where}: not an image file PIL can decode ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if value is None:
+        raise InputError(f"{where}: empty")
+    return to_model_pixels(_pixels_of_array(value, where), spec)
+
+
+def _image_values(model_input: Any) -> list[Any]:
+    """The per-image values of any form the scoring server or a caller passes."""
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if IMAGE not in model_input.columns:
+            raise InputError(f"no '{IMAGE}' column (got columns {list(map(str, model_input.columns))}); "
+                             f'send {{"inputs": [{{"{IMAGE}": <base64 image file or uint8 pixels>}}, ...]}}')
+        return list(model_input[IMAGE])
+    if isinstance(model_input, dict):
+        if IMAGE not in model_input:
+            raise InputError(f"no '{IMAGE}' key (got {sorted(map(str, model_input))})")
+        values = model_input[IMAGE]
+        return [values] if isinstance(values, (str, bytes)) else list(values)
+    if isinstance(model_input, (str, bytes)):
+        return [model_input]
+    if isinstance(model_input, np.ndarray) and model_input.dtype.kind in "uif" and model_input.ndim in (3, 4):
+        return list(model_input)  # a batch of same-size pixel arrays (B, H, W[, C])
+    if isinstance(model_input, (list, tuple, np.ndarray)):
+        return [v.get(IMAGE) if isinstance(v, dict) else v for v in model_input]
+    raise InputError(f"cannot read images from a {type(model_input).__name__}")
+
+
 class PackagedModel:
-    """What `mlflow.pyfunc.load_model` returns the predictions of (through PyFuncModel)."""
+    """What `mlflow.pyfunc.load_model` returns the predictions of (through PyFuncModel).
+
+    Input: images as a client has them, under the column `image`, one per row: the image file's bytes
+    (PNG, JPEG, any PIL format; base64 text in JSON) or uint8 pixels of any size, (H, W), (H, W, 3) or
+    (H, W, 4). Each goes through the conversion training and evaluation use (resize or crop to the
+    model's input, RGB), then the model's own normalisation. Anything else is refused with InputError
+    naming the image: values outside 0-255, fractional or NaN pixels, undecodable bytes.
+
+    Output: a DataFrame with one row per image: `class` (the predicted class name) and
+    `probabilities` ({class name: softmax probability}).
+    """
 
     def __init__(self, model: ImageClassifier, config: dict[str, Any]):
         self.model = model
         self.config = config
+        self._spec = None
 
     def get_raw_model(self) -> ImageClassifier:
         return self.model
 
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+    @property
+    def spec(self):
+        """The model's input: the same ImageSpec the pipeline decoded its training images with."""
+        if self._spec is None:
+            from udaflow.models.preprocess import resolve
+
+            config = self.config or {"backbone": "", "backbone_args": {}}
+            self._spec = resolve(config["backbone"], config["backbone_args"], int(config.get("image_size") or 32)) if config["backbone"] else None
+        return self._spec
+
+    def pixels(self, model_input: Any) -> np.ndarray:
+        values = _image_values(model_input)
+        if not values:
+            raise InputError("no images in the request")
+        return np.stack([_decode(v, f"image {i}", self.spec) for i, v in enumerate(values)])
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None):
+        import pandas as pd
+
+        pixels = self.pixels(model_input)
+        classes = list(self.model.classes)
+        probabilities = []
         with torch.no_grad():
-            return self.model(x).numpy()
+            for i in range(0, len(pixels), 256):
+                x = torch.from_numpy(pixels[i : i + 256]).float() / 255.0
+                probabilities.append(torch.softmax(self.model(x).float(), dim=1))
+        p = torch.cat(probabilities).numpy()
+        return pd.DataFrame({
+            "class": [classes[k] for k in p.argmax(1)],
+            "probabilities": [{c: float(v) for c, v in zip(classes, row)} for row in p],
+        })
+
+
+class _Served(PackagedModel):
+    """The loader's model: a refused input becomes MLflow's bad-request error, so the scoring server
+    answers 400 with the message instead of a generic one."""
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None):
+        try:
+            return super().predict(model_input, params)
+        except InputError as exc:
+            from udaflow.tracking import bad_request
+
+            raise bad_request(str(exc)) from None
 
 
 def _load_pyfunc(data_path: str) -> PackagedModel:
     """MLflow's pyfunc loader hook (`loader_module: udaflow.models.packaged`)."""
-    return PackagedModel(load(Path(data_path)), read_config(Path(data_path)))
+    return _Served(load(Path(data_path)), read_config(Path(data_path)))

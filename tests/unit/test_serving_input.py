@@ -1,0 +1,78 @@
+"""What the registered model accepts from a client, and what it refuses (before any HTTP)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from udaflow.models import build_classifier
+from udaflow.models.heads import ImageClassifier
+from udaflow.models.packaged import InputError, PackagedModel
+
+
+@pytest.fixture(scope="module")
+def model() -> PackagedModel:
+    torch.manual_seed(0)
+    classifier = build_classifier("udaflow_vit_micro", 3, None)
+    config = {"backbone": "udaflow_vit_micro", "backbone_args": {}, "image_size": 32}
+    return PackagedModel(ImageClassifier(classifier, ("a", "b", "c")).eval(), config)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(arr).save(out, "PNG")
+    return out.getvalue()
+
+
+def same(p: dict, q: dict) -> bool:
+    """Equal up to float rounding (a batch of another size sums in another order)."""
+    return p.keys() == q.keys() and all(abs(p[k] - q[k]) < 1e-6 for k in p)
+
+
+def test_files_and_pixels_of_any_size_give_the_same_answer(model):
+    rng = np.random.default_rng(0)
+    small, photo = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    frame = pd.DataFrame({"image": [base64.b64encode(_png(small)).decode(), _png(photo), small.tolist(), photo, photo[:, :, 0]]})
+    out = model.predict(frame)
+    assert list(out.columns) == ["class", "probabilities"] and len(out) == 5
+    assert out["probabilities"][0] == out["probabilities"][2] and out["probabilities"][1] == out["probabilities"][3]
+    assert all(abs(sum(p.values()) - 1) < 1e-5 and set(p) == {"a", "b", "c"} for p in out["probabilities"])
+    # the same forms as the scoring server hands them over
+    assert same(model.predict({"image": [small.tolist()]})["probabilities"][0], out["probabilities"][0])
+    assert same(model.predict([{"image": np.array(base64.b64encode(_png(small)).decode())}])["probabilities"][0], out["probabilities"][0])
+    assert same(model.predict(np.stack([small, small]))["probabilities"][1], out["probabilities"][0])
+    # pixels are decoded exactly as a file of the same pixels: the model's own resize, then its normalisation
+    grey = photo[:, :, 0]
+    pair = model.predict({"image": [grey, _png(grey)]})["probabilities"]
+    assert pair[0] == pair[1]
+
+
+@pytest.mark.parametrize("value, needle", [
+    (np.full((8, 8), np.nan), "NaN"),
+    (np.full((8, 8, 3), 127.5), "fractional"),
+    (np.full((8, 8), 256), "0-255"),
+    (np.full((8, 8), -1), "0-255"),
+    (np.zeros((8, 8, 2)), "shape"),
+    (np.zeros(5), "shape"),
+    ([[1, 2], [3]], "array"),
+    ("@@@", "base64"),
+    (b"GIF89a but not really", "decode"),
+    (np.zeros((9000, 2)), "1-8192"),
+])
+def test_out_of_range_or_malformed_images_are_refused_by_index(model, value, needle):
+    with pytest.raises(InputError) as err:
+        model.predict({"image": [np.zeros((4, 4), np.uint8), value]})
+    assert str(err.value).startswith("image 1:") and needle in str(err.value)
+
+
+def test_a_request_without_images_is_refused(model):
+    with pytest.raises(InputError, match="no 'image' column"):
+        model.predict(pd.DataFrame({"picture": ["x"]}))
+    with pytest.raises(InputError, match="no images"):
+        model.predict({"image": []})
