@@ -23,6 +23,19 @@ def ensure_work_pool(name: str) -> None:
             pass
 
 
+def ensure_training_limit(limit: int = 1) -> str:
+    """A tag concurrency limit on `udaflow-training@<this host>`: this machine trains one model at a time,
+    whichever worker or deployment started it. Returns the tag."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.training import host_training_tag
+
+    tag = host_training_tag()
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag=tag, concurrency_limit=limit)  # an upsert
+    return tag
+
+
 def deploy_retrain(
     params_file: Path, source: str, target: str, cron: str, method: str | None, profile: str | None, pool: str
 ) -> str:
@@ -30,6 +43,7 @@ def deploy_retrain(
     from prefect.events import DeploymentEventTrigger
 
     ensure_work_pool(pool)
+    ensure_training_limit()
     trigger = DeploymentEventTrigger(
         name=f"new {target} data",
         expect={DATASET_UPDATED},
@@ -46,6 +60,7 @@ def deploy_retrain(
         push=False,
         print_next_steps=False,
         tags=["udaflow", f"target:{target}"],
+        concurrency_limit=1,
     )
     return str(deployment_id)
 

@@ -124,7 +124,7 @@ class DriftConfig(_Strict):
 
     max_images: int = Field(500, ge=20)  # images per side (sampled, seeded) the champion's features are taken on
     permutations: int = Field(500, ge=50)  # MMD permutation test
-    alpha: float = Field(0.01, gt=0, lt=1)  # MMD p-value below this ...
+    alpha: float = Field(0.01, gt=0, lt=1)  # a p-value (PAD's or MMD's test) below alpha / 2 ...
     min_pad: float = Field(0.2, ge=0, le=2)  # ... and a proxy A-distance at least this: a significant shift
     validator_drop: float = Field(0.05, ge=0)  # or the champion's validator fell by more than this on the new data
 

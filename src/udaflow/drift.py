@@ -3,14 +3,15 @@
 Three label-free figures, all on the champion model (features and predictions):
 
 - proxy A-distance (PAD, udaflow.shift): how well a linear classifier tells the two samples apart;
-  0 = indistinguishable, 2 = separable. An effect size.
-- MMD^2 and its permutation p-value (udaflow.shift.mmd_test): is the difference more than sampling
-  noise? A significance test; with many images a tiny shift is significant, hence PAD as well.
+  0 = indistinguishable, 2 = separable. An effect size; its held-out accuracy against chance is also a
+  test (a classifier two-sample test, binomial p-value).
+- MMD^2 and its permutation p-value (udaflow.shift.mmd_test, multi-scale Gaussian kernel): a kernel
+  two-sample test. With many images a tiny shift is significant, hence the PAD floor as well.
 - the champion's label-free validator (promotion.validator, e.g. IM) on both samples: a drop says
   the champion got less sure of the new data even where the features barely moved.
 
-A retrain is worth it when the shift is significant (p < alpha and PAD >= min_pad) or the validator
-dropped by more than `validator_drop`. Thresholds are params.yaml `drift:`.
+A retrain is worth it when the shift is significant (PAD >= min_pad and either test's p < alpha / 2)
+or the validator dropped by more than `validator_drop`. Thresholds are params.yaml `drift:`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from udaflow.shift import mmd_test, proxy_a_distance
+from udaflow.shift import mmd_test, proxy_a_distance_test
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,13 @@ class DriftReport:
     n_reference: int
     n_new: int
     pad: float
+    pad_p_value: float  # the domain classifier's held-out accuracy against chance (binomial)
     mmd: float
     mmd_p_value: float
     validator: str
     validator_reference: float
     validator_new: float
-    significant: bool  # p < alpha and PAD >= min_pad
+    significant: bool  # PAD >= min_pad and a p-value (PAD's or MMD's) < alpha / 2
     validator_dropped: bool
     retrain: bool
     reason: str
@@ -46,7 +48,7 @@ class DriftReport:
     def figures(self) -> dict[str, float]:
         """The numbers, under the names MLflow metrics and the Prefect event carry."""
         return {
-            "drift.pad": self.pad, "drift.mmd": self.mmd, "drift.mmd_p_value": self.mmd_p_value,
+            "drift.pad": self.pad, "drift.pad_p_value": self.pad_p_value, "drift.mmd": self.mmd, "drift.mmd_p_value": self.mmd_p_value,
             "drift.validator_reference": self.validator_reference, "drift.validator_new": self.validator_new,
             "drift.validator_drop": self.validator_drop, "drift.n_reference": float(self.n_reference),
             "drift.n_new": float(self.n_new), "drift.retrain": float(self.retrain),
@@ -65,19 +67,22 @@ def measure(
     (ref_f, ref_l), (new_f, new_l) = reference, new
     if min(len(ref_f), len(new_f)) < 2:
         raise ValueError(f"drift needs at least 2 images per side (got {len(ref_f)} reference, {len(new_f)} new)")
-    pad = proxy_a_distance(ref_f, new_f, max_per_domain=len(ref_f) + len(new_f), seed=seed)
+    pad, pad_p = proxy_a_distance_test(ref_f, new_f, max_per_domain=len(ref_f) + len(new_f), seed=seed)
     mmd2, p_value = mmd_test(ref_f, new_f, permutations=permutations, max_per_domain=len(ref_f) + len(new_f), seed=seed)
     v_ref, v_new = score(ref_l), score(new_l)
-    significant = p_value < alpha and pad >= min_pad
+    level = alpha / 2  # two tests of one question: Bonferroni
+    p_min, test = min((pad_p, "PAD"), (p_value, "MMD"))
+    significant = p_min < level and pad >= min_pad
     dropped = v_ref - v_new > validator_drop
     if significant:
-        reason = f"shift: MMD p = {p_value:.3g} < {alpha:g} and PAD {pad:.3f} >= {min_pad:g}"
+        reason = f"shift: PAD {pad:.3f} >= {min_pad:g} and {test} p = {p_min:.3g} < {level:g}"
     elif dropped:
         reason = f"the champion's {validator} fell {v_ref - v_new:.3f} (> {validator_drop:g}): {v_ref:.3f} -> {v_new:.3f}"
     else:
-        why = f"MMD p = {p_value:.3g}" + (f" >= {alpha:g}" if p_value >= alpha else f", but PAD {pad:.3f} < {min_pad:g}")
+        why = f"PAD {pad:.3f}" + (f" < {min_pad:g}" if pad < min_pad else "") + f", p = {pad_p:.3g} (PAD), {p_value:.3g} (MMD)"
+        why += "" if p_min < level else f" >= {level:g}"
         reason = f"no shift: {why}; {validator} {v_ref:.3f} -> {v_new:.3f} (drop <= {validator_drop:g})"
     return DriftReport(
-        reference_name, len(ref_f), len(new_f), pad, mmd2, p_value, validator, v_ref, v_new, significant, dropped,
+        reference_name, len(ref_f), len(new_f), pad, pad_p, mmd2, p_value, validator, v_ref, v_new, significant, dropped,
         significant or dropped, reason,
     )

@@ -16,8 +16,8 @@ def _sample(x: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
     return x if len(x) <= n else x[torch.from_numpy(rng.choice(len(x), n, replace=False))]
 
 
-def proxy_a_distance(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 2000, seed: int = 0) -> float:
-    """source (Ns, D), target (Nt, D) features -> PAD in [0, 2] (clipped at 0 below)."""
+def _domain_classifier(source: torch.Tensor, target: torch.Tensor, max_per_domain: int, seed: int) -> tuple[float, int]:
+    """A linear domain classifier trained on half the (sampled) features: (held-out accuracy, held-out count)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -30,17 +30,38 @@ def proxy_a_distance(source: torch.Tensor, target: torch.Tensor, max_per_domain:
     train, test = order[:half], order[half:]
     scaler = StandardScaler().fit(x[train])
     clf = LogisticRegression(max_iter=500, C=1.0).fit(scaler.transform(x[train]), y[train])
-    error = 1.0 - clf.score(scaler.transform(x[test]), y[test])
-    return float(max(0.0, 2.0 * (1.0 - 2.0 * error)))
+    return float(clf.score(scaler.transform(x[test]), y[test])), len(test)
 
 
-def _kernel(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Gaussian kernel over the pooled (Ns+Nt, D) features, bandwidth = median squared distance."""
+def proxy_a_distance(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 2000, seed: int = 0) -> float:
+    """source (Ns, D), target (Nt, D) features -> PAD in [0, 2] (clipped at 0 below)."""
+    return proxy_a_distance_test(source, target, max_per_domain, seed)[0]
+
+
+def proxy_a_distance_test(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """(PAD, p-value): the domain classifier's held-out accuracy against chance, a classifier two-sample
+    test (Lopez-Paz and Oquab, ICLR 2017): p = P(Binomial(n, 1/2) >= correct)."""
+    from scipy.stats import binom
+
+    accuracy, n = _domain_classifier(source, target, max_per_domain, seed)
+    error = 1.0 - accuracy
+    correct = int(round(accuracy * n))
+    return float(max(0.0, 2.0 * (1.0 - 2.0 * error))), float(binom.sf(correct - 1, n, 0.5))
+
+
+def _kernel(s: torch.Tensor, t: torch.Tensor, scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+    """Gaussian kernel over the pooled (Ns+Nt, D) features, bandwidth = median squared distance (times
+    each of `scales`, averaged: a multi-scale kernel, as in DAN's MK-MMD)."""
     z = torch.cat([s, t]).double()
     d2 = torch.cdist(z, z).pow(2)  # (Ns+Nt, Ns+Nt)
     positive = d2[d2 > 0]
     bandwidth = positive.median() if len(positive) else torch.tensor(1.0, dtype=torch.float64)
-    return torch.exp(-d2 / bandwidth)
+    return sum(torch.exp(-d2 / (bandwidth * c)) for c in scales) / len(scales)
+
+
+# the drift test's bandwidths, relative to the median: the median alone is set by the distances between
+# classes, and misses a shift of every class that keeps them apart (darker images of each class)
+TEST_SCALES = (1 / 16, 1 / 4, 1.0, 4.0)
 
 
 def _mmd2(k: torch.Tensor, ns: int) -> float:
@@ -54,8 +75,9 @@ def mmd(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 1000, 
     return _mmd2(_kernel(s, t), len(s))
 
 
-def mmd_test(source: torch.Tensor, target: torch.Tensor, permutations: int = 500, max_per_domain: int = 500, seed: int = 0) -> tuple[float, float]:
-    """Permutation two-sample test (Gretton et al., JMLR 2012): (MMD^2, p-value).
+def mmd_test(source: torch.Tensor, target: torch.Tensor, permutations: int = 500, max_per_domain: int = 500, seed: int = 0,
+             scales: tuple[float, ...] = TEST_SCALES) -> tuple[float, float]:
+    """Permutation two-sample test (Gretton et al., JMLR 2012) with a multi-scale Gaussian kernel: (MMD^2, p-value).
 
     The domain labels of the pooled features are shuffled `permutations` times; p = (1 + #{MMD^2 of a
     shuffle >= the observed}) / (1 + permutations). All shuffles reuse one kernel matrix K (N, N):
@@ -63,7 +85,7 @@ def mmd_test(source: torch.Tensor, target: torch.Tensor, permutations: int = 500
     """
     rng = np.random.default_rng(seed)
     s, t = _sample(source, max_per_domain, rng), _sample(target, max_per_domain, rng)
-    k = _kernel(s, t)
+    k = _kernel(s, t, scales)
     ns, n = len(s), len(s) + len(t)
     observed = _mmd2(k, ns)
     order = np.argsort(rng.random((permutations, n)), axis=1)  # a shuffle per row

@@ -214,3 +214,82 @@ def test_serving_the_champion_over_http(team, project: Path, first_run, tmp_path
         assert "image 0" in message and "0-255" in message
     finally:
         stop(proc)
+
+
+def _flow_runs(api: str, deployment_id: str) -> list[dict]:
+    import httpx
+
+    body = {"deployments": {"id": {"any_": [deployment_id]}}}
+    return [r for r in httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json() if not r.get("auto_scheduled")]
+
+
+def test_retrain_deployment_runs_on_a_process_worker_only_when_new_data_is_shifted(team, project: Path, first_run, tmp_path: Path):
+    """prefect.yaml's retrain deployment on the Prefect server (PostgreSQL), run by a process worker:
+    an unshifted new batch of the target is measured and triggers nothing; a shifted one retrains."""
+    import socket
+
+    import httpx
+
+    from servers import stop
+
+    env, api, client = team["env"], team["prefect"].api, first_run["client"]
+    repo = Path(__file__).resolve().parents[2]
+
+    def prefect(*args: str, cwd: Path = repo) -> subprocess.CompletedProcess:
+        out = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out
+
+    # the README's steps, with prefect.yaml's deployment pointed at this project's shift
+    spec = yaml.safe_load((repo / "prefect.yaml").read_text())
+    [deployment] = spec["deployments"]
+    deployment.update(name="paint-to-paint-b", schedules=[])
+    deployment["parameters"].update(params_file=str(project / "params.yaml"), source="paint", target="paint-b")
+    deployment["triggers"][0]["match"]["prefect.resource.id"] = "udaflow.dataset.paint-b"
+    (tmp_path / "prefect.yaml").write_text(yaml.safe_dump(spec))
+    prefect("work-pool", "create", "udaflow", "--type", "process", "--overwrite")
+    prefect("concurrency-limit", "create", f"udaflow-training@{socket.gethostname()}", "1")
+    prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(tmp_path / "prefect.yaml"))
+    made = httpx.get(f"{api}/deployments/name/udaflow-retrain/paint-to-paint-b", timeout=10).json()
+    assert made["work_pool_name"] == "udaflow" and (made.get("global_concurrency_limit") or {}).get("limit") == 1, made
+    limits = httpx.post(f"{api}/concurrency_limits/filter", json={}, timeout=10).json()
+    assert {(c["tag"], c["concurrency_limit"]) for c in limits} >= {(f"udaflow-training@{socket.gethostname()}", 1)}
+
+    versions = lambda: len(client.search_model_versions(f"name='{MODEL}'"))  # noqa: E731
+    before = versions()
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "udaflow", "--type", "process", "--limit", "1"],
+                              env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        scratch = tmp_path / "batches"
+        # more of the same: new pixels (a new DVC version) from the champion's distribution
+        out = udaflow(env, project, "data", "ingest", str(colour_folder(scratch / "same", 90, 7, 20.0)), "--name", "paint-b",
+                      "--source", "paint", "--replace")
+        assert out.returncode == 0 and "no retrain: no shift" in out.stdout, out.stdout
+        assert "(drift: unshifted) emitted" in out.stdout
+        time.sleep(20)
+        assert _flow_runs(api, made["id"]) == [] and versions() == before
+
+        # a shifted batch: the colours much darker than anything the champion adapted to
+        out = udaflow(env, project, "data", "ingest", str(colour_folder(scratch / "dark", 90, 8, -110.0)), "--name", "paint-b",
+                      "--source", "paint", "--replace")
+        assert out.returncode == 0 and "retrain: shift" in out.stdout and "(drift: shifted) emitted" in out.stdout, out.stdout
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            runs = _flow_runs(api, made["id"])
+            states = [r["state"]["type"] for r in runs]
+            assert not {"FAILED", "CRASHED"} & set(states), log.read_text()[-3000:]
+            if runs and all(s == "COMPLETED" for s in states):
+                break
+            time.sleep(3)
+        assert len(runs) == 1 and states == ["COMPLETED"], (states, log.read_text()[-3000:])
+        assert versions() == before + 1
+
+        # the figures: on the event, and as MLflow `drift` runs with the decision
+        events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": ["udaflow.dataset.updated"]}}}, timeout=10).json()
+        shifted = [e for e in events["events"] if e["resource"].get("udaflow.drift") == "shifted"]
+        assert shifted and shifted[0]["payload"]["drift"][MODEL]["pad"] >= 0.2
+        drift_runs = client.search_runs([first_run["run"].info.experiment_id], "tags.`udaflow.stage` = 'drift'")
+        assert sorted(r.data.tags["drift.decision"] for r in drift_runs) == ["no retrain", "retrain"]
+    finally:
+        stop(worker)

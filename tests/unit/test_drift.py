@@ -15,8 +15,8 @@ def _features(n: int, seed: int, offset: float = 0.0) -> torch.Tensor:
 
 def test_mmd_test_matches_a_plain_permutation_loop():
     s, t = _features(30, 0), _features(25, 1, 0.3)
-    observed, p = mmd_test(s, t, permutations=60, seed=3)
-    assert abs(observed - mmd(s, t)) < 1e-12
+    observed, p = mmd_test(s, t, permutations=60, seed=3, scales=(1.0,))
+    assert abs(observed - mmd(s, t)) < 1e-12  # one scale: the evaluation's MMD
     # the same shuffles, one at a time, with the plain estimator on the pooled rows
     import numpy as np
 
@@ -38,7 +38,7 @@ def test_same_distribution_is_not_significant_and_a_shift_is():
     moved = mmd_test(_features(200, 0), _features(200, 1, 0.5), permutations=200)
     assert same[1] > 0.05
     assert moved[1] == 1 / 201  # no shuffle comes near the observed MMD
-    assert moved[0] > 10 * same[0]
+    assert moved[0] > 5 * same[0]
 
 
 def _logits(n: int, seed: int, confident: bool) -> torch.Tensor:
@@ -60,7 +60,7 @@ def test_retrain_only_on_a_significant_shift_or_a_validator_drop():
 
     shifted = _decide(_features(200, 1, 1.0), _logits(200, 1, True))
     assert shifted.retrain and shifted.significant and shifted.pad >= 0.2 and shifted.mmd_p_value < 0.01
-    assert shifted.reason.startswith("shift:")
+    assert shifted.reason.startswith("shift:") and shifted.pad_p_value < 1e-6 < 0.05 < unshifted.pad_p_value
 
     unsure = _decide(_features(200, 1), _logits(200, 1, False))  # same features, the champion lost its confidence
     assert unsure.retrain and not unsure.significant and unsure.validator_dropped
