@@ -41,8 +41,16 @@ def configure(tracking_uri: str, artifact_root: Path) -> None:
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     Path(artifact_root).mkdir(parents=True, exist_ok=True)
+    # MLflow also exports both URIs to os.environ for child processes; udaflow passes its store
+    # explicitly, and keeps MLFLOW_TRACKING_URI what the user set (it overrides params.yaml)
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     os.environ["UDAFLOW_ARTIFACT_ROOT"] = str(Path(artifact_root).resolve())
 
 
