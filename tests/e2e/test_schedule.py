@@ -151,7 +151,8 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
         (changed / "synth/manifest.csv").unlink()
         out = udaflow(env, project, "data", "ingest", str(changed / "synth"), "--name", "fonts-b", "--source", "synth", "--replace")
         assert out.returncode == 0, out.stdout + out.stderr
-        assert "event udaflow.dataset.updated emitted" in out.stdout
+        # no champion yet (the tiny first version failed its sanity check) or a shifted batch: a retrain
+        assert "(drift: no-champion) emitted" in out.stdout or "(drift: shifted) emitted" in out.stdout, out.stdout
         _wait_completed(api, deployment["id"], 3)
         assert _versions(project) == 2
 

@@ -285,6 +285,15 @@ def test_retrain_deployment_runs_on_a_process_worker_only_when_new_data_is_shift
         assert len(runs) == 1 and states == ["COMPLETED"], (states, log.read_text()[-3000:])
         assert versions() == before + 1
 
+        # the registry on the server: the retrain's gate either moved `champion` to the new version or
+        # kept the old one; a promotion is undone by a rollback
+        champion = str(client.get_model_version_by_alias(MODEL, "champion").version)
+        print(f"after the retrain: champion v{champion} of {versions()}")
+        if champion == str(before + 1):
+            out = udaflow(env, project, "rollback", "--model", MODEL)
+            assert out.returncode == 0 and f"rolled back from v{before + 1} to v{before}" in out.stdout, out.stdout + out.stderr
+            assert str(client.get_model_version_by_alias(MODEL, "champion").version) == str(before)
+
         # the figures: on the event, and as MLflow `drift` runs with the decision
         events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"name": ["udaflow.dataset.updated"]}}}, timeout=10).json()
         shifted = [e for e in events["events"] if e["resource"].get("udaflow.drift") == "shifted"]
