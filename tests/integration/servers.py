@@ -125,16 +125,27 @@ class Postgres:
 
 
 @dataclass
-class S3:
-    """moto's S3 in server mode: a real HTTP endpoint that boto3, MLflow and DVC talk to."""
+class Server:
+    """A server process on 127.0.0.1:port, its output in `log`."""
 
     port: int
     proc: subprocess.Popen
     log: Path
 
     @property
-    def endpoint(self) -> str:
+    def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop(self.proc, 60)
+
+
+class S3(Server):
+    """moto's S3 in server mode: a real HTTP endpoint that boto3, MLflow and DVC talk to."""
+
+    @property
+    def endpoint(self) -> str:
+        return self.base
 
     @classmethod
     def start(cls, folder: Path, buckets: tuple[str, ...]) -> "S3":
@@ -143,35 +154,25 @@ class S3:
                                 stdout=log.open("w"), stderr=subprocess.STDOUT)
         wait_http(f"http://127.0.0.1:{port}/moto-api/", proc, log, 60)
         s3 = cls(port, proc, log)
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=s3.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                              region_name="us-east-1")
         for bucket in buckets:
-            client.create_bucket(Bucket=bucket)
+            s3.client().create_bucket(Bucket=bucket)
         return s3
 
-    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+    def client(self):
         import boto3
 
-        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                              region_name="us-east-1")
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                            region_name="us-east-1")
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
-    def stop(self) -> None:
-        stop(self.proc)
 
-
-@dataclass
-class MlflowServer:
-    port: int
-    proc: subprocess.Popen
-    log: Path
-
+class MlflowServer(Server):
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.base
 
     @classmethod
     def start(cls, folder: Path, pg: Postgres, s3: S3, bucket: str) -> "MlflowServer":
@@ -186,20 +187,14 @@ class MlflowServer:
         wait_http(f"http://127.0.0.1:{port}/health", proc, log, 240)
         return cls(port, proc, log)
 
-    def stop(self) -> None:
-        stop(self.proc)
-
 
 @dataclass
-class PrefectServer:
-    port: int
-    proc: subprocess.Popen
-    log: Path
-    env: dict[str, str]
+class PrefectServer(Server):
+    env: dict[str, str] = field(default_factory=dict)  # what a client (CLI, worker) needs to reach it
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"{self.base}/api"
 
     @classmethod
     def start(cls, folder: Path, pg: Postgres) -> "PrefectServer":
@@ -216,6 +211,3 @@ class PrefectServer:
         wait_http(f"http://127.0.0.1:{port}/api/health", proc, log, 240)
         client_env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}
         return cls(port, proc, log, client_env)
-
-    def stop(self) -> None:
-        stop(self.proc, 60)
