@@ -76,3 +76,17 @@ def test_a_request_without_images_is_refused(model):
         model.predict(pd.DataFrame({"picture": ["x"]}))
     with pytest.raises(InputError, match="no images"):
         model.predict({"image": []})
+
+
+def test_the_scaled_float_layout_of_earlier_versions_is_checked_not_trusted(model):
+    """Versions registered before took decoded pixels (B, 3, S, S) scaled to [0, 1]; their signature
+    still asks for it. In range it answers as the same uint8 pixels do; unscaled 0-255 floats (200 and
+    14% accuracy before) and NaN are refused."""
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    scaled = (pixels.transpose(0, 3, 1, 2) / 255.0).astype(np.float32)
+    out, reference = model.predict(scaled), model.predict(pixels)
+    assert list(out["class"]) == list(reference["class"]) and all(same(p, q) for p, q in zip(out["probabilities"], reference["probabilities"]))
+    with pytest.raises(InputError, match=r"values from 0 to 255 .* scaled to \[0, 1\]"):
+        model.predict(scaled * 255.0)
+    with pytest.raises(InputError, match="NaN"):
+        model.predict(np.full((1, 3, 32, 32), np.nan, np.float32))

@@ -226,16 +226,33 @@ class PackagedModel:
             raise InputError("no images in the request")
         return np.stack([_decode(v, f"image {i}", self.spec) for i, v in enumerate(values)])
 
+    def _scaled(self, model_input: Any) -> torch.Tensor | None:
+        """The layout versions registered before encoded input took (their signature still asks for
+        it): decoded float pixels (B, 3, S, S) scaled to [0, 1]. Checked, not trusted: unscaled or NaN
+        values are refused. None for anything else."""
+        size = self.spec.size if self.spec else None
+        if not (isinstance(model_input, np.ndarray) and model_input.dtype.kind == "f" and model_input.ndim == 4
+                and model_input.shape[1] == 3 and model_input.shape[2:] == (size, size)):
+            return None
+        if not np.isfinite(model_input).all():
+            raise InputError("NaN or infinite pixel values")
+        low, high = float(model_input.min()), float(model_input.max())
+        if low < 0 or high > 1:
+            raise InputError(f"values from {low:g} to {high:g} in the (B, 3, {size}, {size}) float layout, which takes pixels "
+                             "scaled to [0, 1]; send the encoded file or uint8 pixels 0-255 under `image`")
+        return torch.from_numpy(model_input.astype(np.float32))
+
     def predict(self, model_input: Any, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        pixels = self.pixels(model_input)
+        x = self._scaled(model_input)
+        if x is None:
+            x = torch.from_numpy(self.pixels(model_input)).float() / 255.0
         classes = list(self.model.classes)
         probabilities = []
         with torch.no_grad():
-            for i in range(0, len(pixels), 256):
-                x = torch.from_numpy(pixels[i : i + 256]).float() / 255.0
-                probabilities.append(torch.softmax(self.model(x).float(), dim=1))
+            for i in range(0, len(x), 256):
+                probabilities.append(torch.softmax(self.model(x[i : i + 256]).float(), dim=1))
         p = torch.cat(probabilities).numpy()
         return pd.DataFrame({
             "class": [classes[k] for k in p.argmax(1)],
