@@ -8,7 +8,7 @@ from pathlib import Path
 from flows.retrain import DATASET_UPDATED, dataset_resource, retrain
 
 REPO = Path(__file__).resolve().parents[1]
-RETRAIN_ON = ("shifted", "no-champion")  # the `udaflow.drift` labels of an ingest event that start a retrain
+RETRAIN_ON = ("shifted", "unmeasured", "no-champion")  # the `udaflow.drift` labels of an ingest event that start a retrain
 
 
 def ensure_work_pool(name: str) -> None:
@@ -67,7 +67,7 @@ def deploy_retrain(
 
 def emit_dataset_updated(name: str, md5: str, drift: str = "no-champion", figures: dict | None = None) -> bool:
     """Tell the Prefect server a domain has a new DVC version. `drift` (shifted | unshifted |
-    no-champion, from `udaflow data ingest`) is a resource label the retrain triggers match on; the
+    unmeasured | no-champion, from `udaflow data ingest`) is a resource label the retrain triggers match on; the
     per-model drift figures ride in the payload."""
     from prefect.events import emit_event
 

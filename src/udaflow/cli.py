@@ -190,7 +190,8 @@ def _version(folder: Path) -> None:
 def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
     """Measure the new version of domain `name` against the data each model targeting it was adapted
     on (its champion's), log a `drift` run per model, print each decision. Returns the event's verdict
-    ('shifted': retrain, 'unshifted': don't, 'no-champion': nothing to compare, retrain) and the figures."""
+    ('shifted': retrain, 'unshifted': don't, 'no-champion' or 'unmeasured': nothing to compare, retrain)
+    and the figures."""
     from udaflow import steps, tracking
 
     uri = cfg.tracking.uri
@@ -201,8 +202,13 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
     verdicts, figures = [], {}
     for source in tracking.models_for_target(name):
         shift_cfg = cfg.model_copy(update={"source": source, "target": name})
-        report = steps.drift(shift_cfg)
         model = tracking.model_name(source, name)
+        try:
+            report = steps.drift(shift_cfg)
+        except Exception as exc:  # noqa: BLE001 - the data is versioned already: say why, and let the retrain decide
+            err_console.print(f"warning: drift vs {model} not measured ({type(exc).__name__}: {str(exc)[:300]}): retrain", highlight=False)
+            verdicts.append("unmeasured")
+            continue
         if report is None:
             console.print(f"  drift vs {model}: it has no champion, nothing to compare with: retrain", highlight=False)
             verdicts.append("no-champion")
@@ -219,7 +225,7 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
     if not verdicts:
         console.print(f"  drift: no registered model targets '{name}' yet: a retrain may run")
         return "no-champion", figures
-    verdict = "shifted" if "shifted" in verdicts else "no-champion" if "no-champion" in verdicts else "unshifted"
+    verdict = next((v for v in ("shifted", "unmeasured", "no-champion") if v in verdicts), "unshifted")
     return verdict, figures
 
 
@@ -596,7 +602,7 @@ def serve(
 ) -> None:
     """Serve a registered model over HTTP with `mlflow models serve` (POST /invocations).
 
-    The body: {"inputs": [{"image": "<base64 PNG/JPEG>"}, {"image": [[r, g, b], ...] rows of uint8 pixels}]};
+    The body: {"inputs": [{"image": "<base64 PNG/JPEG>"}, {"image": <uint8 pixels: H rows of W [r, g, b]>}]};
     the answer: {"predictions": [{"class": ..., "probabilities": {class: p}}]}. A bad image gets a 400."""
     cfg = _load(params, None, None)
     _require_model(cfg, model)

@@ -128,6 +128,14 @@ class DriftConfig(_Strict):
     min_pad: float = Field(0.2, ge=0, le=2)  # ... and a proxy A-distance at least this: a significant shift
     validator_drop: float = Field(0.05, ge=0)  # or the champion's validator fell by more than this on the new data
 
+    @model_validator(mode="after")
+    def _enough_permutations(self) -> "DriftConfig":
+        # the smallest p-value a permutation test can give is 1 / (1 + permutations)
+        if 1.0 / (1 + self.permutations) >= self.alpha / 2:
+            raise ValueError(f"permutations: {self.permutations} cannot give a p-value under alpha / 2 = {self.alpha / 2:g} "
+                             f"(need at least {int(2 / self.alpha)})")
+        return self
+
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a folder under data.root, as `udaflow data ingest --name` makes
 

@@ -23,6 +23,8 @@ import torch
 
 from udaflow.shift import mmd_test, proxy_a_distance_test
 
+MIN_IMAGES = 10  # per side: below, a held-out half of a few images says nothing
+
 
 @dataclass(frozen=True)
 class DriftReport:
@@ -65,9 +67,14 @@ def measure(
 ) -> DriftReport:
     """reference, new: (features (N, D), logits (N, K)) of the champion on each sample -> a DriftReport."""
     (ref_f, ref_l), (new_f, new_l) = reference, new
-    if min(len(ref_f), len(new_f)) < 2:
-        raise ValueError(f"drift needs at least 2 images per side (got {len(ref_f)} reference, {len(new_f)} new)")
-    pad, pad_p = proxy_a_distance_test(ref_f, new_f, max_per_domain=len(ref_f) + len(new_f), seed=seed)
+    n = min(len(ref_f), len(new_f))
+    if n < MIN_IMAGES:
+        raise ValueError(f"drift needs at least {MIN_IMAGES} images per side (got {len(ref_f)} reference, {len(new_f)} new)")
+    # equal sizes: the domain classifier's chance level is then 1/2 (the larger side would beat it by size alone)
+    generator = torch.Generator().manual_seed(seed)
+    ref_pick, new_pick = (torch.randperm(len(f), generator=generator)[:n].sort().values for f in (ref_f, new_f))
+    ref_f, ref_l, new_f, new_l = ref_f[ref_pick], ref_l[ref_pick], new_f[new_pick], new_l[new_pick]
+    pad, pad_p = proxy_a_distance_test(ref_f, new_f, max_per_domain=n, seed=seed, stratified=True)
     mmd2, p_value = mmd_test(ref_f, new_f, permutations=permutations, max_per_domain=len(ref_f) + len(new_f), seed=seed)
     v_ref, v_new = score(ref_l), score(new_l)
     level = alpha / 2  # two tests of one question: Bonferroni

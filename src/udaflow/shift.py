@@ -16,8 +16,10 @@ def _sample(x: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
     return x if len(x) <= n else x[torch.from_numpy(rng.choice(len(x), n, replace=False))]
 
 
-def _domain_classifier(source: torch.Tensor, target: torch.Tensor, max_per_domain: int, seed: int) -> tuple[float, int]:
-    """A linear domain classifier trained on half the (sampled) features: (held-out accuracy, held-out count)."""
+def _domain_classifier(source: torch.Tensor, target: torch.Tensor, max_per_domain: int, seed: int,
+                       stratified: bool = False) -> tuple[float, int]:
+    """A linear domain classifier trained on half the (sampled) features: (held-out accuracy, held-out count).
+    `stratified`: each domain split in half on its own, so both halves hold both domains equally."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -25,9 +27,14 @@ def _domain_classifier(source: torch.Tensor, target: torch.Tensor, max_per_domai
     s, t = _sample(source, max_per_domain, rng).numpy(), _sample(target, max_per_domain, rng).numpy()
     x = np.concatenate([s, t])
     y = np.concatenate([np.zeros(len(s)), np.ones(len(t))])
-    order = rng.permutation(len(x))
-    half = len(x) // 2
-    train, test = order[:half], order[half:]
+    if stratified:
+        halves = [rng.permutation(idx) for idx in (np.arange(len(s)), len(s) + np.arange(len(t)))]
+        train = np.concatenate([h[: len(h) // 2] for h in halves])
+        test = np.concatenate([h[len(h) // 2 :] for h in halves])
+    else:
+        order = rng.permutation(len(x))
+        half = len(x) // 2
+        train, test = order[:half], order[half:]
     scaler = StandardScaler().fit(x[train])
     clf = LogisticRegression(max_iter=500, C=1.0).fit(scaler.transform(x[train]), y[train])
     return float(clf.score(scaler.transform(x[test]), y[test])), len(test)
@@ -35,15 +42,17 @@ def _domain_classifier(source: torch.Tensor, target: torch.Tensor, max_per_domai
 
 def proxy_a_distance(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 2000, seed: int = 0) -> float:
     """source (Ns, D), target (Nt, D) features -> PAD in [0, 2] (clipped at 0 below)."""
-    return proxy_a_distance_test(source, target, max_per_domain, seed)[0]
+    return proxy_a_distance_test(source, target, max_per_domain, seed)[0]  # the evaluation's PAD, as recorded
 
 
-def proxy_a_distance_test(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 2000, seed: int = 0) -> tuple[float, float]:
+def proxy_a_distance_test(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 2000, seed: int = 0,
+                          stratified: bool = False) -> tuple[float, float]:
     """(PAD, p-value): the domain classifier's held-out accuracy against chance, a classifier two-sample
-    test (Lopez-Paz and Oquab, ICLR 2017): p = P(Binomial(n, 1/2) >= correct)."""
+    test (Lopez-Paz and Oquab, ICLR 2017): p = P(Binomial(n, 1/2) >= correct). Chance is 1/2 only for
+    samples of equal size split evenly: give equal sizes and `stratified=True` for the p-value."""
     from scipy.stats import binom
 
-    accuracy, n = _domain_classifier(source, target, max_per_domain, seed)
+    accuracy, n = _domain_classifier(source, target, max_per_domain, seed, stratified)
     error = 1.0 - accuracy
     correct = int(round(accuracy * n))
     return float(max(0.0, 2.0 * (1.0 - 2.0 * error))), float(binom.sf(correct - 1, n, 0.5))

@@ -350,8 +350,11 @@ def drift(cfg: Config):
     hashes = tracking.alias_data_hashes(name, tracking.CHAMPION)
     if hashes is None:
         return None
-    spec, seed, d = image_spec(cfg), cfg.seed, cfg.drift
+    from udaflow.models.packaged import input_spec
+
+    seed, d = cfg.seed, cfg.drift
     model = tracking.load_model(f"models:/{name}@{tracking.CHAMPION}")
+    spec = input_spec(model.package_config)  # the champion's own input, whatever params.yaml says today
     device = resolve_device(cfg.train.device)
     classifier = model.classifier.to(device)
     with tempfile.TemporaryDirectory(prefix="udaflow-drift-") as tmp:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
+import numbers
 import os
 import socket
 import subprocess
@@ -307,6 +309,7 @@ def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: st
     end_runs_of_dead_processes(exp)
     tags.update({"udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid())})
     run_id = start_run(exp, f"{method}:{source}-to-{target}", tags)
+    config = redacted(config)
     log_params(run_id, config)
     with _tempdir() as tmp:
         import yaml
@@ -317,6 +320,19 @@ def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: st
         if Path(params_file).exists():
             log_artifact(run_id, Path(params_file), "params")
     return PipelineRun(exp, run_id, source, target)
+
+
+def redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with any user:password in tracking.uri removed (it is logged, and shown to the team)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = str(config.get("tracking", {}).get("uri", ""))
+    parts = urlsplit(uri)
+    if not parts.password and not parts.username:
+        return config
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return {**config, "tracking": {**config["tracking"], "uri": urlunsplit(parts._replace(netloc=netloc))}}
 
 
 def end_runs_of_dead_processes(experiment: str) -> list[str]:
@@ -450,7 +466,7 @@ def link_model(run: PipelineRun, model_id: str, metrics: dict[str, Any]) -> None
     on = {key: ("source", tags.get("dvc.source.name"), tags.get("dvc.source.md5")) if key.startswith("source")
           else ("target", tags.get("dvc.target.name"), tags.get("dvc.target.md5")) for key in HEADLINE}
     items = [Metric(k, float(metrics[k]), now, 0, model_id=model_id, dataset_name=on[k][1], dataset_digest=on[k][2])
-             for k in HEADLINE if isinstance(metrics.get(k), (int, float)) and on[k][1] and on[k][2]]
+             for k in HEADLINE if isinstance(metrics.get(k), numbers.Real) and math.isfinite(metrics[k]) and on[k][1] and on[k][2]]
     if items:
         client.log_batch(run.run_id, metrics=items)
     for child in client.search_runs([run.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}' and tags.`udaflow.stage` = 'evaluate'"):
@@ -664,9 +680,15 @@ def alias_data_hashes(name: str, alias: str = CHAMPION) -> dict[str, str] | None
 
 def models_for_target(target: str) -> list[str]:
     """Sources s with a registered model udaflow-<s>-to-<target>, sorted."""
-    suffix = f"-to-{target}"
-    names = [m.name for m in _client().search_registered_models(f"name LIKE 'udaflow-%{suffix}'")]
-    return sorted(n.removeprefix("udaflow-").removesuffix(suffix) for n in names if n.startswith("udaflow-") and n.endswith(suffix))
+    suffix, names, token = f"-to-{target}", [], None
+    while True:
+        page = _client().search_registered_models(f"name LIKE 'udaflow-%{suffix}'", max_results=200, page_token=token)
+        names += [m.name for m in page if m.name.startswith("udaflow-") and m.name.endswith(suffix)]
+        token = page.token
+        if not token:
+            break
+    shifts = [model_shift(n) for n in names]  # a domain name may contain '-to-': the runs' tags decide
+    return sorted(source for source, shift_target in shifts if shift_target == target)
 
 
 def log_drift(source: str, target: str, md5: str, figures: dict[str, float], report: dict[str, Any]) -> str:

@@ -66,3 +66,22 @@ def test_retrain_only_on_a_significant_shift_or_a_validator_drop():
     assert unsure.retrain and not unsure.significant and unsure.validator_dropped
     assert unsure.validator_drop > 0.05 and "fell" in unsure.reason
     assert unsure.figures()["drift.retrain"] == 1.0 and unshifted.figures()["drift.retrain"] == 0.0
+
+
+def test_samples_of_unequal_size_from_one_distribution_are_not_a_shift():
+    """A small reference against a larger new sample: the domain classifier must not win by size alone."""
+    for n_ref in (40, 120, 300):
+        report = drift.measure((_features(n_ref, 0), _logits(n_ref, 0, True)), (_features(500, 1), _logits(500, 1, True)),
+                               information_maximization, "im", alpha=0.01, min_pad=0.2, validator_drop=0.05, permutations=200)
+        assert not report.retrain and report.n_reference == report.n_new == n_ref, report.reason
+        assert report.pad_p_value > 0.005
+
+
+def test_too_few_permutations_for_alpha_is_a_config_error():
+    import pytest
+
+    from udaflow.config import DriftConfig
+
+    with pytest.raises(ValueError, match="cannot give a p-value under alpha / 2"):
+        DriftConfig(permutations=100, alpha=0.01)
+    assert DriftConfig(permutations=200, alpha=0.01).permutations == 200

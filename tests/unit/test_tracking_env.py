@@ -23,3 +23,9 @@ def test_the_users_variable_wins_over_params_yaml_and_configure_leaves_it_alone(
     assert load_config(REPO / "params.yaml", None, ["tracking.uri=sqlite:///x.db"]).tracking.uri == "sqlite:///x.db"
     tracking.configure(f"sqlite:///{tmp_path}/b.db", tmp_path / "artifacts")
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+
+
+def test_credentials_in_the_tracking_uri_are_not_logged():
+    config = {"tracking": {"uri": "https://alice:s3cr3t@mlflow.example:5000/", "artifact_root": "x"}, "seed": 0}
+    assert tracking.redacted(config)["tracking"]["uri"] == "https://mlflow.example:5000/"
+    assert tracking.redacted({"tracking": {"uri": "sqlite:///mlflow/mlflow.db"}}) == {"tracking": {"uri": "sqlite:///mlflow/mlflow.db"}}

@@ -97,7 +97,16 @@ def load(folder: Path) -> ImageClassifier:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise PackageError(f"{folder / WEIGHTS}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.package_config = config  # what it was built from: backbone, its arguments, input size (input_spec)
     return model.eval()
+
+
+def input_spec(config: dict[str, Any]):
+    """The ImageSpec the pipeline decoded this model's images with (its backbone's timm config, else
+    its recorded image_size)."""
+    from udaflow.models.preprocess import resolve
+
+    return resolve(config["backbone"], config["backbone_args"], int(config.get("image_size") or 32))
 
 
 class InputError(ValueError):
@@ -151,8 +160,10 @@ def _decode(value: Any, where: str, spec) -> np.ndarray:
     if isinstance(value, np.ndarray) and value.dtype.kind in "US" and value.ndim == 0:
         value = str(value)
     if isinstance(value, str):
+        if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,<...>
+            value = value.split(",", 1)[1]
         try:
-            value = base64.b64decode(value, validate=True)
+            value = base64.b64decode("".join(value.split()), validate=True)  # line breaks, as `base64` writes them
         except (binascii.Error, ValueError):
             raise InputError(f"{where}: a string that is not base64; send the image file's bytes base64-encoded") from None
     if isinstance(value, (bytes, bytearray)):
@@ -213,11 +224,8 @@ class PackagedModel:
     @property
     def spec(self):
         """The model's input: the same ImageSpec the pipeline decoded its training images with."""
-        if self._spec is None:
-            from udaflow.models.preprocess import resolve
-
-            config = self.config or {"backbone": "", "backbone_args": {}}
-            self._spec = resolve(config["backbone"], config["backbone_args"], int(config.get("image_size") or 32)) if config["backbone"] else None
+        if self._spec is None and (self.config or {}).get("backbone"):
+            self._spec = input_spec(self.config)
         return self._spec
 
     def pixels(self, model_input: Any) -> np.ndarray:
