@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import dis
 import json
 import linecache
 import logging
@@ -68,10 +69,16 @@ def _raised_on_purpose(exc: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    filename = Path(tb.tb_frame.f_code.co_filename).resolve()
+    code = tb.tb_frame.f_code
+    filename = Path(code.co_filename).resolve()
     roots = [Path(d).resolve() for name in ("udaflow", "flows", "tasks") if (m := sys.modules.get(name)) for d in getattr(m, "__path__", [])]
     if not any(filename.is_relative_to(root) for root in roots):
         return False
+    # the instruction that raised: a `raise` statement compiles to RAISE_VARARGS (the source line, the
+    # fallback, can be stale in linecache when the file changed on disk after it was read)
+    if 0 <= tb.tb_lasti < len(code.co_code) and code.co_code[tb.tb_lasti] == dis.opmap["RAISE_VARARGS"]:
+        return True
+    linecache.checkcache(str(filename))
     return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise ")
 
 
