@@ -638,7 +638,9 @@ def ui(
     # the ML (training runs) layout: MLflow 3.17's UI picks GenAI or ML from a sidebar switch that
     # defaults to GenAI; this query parameter sets it (the experiments also carry the kind tag)
     view = "#/experiments?workflowType=machine_learning"
-    if cfg.tracking.uri.startswith(("http://", "https://")):
+    from udaflow.tracking import is_server
+
+    if is_server(cfg.tracking.uri):
         console.print(f"the tracking server serves the UI: {cfg.tracking.uri.rstrip('/')}/{view}")
         return
     cmd = [

@@ -345,13 +345,12 @@ def drift(cfg: Config):
 
     from udaflow import drift as drift_lib
     from udaflow import tracking, versioning
+    from udaflow.models.packaged import input_spec
 
     name = tracking.model_name(cfg.source, cfg.target)
     hashes = tracking.alias_data_hashes(name, tracking.CHAMPION)
     if hashes is None:
         return None
-    from udaflow.models.packaged import input_spec
-
     seed, d = cfg.seed, cfg.drift
     model = tracking.load_model(f"models:/{name}@{tracking.CHAMPION}")
     spec = input_spec(model.package_config)  # the champion's own input, whatever params.yaml says today
