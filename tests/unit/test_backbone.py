@@ -91,6 +91,23 @@ def test_conv_stem_rejects_other_patch_sizes():
         ConvStem(patch_size=16)
 
 
+@pytest.mark.parametrize("patch_size", [2, 4, 8])
+def test_strided_stem_drops_the_full_resolution_conv(patch_size):
+    full = ConvStem(img_size=32, patch_size=patch_size, embed_dim=96, stem_width=32)
+    strided = ConvStem(img_size=32, patch_size=patch_size, embed_dim=96, stem_width=32, stem_first_stride=2)
+    convs = [m for m in strided.stem if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == len([m for m in full.stem if isinstance(m, torch.nn.Conv2d)]) - 1
+    assert all(c.stride == (2, 2) for c in convs)
+    assert [c.out_channels for c in convs] == [min(96, 32 << i) for i in range(len(convs) - 1)] + [96]
+    x = torch.randn(2, 3, 32, 32)
+    assert strided(x).shape == full(x).shape == (2, (32 // patch_size) ** 2, 96)  # the same tokens
+
+
+def test_strided_stem_rejects_other_strides():
+    with pytest.raises(BackboneError, match="stem_first_stride"):
+        ConvStem(patch_size=8, stem_first_stride=4)
+
+
 class _Payload:
     def __reduce__(self):
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))

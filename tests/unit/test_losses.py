@@ -394,6 +394,53 @@ def test_adamatch_losses_match_a_plain_recomputation():
     assert t_s.grad is not None and t_s.grad.abs().sum() > 0
 
 
+def _adamatch_step(options: dict, batch_size: int = 8):
+    """One adamatch forward on a BN-free view of udaflow_vit_micro (eval mode: BatchNorm on running
+    statistics, so a split forward equals the joint one): losses, parameter gradients, drawn sizes."""
+    from udaflow.methods.base import StepContext
+
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3).eval()
+    method = methods.create_method("adamatch", clf, options)
+    images = {"source": torch.randn(40, 3, 32, 32), "target": torch.randn(30, 3, 32, 32)}
+    drawn = {}
+
+    def inputs(domain):
+        def view(idx, kind="default"):
+            drawn[domain] = len(idx)
+            return images[domain][idx] * (0.5 if kind == "strong" else 1.0)  # the strong view differs from the weak one
+        return view
+
+    ctx = StepContext(step=900, total_steps=1000, batch_size=batch_size, generator=torch.Generator().manual_seed(1), device=torch.device("cpu"),
+                      source_inputs=inputs("source"), target_inputs=inputs("target"), source_labels=torch.arange(40) % 3,
+                      embed_source=None, embed_target=None, num_target=30)
+    losses = method(clf, None, ctx)
+    losses["loss"].backward()
+    return losses, {n: p.grad.clone() for n, p in clf.named_parameters() if p.grad is not None}, drawn
+
+
+def test_adamatch_weak_target_view_without_backward_gives_the_same_step():
+    joint, joint_grads, _ = _adamatch_step({"weak_target_grad": True})
+    split, split_grads, _ = _adamatch_step({"weak_target_grad": False})
+    for key in ("loss", "cls", "unlabelled", "mask_rate"):
+        assert float(split[key]) == pytest.approx(float(joint[key]), rel=1e-5, abs=1e-7), key
+    assert float(joint["mask_rate"]) > 0  # the target term takes part
+    assert joint_grads.keys() == split_grads.keys()
+    for name, grad in joint_grads.items():
+        assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-6), name
+    method = methods.create_method("adamatch", build_classifier("udaflow_vit_micro", 3), {"weak_target_grad": False})
+    assert method.images_per_step(64, True) == 2 * 64 + 64 + 64 // 3  # the weak target view counts a forward only
+
+
+@pytest.mark.parametrize("uratio, expected", [(1.0, (8, 8)), (3.0, (4, 12)), (0.6, (10, 6))])
+def test_adamatch_uratio_splits_the_batch_between_domains(uratio, expected):
+    method = methods.create_method("adamatch", build_classifier("udaflow_vit_micro", 3), {"uratio": uratio})
+    assert method.batch_sizes(8) == expected
+    assert method.images_per_step(8, True) == 2 * sum(expected) == 32  # the same work a step at any ratio
+    _, _, drawn = _adamatch_step({"uratio": uratio})
+    assert (drawn["source"], drawn["target"]) == expected
+
+
 # ------------------------------------------------------------------------------------------ ssrt
 def test_masked_kl_matches_a_loop():
     from udaflow.methods.ssrt import masked_kl

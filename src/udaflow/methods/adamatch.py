@@ -1,7 +1,9 @@
 """adamatch: AdaMatch (Berthelot, Roelofs, Sohn, Carlini, Kurakin, "AdaMatch: A Unified Approach
 to Semi-Supervised Learning and Domain Adaptation", ICLR 2022).
 
-Each step draws B source and B target images, each in a weak and a strong view:
+Each step draws Bs source and Bt target images (Bs = Bt = B; `uratio` splits the 2B images of a view
+1 : uratio between the domains, as the paper's uratio puts more target images in a step), each in a
+weak and a strong view (shapes below for Bs = Bt = B):
 
     z'  = f([x_s^w, x_s^s, x_t^w, x_t^s])                 (4B, K) one batch: BN sees both domains
     z'' = f([x_s^w, x_s^s])                               (2B, K) source alone (logit_interpolation only)
@@ -14,6 +16,12 @@ Each step draws B source and B target images, each in a weak and a strong view:
                                                            c_tau per class, agreement with the strong view
     L = (CE(z_s^w, y) + CE(z_s^s, y)) / 2 + mu(p) * mean(m * CE(z'_t^s, y^_t))
     mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2                 ramps 0 -> 1 over the first half of training
+
+The weak target view only reads pseudo-labels (no gradient flows through p_t). With
+`weak_target_grad: false` it runs forward alone, under no_grad, and the batch with a backward holds
+[x_s^w, x_s^s, x_t^s]: the same step with about 13% less arithmetic (a forward is about a third of a
+forward + backward); only BatchNorm's batch statistics differ (the stem's BN sees the weak target
+view on its own).
 
 With `teacher_ema` > 0, p_t comes from an exponential moving average of the weights (a mean teacher,
 Tarvainen & Valpola 2017), evaluated on the weak target view in eval mode; the student's own weak-view
@@ -93,6 +101,8 @@ class AdaMatchConfig(MethodConfig):
     teacher_ema: float = Field(0.0, ge=0, lt=1)  # > 0: target pseudo-labels from an EMA teacher of the weights (decay per step)
     unlabelled_weight: float = Field(1.0, ge=0)  # weight of the target pseudo-label loss once ramped up
     logit_interpolation: bool = False  # the paper's second, source-only pass (BN statistics per domain): 1.5x the cost
+    uratio: float = Field(1.0, gt=0, le=15)  # target images per source image; the 2B images of a view are split 1 : uratio
+    weak_target_grad: bool = True  # False: the weak target view (read for pseudo-labels only) runs forward alone, without a backward
 
 
 @register_method("adamatch")
@@ -107,29 +117,44 @@ class AdaMatch(Method):
             self.teacher = copy.deepcopy(classifier).eval()  # frozen: its parameters never reach the optimiser
             self.teacher.requires_grad_(False)
 
+    def batch_sizes(self, batch_size: int) -> tuple[int, int]:
+        """(Bs, Bt): source and target images per view; 2B split 1 : uratio (B, B at uratio 1)."""
+        source = max(1, round(2 * batch_size / (1.0 + self.config.uratio)))
+        return source, max(1, 2 * batch_size - source)
+
     def images_per_step(self, batch_size: int, uses_target: bool) -> int:
-        return batch_size * (6 if self.config.logit_interpolation else 4)
+        """Forward + backward images a step: 2Bs + 2Bt (+ 2Bs for logit interpolation); a weak target
+        view without backward counts a third (a forward is about a third of forward + backward)."""
+        n_s, n_t = self.batch_sizes(batch_size)
+        weak_target = n_t if self.config.weak_target_grad else n_t // 3
+        return 2 * n_s * (2 if self.config.logit_interpolation else 1) + n_t + weak_target
 
     def forward(self, classifier, batch, ctx):
-        b = ctx.batch_size
-        s_idx = torch.randint(len(ctx.source_labels), (b,), generator=ctx.generator)
-        t_idx = torch.randint(ctx.num_target, (b,), generator=ctx.generator)
-        source = torch.cat([ctx.source_inputs(s_idx, "weak"), ctx.source_inputs(s_idx, "strong")])  # (2B, 3, H, W)
-        target = torch.cat([ctx.target_inputs(t_idx, "weak"), ctx.target_inputs(t_idx, "strong")])  # (2B, 3, H, W)
+        n_s, n_t = self.batch_sizes(ctx.batch_size)
+        s_idx = torch.randint(len(ctx.source_labels), (n_s,), generator=ctx.generator)
+        t_idx = torch.randint(ctx.num_target, (n_t,), generator=ctx.generator)
+        source = torch.cat([ctx.source_inputs(s_idx, "weak"), ctx.source_inputs(s_idx, "strong")])  # (2Bs, 3, H, W)
+        target_weak, target_strong = ctx.target_inputs(t_idx, "weak"), ctx.target_inputs(t_idx, "strong")  # (Bt, 3, H, W) each
         labels = distributed.shard(ctx.source_labels[s_idx]).to(ctx.device)
-        b = len(labels)  # this rank's rows per view (all B in one process)
+        b = len(labels)  # this rank's source rows per view (all Bs in one process)
         teacher_weak = None
         if self.config.teacher_ema > 0:
             ema_update(self.teacher, classifier, self.config.teacher_ema)  # the weights after the previous step
             with torch.no_grad():
-                teacher_weak = self.teacher.eval()(target[:b])  # (B, K); eval: BN running statistics
-        logits = classifier(torch.cat([source, target]))  # (4B, K)
-        source_logits, target_logits = logits[: 2 * b], logits[2 * b :]
+                teacher_weak = self.teacher.eval()(target_weak)  # (Bt, K); eval: BN running statistics
+        if self.config.weak_target_grad:
+            logits = classifier(torch.cat([source, target_weak, target_strong]))  # (2Bs + 2Bt, K)
+            source_logits, target_logits = logits[: 2 * b], logits[2 * b :].chunk(2)
+        else:  # the weak view only reads pseudo-labels: its backward would be wasted work
+            with torch.no_grad():
+                weak_logits = classifier(target_weak)  # (Bt, K)
+            logits = classifier(torch.cat([source, target_strong]))  # (2Bs + Bt, K)
+            source_logits, target_logits = logits[: 2 * b], (weak_logits, logits[2 * b :])
         if self.config.logit_interpolation:
-            alone = classifier(source)  # (2B, K)
-            mix = torch.rand((2, ctx.batch_size, source_logits.shape[1]), generator=ctx.generator)  # (2, B, K) over the global batch
+            alone = classifier(source)  # (2Bs, K)
+            mix = torch.rand((2, n_s, source_logits.shape[1]), generator=ctx.generator)  # (2, Bs, K) over the global batch
             mix = distributed.shard(mix.transpose(0, 1)).transpose(0, 1).reshape(source_logits.shape).to(ctx.device)  # (2b, K)
             source_logits = mix * source_logits + (1.0 - mix) * alone
-        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits.chunk(2), self.config.tau, getattr(self, "pseudo_labels", None), teacher_weak)
+        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits, self.config.tau, getattr(self, "pseudo_labels", None), teacher_weak)
         mu = self.config.unlabelled_weight * unlabelled_weight(ctx.progress)
         return {"loss": losses["cls"] + mu * losses["unlabelled"], **losses}

@@ -30,11 +30,14 @@ INPUT_NORMS = ("none", "image", "channel", "gray")
 class ConvStem(nn.Module):
     """Conv stem: (B, C, H, W) -> (B, (H/p) * (W/p), D) tokens, p = patch_size (4 or 8).
 
-    A stride-1 3x3 conv, then log2(p) stride-2 3x3 convs with BatchNorm + GELU between them.
+    A stride-1 3x3 conv, then log2(p) stride-2 3x3 convs with BatchNorm + GELU between them;
+    `stem_first_stride=2` drops the full-resolution conv (the first conv halves H, W): its
+    activations were most of the stem's memory traffic, so the channels can widen at the same cost.
     Signature matches timm's PatchEmbed so VisionTransformer(embed_layer=ConvStem) works.
     """
 
-    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=128, bias=True, dynamic_img_pad=False, input_norm="none", stem_width=None, **_):
+    def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=128, bias=True, dynamic_img_pad=False, input_norm="none", stem_width=None,
+                 stem_first_stride=1, **_):
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise BackboneError(f"model.backbone_args.input_norm: '{input_norm}' is not one of {', '.join(INPUT_NORMS)}")
@@ -47,15 +50,18 @@ class ConvStem(nn.Module):
         self.patch_size = (patch_size, patch_size)
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if stem_first_stride not in (1, 2):
+            raise BackboneError(f"model.backbone_args.stem_first_stride: 1 (a full-resolution conv first) or 2, not {stem_first_stride}")
         downs = int(math.log2(patch_size))
-        if stem_width:  # first conv's width, doubling at each stride, capped at D
-            widths = [min(embed_dim, int(stem_width) << i) for i in range(downs)] + [embed_dim]
+        convs = downs if stem_first_stride == 2 else downs + 1  # stride 2: the first conv already halves H, W
+        if stem_width:  # first conv's width, doubling at each conv, capped at D
+            widths = [min(embed_dim, int(stem_width) << i) for i in range(convs - 1)] + [embed_dim]
         else:
-            widths = [max(8, embed_dim >> (downs - i)) for i in range(downs)] + [embed_dim]  # e.g. D/8, D/4, D/2, D
-        layers: list[nn.Module] = [nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)]  # (B, w0, H, W)
-        for i in range(downs):
+            widths = [max(8, embed_dim >> (convs - 1 - i)) for i in range(convs - 1)] + [embed_dim]  # e.g. D/8, D/4, D/2, D
+        layers: list[nn.Module] = [nn.Conv2d(in_chans, widths[0], 3, stem_first_stride, 1, bias=False)]  # (B, w0, H/s, W/s)
+        for i in range(convs - 1):
             layers += [nn.BatchNorm2d(widths[i]), nn.GELU()]
-            layers.append(nn.Conv2d(widths[i], widths[i + 1], 3, 2, 1, bias=bias and i == downs - 1))  # halves H, W
+            layers.append(nn.Conv2d(widths[i], widths[i + 1], 3, 2, 1, bias=bias and i == convs - 2))  # halves H, W
         self.stem = nn.Sequential(*layers)
 
     def feat_ratio(self, as_scalar: bool = True):
@@ -82,7 +88,8 @@ def _hybrid_vit(embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionT
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
-    stem = partial(ConvStem, input_norm=kwargs.pop("input_norm", "none"), stem_width=kwargs.pop("stem_width", None))
+    stem = partial(ConvStem, input_norm=kwargs.pop("input_norm", "none"), stem_width=kwargs.pop("stem_width", None),
+                   stem_first_stride=kwargs.pop("stem_first_stride", 1))
     return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, embed_layer=stem, **kwargs)
 
 
