@@ -394,13 +394,16 @@ def test_adamatch_losses_match_a_plain_recomputation():
     assert t_s.grad is not None and t_s.grad.abs().sum() > 0
 
 
-def _adamatch_step(options: dict, batch_size: int = 8):
-    """One adamatch forward on a BN-free view of udaflow_vit_micro (eval mode: BatchNorm on running
-    statistics, so a split forward equals the joint one): losses, parameter gradients, drawn sizes."""
+def _adamatch_step(options: dict, batch_size: int = 8, training: bool = False):
+    """One adamatch forward of udaflow_vit_micro, by default in eval mode (BatchNorm on running
+    statistics, so a split forward equals the joint one): losses, parameter gradients, drawn sizes,
+    and each pass of the classifier as (rows, train mode)."""
     from udaflow.methods.base import StepContext
 
     torch.manual_seed(0)
-    clf = build_classifier("udaflow_vit_micro", 3).eval()
+    clf = build_classifier("udaflow_vit_micro", 3).train(training)
+    passes = []
+    clf.register_forward_pre_hook(lambda module, args: passes.append((len(args[0]), module.training)))
     method = methods.create_method("adamatch", clf, options)
     images = {"source": torch.randn(40, 3, 32, 32), "target": torch.randn(30, 3, 32, 32)}
     drawn = {}
@@ -416,6 +419,7 @@ def _adamatch_step(options: dict, batch_size: int = 8):
                       embed_source=None, embed_target=None, num_target=30)
     losses = method(clf, None, ctx)
     losses["loss"].backward()
+    drawn["passes"] = passes
     return losses, {n: p.grad.clone() for n, p in clf.named_parameters() if p.grad is not None}, drawn
 
 
@@ -430,6 +434,10 @@ def test_adamatch_weak_target_view_without_backward_gives_the_same_step():
         assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-6), name
     method = methods.create_method("adamatch", build_classifier("udaflow_vit_micro", 3), {"weak_target_grad": False})
     assert method.images_per_step(64, True) == 2 * 64 + 64 + 64 // 3  # the weak target view counts a forward only
+    # in training, the weak view is read in eval mode (BatchNorm's running statistics, left as they were), then the
+    # 3B rows with a backward in train mode; the joint form is one pass of 4B rows
+    assert _adamatch_step({"weak_target_grad": False}, training=True)[2]["passes"] == [(8, False), (24, True)]
+    assert _adamatch_step({"weak_target_grad": True}, training=True)[2]["passes"] == [(32, True)]
 
 
 @pytest.mark.parametrize("uratio, expected", [(1.0, (8, 8)), (3.0, (4, 12)), (0.6, (10, 6))])

@@ -20,8 +20,9 @@ weak and a strong view (shapes below for Bs = Bt = B):
 The weak target view only reads pseudo-labels (no gradient flows through p_t). With
 `weak_target_grad: false` it runs forward alone, under no_grad, and the batch with a backward holds
 [x_s^w, x_s^s, x_t^s]: the same step with about 13% less arithmetic (a forward is about a third of a
-forward + backward); only BatchNorm's batch statistics differ (the stem's BN sees the weak target
-view on its own).
+forward + backward). The weak view is then read in eval mode, BatchNorm on its running statistics
+(those of mixed-domain batches, as the evaluation reads the model); only that differs from the
+joint batch, whose weak rows BatchNorm normalised with the batch's own statistics.
 
 With `teacher_ema` > 0, p_t comes from an exponential moving average of the weights (a mean teacher,
 Tarvainen & Valpola 2017), evaluated on the weak target view in eval mode; the student's own weak-view
@@ -146,8 +147,10 @@ class AdaMatch(Method):
             logits = classifier(torch.cat([source, target_weak, target_strong]))  # (2Bs + 2Bt, K)
             source_logits, target_logits = logits[: 2 * b], logits[2 * b :].chunk(2)
         else:  # the weak view only reads pseudo-labels: its backward would be wasted work
-            with torch.no_grad():
-                weak_logits = classifier(target_weak)  # (Bt, K)
+            training = classifier.training
+            with torch.no_grad():  # eval mode: BatchNorm's running (mixed-domain) statistics, as the evaluation reads it
+                weak_logits = classifier.eval()(target_weak)  # (Bt, K)
+            classifier.train(training)
             logits = classifier(torch.cat([source, target_strong]))  # (2Bs + Bt, K)
             source_logits, target_logits = logits[: 2 * b], (weak_logits, logits[2 * b :])
         if self.config.logit_interpolation:
