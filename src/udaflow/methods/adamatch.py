@@ -1,7 +1,7 @@
 """adamatch: AdaMatch (Berthelot, Roelofs, Sohn, Carlini, Kurakin, "AdaMatch: A Unified Approach
 to Semi-Supervised Learning and Domain Adaptation", ICLR 2022).
 
-Each step draws Bs source and Bt target images (Bs = Bt = B; `uratio` splits the 2B images of a view
+Each step draws Bs source and Bt target images (by default Bs = Bt = B; `uratio` splits the 2B images of a view
 1 : uratio between the domains, as the paper's uratio puts more target images in a step), each in a
 weak and a strong view (shapes below for Bs = Bt = B):
 
