@@ -70,6 +70,10 @@ class AugmentConfig(_Strict):
     invert: float = Field(0.5, ge=0, le=1)  # probability of inverting an image
     rotate: float = Field(0.0, ge=0, le=180)  # random rotation up to +-degrees (0 with scale 0: integer shift only)
     scale: float = Field(0.0, ge=0, lt=1)  # random zoom in [1 - scale, 1 + scale]
+    # the strong view only (adamatch's): random rotation (+-degrees) and shear (+-, as tan of the angle),
+    # one affine warp after the colour jitter, before cutout; never in source pretraining. Off (README)
+    strong_rotate: float = Field(0.0, ge=0, le=180)
+    strong_shear: float = Field(0.0, ge=0, le=1)
 
 
 class PseudoLabelConfig(_Strict):

@@ -43,10 +43,13 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
 
 def source_params(cfg: Config, num_classes: int) -> dict:
     """Every parameter the source model depends on (not the adaptation ones)."""
-    train_cfg = cfg.train.model_dump(mode="json", exclude={"adapt_steps", "adapt_lr", "rotation_weight", "rotation_batch", "rotation_source", "pseudo_labels", "progress", "checkpoint_every"})
+    adaptation_only = ("adapt_steps", "adapt_lr", "rotation_weight", "rotation_batch", "rotation_source", "pseudo_labels", "progress", "checkpoint_every")
+    # the strong view's warp is adaptation's too: pretraining reads the default view only
+    exclude = {**dict.fromkeys(adaptation_only, True), "augment": {"strong_rotate", "strong_shear"}}
+    train_cfg = cfg.train.model_dump(mode="json", exclude=exclude)
     # kept: device, num_threads and amp change the bits (kernels), eval_every the stored selection history,
     # nproc > 1 (float rounding of the reductions over ranks);
-    # left out: adaptation-only fields, the progress display, and checkpoint_every (resume is bit-identical)
+    # left out: adaptation-only fields (the strong view's warp among them), the progress display, and checkpoint_every (resume is bit-identical)
     if train_cfg.get("nproc") == 1:
         del train_cfg["nproc"]  # one process: the key of the source models cached before nproc existed
     return {

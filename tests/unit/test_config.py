@@ -98,7 +98,7 @@ def test_unknown_key_names_dotted_path_and_file(params):
 
 
 def test_unknown_nested_key_from_override(params):
-    with pytest.raises(ConfigError, match=r": train\.augment\.flip: unknown key \(known: translate, color, invert, rotate, scale\)$"):
+    with pytest.raises(ConfigError, match=r": train\.augment\.flip: unknown key \(known: translate, color, invert, rotate, scale, strong_rotate, strong_shear\)$"):
         load_config(params, overrides=["train.augment.flip=true"])
 
 

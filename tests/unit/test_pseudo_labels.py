@@ -73,6 +73,35 @@ def test_affine_identity_and_rotation_moves_pixels():
     assert y.shape == x.shape and not torch.allclose(y, x)
 
 
+def test_affine_shear_moves_rows_sideways_and_zero_shear_draws_nothing():
+    x = torch.zeros(1, 1, 9, 9)
+    x[0, 0, :, 4] = 1.0  # a vertical line through the middle
+    g = torch.Generator().manual_seed(0)
+    y = affine(x, 0, 0.0, 0.0, g, shear=1.0)
+    top, bottom = y[0, 0, 0].argmax(), y[0, 0, -1].argmax()  # the line leans: its ends move apart
+    assert top != bottom and y[0, 0, 4].argmax() == 4  # the middle row stays
+    # shear 0 draws no number: the rotate/scale augmentation of earlier runs keeps its bits
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(affine(x, 1, 10.0, 0.1, a), affine(x, 1, 10.0, 0.1, b, shear=0.0)) and torch.equal(a.get_state(), b.get_state())
+
+
+def test_strong_view_warps_only_with_its_rotate_or_shear():
+    from udaflow.data.transforms import augment_view, cutout
+
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    plain, warp = AugmentConfig(), AugmentConfig(strong_rotate=15, strong_shear=0.3)  # off by default
+    g = torch.Generator().manual_seed(2)
+    expected = cutout(augment(x, plain, g), g)  # default view + cutout, no warp
+    assert torch.equal(augment_view(x, plain, torch.Generator().manual_seed(2), "strong"), expected)
+    warped = augment_view(x, warp, torch.Generator().manual_seed(2), "strong")
+    assert warped.shape == x.shape and warped.dtype == torch.uint8 and not torch.equal(warped, expected)
+    assert torch.equal(warped, augment_view(x, warp, torch.Generator().manual_seed(2), "strong"))  # seeded
+    # the weak and default views never warp
+    for view in ("weak", "default"):
+        assert torch.equal(augment_view(x, warp, torch.Generator().manual_seed(2), view),
+                           augment_view(x, plain, torch.Generator().manual_seed(2), view))
+
+
 @pytest.mark.parametrize("cfg", [AugmentConfig(rotate=15, scale=0.1), AugmentConfig()])
 def test_augment_is_seeded(cfg):
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)

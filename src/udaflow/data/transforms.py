@@ -1,8 +1,9 @@
 """Batch transforms on tensors (no per-image PIL work: two CPU cores can't afford it).
 
 Three views of a batch: `weak` (a small shift: what pseudo-labels are read from), `default` (the
-training augmentation every method uses) and `strong` (default + cutout: what consistency and
-self-training methods such as adamatch fit to the weak view's pseudo-labels).
+training augmentation every method uses) and `strong` (default + a random rotation and shear +
+cutout: what consistency and self-training methods such as adamatch fit to the weak view's
+pseudo-labels).
 """
 
 from __future__ import annotations
@@ -80,15 +81,19 @@ def shift(images: torch.Tensor, translate: int, generator: torch.Generator) -> t
     return out.permute(0, 3, 1, 2).contiguous().to(images.dtype)
 
 
-def affine(images: torch.Tensor, translate: float, rotate: float, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation (+-rotate degrees), zoom (1 +- scale) and shift (+-translate px), one batched
-    grid_sample with replicated borders: (B, C, H, W) float -> same."""
+def affine(images: torch.Tensor, translate: float, rotate: float, scale: float, generator: torch.Generator,
+           shear: float = 0.0) -> torch.Tensor:
+    """Random rotation (+-rotate degrees), zoom (1 +- scale), shift (+-translate px) and, when `shear` > 0,
+    a horizontal shear (x += s * y, s in +-shear), one batched grid_sample with replicated borders:
+    (B, C, H, W) float -> same."""
     b, _, h, w = images.shape
     angle = (torch.rand(b, generator=generator) * 2 - 1) * rotate * torch.pi / 180  # (B,)
     zoom = 1 + (torch.rand(b, generator=generator) * 2 - 1) * scale  # (B,)
     move = (torch.rand(b, 2, generator=generator) * 2 - 1) * translate * 2 / torch.tensor([w, h])  # (B, 2) in [-1, 1] units
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)  # (B, 2, 3)
+    # rotation @ [[1, s], [0, 1]]; with shear 0 no number is drawn (the rotate/scale augmentation's bits are unchanged)
+    s = (torch.rand(b, generator=generator) * 2 - 1) * shear if shear > 0 else torch.zeros(b)
+    theta = torch.stack([torch.stack([cos, cos * s - sin, move[:, 0]], 1), torch.stack([sin, sin * s + cos, move[:, 1]], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -114,5 +119,9 @@ def augment_view(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Gene
     if view == "weak":
         return shift(images, max(1, pixels(cfg.translate, images) // 2), generator) if cfg.translate > 0 else images
     if view == "strong":
-        return cutout(augment(images, cfg, generator), generator)
+        x = augment(images, cfg, generator)
+        if cfg.strong_rotate > 0 or cfg.strong_shear > 0:
+            warped = affine(x.float() / 255.0, 0, cfg.strong_rotate, 0.0, generator, shear=cfg.strong_shear)
+            x = (warped.clamp(0, 1) * 255.0).round().to(torch.uint8)
+        return cutout(x, generator)
     raise ValueError(f"unknown augmentation view '{view}' (known: {', '.join(VIEWS)})")
