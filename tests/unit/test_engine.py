@@ -431,7 +431,7 @@ def test_source_cache_key_covers_what_changes_the_bits(tmp_path):
         assert with_train(**same) == base, same
     # the strong view's warp is adaptation's alone; the default view's augmentation is pretraining's
     augment = cfg.train.augment
-    assert with_train(augment=augment.model_copy(update={"strong_rotate": 0.0, "strong_shear": 0.0})) == base
+    assert with_train(augment=augment.model_copy(update={"strong_rotate": 15.0, "strong_shear": 0.3})) == base
     assert with_train(augment=augment.model_copy(update={"invert": 0.0})) != base
 
 

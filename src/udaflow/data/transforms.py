@@ -1,9 +1,9 @@
 """Batch transforms on tensors (no per-image PIL work: two CPU cores can't afford it).
 
 Three views of a batch: `weak` (a small shift: what pseudo-labels are read from), `default` (the
-training augmentation every method uses) and `strong` (default + a random rotation and shear +
-cutout: what consistency and self-training methods such as adamatch fit to the weak view's
-pseudo-labels).
+training augmentation every method uses) and `strong` (default + cutout, and a random rotation and
+shear when `strong_rotate` / `strong_shear` ask for one: what consistency and self-training methods
+such as adamatch fit to the weak view's pseudo-labels).
 """
 
 from __future__ import annotations
