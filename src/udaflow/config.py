@@ -81,6 +81,7 @@ class PseudoLabelConfig(_Strict):
 
     balance: bool = True  # class-balanced thresholds (FlexMatch-style learning status per class)
     agreement: bool = False  # keep a pseudo-label only when a second view / teacher agrees
+    neighbours: int = Field(0, ge=0)  # k > 0: average each prediction with its k nearest target images' (a memory of the pool)
 
 
 class TrainConfig(_Strict):

@@ -14,6 +14,17 @@ in params.yaml under `train.pseudo_labels`:
   (checkpointed with the method) updated with momentum from every batch's confident predictions.
 * agreement (`agreement`): keep a pseudo-label only when a second opinion (another view, a teacher)
   has the same arg-max; disagreement is where pseudo-labels are most often wrong.
+* neighbourhood consensus (`neighbours` = k > 0, `NeighbourBank`): before thresholding, an image's
+  prediction is averaged with those of its k nearest target images in feature space, read from a
+  memory of the whole target pool (neighbourhood aggregation with a memory bank: ATDOC, Liang, Hu &
+  Feng, CVPR 2021; NRC, Yang et al., NeurIPS 2021). With f_i the L2-normalised feature of target
+  image i and (F, P) the bank's features (N, D) and probabilities (N, K),
+
+      F[i], P[i] <- f_i, p_i                               this step's images overwrite their rows
+      N_k(i)     = the k rows j != i with the largest f_i . F[j]
+      p~_i       = (p_i + mean_{j in N_k(i)} P[j]) / 2     (B, K): what the threshold and labels read
+
+  An isolated wrong prediction is outvoted by its neighbours; a cluster's label is kept.
 
 `class_top_fraction` is the same class-balanced idea over a whole target set (cdtrans's curriculum).
 
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def class_thresholds(status: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
@@ -63,13 +75,69 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
             value.copy_(weights[name])
 
 
-class PseudoLabelFilter(nn.Module):
-    """probs (B, K) [+ a second opinion (B, K) or (B,)] -> pseudo-labels (B,) and a 0/1 mask (B,)."""
+class NeighbourBank:
+    """A memory of the target pool, L2-normalised features (N, D) and probabilities (N, K), for the
+    neighbourhood consensus (module docstring). `fill` once from a pass over the pool; `vote` writes
+    a batch's rows and returns its predictions averaged with their k nearest neighbours'. Its tensors
+    are plain attributes: a method checkpoints them through `state` / `load_state` (extra_state)."""
 
-    def __init__(self, num_classes: int, balance: bool = True, agreement: bool = False, momentum: float = 0.99):
+    def __init__(self, k: int):
+        self.k = k
+        self.features: torch.Tensor | None = None  # (N, D)
+        self.probs: torch.Tensor | None = None  # (N, K)
+
+    @property
+    def filled(self) -> bool:
+        return self.features is not None
+
+    def fill(self, features: torch.Tensor, logits: torch.Tensor) -> None:
+        """Features (N, D) and logits (N, K) of every target image, in the pool's order."""
+        self.features = F.normalize(features.detach().float(), dim=1)
+        self.probs = F.softmax(logits.detach().float(), dim=1)
+
+    @torch.no_grad()
+    def vote(self, features: torch.Tensor, probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """features (B, D), probs (B, K) of target images index (B,) -> (B, K) neighbourhood-averaged probs."""
+        if not self.filled:
+            raise RuntimeError("NeighbourBank.vote before fill: pass the target pool's features and logits first")
+        device = self.features.device
+        f = F.normalize(features.float(), dim=1).to(device)  # (B, D)
+        p, index = probs.float().to(device), index.to(device)
+        last = _last_occurrence(index)  # an image drawn twice in a batch: its last row is written, as a loop would
+        self.features[index[last]], self.probs[index[last]] = f[last], p[last]
+        if len(self.features) < 2:  # a pool of one image has no neighbour
+            return p
+        sim = f @ self.features.T  # (B, N) cosine similarities
+        sim[torch.arange(len(index), device=device), index] = float("-inf")  # an image is not its own neighbour
+        neighbours = sim.topk(min(self.k, sim.shape[1] - 1), dim=1).indices  # (B, k)
+        return 0.5 * (p + self.probs[neighbours].mean(1))  # (B, K), rows sum to 1
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {} if not self.filled else {"features": self.features.cpu(), "probs": self.probs.cpu()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            self.features, self.probs = state["features"].float(), state["probs"].float()
+
+
+def _last_occurrence(index: torch.Tensor) -> torch.Tensor:
+    """Positions (M,) of the last occurrence of each distinct value of index (B,)."""
+    order = torch.argsort(index, stable=True)  # equal values keep their batch order
+    ordered = index[order]
+    is_last = torch.ones_like(ordered, dtype=torch.bool)
+    is_last[:-1] = ordered[1:] != ordered[:-1]
+    return order[is_last]
+
+
+class PseudoLabelFilter(nn.Module):
+    """probs (B, K) [+ a second opinion (B, K) or (B,)] -> pseudo-labels (B,) and a 0/1 mask (B,).
+    With `neighbours` > 0 it also holds the `bank` a method reads the neighbourhood consensus from."""
+
+    def __init__(self, num_classes: int, balance: bool = True, agreement: bool = False, momentum: float = 0.99, neighbours: int = 0):
         super().__init__()
         self.balance, self.agreement, self.momentum = balance, agreement, momentum
         self.register_buffer("status", torch.full((num_classes,), 1.0 / num_classes))  # sigma_k, uniform at start
+        self.bank = NeighbourBank(neighbours) if neighbours > 0 else None
 
     @torch.no_grad()
     def forward(self, probs: torch.Tensor, threshold: float | torch.Tensor, second: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ def main(method_name: str, out: str, steps: int) -> None:
     torch.manual_seed(0)
     clf = build_classifier("udaflow_vit_micro", len(CLASSES))
     start = {k: v.clone() for k, v in clf.state_dict().items()}
-    method = create_method(method_name, clf, {}, {"balance": True, "agreement": False})
+    method = create_method(method_name, clf, {}, {"balance": True, "agreement": False, "neighbours": 3})  # adamatch's memory of the pool too
     cfg = tiny_train_config(rotation_weight=0.5, eval_every=100, checkpoint_every=100)
     result = engine.train(clf, method, source, target, cfg, steps=steps, lr=cfg.adapt_lr, seed=0, auxiliary=True)
     torch.save({

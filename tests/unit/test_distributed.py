@@ -57,11 +57,17 @@ def test_two_process_steps_equal_the_single_process_steps(method, tmp_path):
     # what the ranks derive from the whole target (cdtrans's pairs, adamatch's class-balanced
     # pseudo-label status) is identical on every rank and equal to the single process's
     for key, value in single["extra"].items():
+        if key == "neighbour_bank":  # adamatch's memory of the target pool: gathered rows, the same on every rank
+            for part, tensor in value.items():
+                assert torch.equal(ranks[0]["extra"][key][part], ranks[1]["extra"][key][part]), part
+                assert torch.allclose(ranks[0]["extra"][key][part], tensor, atol=1e-5), part
+            continue
         assert torch.equal(ranks[0]["extra"][key], ranks[1]["extra"][key]) and torch.equal(ranks[0]["extra"][key], value), key
     if method == "cdtrans":
         assert len(single["extra"]["pairs"]) > 0
     if method == "adamatch":
         assert torch.allclose(single["method"]["pseudo_labels.status"], ranks[1]["method"]["pseudo_labels.status"], atol=1e-6)
+        assert single["extra"]["neighbour_bank"]["features"].shape[0] > 0  # the consensus took part
     # rank 0's loss record is the global batch's: the mean over ranks of their share's means
     for a, b in zip(single["losses"], ranks[0]["losses"]):
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)

@@ -16,10 +16,10 @@ class Killed(Exception):
     """Stands in for a kill -9 in the middle of a run."""
 
 
-def _fresh(name, options, kill_at_call=None):
+def _fresh(name, options, kill_at_call=None, pseudo_labels=None):
     torch.manual_seed(0)
     clf = build_classifier("udaflow_vit_micro", 3)
-    method = create_method(name, clf, options)
+    method = create_method(name, clf, options, pseudo_labels)
     if kill_at_call is not None:
         forward, calls = method.forward, [0]
 
@@ -33,9 +33,9 @@ def _fresh(name, options, kill_at_call=None):
     return clf, method
 
 
-def _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=None, fingerprint=None):
+def _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=None, fingerprint=None, pseudo_labels=None):
     source, target, _ = tiny_shift
-    clf, method = _fresh(name, options, kill_at_call)
+    clf, method = _fresh(name, options, kill_at_call, pseudo_labels)
     return engine.train(clf, method, source, target, cfg, steps=20, lr=3e-3, seed=0, checkpoint_path=ckpt, fingerprint=fingerprint)
 
 
@@ -54,14 +54,26 @@ RESUME_CASES = [
 
 @pytest.mark.parametrize("name, options", RESUME_CASES)
 def test_resume_after_kill_is_bit_identical(name, options, tiny_shift, make_train_config, tmp_path):
+    _check_resume(name, options, tiny_shift, make_train_config, tmp_path)
+
+
+def test_resume_with_the_neighbour_bank_is_bit_identical(tiny_shift, make_train_config, tmp_path):
+    """adamatch's neighbourhood consensus reads a memory of the whole target pool: it is checkpointed."""
+    saved = _check_resume("adamatch", {}, tiny_shift, make_train_config, tmp_path, pseudo_labels={"neighbours": 3})
+    bank = saved["method_extra"]["neighbour_bank"]
+    assert bank["features"].shape == (len(tiny_shift[1]), 32) and bank["probs"].shape == (len(tiny_shift[1]), 3)
+
+
+def _check_resume(name, options, tiny_shift, make_train_config, tmp_path, pseudo_labels=None):
     cfg = make_train_config(checkpoint_every=10, eval_every=10, deterministic=True)
-    uninterrupted = _run(name, options, tiny_shift, cfg, tmp_path / "a" / "ckpt.pt")
+    uninterrupted = _run(name, options, tiny_shift, cfg, tmp_path / "a" / "ckpt.pt", pseudo_labels=pseudo_labels)
 
     ckpt = tmp_path / "b" / "ckpt.pt"
     with pytest.raises(Killed):
-        _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=16)  # dies inside step 16
-    assert torch.load(ckpt, weights_only=False)["step"] == 10
-    resumed = _run(name, options, tiny_shift, cfg, ckpt)
+        _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=16, pseudo_labels=pseudo_labels)  # dies inside step 16
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["step"] == 10
+    resumed = _run(name, options, tiny_shift, cfg, ckpt, pseudo_labels=pseudo_labels)
 
     assert resumed.resumed_from == 10
     assert uninterrupted.last_state.keys() == resumed.last_state.keys()
@@ -72,6 +84,7 @@ def test_resume_after_kill_is_bit_identical(name, options, tiny_shift, make_trai
     assert resumed.selected_step == uninterrupted.selected_step
     for key, value in uninterrupted.selected_state.items():
         assert torch.equal(value, resumed.selected_state[key]), key
+    return saved
 
 
 def test_resume_of_a_finished_run_does_no_step(tiny_shift, make_train_config, tmp_path):

@@ -397,13 +397,14 @@ def test_adamatch_losses_match_a_plain_recomputation():
 def _adamatch_step(options: dict, batch_size: int = 8, training: bool = False):
     """One adamatch forward of udaflow_vit_micro, by default in eval mode (BatchNorm on running
     statistics, so a split forward equals the joint one): losses, parameter gradients, drawn sizes,
-    and each pass of the classifier as (rows, train mode)."""
+    and each pass of the backbone as (rows, train mode)."""
     from udaflow.methods.base import StepContext
 
     torch.manual_seed(0)
     clf = build_classifier("udaflow_vit_micro", 3).train(training)
     passes = []
-    clf.register_forward_pre_hook(lambda module, args: passes.append((len(args[0]), module.training)))
+    # the backbone's passes: adamatch calls features + head (its weak view's features feed the neighbour bank)
+    clf.backbone.register_forward_pre_hook(lambda module, args: passes.append((len(args[0]), module.training)))
     method = methods.create_method("adamatch", clf, options)
     images = {"source": torch.randn(40, 3, 32, 32), "target": torch.randn(30, 3, 32, 32)}
     drawn = {}

@@ -139,3 +139,80 @@ def test_ema_update_by_hand():
         student.weight.fill_(3.0)
     ema_update(teacher, student, 0.75)
     assert torch.allclose(teacher.weight, torch.full((1, 2), 1.5))
+
+
+def test_neighbour_vote_against_a_plain_recomputation():
+    from udaflow.pseudo_labels import NeighbourBank
+
+    g = torch.Generator().manual_seed(0)
+    pool_f, pool_l = torch.randn(12, 4, generator=g), torch.randn(12, 3, generator=g)
+    bank = NeighbourBank(3)
+    bank.fill(pool_f, pool_l)
+    f, p, idx = torch.randn(2, 4, generator=g), torch.softmax(torch.randn(2, 3, generator=g), 1), torch.tensor([5, 0])
+    got = bank.vote(f, p, idx)
+    # by hand: write the rows, then for each image the 3 most cosine-similar other rows of the pool
+    feats = torch.nn.functional.normalize(pool_f, dim=1)
+    probs = torch.softmax(pool_l, 1)
+    feats[idx], probs[idx] = torch.nn.functional.normalize(f, dim=1), p
+    for row, i in enumerate(idx.tolist()):
+        sims = [(float(feats[i] @ feats[j]), j) for j in range(12) if j != i]
+        nearest = [j for _, j in sorted(sims, reverse=True)[:3]]
+        expected = 0.5 * (p[row] + probs[nearest].mean(0))
+        assert torch.allclose(got[row], expected, atol=1e-6)
+    assert torch.allclose(got.sum(1), torch.ones(2)) and torch.equal(bank.features, feats) and torch.equal(bank.probs, probs)
+
+
+def test_neighbour_vote_outvotes_an_isolated_wrong_prediction():
+    from udaflow.pseudo_labels import NeighbourBank
+
+    # two clusters in feature space; the pool predicts class 0 on the first, class 1 on the second
+    feats = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.98, -0.1], [0.97, 0.05], [0.0, 1.0], [0.1, 0.99], [-0.1, 0.98]])
+    logits = torch.tensor([[4.0, 0.0]] * 4 + [[0.0, 4.0]] * 3)
+    bank = NeighbourBank(3)
+    bank.fill(feats, logits)
+    # image 3 (first cluster) is now read as class 1 with some confidence: its neighbours outvote it
+    vote = bank.vote(torch.tensor([[0.97, 0.05]]), torch.tensor([[0.3, 0.7]]), torch.tensor([3]))
+    assert vote.argmax(1).item() == 0
+    # a prediction its cluster shares keeps its label
+    vote = bank.vote(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.2, 0.8]]), torch.tensor([4]))
+    assert vote.argmax(1).item() == 1
+
+
+def test_neighbour_bank_writes_the_last_of_a_repeated_image_and_round_trips():
+    from udaflow.pseudo_labels import NeighbourBank
+
+    bank = NeighbourBank(2)
+    bank.fill(torch.eye(4), torch.zeros(4, 2))
+    f = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0]])
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    bank.vote(f, p, torch.tensor([1, 3, 1]))  # image 1 drawn twice: its last row is kept, as a loop would
+    assert torch.equal(bank.features[1], f[2]) and torch.equal(bank.probs[1], p[2])
+    assert torch.equal(bank.probs[3], p[1])
+    again = NeighbourBank(2)
+    again.load_state(bank.state())
+    assert torch.equal(again.features, bank.features) and torch.equal(again.probs, bank.probs)
+    with pytest.raises(RuntimeError, match="before fill"):
+        NeighbourBank(2).vote(f, p, torch.tensor([0, 1, 2]))
+
+
+def test_adamatch_reads_the_neighbourhood_consensus():
+    from udaflow.methods import create_method
+    from udaflow.methods.adamatch import adamatch_losses
+    from udaflow.models import build_classifier
+
+    clf = build_classifier("udaflow_vit_micro", 2)
+    assert create_method("adamatch", clf, {}, {}).pseudo_labels.bank is None  # off by default in the filter
+    method = create_method("adamatch", clf, {}, {"neighbours": 5})
+    assert method.pseudo_labels.bank.k == 5 and method.extra_state() == {"neighbour_bank": {}}
+    # given probabilities replace the weak view's softmax: a weak view saying 0 is read as the consensus's 1
+    src = torch.tensor([[9.0, 0], [0, 9.0]])
+    weak, strong = torch.tensor([[5.0, 0], [5.0, 0]]), torch.zeros(2, 2)
+    consensus = torch.tensor([[0.01, 0.99], [0.02, 0.98]])
+    out = adamatch_losses(src, src, torch.tensor([0, 1]), weak, strong, 0.5, PseudoLabelFilter(2, balance=False), None, consensus)
+    plain = adamatch_losses(src, src, torch.tensor([0, 1]), weak, strong, 0.5, PseudoLabelFilter(2, balance=False), None)
+    assert out["mask_rate"].item() == 1.0 and plain["mask_rate"].item() == 1.0
+    assert torch.allclose(out["unlabelled"], plain["unlabelled"])  # zero logits: the same CE for either label
+    strong = torch.tensor([[0.0, 2.0], [0.0, 2.0]])
+    out = adamatch_losses(src, src, torch.tensor([0, 1]), weak, strong, 0.5, PseudoLabelFilter(2, balance=False), None, consensus)
+    plain = adamatch_losses(src, src, torch.tensor([0, 1]), weak, strong, 0.5, PseudoLabelFilter(2, balance=False), None)
+    assert out["unlabelled"] < plain["unlabelled"]  # the strong view agrees with the consensus (1), not the weak view (0)

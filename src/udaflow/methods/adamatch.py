@@ -14,6 +14,12 @@ weak and a strong view (shapes below for Bs = Bt = B):
     y^_t = argmax p~_t,  m = [max p~_t >= c_tau]           pseudo-labels and their mask, through the shared
                                                            denoising filter (pseudo_labels.py): class-balanced
                                                            c_tau per class, agreement with the strong view
+
+With `train.pseudo_labels.neighbours` = k > 0 (the default, 10), p_t is first replaced by the
+neighbourhood consensus (pseudo_labels.py, NeighbourBank): the mean of p_t and the predictions of the
+k target images nearest to each weak-view feature f_t (the backbone's pooled features, (Bt, D)), read
+from a memory of the whole pool that each step's weak view overwrites and one eval pass fills at the
+first step. The memory is checkpointed (extra_state).
     L = (CE(z_s^w, y) + CE(z_s^s, y)) / 2 + mu(p) * mean(m * CE(z'_t^s, y^_t))
     mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2                 ramps 0 -> 1 over the first half of training
 
@@ -70,13 +76,15 @@ def unlabelled_weight(progress: float) -> float:
 def adamatch_losses(
     source_weak: torch.Tensor, source_strong: torch.Tensor, labels: torch.Tensor,
     target_weak: torch.Tensor, target_strong: torch.Tensor, tau: float,
-    denoise: PseudoLabelFilter | None = None, teacher_weak: torch.Tensor | None = None,
+    denoise: PseudoLabelFilter | None = None, teacher_weak: torch.Tensor | None = None, target_probs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Logits (B, K) of the four views + source labels (B,) -> source CE, masked target CE, mask rate.
 
     `denoise` (optional): the shared pseudo-label filter; without it the mask is the plain relative threshold.
     `teacher_weak` (optional, (B, K)): a teacher's logits on the weak target view; they replace the student's
     for the pseudo-labels, and the student's weak view becomes the filter's second opinion.
+    `target_probs` (optional, (Bt, K) over the global batch): the weak-view probabilities to read, already
+    denoised (the neighbourhood consensus); they replace softmax of the weak view's (or teacher's) logits.
     """
     cls = 0.5 * (F.cross_entropy(source_weak, labels) + F.cross_entropy(source_strong, labels))
     with torch.no_grad():
@@ -84,7 +92,9 @@ def adamatch_losses(
         # rank gathers all rows, decides alike, and keeps its own rows' labels and mask
         p_s = distributed.gather(F.softmax(source_weak.float(), dim=1))
         reader = target_weak if teacher_weak is None else teacher_weak
-        p_t = distribution_alignment(distributed.gather(F.softmax(reader.float(), dim=1)), p_s)
+        if target_probs is None:
+            target_probs = distributed.gather(F.softmax(reader.float(), dim=1))
+        p_t = distribution_alignment(target_probs, p_s)
         threshold = relative_threshold(p_s, tau)
         if denoise is None:
             confidence, pseudo_labels = p_t.max(1)  # (B,), (B,)
@@ -144,12 +154,15 @@ class AdaMatch(Method):
             with torch.no_grad():
                 teacher_weak = self.teacher.eval()(target_weak)  # (Bt, K); eval: BN running statistics
         if self.config.weak_target_grad:
-            logits = classifier(torch.cat([source, target_weak, target_strong]))  # (2Bs + 2Bt, K)
+            features = classifier.features(torch.cat([source, target_weak, target_strong]))  # (2Bs + 2Bt, D)
+            logits = classifier.head(features)  # (2Bs + 2Bt, K): classifier(x), with the features kept
             source_logits, target_logits = logits[: 2 * b], logits[2 * b :].chunk(2)
+            weak_features = features[2 * b :].chunk(2)[0]  # (Bt, D)
         else:  # the weak view only reads pseudo-labels: its backward would be wasted work
             training = classifier.training
             with torch.no_grad():  # eval mode: BatchNorm's running (mixed-domain) statistics, as the evaluation reads it
-                weak_logits = classifier.eval()(target_weak)  # (Bt, K)
+                weak_features = classifier.eval().features(target_weak)  # (Bt, D)
+                weak_logits = classifier.head(weak_features)  # (Bt, K)
             classifier.train(training)
             logits = classifier(torch.cat([source, target_strong]))  # (2Bs + Bt, K)
             source_logits, target_logits = logits[: 2 * b], (weak_logits, logits[2 * b :])
@@ -158,6 +171,24 @@ class AdaMatch(Method):
             mix = torch.rand((2, n_s, source_logits.shape[1]), generator=ctx.generator)  # (2, Bs, K) over the global batch
             mix = distributed.shard(mix.transpose(0, 1)).transpose(0, 1).reshape(source_logits.shape).to(ctx.device)  # (2b, K)
             source_logits = mix * source_logits + (1.0 - mix) * alone
-        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits, self.config.tau, getattr(self, "pseudo_labels", None), teacher_weak)
+        denoise = getattr(self, "pseudo_labels", None)
+        target_probs = None
+        if denoise is not None and denoise.bank is not None:  # neighbourhood consensus (pseudo_labels.py)
+            with torch.no_grad():
+                if not denoise.bank.filled:  # the first step: one pass over the pool
+                    denoise.bank.fill(*ctx.embed_target())
+                reader = target_logits[0] if teacher_weak is None else teacher_weak
+                target_probs = denoise.bank.vote(  # over the global batch: t_idx is the whole draw
+                    distributed.gather(weak_features.detach().float()), distributed.gather(F.softmax(reader.float(), dim=1)), t_idx)
+        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits, self.config.tau, denoise, teacher_weak, target_probs)
         mu = self.config.unlabelled_weight * unlabelled_weight(ctx.progress)
         return {"loss": losses["cls"] + mu * losses["unlabelled"], **losses}
+
+    def extra_state(self) -> dict:
+        bank = getattr(getattr(self, "pseudo_labels", None), "bank", None)
+        return {"neighbour_bank": bank.state()} if bank is not None else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        bank = getattr(getattr(self, "pseudo_labels", None), "bank", None)
+        if bank is not None:
+            bank.load_state(state.get("neighbour_bank", {}))
