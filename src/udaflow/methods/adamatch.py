@@ -14,14 +14,14 @@ weak and a strong view (shapes below for Bs = Bt = B):
     y^_t = argmax p~_t,  m = [max p~_t >= c_tau]           pseudo-labels and their mask, through the shared
                                                            denoising filter (pseudo_labels.py): class-balanced
                                                            c_tau per class, agreement with the strong view
+    L = (CE(z_s^w, y) + CE(z_s^s, y)) / 2 + mu(p) * mean(m * CE(z'_t^s, y^_t))
+    mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2                 ramps 0 -> 1 over the first half of training
 
 With `train.pseudo_labels.neighbours` = k > 0 (the default, 10), p_t is first replaced by the
 neighbourhood consensus (pseudo_labels.py, NeighbourBank): the mean of p_t and the predictions of the
 k target images nearest to each weak-view feature f_t (the backbone's pooled features, (Bt, D)), read
 from a memory of the whole pool that each step's weak view overwrites and one eval pass fills at the
 first step. The memory is checkpointed (extra_state).
-    L = (CE(z_s^w, y) + CE(z_s^s, y)) / 2 + mu(p) * mean(m * CE(z'_t^s, y^_t))
-    mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2                 ramps 0 -> 1 over the first half of training
 
 The weak target view only reads pseudo-labels (no gradient flows through p_t). With
 `weak_target_grad: false` it runs forward alone, under no_grad, and the batch with a backward holds
