@@ -100,17 +100,17 @@ class NeighbourBank:
         """features (B, D), probs (B, K) of target images index (B,) -> (B, K) neighbourhood-averaged probs."""
         if not self.filled:
             raise RuntimeError("NeighbourBank.vote before fill: pass the target pool's features and logits first")
-        device = self.features.device
+        device, out = self.features.device, probs.device  # the memory stays where fill put it (the CPU, from embed)
         f = F.normalize(features.float(), dim=1).to(device)  # (B, D)
         p, index = probs.float().to(device), index.to(device)
         last = _last_occurrence(index)  # an image drawn twice in a batch: its last row is written, as a loop would
         self.features[index[last]], self.probs[index[last]] = f[last], p[last]
         if len(self.features) < 2:  # a pool of one image has no neighbour
-            return p
+            return p.to(out)
         sim = f @ self.features.T  # (B, N) cosine similarities
         sim[torch.arange(len(index), device=device), index] = float("-inf")  # an image is not its own neighbour
         neighbours = sim.topk(min(self.k, sim.shape[1] - 1), dim=1).indices  # (B, k)
-        return 0.5 * (p + self.probs[neighbours].mean(1))  # (B, K), rows sum to 1
+        return (0.5 * (p + self.probs[neighbours].mean(1))).to(out)  # (B, K), rows sum to 1, on the caller's device
 
     def state(self) -> dict[str, torch.Tensor]:
         return {} if not self.filled else {"features": self.features.cpu(), "probs": self.probs.cpu()}
