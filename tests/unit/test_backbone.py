@@ -103,6 +103,22 @@ def test_strided_stem_drops_the_full_resolution_conv(patch_size):
     assert strided(x).shape == full(x).shape == (2, (32 // patch_size) ** 2, 96)  # the same tokens
 
 
+def test_conv_stem_runs_channels_last_and_computes_the_nchw_function():
+    """The stem runs its convolutions channels-last (a speed choice): the tokens are the plain NCHW stem's
+    up to summation order, come out contiguous, and the weights stay ordinary contiguous tensors
+    (safetensors refuses strided ones)."""
+    torch.manual_seed(0)
+    stem = ConvStem(img_size=32, patch_size=8, embed_dim=96).eval()
+    x = torch.randn(4, 3, 32, 32)
+    tokens = stem(x)
+    reference = stem.stem(x.contiguous()).flatten(2).transpose(1, 2)  # NCHW all the way
+    torch.testing.assert_close(tokens, reference, rtol=1e-4, atol=1e-5)
+    assert tokens.shape == (4, 16, 96) and tokens.is_contiguous()
+    assert all(p.is_contiguous() for p in stem.parameters())
+    tokens.sum().backward()  # gradients reach every weight in the usual layout
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in stem.parameters())
+
+
 def test_strided_stem_rejects_other_strides():
     with pytest.raises(BackboneError, match="stem_first_stride"):
         ConvStem(patch_size=8, stem_first_stride=4)

@@ -75,7 +75,10 @@ class ConvStem(nn.Module):
             # per-image standardisation: removes each image's brightness/contrast ("image") or its colour cast too ("channel")
             dims = (1, 2, 3) if self.input_norm == "image" else (2, 3)
             x = (x - x.mean(dims, keepdim=True)) / (x.std(dims, keepdim=True) + 1e-3)
-        x = self.stem(x)  # (B, D, h, w)
+        # channels-last: oneDNN's strided 3x3 convolutions run their backward 1.5-3x faster on few
+        # channels (one CPU thread, 12 -> 24 channels at 32x32: 61 -> 22 ms), the whole training step
+        # 1.10-1.17x; the tokens below then come out contiguous. The same function, other summation order.
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))  # (B, D, h, w), stored (B, h, w, D)
         return x.flatten(2).transpose(1, 2)  # (B, h*w, D)
 
 
