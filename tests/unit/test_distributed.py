@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun (gloo on CPU) equals single-process training on the same
-global batch: parameters within 1e-5 after two optimiser steps, pairs and pseudo-label state
-identical on every rank."""
+global batch: parameters within float rounding (5e-5, against steps of about 3e-3) after two optimiser
+steps, pairs and pseudo-label state identical on every rank."""
 
 import os
 import subprocess
@@ -44,14 +44,18 @@ def test_two_process_steps_equal_the_single_process_steps(method, tmp_path):
     assert single["world"] == 1 and all(r["world"] == 2 for r in ranks)
     floats = [k for k, v in single["last"].items() if v.is_floating_point()]
     assert max((single["last"][k] - single["start"][k]).abs().max().item() for k in floats) > 1e-3  # the steps trained
-    # every rank holds the same weights, equal to the single process's up to float rounding
+    # every rank holds the same weights, equal to the single process's up to float rounding. The conv stem
+    # runs channels-last: the single process's BatchNorm kernel and the ranks' synced sums round differently
+    # (about 1e-6 relative in the stem's output, 10x the NCHW kernels'), and Adam's normalised steps grow that
+    # on near-zero gradients: measured 1.1e-5 to 1.8e-5 (1e-5 held with the NCHW stem). A rank that averaged
+    # the wrong gradients would be off by the step size, 3e-3.
     assert _max_diff(ranks[0]["last"], ranks[1]["last"]) == 0.0
-    assert _max_diff(single["last"], ranks[0]["last"]) < 1e-5
+    assert _max_diff(single["last"], ranks[0]["last"]) < 5e-5
     # the method's own modules too. A Linear bias feeding a BatchNorm (the domain discriminator's) has a zero
     # gradient in exact arithmetic; Adam turns its rounding noise into +-lr steps, so it and the BN
     # running mean it shifts are only bounded by the step size.
     dead = {k for k in single["method"] if k.startswith("discriminator.") and (k.endswith(("0.bias", "3.bias")) or k.endswith(("1.running_mean", "4.running_mean")))}
-    assert _max_diff(single["method"], ranks[0]["method"], skip=dead) < 1e-5
+    assert _max_diff(single["method"], ranks[0]["method"], skip=dead) < 3e-4  # dann's discriminator.3.weight: 9e-5, as above
     assert _max_diff(single["method"], ranks[0]["method"]) <= 2 * 3e-3
     assert _max_diff(ranks[0]["method"], ranks[1]["method"]) == 0.0
     # what the ranks derive from the whole target (cdtrans's pairs, adamatch's class-balanced
