@@ -14,6 +14,7 @@ function, experiment.evaluate_stage).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,69 +56,171 @@ def run_bench(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_correlations: Callable[[dict[str, Any]], None] | None = None,
     on_machine: Callable[[float, int], None] | None = None,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
+    """Every (shift, seed, method) cell, one row each, in that order. `jobs` > 1 runs the cells in that
+    many worker processes (each with `train.num_threads`, or this machine's cores / jobs): each
+    (shift, seed)'s source model first, then its methods, longest first. A cell's row is the same
+    as a one-process bench with the same thread count would write (bit for bit, with deterministic)."""
     for m in methods:
         get_method_class(m)  # unknown names fail before any training
     if cfg.train.nproc > 1:
         from udaflow.config import ConfigError
 
         raise ConfigError(f"train.nproc: the bench trains in one process (got {cfg.train.nproc}); `udaflow run --nproc N` runs data parallel")
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs}: at least 1")
+    if jobs > 1 and not cfg.train.num_threads:  # the cores shared out, so the workers do not oversubscribe them
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": max(1, (os.cpu_count() or 1) // jobs)})})
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    machine_gflops = round(matmul_gflops(), 1)  # this machine's fp32 GEMM rate: speeds below are ratios of it
+    machine_gflops = round(matmul_gflops(), 1)  # this machine's fp32 GEMM rate at a cell's thread count: speeds below are ratios of it
     if on_machine:
         on_machine(machine_gflops, torch.get_num_threads())
+    if jobs > 1:
+        for shift in shifts:  # a domain without labels fails here, before any worker trains
+            _labelled_shift(cfg, shift, protocol)
+    cells = [(shift, seed, method) for shift in shifts for seed in range(seeds) for method in methods]
+    results: dict[tuple, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     rows: list[dict[str, Any]] = []
-    correlations: dict[str, Any] = {}
-    for source, target in shifts:
-        study: list[dict[str, Any]] = []
-        data = load_shift(cfg.data.root, source, target, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
-        if data.target_eval is None:
-            raise ValueError(f"bench needs target labels to report accuracy; domain '{target}' has none")
-        for seed in range(seeds):
-            run_cfg = cfg.model_copy(update={"seed": cfg.seed + seed})
-            pretrained = pretrain_source(run_cfg, data, source)
-            for method in methods:
-                if method == "source_only":
-                    stage, target_eval = pretrained, None
-                elif get_method_class(method).uses_target_labels:
-                    labelled = load_oracle_data(cfg.data.root, target, data.classes, image_spec(cfg), cfg.image_cache)
-                    stage = train_oracle(run_cfg, pretrained, labelled, data.target_adapt)
-                    test = load_shift(cfg.data.root, source, target, image_spec(cfg), "holdout", cfg.image_cache)
-                    target_eval = test.target_eval
-                else:
-                    stage, target_eval = adapt_to_target(
-                        run_cfg, method, pretrained, data.source_train, data.target_adapt, source_val=data.source_val, keep_checkpoints=True,
-                    ), None
-                metrics = evaluate_stage(run_cfg, stage, data, target_eval)
-                row = {"shift": f"{source}:{target}", "method": method, "seed": run_cfg.seed, "protocol": protocol}
-                row.update({k: metrics[k] for k in ROW_KEYS if k in metrics and k not in row})
-                if method == "source_only":
-                    row["cached_pretraining"] = stage.cached
-                row.update(training_cost(run_cfg, stage, row["train_images_per_s"], machine_gflops))
-                if not get_method_class(method).uses_target_labels:
-                    # the validator study: every kept checkpoint scored with target labels, AFTER training,
-                    # to report how well each label-free score tracks accuracy. Never used to select.
-                    checkpoints = checkpoint_study(run_cfg, stage, data)
-                    study.extend({"method": method, "seed": run_cfg.seed, **c["scores"], "target_acc": c["target_acc"]} for c in checkpoints)
-                    if checkpoints:
-                        best = max(c["target_acc"] for c in checkpoints)
-                        row["best_checkpoint_target_acc"] = best  # reported, never used
-                        row["selection_loss"] = round(best - metrics["target_acc_selected"], 2)
-                        row.update(selection_report(checkpoints))
-                if get_method_class(method).uses_target_labels:
-                    row["protocol"] = "oracle: target-train labels, scored on target test"
-                rows.append(row)
-                if on_row:
-                    on_row(row)
-                if out is not None:
-                    write_rows(rows, out)
-        correlations[f"{source}:{target}"] = {**validator_correlations(study), "regret": mean_regret(rows, f"{source}:{target}")}
+
+    def done(cell: tuple, result: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+        results[cell] = result
+        rows[:] = [results[c][0] for c in cells if c in results]  # the cells' order, whichever finished first
+        if on_row:
+            on_row(result[0])
         if out is not None:
-            write_rows(correlations, Path(out).with_suffix(".validators.json"))
+            write_rows(rows, out)
+
+    if jobs == 1:
+        for shift in shifts:
+            data = _labelled_shift(cfg, shift, protocol)
+            for seed in range(seeds):
+                pretrained = pretrain_source(_seeded(cfg, seed), data, shift[0])
+                for method in methods:
+                    done((shift, seed, method), bench_cell(_seeded(cfg, seed), shift, method, protocol, machine_gflops, data, pretrained))
+    else:
+        _run_parallel(cfg, cells, protocol, machine_gflops, jobs, done)
+    correlations: dict[str, Any] = {}
+    for shift in shifts:
+        name = f"{shift[0]}:{shift[1]}"
+        study = [entry for cell in cells if cell[0] == shift for entry in results[cell][1]]
+        correlations[name] = {**validator_correlations(study), "regret": mean_regret(rows, name)}
+    if out is not None:
+        write_rows(correlations, Path(out).with_suffix(".validators.json"))
     if on_correlations:
         on_correlations(correlations)
     return rows
+
+
+def _labelled_shift(cfg: Config, shift: tuple[str, str], protocol: str):
+    data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
+    if data.target_eval is None:
+        raise ValueError(f"bench needs target labels to report accuracy; domain '{shift[1]}' has none")
+    return data
+
+
+def _seeded(cfg: Config, seed: int) -> Config:
+    return cfg.model_copy(update={"seed": cfg.seed + seed})
+
+
+def bench_cell(
+    cfg: Config, shift: tuple[str, str], method: str, protocol: str, machine_gflops: float, data=None, pretrained=None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One (shift, method) at cfg.seed: its row and its checkpoints for the validator study. `data` and
+    `pretrained` are loaded (the source model from its cache) when not given."""
+    source, target = shift
+    if data is None:
+        data = load_shift(cfg.data.root, source, target, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
+    if pretrained is None:
+        pretrained = pretrain_source(cfg, data, source)
+    cls = get_method_class(method)
+    if method == "source_only":
+        stage, target_eval = pretrained, None
+    elif cls.uses_target_labels:
+        labelled = load_oracle_data(cfg.data.root, target, data.classes, image_spec(cfg), cfg.image_cache)
+        stage = train_oracle(cfg, pretrained, labelled, data.target_adapt)
+        target_eval = load_shift(cfg.data.root, source, target, image_spec(cfg), "holdout", cfg.image_cache).target_eval
+    else:
+        stage, target_eval = adapt_to_target(
+            cfg, method, pretrained, data.source_train, data.target_adapt, source_val=data.source_val, keep_checkpoints=True,
+        ), None
+    metrics = evaluate_stage(cfg, stage, data, target_eval)
+    row = {"shift": f"{source}:{target}", "method": method, "seed": cfg.seed, "protocol": protocol}
+    row.update({k: metrics[k] for k in ROW_KEYS if k in metrics and k not in row})
+    if method == "source_only":
+        row["cached_pretraining"] = stage.cached
+    row.update(training_cost(cfg, stage, row["train_images_per_s"], machine_gflops))
+    study: list[dict[str, Any]] = []
+    if not cls.uses_target_labels:
+        # the validator study: every kept checkpoint scored with target labels, AFTER training,
+        # to report how well each label-free score tracks accuracy. Never used to select.
+        checkpoints = checkpoint_study(cfg, stage, data)
+        study = [{"method": method, "seed": cfg.seed, **c["scores"], "target_acc": c["target_acc"]} for c in checkpoints]
+        if checkpoints:
+            best = max(c["target_acc"] for c in checkpoints)
+            row["best_checkpoint_target_acc"] = best  # reported, never used
+            row["selection_loss"] = round(best - metrics["target_acc_selected"], 2)
+            row.update(selection_report(checkpoints))
+    else:
+        row["protocol"] = "oracle: target-train labels, scored on target test"
+    return row, study
+
+
+def _cell_work(cfg: Config, method: str) -> float:
+    """A rough relative cost, to start the longest cells first: label-only cells are short, cdtrans runs
+    step_scale x the steps."""
+    cls = get_method_class(method)
+    if method == "source_only" or cls.uses_target_labels:
+        return 0.5 if cls.uses_target_labels else 0.0
+    return float((cfg.methods.get(method) or {}).get("step_scale", 1.0))
+
+
+def _worker_cell(cfg: Config, shift: tuple[str, str], method: str, protocol: str, machine_gflops: float):
+    from udaflow.engine import plain_progress
+
+    plain_progress(f"[{shift[0]}:{shift[1]} seed {cfg.seed}] ")
+    return bench_cell(cfg, shift, method, protocol, machine_gflops)
+
+
+def _pretrain_cell(cfg: Config, shift: tuple[str, str], protocol: str) -> None:
+    from udaflow.engine import plain_progress
+
+    plain_progress(f"[{shift[0]}:{shift[1]} seed {cfg.seed}] ")
+    data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
+    pretrain_source(cfg, data, shift[0])  # into the on-disk cache the cells read
+
+
+def _worker_start(num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+
+
+def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops: float, jobs: int, done: Callable) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(cfg.train.num_threads,)) as pool:
+        pending = {pool.submit(_pretrain_cell, _seeded(cfg, seed), shift, protocol): ("pretrain", shift, seed)
+                   for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    what = pending.pop(future)
+                    result = future.result()  # a worker's error stops the bench here, with its traceback
+                    if what[0] == "pretrain":
+                        _, shift, seed = what
+                        mine = sorted((c for c in cells if c[0] == shift and c[1] == seed), key=lambda c: -_cell_work(cfg, c[2]))
+                        for cell in mine:
+                            future = pool.submit(_worker_cell, _seeded(cfg, seed), shift, cell[2], protocol, machine_gflops)
+                            pending[future] = ("cell", cell)
+                    else:
+                        done(what[1], result)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
 
 
 def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float) -> dict[str, float]:

@@ -654,7 +654,7 @@ def ui(
 @app.command("bench")
 def bench(
     shifts: Annotated[str, typer.Option("--shifts", help="SOURCE:TARGET[,SOURCE:TARGET...]")] = "synth:mnist,mnist:mnistm",
-    methods: Annotated[str, typer.Option("--methods", help="comma-separated method names")] = "source_only,oracle,dann,cdan,mcc,cdtrans",
+    methods: Annotated[str, typer.Option("--methods", help="comma-separated method names")] = "source_only,oracle,dann,cdan,mcc,cdtrans,adamatch,ssrt",
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds per (shift, method)")] = 1,
     profile: ProfileOpt = "quick",
     protocol: Annotated[str, typer.Option("--protocol", help="transductive | holdout")] = "transductive",
@@ -662,6 +662,7 @@ def bench(
     overrides: SetOpt = None,
     device: DeviceOpt = None,
     params: ParamsOpt = Path("params.yaml"),
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="cells run at once, each in its own process with cores / jobs threads (or train.num_threads)")] = 1,
 ) -> None:
     """Benchmark methods on shifts; prints a table and writes one JSON row per (shift, method, seed)."""
     from udaflow.bench import parse_shifts, run_bench, summarise
@@ -687,7 +688,7 @@ def bench(
         console.print(f"machine: fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {threads} threads; speeds below are shares of it")
 
     rows = run_bench(
-        cfg, shift_list, method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine,
+        cfg, shift_list, method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine, jobs=jobs,
     )
     _print_bench_table(rows)
     if seeds > 1:

@@ -440,13 +440,23 @@ def _say(line: str) -> None:
     sys.stderr.flush()
 
 
+_PLAIN_PROGRESS: str | None = None
+
+
+def plain_progress(tag: str = "") -> None:
+    """This process reports progress in plain lines even on a terminal, each starting with `tag` (a
+    bench worker: several processes share the terminal, and their live bars would overwrite each other)."""
+    global _PLAIN_PROGRESS
+    _PLAIN_PROGRESS = tag
+
+
 class ProgressReport:
     """Training progress a person can follow: a rich bar on a terminal; in a log file or CI output
     (stderr not a terminal) one plain line every `every` of the steps, with the loss and time left."""
 
     def __init__(self, enabled: bool, description: str, total: int, completed: int = 0, every: float = 0.05):
         self.enabled, self.description, self.total, self.start = enabled, description, total, completed
-        self.terminal = enabled and sys.stderr.isatty()
+        self.terminal = enabled and sys.stderr.isatty() and _PLAIN_PROGRESS is None
         self.step_lines = max(1, math.ceil(total * every))
         self.t0 = time.perf_counter()
         self.bar = None
@@ -466,7 +476,7 @@ class ProgressReport:
 
     def _line(self, text: str) -> None:
         # written, not print()ed: a Prefect flow with log_prints routes print() to its (quietened) logger
-        sys.stderr.write(f"{self.description}: {text}\n")
+        sys.stderr.write(f"{_PLAIN_PROGRESS or ''}{self.description}: {text}\n")
         sys.stderr.flush()
 
     def update(self, done: int, loss: float) -> None:

@@ -104,6 +104,31 @@ def test_build_ingest_run_bench(workspace: Path):
     assert bench[2]["train_images_per_s"] > 0
 
 
+def test_bench_jobs_runs_cells_in_parallel_with_the_rows_of_one_process(workspace: Path):
+    """`--jobs 2` runs the cells in two worker processes; at the same thread count each row is the one
+    a one-process bench writes (deterministic training: the same bits), in the same order."""
+    ws = workspace
+    if not (ws / "data/raw/fonts-b").exists():
+        pytest.skip("needs test_build_ingest_run_bench's domains")
+    rows = {}
+    for jobs in (1, 2):
+        out = ws / f"bench-jobs{jobs}.json"
+        result = invoke(
+            ["bench", "--shifts", "synth:fonts-b", "--methods", "source_only,dann,adamatch", "--seeds", "2", "--jobs", str(jobs),
+             "--protocol", "holdout", "--set", "train.num_threads=1", "--out", str(out)],
+            ws,
+        )
+        assert result.exit_code == 0, result.output
+        rows[jobs] = json.loads(out.read_text())
+    assert [(r["method"], r["seed"]) for r in rows[2]] == [(m, s) for s in (0, 1) for m in ("source_only", "dann", "adamatch")]
+    for serial, parallel in zip(rows[1], rows[2]):
+        for key in ("target_acc_last", "target_acc_selected", "source_val_acc_last", "validators_last", "regret"):
+            assert parallel[key] == serial[key], (serial["method"], serial["seed"], key)
+    assert rows[2][1]["validators_last"] != rows[2][4]["validators_last"]  # dann's two seeds: two runs, not one copied
+    study = json.loads((ws / "bench-jobs2.validators.json").read_text())["synth:fonts-b"]
+    assert study == json.loads((ws / "bench-jobs1.validators.json").read_text())["synth:fonts-b"]
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
