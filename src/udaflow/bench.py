@@ -59,8 +59,8 @@ def run_bench(
     jobs: int = 1,
 ) -> list[dict[str, Any]]:
     """Every (shift, seed, method) cell, one row each, in that order. `jobs` > 1 runs the cells in that
-    many worker processes (each with `train.num_threads`, or this machine's cores / jobs): each
-    (shift, seed)'s source model first, then its methods, longest first. A cell's row is the same
+    many worker processes (each with `train.num_threads`, or this machine's cores / jobs): the source
+    models first, then every cell, the longest first. A cell's row is the same
     as a one-process bench with the same thread count would write (bit for bit, with deterministic)."""
     for m in methods:
         get_method_class(m)  # unknown names fail before any training
@@ -201,24 +201,22 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
 
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(cfg.train.num_threads,)) as pool:
-        pending = {pool.submit(_pretrain_cell, _seeded(cfg, seed), shift, protocol): ("pretrain", shift, seed)
-                   for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)}
+        # the source models first, each into the on-disk cache once; then every cell, the longest first
+        # (all shifts' together), so no long cell starts last
+        pretraining = [pool.submit(_pretrain_cell, _seeded(cfg, seed), shift, protocol) for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)]
+        pending = {}
         try:
+            for future in pretraining:
+                future.result()  # a worker's error stops the bench here, with its traceback
+            for cell in sorted(cells, key=lambda c: -_cell_work(cfg, c[2])):  # stable: the cells' order among equals
+                shift, seed, method = cell
+                pending[pool.submit(_worker_cell, _seeded(cfg, seed), shift, method, protocol, machine_gflops)] = cell
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    what = pending.pop(future)
-                    result = future.result()  # a worker's error stops the bench here, with its traceback
-                    if what[0] == "pretrain":
-                        _, shift, seed = what
-                        mine = sorted((c for c in cells if c[0] == shift and c[1] == seed), key=lambda c: -_cell_work(cfg, c[2]))
-                        for cell in mine:
-                            future = pool.submit(_worker_cell, _seeded(cfg, seed), shift, cell[2], protocol, machine_gflops)
-                            pending[future] = ("cell", cell)
-                    else:
-                        done(what[1], result)
+                    done(pending.pop(future), future.result())
         except BaseException:
-            for future in pending:
+            for future in [*pretraining, *pending]:
                 future.cancel()
             raise
 
