@@ -200,25 +200,29 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(cfg.train.num_threads,)) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(cfg.train.num_threads,))
+    try:
         # the source models first, each into the on-disk cache once; then every cell, the longest first
         # (all shifts' together), so no long cell starts last
         pretraining = [pool.submit(_pretrain_cell, _seeded(cfg, seed), shift, protocol) for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)]
+        for future in pretraining:
+            future.result()  # a worker's error stops the bench here, with its traceback
         pending = {}
-        try:
-            for future in pretraining:
-                future.result()  # a worker's error stops the bench here, with its traceback
-            for cell in sorted(cells, key=lambda c: -_cell_work(cfg, c[2])):  # stable: the cells' order among equals
-                shift, seed, method = cell
-                pending[pool.submit(_worker_cell, _seeded(cfg, seed), shift, method, protocol, machine_gflops)] = cell
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    done(pending.pop(future), future.result())
-        except BaseException:
-            for future in [*pretraining, *pending]:
-                future.cancel()
-            raise
+        for cell in sorted(cells, key=lambda c: -_cell_work(cfg, c[2])):  # stable: the cells' order among equals
+            shift, seed, method = cell
+            pending[pool.submit(_worker_cell, _seeded(cfg, seed), shift, method, protocol, machine_gflops)] = cell
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done(pending.pop(future), future.result())
+    except BaseException:
+        # an error (or Ctrl-C) ends the bench now, not once the other workers' cells finish; the rows
+        # done so far are already in --out
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float) -> dict[str, float]:

@@ -202,7 +202,7 @@ def test_method_configs_keep_their_defaults_and_read_yaml_values():
 
     defaults = {
         "adamatch": {"tau": 0.9, "teacher_ema": 0.0, "unlabelled_weight": 1.0, "logit_interpolation": False,
-                     "uratio": 1.0, "weak_target_grad": True},
+                     "uratio": 1.0, "weak_target_grad": True, "source_views": "both"},
         "dann": {"trade_off": 1.0, "hidden": 256, "label_smoothing": 0.1},
         "ssrt": {"trade_off": 1.0, "hidden": 256, "sr_weight": 0.2, "alpha": 0.3, "layers": (), "eps": 0.4, "period": 200,
                  "levels": 4, "label_smoothing": 0.1},

@@ -441,6 +441,33 @@ def test_adamatch_weak_target_view_without_backward_gives_the_same_step():
     assert _adamatch_step({"weak_target_grad": True}, training=True)[2]["passes"] == [(32, True)]
 
 
+def test_adamatch_source_views_strong_reads_the_weak_source_view_forward_only():
+    """source_views: strong - CE on the strong source view alone; the weak source view, read for the threshold
+    and class mix only, runs in one eval-mode, no-grad pass with the weak target view."""
+    from udaflow.methods.adamatch import adamatch_losses
+
+    torch.manual_seed(0)
+    s_w, s_s, t_w, t_s = (torch.randn(16, 5) * 3 for _ in range(4))
+    labels = torch.randint(5, (16,))
+    both = adamatch_losses(s_w, s_s, labels, t_w, t_s, tau=0.7)
+    strong = adamatch_losses(s_w, s_s, labels, t_w, t_s, tau=0.7, source_views="strong")
+    weak = adamatch_losses(s_w, None, labels, t_w, t_s, tau=0.7, source_views="weak")
+    assert float(strong["cls"]) == pytest.approx(float(F.cross_entropy(s_s, labels)), rel=1e-6)
+    assert float(weak["cls"]) == pytest.approx(float(F.cross_entropy(s_w, labels)), rel=1e-6)
+    for out in (strong, weak):  # p_s reads the weak source view in every form: the same threshold and class mix
+        assert float(out["unlabelled"]) == float(both["unlabelled"]) and float(out["mask_rate"]) == float(both["mask_rate"])
+
+    losses, grads, drawn = _adamatch_step({"weak_target_grad": False, "source_views": "strong"}, training=True)
+    assert drawn["passes"] == [(16, False), (16, True)]  # weak source + weak target forward only; strong views with a backward
+    assert float(losses["mask_rate"]) > 0 and grads
+    assert _adamatch_step({"weak_target_grad": True, "source_views": "strong"}, training=True)[2]["passes"] == [(8, False), (24, True)]
+    assert _adamatch_step({"weak_target_grad": False, "source_views": "weak"}, training=True)[2]["passes"] == [(8, False), (16, True)]
+    method = methods.create_method("adamatch", build_classifier("udaflow_vit_micro", 3), {"weak_target_grad": False, "source_views": "strong"})
+    assert method.images_per_step(64, True) == 64 + 64 // 3 + 64 + 64 // 3
+    with pytest.raises(Exception, match="source_views"):
+        methods.create_method("adamatch", build_classifier("udaflow_vit_micro", 3), {"logit_interpolation": True, "source_views": "strong"})
+
+
 @pytest.mark.parametrize("uratio, expected", [(1.0, (8, 8)), (3.0, (4, 12)), (0.6, (10, 6))])
 def test_adamatch_uratio_splits_the_batch_between_domains(uratio, expected):
     method = methods.create_method("adamatch", build_classifier("udaflow_vit_micro", 3), {"uratio": uratio})

@@ -15,6 +15,7 @@ weak and a strong view (shapes below for Bs = Bt = B):
                                                            denoising filter (pseudo_labels.py): class-balanced
                                                            c_tau per class, agreement with the strong view
     L = (CE(z_s^w, y) + CE(z_s^s, y)) / 2 + mu(p) * mean(m * CE(z'_t^s, y^_t))
+        (`source_views: strong`: CE(z_s^s, y) alone, the weak source view forward only; `weak`: CE(z_s^w, y) alone)
     mu(p) = 1/2 - cos(min(pi, 2 pi p)) / 2                 ramps 0 -> 1 over the first half of training
 
 With `train.pseudo_labels.neighbours` = k > 0 (the default, 10), p_t is first replaced by the
@@ -30,6 +31,10 @@ forward + backward). The weak view is then read in eval mode, BatchNorm on its r
 (those of mixed-domain batches, as the evaluation reads the model); only that differs from the
 joint batch, whose weak rows BatchNorm normalised with the batch's own statistics.
 
+`source_views: strong` does for the source what `weak_target_grad: false` does for the target: the weak
+source view is read for p_s alone (the threshold and the class mix), so it runs forward only, in eval mode,
+in one pass with the weak target view, and the source term is the strong view's cross-entropy. The batch
+with a backward is then [x_s^s, x_t^s] (2B rows instead of 3B). `weak` drops the strong source view.
 With `teacher_ema` > 0, p_t comes from an exponential moving average of the weights (a mean teacher,
 Tarvainen & Valpola 2017), evaluated on the weak target view in eval mode; the student's own weak-view
 prediction is then the second opinion the agreement filter checks. The teacher's forward pass (B images,
@@ -45,9 +50,11 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from udaflow import distributed
 from udaflow.config import MethodConfig
@@ -77,6 +84,7 @@ def adamatch_losses(
     source_weak: torch.Tensor, source_strong: torch.Tensor, labels: torch.Tensor,
     target_weak: torch.Tensor, target_strong: torch.Tensor, tau: float,
     denoise: PseudoLabelFilter | None = None, teacher_weak: torch.Tensor | None = None, target_probs: torch.Tensor | None = None,
+    source_views: str = "both",
 ) -> dict[str, torch.Tensor]:
     """Logits (B, K) of the four views + source labels (B,) -> source CE, masked target CE, mask rate.
 
@@ -85,8 +93,11 @@ def adamatch_losses(
     for the pseudo-labels, and the student's weak view becomes the filter's second opinion.
     `target_probs` (optional, (Bt, K) over the global batch): the weak-view probabilities to read, already
     denoised (the neighbourhood consensus); they replace softmax of the weak view's (or teacher's) logits.
+    `source_views`: the source views the cross-entropy averages, both | weak | strong (p_s always reads the
+    weak view; `source_strong` may be None for weak).
     """
-    cls = 0.5 * (F.cross_entropy(source_weak, labels) + F.cross_entropy(source_strong, labels))
+    views = {"both": (source_weak, source_strong), "weak": (source_weak,), "strong": (source_strong,)}[source_views]
+    cls = sum(F.cross_entropy(v, labels) for v in views) / len(views)
     with torch.no_grad():
         # batch statistics (threshold, class mix, filter) over the global batch: under torchrun every
         # rank gathers all rows, decides alike, and keeps its own rows' labels and mask
@@ -114,6 +125,15 @@ class AdaMatchConfig(MethodConfig):
     logit_interpolation: bool = False  # the paper's second, source-only pass (BN statistics per domain): 1.5x the cost
     uratio: float = Field(1.0, gt=0, le=15)  # target images per source image; the 2B images of a view are split 1 : uratio
     weak_target_grad: bool = True  # False: the weak target view (read for pseudo-labels only) runs forward alone, without a backward
+    # the source views the cross-entropy reads: both (the paper); strong (the weak source view, read for the threshold
+    # and class mix only, runs forward alone in eval mode); weak (the strong source view dropped)
+    source_views: Literal["both", "weak", "strong"] = "both"
+
+    @model_validator(mode="after")
+    def _one_source_pass(self):
+        if self.logit_interpolation and self.source_views != "both":
+            raise ValueError("logit_interpolation mixes both source views' logits: it needs source_views 'both'")
+        return self
 
 
 @register_method("adamatch")
@@ -138,34 +158,44 @@ class AdaMatch(Method):
         view without backward counts a third (a forward is about a third of forward + backward)."""
         n_s, n_t = self.batch_sizes(batch_size)
         weak_target = n_t if self.config.weak_target_grad else n_t // 3
-        return 2 * n_s * (2 if self.config.logit_interpolation else 1) + n_t + weak_target
+        source = {"both": 2 * n_s, "weak": n_s, "strong": n_s + n_s // 3}[self.config.source_views]
+        return source * (2 if self.config.logit_interpolation else 1) + n_t + weak_target
 
     def forward(self, classifier, batch, ctx):
         n_s, n_t = self.batch_sizes(ctx.batch_size)
         s_idx = torch.randint(len(ctx.source_labels), (n_s,), generator=ctx.generator)
         t_idx = torch.randint(ctx.num_target, (n_t,), generator=ctx.generator)
-        source = torch.cat([ctx.source_inputs(s_idx, "weak"), ctx.source_inputs(s_idx, "strong")])  # (2Bs, 3, H, W)
+        views = self.config.source_views
+        source_weak = ctx.source_inputs(s_idx, "weak")  # (Bs, 3, H, W)
+        source_strong = ctx.source_inputs(s_idx, "strong") if views != "weak" else None
+        source = torch.cat([source_weak, source_strong]) if views == "both" else source_strong if views == "strong" else source_weak
         target_weak, target_strong = ctx.target_inputs(t_idx, "weak"), ctx.target_inputs(t_idx, "strong")  # (Bt, 3, H, W) each
         labels = distributed.shard(ctx.source_labels[s_idx]).to(ctx.device)
         b = len(labels)  # this rank's source rows per view (all Bs in one process)
+        rows = b * (2 if views == "both" else 1)  # the source rows of the batch with a backward
         teacher_weak = None
         if self.config.teacher_ema > 0:
             ema_update(self.teacher, classifier, self.config.teacher_ema)  # the weights after the previous step
             with torch.no_grad():
                 teacher_weak = self.teacher.eval()(target_weak)  # (Bt, K); eval: BN running statistics
-        if self.config.weak_target_grad:
-            features = classifier.features(torch.cat([source, target_weak, target_strong]))  # (2Bs + 2Bt, D)
-            logits = classifier.head(features)  # (2Bs + 2Bt, K): classifier(x), with the features kept
-            source_logits, target_logits = logits[: 2 * b], logits[2 * b :].chunk(2)
-            weak_features = features[2 * b :].chunk(2)[0]  # (Bt, D)
-        else:  # the weak view only reads pseudo-labels: its backward would be wasted work
+        # the weak views read only p_s and pseudo-labels: a view without backward runs forward alone, under no_grad,
+        # in eval mode (BatchNorm's running, mixed-domain statistics, as the evaluation reads the model)
+        forward_only = ([source_weak] if views == "strong" else []) + ([] if self.config.weak_target_grad else [target_weak])
+        if forward_only:
             training = classifier.training
-            with torch.no_grad():  # eval mode: BatchNorm's running (mixed-domain) statistics, as the evaluation reads it
-                weak_features = classifier.eval().features(target_weak)  # (Bt, D)
-                weak_logits = classifier.head(weak_features)  # (Bt, K)
+            with torch.no_grad():
+                alone_features = classifier.eval().features(torch.cat(forward_only))  # (Bs and/or Bt, D)
+                alone_logits = classifier.head(alone_features)
             classifier.train(training)
-            logits = classifier(torch.cat([source, target_strong]))  # (2Bs + Bt, K)
-            source_logits, target_logits = logits[: 2 * b], (weak_logits, logits[2 * b :])
+        if self.config.weak_target_grad:
+            features = classifier.features(torch.cat([source, target_weak, target_strong]))  # (rows + 2Bt, D)
+            logits = classifier.head(features)  # (rows + 2Bt, K): classifier(x), with the features kept
+            source_logits, target_logits = logits[:rows], logits[rows:].chunk(2)
+            weak_features = features[rows:].chunk(2)[0]  # (Bt, D)
+        else:
+            logits = classifier(torch.cat([source, target_strong]))  # (rows + Bt, K)
+            weak_features = alone_features[-len(target_weak):]  # (Bt, D)
+            source_logits, target_logits = logits[:rows], (alone_logits[-len(target_weak):], logits[rows:])
         if self.config.logit_interpolation:
             alone = classifier(source)  # (2Bs, K)
             mix = torch.rand((2, n_s, source_logits.shape[1]), generator=ctx.generator)  # (2, Bs, K) over the global batch
@@ -180,7 +210,10 @@ class AdaMatch(Method):
                 reader = target_logits[0] if teacher_weak is None else teacher_weak
                 target_probs = denoise.bank.vote(  # over the global batch: t_idx is the whole draw
                     distributed.gather(weak_features.detach().float()), distributed.gather(F.softmax(reader.float(), dim=1)), t_idx)
-        losses = adamatch_losses(*source_logits.chunk(2), labels, *target_logits, self.config.tau, denoise, teacher_weak, target_probs)
+        weak_source_logits = alone_logits[:b] if views == "strong" else source_logits[:b]  # (b, K), the view p_s reads
+        strong_source_logits = source_logits[b:] if views == "both" else source_logits if views == "strong" else None
+        losses = adamatch_losses(weak_source_logits, strong_source_logits, labels, *target_logits, self.config.tau, denoise, teacher_weak,
+                                 target_probs, views)
         mu = self.config.unlabelled_weight * unlabelled_weight(ctx.progress)
         return {"loss": losses["cls"] + mu * losses["unlabelled"], **losses}
 
