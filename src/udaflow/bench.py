@@ -24,6 +24,7 @@ import torch
 from udaflow.config import Config
 from udaflow.costs import matmul_gflops, training_gflop_per_image
 from udaflow.data.datasets import load_oracle_data, load_shift
+from udaflow.errors import judged_here
 from udaflow.experiment import adapt_to_target, evaluate_stage, image_spec, pretrain_source, train_oracle
 from udaflow.methods import get_method_class
 from udaflow.validators import ensemble_agreement
@@ -180,15 +181,23 @@ def _worker_cell(cfg: Config, shift: tuple[str, str], method: str, protocol: str
     from udaflow.engine import plain_progress
 
     plain_progress(f"[{shift[0]}:{shift[1]} seed {cfg.seed}] ")
-    return bench_cell(cfg, shift, method, protocol, machine_gflops)
+    try:
+        return bench_cell(cfg, shift, method, protocol, machine_gflops)
+    except Exception as exc:
+        judged_here(exc)  # the parent re-raises it without this traceback: a clear error stays one line
+        raise
 
 
 def _pretrain_cell(cfg: Config, shift: tuple[str, str], protocol: str) -> None:
     from udaflow.engine import plain_progress
 
     plain_progress(f"[{shift[0]}:{shift[1]} seed {cfg.seed}] ")
-    data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
-    pretrain_source(cfg, data, shift[0])  # into the on-disk cache the cells read
+    try:
+        data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
+        pretrain_source(cfg, data, shift[0])  # into the on-disk cache the cells read
+    except Exception as exc:
+        judged_here(exc)
+        raise
 
 
 def _worker_start(num_threads: int) -> None:

@@ -8,9 +8,7 @@ traceback.
 
 from __future__ import annotations
 
-import dis
 import json
-import linecache
 import logging
 import os
 import re
@@ -25,6 +23,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
+
+from udaflow.errors import raised_on_purpose
 
 _STATE = {"debug": False}
 
@@ -59,29 +59,6 @@ def _error_types() -> tuple[type[BaseException], ...]:
     return (NotFound, *loaded)
 
 
-def _raised_on_purpose(exc: BaseException) -> bool:
-    """A `raise` statement in udaflow, flows or tasks: an error with a message meant for the user.
-
-    The same types raised inside torch, numpy or a library (a shape mismatch, a KeyError from a
-    lookup in our code) start nowhere near a `raise` of ours: they are bugs."""
-    tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    filename = Path(code.co_filename).resolve()
-    roots = [Path(d).resolve() for name in ("udaflow", "flows", "tasks") if (m := sys.modules.get(name)) for d in getattr(m, "__path__", [])]
-    if not any(filename.is_relative_to(root) for root in roots):
-        return False
-    # the instruction that raised: a `raise` statement compiles to RAISE_VARARGS (the source line, the
-    # fallback, can be stale in linecache when the file changed on disk after it was read)
-    if 0 <= tb.tb_lasti < len(code.co_code) and code.co_code[tb.tb_lasti] == dis.opmap["RAISE_VARARGS"]:
-        return True
-    linecache.checkcache(str(filename))
-    return linecache.getline(str(filename), tb.tb_lineno).lstrip().startswith("raise ")
-
-
 def _is_known(exc: Exception) -> bool:
     """udaflow's error types, or a ValueError / RuntimeError / FileNotFoundError / LookupError
     that udaflow's own code raised on purpose; never a KeyError, IndexError or NotImplementedError."""
@@ -89,7 +66,7 @@ def _is_known(exc: Exception) -> bool:
         return True
     if isinstance(exc, (KeyError, IndexError, NotImplementedError)):
         return False
-    return isinstance(exc, (ValueError, RuntimeError, FileNotFoundError, LookupError)) and _raised_on_purpose(exc)
+    return isinstance(exc, (ValueError, RuntimeError, FileNotFoundError, LookupError)) and raised_on_purpose(exc)
 
 
 def _report(exc: Exception, command: str | None) -> None:

@@ -129,6 +129,17 @@ def test_bench_jobs_runs_cells_in_parallel_with_the_rows_of_one_process(workspac
     assert study == json.loads((ws / "bench-jobs1.validators.json").read_text())["synth:fonts-b"]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_jobs_reports_a_workers_error_as_one_line(workspace: Path):
+    """An error raised on purpose inside a worker process (here: no GPU for --device cuda) reaches the user
+    as the one-process bench reports it: one `error:` line, exit code 2, no traceback."""
+    result = invoke(["bench", "--shifts", "synth:fonts-b", "--methods", "dann", "--jobs", "2", "--device", "cuda",
+                     "--out", str(workspace / "bench-fail.json")], workspace)
+    assert result.exit_code == 2, result.output
+    assert "error: device 'cuda' requested but no CUDA GPU is visible" in result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
