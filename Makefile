@@ -34,7 +34,7 @@ ui: setup
 	$(BIN)/udaflow ui
 
 bench: data
-	$(BIN)/udaflow bench --shifts synth:mnist,mnist:mnistm --methods source_only,oracle,dann,cdan,mcc,cdtrans,adamatch,ssrt --seeds 1 --profile quick --out bench.json
+	$(BIN)/udaflow bench --shifts synth:mnist,mnist:mnistm --methods source_only,oracle,dann,cdan,mcc,cdtrans,adamatch,ssrt --seeds 1 --profile quick --jobs 2 --out bench.json
 
 clean:  # run outputs only: data/, the DVC cache and the MLflow store are kept
 	rm -rf runs bench.json
