@@ -188,13 +188,14 @@ def _worker_cell(cfg: Config, shift: tuple[str, str], method: str, protocol: str
         raise
 
 
-def _pretrain_cell(cfg: Config, shift: tuple[str, str], protocol: str) -> None:
+def _pretrain_cell(cfg: Config, shift: tuple[str, str], protocol: str) -> bool:
+    """Trains (shift, cfg.seed)'s source model into the on-disk cache; True when it was there already."""
     from udaflow.engine import plain_progress
 
     plain_progress(f"[{shift[0]}:{shift[1]} seed {cfg.seed}] ")
     try:
         data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
-        pretrain_source(cfg, data, shift[0])  # into the on-disk cache the cells read
+        return pretrain_source(cfg, data, shift[0]).cached  # into the on-disk cache the cells read
     except Exception as exc:
         judged_here(exc)
         raise
@@ -213,9 +214,9 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
     try:
         # the source models first, each into the on-disk cache once; then every cell, the longest first
         # (all shifts' together), so no long cell starts last
-        pretraining = [pool.submit(_pretrain_cell, _seeded(cfg, seed), shift, protocol) for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)]
-        for future in pretraining:
-            future.result()  # a worker's error stops the bench here, with its traceback
+        pretraining = {(shift, seed): pool.submit(_pretrain_cell, _seeded(cfg, seed), shift, protocol)
+                       for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)}
+        cached = {key: future.result() for key, future in pretraining.items()}  # a worker's error stops the bench here
         pending = {}
         for cell in sorted(cells, key=lambda c: -_cell_work(cfg, c[2])):  # stable: the cells' order among equals
             shift, seed, method = cell
@@ -223,7 +224,11 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                done(pending.pop(future), future.result())
+                cell = pending.pop(future)
+                row, study = future.result()
+                if "cached_pretraining" in row:  # the cell read the cache a worker had just filled
+                    row["cached_pretraining"] = cached[cell[:2]]
+                done(cell, (row, study))
     except BaseException:
         # an error (or Ctrl-C) ends the bench now, not once the other workers' cells finish; the rows
         # done so far are already in --out

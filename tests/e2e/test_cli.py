@@ -111,7 +111,7 @@ def test_bench_jobs_runs_cells_in_parallel_with_the_rows_of_one_process(workspac
     if not (ws / "data/raw/fonts-b").exists():
         pytest.skip("needs test_build_ingest_run_bench's domains")
     rows = {}
-    for jobs in (1, 2):
+    for jobs in (2, 1):  # the parallel bench first: its workers train seed 1's source model (seed 0's is cached)
         out = ws / f"bench-jobs{jobs}.json"
         result = invoke(
             ["bench", "--shifts", "synth:fonts-b", "--methods", "source_only,dann,adamatch", "--seeds", "2", "--jobs", str(jobs),
@@ -125,6 +125,8 @@ def test_bench_jobs_runs_cells_in_parallel_with_the_rows_of_one_process(workspac
         for key in ("target_acc_last", "target_acc_selected", "source_val_acc_last", "validators_last", "regret"):
             assert parallel[key] == serial[key], (serial["method"], serial["seed"], key)
     assert rows[2][1]["validators_last"] != rows[2][4]["validators_last"]  # dann's two seeds: two runs, not one copied
+    assert rows[2][3]["method"] == "source_only" and rows[2][3]["cached_pretraining"] is False  # seed 1's: trained in this bench
+    assert [r["cached_pretraining"] for r in rows[1] if r["method"] == "source_only"] == [True, True]
     study = json.loads((ws / "bench-jobs2.validators.json").read_text())["synth:fonts-b"]
     assert study == json.loads((ws / "bench-jobs1.validators.json").read_text())["synth:fonts-b"]
 
