@@ -177,28 +177,23 @@ def _cell_work(cfg: Config, method: str) -> float:
     return float((cfg.methods.get(method) or {}).get("step_scale", 1.0))
 
 
-def _worker_cell(cfg: Config, shift: tuple[str, str], method: str, protocol: str, machine_gflops: float):
+def _in_worker(task: Callable, cfg: Config, shift: tuple[str, str], *args):
+    """Runs task(cfg, shift, *args) in a bench worker: progress lines named by the cell, and an error judged
+    while its traceback is here (the parent re-raises it without it: a clear error stays one line)."""
     from udaflow.engine import plain_progress
 
     plain_progress(f"[{shift[0]}:{shift[1]} seed {cfg.seed}] ")
     try:
-        return bench_cell(cfg, shift, method, protocol, machine_gflops)
+        return task(cfg, shift, *args)
     except Exception as exc:
-        judged_here(exc)  # the parent re-raises it without this traceback: a clear error stays one line
+        judged_here(exc)
         raise
 
 
 def _pretrain_cell(cfg: Config, shift: tuple[str, str], protocol: str) -> bool:
     """Trains (shift, cfg.seed)'s source model into the on-disk cache; True when it was there already."""
-    from udaflow.engine import plain_progress
-
-    plain_progress(f"[{shift[0]}:{shift[1]} seed {cfg.seed}] ")
-    try:
-        data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
-        return pretrain_source(cfg, data, shift[0]).cached  # into the on-disk cache the cells read
-    except Exception as exc:
-        judged_here(exc)
-        raise
+    data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
+    return pretrain_source(cfg, data, shift[0]).cached  # into the on-disk cache the cells read
 
 
 def _worker_start(num_threads: int) -> None:
@@ -214,13 +209,13 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
     try:
         # the source models first, each into the on-disk cache once; then every cell, the longest first
         # (all shifts' together), so no long cell starts last
-        pretraining = {(shift, seed): pool.submit(_pretrain_cell, _seeded(cfg, seed), shift, protocol)
+        pretraining = {(shift, seed): pool.submit(_in_worker, _pretrain_cell, _seeded(cfg, seed), shift, protocol)
                        for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)}
         cached = {key: future.result() for key, future in pretraining.items()}  # a worker's error stops the bench here
         pending = {}
         for cell in sorted(cells, key=lambda c: -_cell_work(cfg, c[2])):  # stable: the cells' order among equals
             shift, seed, method = cell
-            pending[pool.submit(_worker_cell, _seeded(cfg, seed), shift, method, protocol, machine_gflops)] = cell
+            pending[pool.submit(_in_worker, bench_cell, _seeded(cfg, seed), shift, method, protocol, machine_gflops)] = cell
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
