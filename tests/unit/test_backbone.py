@@ -11,8 +11,9 @@ from udaflow.models import BackboneError, build_classifier, create_backbone
 from udaflow.models.backbone import ConvStem
 
 
-def test_udaflow_vit_tiny_is_a_timm_vision_transformer():
-    model = timm.create_model("udaflow_vit_tiny", num_classes=10)
+@pytest.mark.parametrize("name", ["udaflow_vit_tiny2", "udaflow_vit_tiny"])
+def test_udaflow_vit_tiny_is_a_timm_vision_transformer(name):
+    model = timm.create_model(name, num_classes=10)
     assert isinstance(model, VisionTransformer)
     assert isinstance(model.patch_embed, ConvStem)
     assert model.num_classes == 10 and model.head.out_features == 10
@@ -23,6 +24,25 @@ def test_udaflow_vit_tiny_is_a_timm_vision_transformer():
     grid = model.patch_embed.grid_size
     assert grid[0] * model.patch_embed.patch_size[0] == 32 and model.patch_embed.num_patches == grid[0] * grid[1]
     assert model.patch_embed(torch.zeros(1, 3, 32, 32)).shape == (1, model.patch_embed.num_patches, model.embed_dim)
+
+
+def test_tiny2_is_tiny_with_a_wider_stem_and_one_block_fewer():
+    """The default's name stands for one architecture: udaflow_vit_tiny with stem_width 16 and depth 3,
+    the same parameters drawn from the same seed; udaflow_vit_tiny itself keeps its 4 blocks and
+    12-24-48-96 stem, so models packaged under that name still load."""
+    torch.manual_seed(0)
+    new = timm.create_model("udaflow_vit_tiny2", num_classes=10)
+    torch.manual_seed(0)
+    spelled_out = timm.create_model("udaflow_vit_tiny", num_classes=10, stem_width=16, depth=3)
+    assert new.state_dict().keys() == spelled_out.state_dict().keys()
+    assert all(torch.equal(v, spelled_out.state_dict()[k]) for k, v in new.state_dict().items())
+    widths = lambda m: [c.out_channels for c in m.patch_embed.stem if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    old = timm.create_model("udaflow_vit_tiny", num_classes=10)
+    assert (widths(new), len(new.blocks)) == ([16, 32, 64, 96], 3)
+    assert (widths(old), len(old.blocks)) == ([12, 24, 48, 96], 4)
+    # and the old default is the new name at stem_width 12, depth 4
+    back = timm.create_model("udaflow_vit_tiny2", num_classes=10, stem_width=12, depth=4)
+    assert (widths(back), len(back.blocks)) == ([12, 24, 48, 96], 4)
 
 
 def test_micro_backbone_returns_pooled_features():
@@ -41,9 +61,10 @@ def test_unknown_backbone_raises():
         create_backbone("not_a_model")
 
 
-def test_udaflow_backbones_have_no_published_weights():
-    with pytest.raises(BackboneError, match="model.pretrained"):
-        timm.create_model("udaflow_vit_tiny", pretrained=True)
+@pytest.mark.parametrize("name", ["udaflow_vit_tiny2", "udaflow_vit_tiny", "udaflow_vit_micro"])
+def test_udaflow_backbones_have_no_published_weights(name):
+    with pytest.raises(BackboneError, match="model.pretrained" if name != "udaflow_vit_micro" else "no published weights"):
+        timm.create_model(name, pretrained=True)
 
 
 def test_missing_weights_file_raises():

@@ -1,10 +1,12 @@
 """Backbones: any timm model by name, plus udaflow's small hybrid ViTs for 32x32 images.
 
-The default `udaflow_vit_tiny` is a real timm `VisionTransformer` whose patch embedding is a
-small convolutional stem (as in timm's hybrid ViTs): on 32x32 digits trained from scratch on a
-CPU, plain 4x4 patches learn far slower than a stem of three 3x3 convolutions that hands the
-transformer 8x8 = 64 tokens. It is registered with timm, so `timm.create_model` builds it like
-any other model and every timm helper (pooling, reset_classifier, checkpoint loading) applies.
+The default `udaflow_vit_tiny2` (and `udaflow_vit_tiny` before it) is a real timm `VisionTransformer`
+whose patch embedding is a small convolutional stem (as in timm's hybrid ViTs): on 32x32 digits
+trained from scratch on a CPU, plain 4x4 patches learn far slower than a stem of 3x3 convolutions
+that hands the transformer 4x4 = 16 tokens. They are registered with timm, so `timm.create_model`
+builds them like any other model and every timm helper (pooling, reset_classifier, checkpoint
+loading) applies. A registered name never changes its architecture: a packaged model rebuilds
+from its name (models/packaged.py), so a better default is a new name.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def _hybrid_vit(embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionT
 
 @register_model
 def udaflow_vit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Default for 32x32 digits: 8x conv stem (4x4 = 16 tokens), 4 blocks, width 96, 4 heads (~0.36M params).
+    """The default until 2026-12-01 (now udaflow_vit_tiny2): 8x conv stem (4x4 = 16 tokens), 4 blocks, width 96,
+    4 heads (~0.36M params).
 
     Measured on 2 CPU cores, synth source pretraining: a 4x stem (64 tokens, width 128) reached
     32% source accuracy after 400 steps at 430 img/s; this one reached 66% at 1,450 img/s.
@@ -107,6 +110,22 @@ def udaflow_vit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
         raise BackboneError("udaflow_vit_tiny has no published weights: pass model.pretrained=<path to a .pt file>")
     kwargs.setdefault("patch_size", 8)
     return _hybrid_vit(embed_dim=kwargs.pop("embed_dim", 96), depth=kwargs.pop("depth", 4), num_heads=kwargs.pop("num_heads", 4), **kwargs)
+
+
+@register_model
+def udaflow_vit_tiny2(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """Default since 2026-12-01: udaflow_vit_tiny with a wider stem (16-32-64-96 channels, not 12-24-48-96)
+    and 3 blocks, not 4 (~0.31M params): the same training FLOPs (0.0425 GFLOP an image, 0.0416 before).
+
+    Measured with adamatch, quick profile, seed 0, one thread: synth->mnist 97.46 -> 97.94, mnist->mnistm
+    96.86 -> 97.72, adaptation 404 -> 369 s beside each other (README, "A wider stem, one block fewer").
+    The stem's width alone (4 blocks) read 97.82 / 97.52 at 1.10x the seconds.
+    """
+    if pretrained:
+        raise BackboneError("udaflow_vit_tiny2 has no published weights: pass model.pretrained=<path to a .pt file>")
+    kwargs.setdefault("patch_size", 8)
+    kwargs.setdefault("stem_width", 16)
+    return _hybrid_vit(embed_dim=kwargs.pop("embed_dim", 96), depth=kwargs.pop("depth", 3), num_heads=kwargs.pop("num_heads", 4), **kwargs)
 
 
 @register_model
