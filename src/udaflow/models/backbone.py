@@ -98,6 +98,13 @@ def _hybrid_vit(embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionT
     return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, embed_layer=stem, **kwargs)
 
 
+def _own_vit(name: str, pretrained: bool, kwargs: dict, **defaults) -> VisionTransformer:
+    """udaflow's hybrid ViT `name`: an 8x stem and `defaults` (embed_dim, depth, ...), each unless kwargs sets it."""
+    if pretrained:
+        raise BackboneError(f"{name} has no published weights: pass model.pretrained=<path to a .pt file>")
+    return _hybrid_vit(**{"patch_size": 8, **defaults, **kwargs})
+
+
 @register_model
 def udaflow_vit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """The default until 2026-12-01 (now udaflow_vit_tiny2): 8x conv stem (4x4 = 16 tokens), 4 blocks, width 96,
@@ -106,10 +113,7 @@ def udaflow_vit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
     Measured on 2 CPU cores, synth source pretraining: a 4x stem (64 tokens, width 128) reached
     32% source accuracy after 400 steps at 430 img/s; this one reached 66% at 1,450 img/s.
     """
-    if pretrained:
-        raise BackboneError("udaflow_vit_tiny has no published weights: pass model.pretrained=<path to a .pt file>")
-    kwargs.setdefault("patch_size", 8)
-    return _hybrid_vit(embed_dim=kwargs.pop("embed_dim", 96), depth=kwargs.pop("depth", 4), num_heads=kwargs.pop("num_heads", 4), **kwargs)
+    return _own_vit("udaflow_vit_tiny", pretrained, kwargs, embed_dim=96, depth=4, num_heads=4)
 
 
 @register_model
@@ -121,20 +125,13 @@ def udaflow_vit_tiny2(pretrained: bool = False, **kwargs) -> VisionTransformer:
     96.86 -> 97.72, adaptation 404 -> 369 s beside each other (README, "A wider stem, one block fewer").
     The stem's width alone (4 blocks) read 97.82 / 97.52 at 1.10x the seconds.
     """
-    if pretrained:
-        raise BackboneError("udaflow_vit_tiny2 has no published weights: pass model.pretrained=<path to a .pt file>")
-    kwargs.setdefault("patch_size", 8)
-    kwargs.setdefault("stem_width", 16)
-    return _hybrid_vit(embed_dim=kwargs.pop("embed_dim", 96), depth=kwargs.pop("depth", 3), num_heads=kwargs.pop("num_heads", 4), **kwargs)
+    return _own_vit("udaflow_vit_tiny2", pretrained, kwargs, embed_dim=96, depth=3, num_heads=4, stem_width=16)
 
 
 @register_model
 def udaflow_vit_micro(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """For tests: 8x conv stem + 2 blocks, width 32, 2 heads."""
-    if pretrained:
-        raise BackboneError("udaflow_vit_micro has no published weights")
-    kwargs.setdefault("patch_size", 8)
-    return _hybrid_vit(embed_dim=kwargs.pop("embed_dim", 32), depth=kwargs.pop("depth", 2), num_heads=kwargs.pop("num_heads", 2), **kwargs)
+    return _own_vit("udaflow_vit_micro", pretrained, kwargs, embed_dim=32, depth=2, num_heads=2)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
