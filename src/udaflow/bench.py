@@ -140,7 +140,7 @@ def bench_cell(
         stage, target_eval = pretrained, None
     elif cls.uses_target_labels:
         labelled = load_oracle_data(cfg.data.root, target, data.classes, image_spec(cfg), cfg.image_cache)
-        stage = train_oracle(cfg, pretrained, labelled, data.target_adapt)
+        stage = train_oracle(cfg, pretrained, labelled)
         target_eval = load_shift(cfg.data.root, source, target, image_spec(cfg), "holdout", cfg.image_cache).target_eval
     else:
         stage, target_eval = adapt_to_target(

@@ -460,3 +460,34 @@ def test_a_compiled_backbone_trains_like_the_eager_one(tiny_shift, make_train_co
     eager, compiled = results
     assert eager.last_state.keys() == compiled.last_state.keys()  # compiled in place: the same checkpoint keys
     assert all(torch.allclose(eager.last_state[k].float(), compiled.last_state[k].float(), atol=1e-4) for k in eager.last_state)
+
+
+def test_the_oracle_trains_with_the_rotation_task_on_its_own_target_train_images(tiny_shift, make_train_config, monkeypatch):
+    """The oracle gets the adaptation methods' recipe (the rotation task included), and its unlabelled
+    pool (rotation task, checkpoint choice) is the labelled target-train split itself: no test image."""
+    from types import SimpleNamespace
+
+    from udaflow import experiment
+    from udaflow.config import Config, ModelConfig
+    from udaflow.data.datasets import UnlabelledImages
+
+    labelled, _, _ = tiny_shift  # stands in for labelled target-train
+    pools = []
+
+    def spy(classifier, method, source, target, cfg, **kwargs):
+        pools.append(target)
+        return engine.train(classifier, method, source, target, cfg, **kwargs)
+
+    monkeypatch.setattr(experiment, "train", spy)
+
+    def run(weight):
+        cfg = Config(model=ModelConfig(backbone="udaflow_vit_micro"), train=make_train_config(rotation_weight=weight, adapt_steps=20))
+        torch.manual_seed(0)
+        start = build_classifier("udaflow_vit_micro", 3).state_dict()
+        return experiment.train_oracle(cfg, SimpleNamespace(train=SimpleNamespace(last_state=start)), labelled).train
+
+    on, off = run(0.5), run(0.0)
+    assert "rotation" in on.loss_history[-1] and "rotation" not in off.loss_history[-1]
+    assert 0.0 < on.loss_history[-1]["rotation"] < 3.0
+    assert on.train_images == 2 * off.train_images == 20 * 2 * 16  # B labelled + B rotated images a step
+    assert all(isinstance(pool, UnlabelledImages) and pool.images is labelled.images for pool in pools)

@@ -4,6 +4,10 @@
 
 The engine feeds it labelled target-train images in the source slot of the batch: the caller
 (bench) builds that data explicitly through `load_oracle_data`, the one door to target labels.
+Like every adaptation method it trains with the self-supervised rotation task on target images,
+here on the same target-train images (`experiment.train_oracle`): the whole loss is
+
+    L = CE(g(f(x_t)), y_t) + train.rotation_weight * CE(r(f(rot_q(x_t'))), q),  q ~ U{0, 1, 2, 3}
 """
 
 from __future__ import annotations
