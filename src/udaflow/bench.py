@@ -24,6 +24,7 @@ import torch
 from udaflow.config import Config
 from udaflow.costs import matmul_gflops, training_gflop_per_image
 from udaflow.data.datasets import load_oracle_data, load_shift
+from udaflow.data.store import digest
 from udaflow.errors import judged_here
 from udaflow.experiment import adapt_to_target, evaluate_stage, image_spec, pretrain_source, train_oracle
 from udaflow.methods import get_method_class
@@ -247,20 +248,33 @@ def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float
 def checkpoint_study(cfg: Config, stage, data) -> list[dict[str, Any]]:
     """Every checkpoint the engine kept and scored: step, target accuracy (labels read here, after
     training), its validator scores plus EnsV over the run's checkpoints, and whether the method
-    lets a validator select it (cdtrans's warm-up checkpoints are scored, never selected)."""
+    lets a validator select it (cdtrans's warm-up checkpoints are scored, never selected).
+
+    The pool's logits are the ones the engine scored each checkpoint on, when it kept them for this
+    pool (a run trained here; a cached source model's came from whichever target trained it, and are
+    not stored); in the transductive protocol the pool is the scored set, so accuracy reads them too.
+    Otherwise the checkpoint predicts them again."""
     from udaflow.engine import accuracy, predict, resolve_device
 
     device = resolve_device(cfg.train.device)
     scores = {row["step"]: row for row in stage.train.validator_history}
     selectable_from = stage.train.extra.get("selectable_from", 0)
+    states, stored = stage.train.checkpoint_states, stage.train.checkpoint_logits
+    if len(stored) != len(states) or any(len(logits) != len(data.target_adapt) for logits in stored):
+        stored = [None] * len(states)
+    pool_is_scored = digest(data.target_adapt.images) == digest(data.target_eval.images)
     out, pool_logits = [], []
-    for step, state in stage.train.checkpoint_states:
+    for (step, state), logits in zip(states, stored):
         if step not in scores:
             continue
-        stage.classifier.load_state_dict(state)
-        stage.classifier.to(device)
-        pool_logits.append(predict(stage.classifier, data.target_adapt.images, device)[1])  # label-free
-        acc = accuracy(predict(stage.classifier, data.target_eval.images, device)[1], data.target_eval.labels)
+        if logits is None or not pool_is_scored:
+            stage.classifier.load_state_dict(state)
+            stage.classifier.to(device)
+        if logits is None:
+            logits = predict(stage.classifier, data.target_adapt.images, device)[1]  # label-free
+        pool_logits.append(logits)
+        scored = logits if pool_is_scored else predict(stage.classifier, data.target_eval.images, device)[1]
+        acc = accuracy(scored, data.target_eval.labels)
         row_scores = {k: v for k, v in scores[step].items() if k != "step"}
         out.append({"step": step, "target_acc": acc, "scores": row_scores, "selectable": step >= selectable_from})
     for checkpoint, ensv in zip(out, ensemble_agreement(pool_logits)):

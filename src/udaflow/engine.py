@@ -123,6 +123,9 @@ class TrainResult:
     resumed_from: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     checkpoint_states: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)  # (step, weights) when kept
+    # the target pool's logits (N, K) at each kept state, as the validators scored it (label-free); the
+    # benchmark's validator study reads them instead of predicting the pool again. Not saved in a stage file.
+    checkpoint_logits: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -159,6 +162,7 @@ class Record:
     best_step: int = 0
     best_state: dict[str, torch.Tensor] | None = None  # classifier weights (CPU) at best_step
     kept: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)  # (step, weights) per evaluation, when kept
+    kept_logits: list[torch.Tensor] = field(default_factory=list)  # the target pool's logits at each kept evaluation
     loss_sums: dict[str, float] = field(default_factory=dict)  # the open interval's loss sums: a resume can fall inside one
     loss_count: int = 0  # steps in the open interval
 
@@ -171,11 +175,14 @@ class Record:
         self.loss_history.append({"step": step, **{k: v / self.loss_count for k, v in self.loss_sums.items()}})
         self.loss_sums, self.loss_count = {}, 0
 
-    def add_scores(self, step: int, scores: dict[str, float], classifier: Classifier, validator: str, selectable: bool, keep: bool) -> None:
-        """Log one evaluation; keep its weights when asked; remember them when the validator prefers them."""
+    def add_scores(self, step: int, scores: dict[str, float], logits: torch.Tensor, classifier: Classifier, validator: str,
+                   selectable: bool, keep: bool) -> None:
+        """Log one evaluation; keep its weights and the pool's `logits` it was scored on when asked;
+        remember the weights when the validator prefers them."""
         self.validator_history.append({"step": step, **scores})
         if keep:
             self.kept.append((step, {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}))
+            self.kept_logits.append(logits)
         if selectable and scores[validator] > self.best_score:
             self.best_score, self.best_step = scores[validator], step
             self.best_state = copy.deepcopy({k: v.cpu() for k, v in classifier.state_dict().items()})
@@ -389,8 +396,8 @@ def train(
             if done % cfg.eval_every == 0 or done == steps:
                 record.close_loss_interval(done)
                 if tgt is not None:
-                    scores = _scores(tgt, classifier, source_val, device, cfg.amp)
-                    record.add_scores(done, scores, classifier, validator, done >= selectable_from, keep_checkpoints)
+                    scores, logits = _scores(tgt, classifier, source_val, device, cfg.amp)
+                    record.add_scores(done, scores, logits, classifier, validator, done >= selectable_from, keep_checkpoints)
             if main and checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == steps):
                 Checkpoint.capture(done, fingerprint, modules, method, optimiser, scheduler, generator, record).save(checkpoint_path)
 
@@ -411,6 +418,7 @@ def train(
         resumed_from=start,
         extra={"selectable_from": selectable_from},
         checkpoint_states=record.kept,
+        checkpoint_logits=record.kept_logits,
     )
 
 
@@ -425,14 +433,17 @@ def _draw_batch(source: _Domain, target: _Domain | None, source_labels: torch.Te
     return Batch(source.inputs(s_idx), distributed.shard(source_labels[s_idx]).to(source.device), x_t, t_idx)
 
 
-def _scores(target: _Domain, classifier: Classifier, source_val: LabelledImages | None, device: torch.device, amp: bool) -> dict[str, float]:
-    """Every label-free validator's score of the current classifier; DEV when labelled source validation data is given."""
+def _scores(
+    target: _Domain, classifier: Classifier, source_val: LabelledImages | None, device: torch.device, amp: bool,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Every label-free validator's score of the current classifier (DEV when labelled source validation
+    data is given), and the target pool's logits (N, K) they read."""
     target_features, logits = target.embed()
     scores = score_all(logits)
     if source_val is not None:
         val_features, val_logits = distributed.gather_rows(len(source_val.images), lambda rows: predict(classifier, source_val.images[rows], device, amp=amp))
         scores["dev"] = dev_score(val_features, val_logits, source_val.labels, target_features)
-    return scores
+    return scores, logits
 
 
 def _say(line: str) -> None:

@@ -95,6 +95,9 @@ def save_stage(path: Path, result: TrainResult, wall_seconds: float, classes: tu
     # tensors and plain containers only: reading a stage (a DVC output, pulled from a remote) never runs code
     fields_ = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     fields_["seconds"] = 0.0
+    # the pool's logits are the scoring target's: a cached source model serves every target. Left out, the
+    # file also keeps the bytes its DVC hash in dvc.lock records
+    fields_.pop("checkpoint_logits")
     torch.save({"result": fields_, "classes": list(classes)}, tmp)
     tmp.replace(path)
 
@@ -240,7 +243,8 @@ def score_weights(classifier: Classifier, data: ShiftData, target_eval: Labelled
     validators["dev"] = dev_score(val_features, val_logits, data.source_val.labels, target_features)
     out: dict[str, Any] = {"validators": validators, "source_val_acc": top1(val_logits, data.source_val.labels), "target_acc": None}
     if target_eval is not None:
-        _, logits = predict(classifier, target_eval.images, device)
+        same = digest(target_eval.images) == digest(data.target_adapt.images)  # transductive: the pool is the scored set
+        logits = target_logits if same else predict(classifier, target_eval.images, device)[1]
         out["target_acc"] = top1(logits, target_eval.labels)
         out["target_per_class_acc"] = dict(zip(data.classes, per_class_accuracy(logits, target_eval.labels, len(data.classes))))
         out["predictions"] = logits.argmax(1)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+from types import SimpleNamespace
 
-from udaflow.bench import mean_regret, selection_report
+import pytest
+import torch
+
+from udaflow import engine
+from udaflow.bench import checkpoint_study, mean_regret, selection_report
 from udaflow.costs import training_gflop_per_image
+from udaflow.data.datasets import LabelledImages, ShiftData
+from udaflow.experiment import StageResult
+from udaflow.methods import create_method
 from udaflow.models import build_classifier
 
 
@@ -51,3 +59,43 @@ def test_seed_summary_is_mean_and_sample_std_per_cell():
     dann, mcc = summarise(rows)
     assert dann["seeds"] == 3 and dann["target_acc_last"] == {"mean": 92.0, "std": 2.0} and dann["seconds"]["mean"] == 11.0
     assert mcc["target_acc_last"] == {"mean": 80.0, "std": 0.0} and "median_last5_target_acc" not in mcc
+
+
+def test_the_validator_study_reads_the_logits_training_scored_and_predicts_only_what_it_lacks(tiny_shift, make_train_config, monkeypatch):
+    """The bench's study of every kept checkpoint: the pool's logits come from training's own scoring
+    (no second pass over the pool); in the transductive protocol (pool = scored set) accuracy reads them
+    too. Without them (a cached source model), or with another scored set, it predicts: same rows."""
+    source, target, labels = tiny_shift
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3)
+    result = engine.train(clf, create_method("dann", clf, None), source, target, make_train_config(eval_every=5), steps=15,
+                          lr=3e-3, seed=0, keep_checkpoints=True)
+    stage = StageResult(clf, result, 1.0)
+    cfg = SimpleNamespace(train=SimpleNamespace(device="cpu"))
+    val = LabelledImages(source.images[:10], source.labels[:10], source.classes, "src-val")
+    transductive = ShiftData(source, val, target, LabelledImages(target.images, labels, source.classes, "tgt"), "transductive")
+    holdout = dataclasses.replace(transductive, target_eval=LabelledImages(target.images[:20], labels[:20], source.classes, "tgt"))
+
+    passes = []
+    real_predict = engine.predict
+    monkeypatch.setattr(engine, "predict", lambda model, images, *a, **k: passes.append(len(images)) or real_predict(model, images, *a, **k))
+    stored = checkpoint_study(cfg, stage, transductive)
+    assert passes == []  # nothing predicted again
+    expected = []
+    for step, state in result.checkpoint_states:
+        clf.load_state_dict(state)
+        expected.append((step, engine.accuracy(real_predict(clf, target.images)[1], labels)))
+    assert [(c["step"], c["target_acc"]) for c in stored] == expected
+    assert len({c["target_acc"] for c in stored}) > 1 and all("ensv" in c["scores"] for c in stored)
+
+    uncached = StageResult(clf, dataclasses.replace(result, checkpoint_logits=[]), 1.0)
+    assert checkpoint_study(cfg, uncached, transductive) == stored  # one pass over the pool per checkpoint
+    assert passes == [len(target)] * 3
+
+    passes.clear()
+    held = checkpoint_study(cfg, stage, holdout)
+    assert passes == [20] * 3  # only the scored set, the pool's logits stored
+    assert [c["scores"] for c in held] == [c["scores"] for c in stored]
+    for c, (step, state) in zip(held, result.checkpoint_states):
+        clf.load_state_dict(state)
+        assert c["target_acc"] == engine.accuracy(real_predict(clf, target.images[:20])[1], labels[:20])

@@ -206,6 +206,13 @@ def test_dev_selection_uses_source_val_and_keeps_scored_checkpoints(tiny_shift, 
     kept = dict(result.checkpoint_states)
     for k, v in result.selected_state.items():
         assert torch.equal(v, kept[result.selected_step][k])
+    # with each kept state, the target pool's logits it was scored on: what predicting them again gives
+    assert len(result.checkpoint_logits) == 3
+    for (step, state), logits in zip(result.checkpoint_states, result.checkpoint_logits):
+        clf.load_state_dict(state)
+        assert logits.shape == (len(target), 3)
+        assert torch.equal(logits, engine.predict(clf, target.images)[1]), step
+        assert score_all(logits)["im"] == pytest.approx(dict((h["step"], h["im"]) for h in result.validator_history)[step])
 
 
 def test_warmup_checkpoints_are_scored_but_never_selected(tiny_shift, make_train_config):
@@ -345,6 +352,8 @@ def test_resume_inside_a_loss_interval_with_kept_checkpoints_is_bit_identical(ti
     assert [s for s, _ in resumed.checkpoint_states] == [s for s, _ in uninterrupted.checkpoint_states] == [5, 10, 15, 20]
     for (_, a), (_, b) in zip(uninterrupted.checkpoint_states, resumed.checkpoint_states):
         assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(resumed.checkpoint_logits) == 4
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted.checkpoint_logits, resumed.checkpoint_logits))
     assert resumed.selected_step == uninterrupted.selected_step
     assert all(torch.equal(v, resumed.last_state[k]) for k, v in uninterrupted.last_state.items())
 
@@ -412,12 +421,14 @@ def test_stage_files_hold_no_pickled_objects(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     result = engine.TrainResult({"w": torch.ones(2)}, {"w": torch.zeros(2)}, 3, "im", [{"step": 1.0, "im": 0.5}], [{"loss": 1.0}],
-                                10, 5.0, 100, "cpu", extra={"selectable_from": 0}, checkpoint_states=[(5, {"w": torch.ones(1)})])
+                                10, 5.0, 100, "cpu", extra={"selectable_from": 0}, checkpoint_states=[(5, {"w": torch.ones(1)})],
+                                checkpoint_logits=[torch.zeros(4, 2)])
     save_stage(tmp_path / "stage.pt", result, 7.0, ("0", "1"))
     torch.load(tmp_path / "stage.pt", weights_only=True)  # tensors and plain containers only
     back, wall, classes = load_stage(tmp_path / "stage.pt")
     assert (back.seconds, wall, classes, back.selected_step) == (5.0, 7.0, ("0", "1"), 3)
     assert back.checkpoint_states[0][0] == 5 and torch.equal(back.checkpoint_states[0][1]["w"], torch.ones(1))
+    assert back.checkpoint_logits == []  # the scoring target's, not the stage's: a cached source model serves every target
 
     torch.save({"result": _Payload(), "classes": ["0"]}, tmp_path / "evil.pt")  # e.g. pulled from a DVC remote
     with pytest.raises(ValueError, match="evil.pt: not a udaflow stage file"):
