@@ -8,10 +8,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from udaflow.models import BackboneError, build_classifier, create_backbone
-from udaflow.models.backbone import ConvStem
+from udaflow.costs import training_gflop_per_image
+from udaflow.models.backbone import ConvStem, SeqPool
 
 
-@pytest.mark.parametrize("name", ["udaflow_vit_tiny2", "udaflow_vit_tiny"])
+@pytest.mark.parametrize("name", ["udaflow_vit_tiny3", "udaflow_vit_tiny2", "udaflow_vit_tiny"])
 def test_udaflow_vit_tiny_is_a_timm_vision_transformer(name):
     model = timm.create_model(name, num_classes=10)
     assert isinstance(model, VisionTransformer)
@@ -43,6 +44,39 @@ def test_tiny2_is_tiny_with_a_wider_stem_and_one_block_fewer():
     # and the old default is the new name at stem_width 12, depth 4
     back = timm.create_model("udaflow_vit_tiny2", num_classes=10, stem_width=12, depth=4)
     assert (widths(back), len(back.blocks)) == ([12, 24, 48, 96], 4)
+
+
+def test_seq_pool_weights_the_tokens_by_a_learned_softmax_and_uniform_weights_are_the_mean():
+    torch.manual_seed(0)
+    pool = SeqPool(8)
+    x = torch.randn(2, 5, 8)  # (B, N, D)
+    with torch.no_grad():
+        w = torch.softmax(torch.nn.functional.layer_norm(x, (8,), pool.norm.weight, pool.norm.bias) @ pool.score.weight.T + pool.score.bias, dim=1)
+        assert torch.allclose(pool(x), (w * x).sum(1), atol=1e-6)
+        assert not torch.allclose(pool(x), x.mean(1), atol=1e-3)
+        pool.score.weight.zero_()  # every token scored alike: the token mean, timm's global_pool "avg"
+        assert torch.allclose(pool(x), x.mean(1), atol=1e-6)
+
+
+def test_tiny3_is_tiny2_pooled_by_seq_pool_at_the_same_cost():
+    """The default's name stands for udaflow_vit_tiny2's backbone, the same weights from the same seed,
+    plus SeqPool (3 x 96 + 1 parameters) in place of the token mean; the same training FLOPs to 0.1%."""
+    torch.manual_seed(0)
+    new = timm.create_model("udaflow_vit_tiny3", num_classes=0)
+    torch.manual_seed(0)
+    old = timm.create_model("udaflow_vit_tiny2", num_classes=0)
+    extra = {k: v for k, v in new.state_dict().items() if k not in old.state_dict()}
+    assert sorted(extra) == ["attn_pool.norm.bias", "attn_pool.norm.weight", "attn_pool.score.bias", "attn_pool.score.weight"]
+    assert sum(v.numel() for v in extra.values()) == 3 * 96 + 1
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in old.state_dict().items())
+    assert isinstance(new.attn_pool, SeqPool) and old.attn_pool is None
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        tokens = new.eval().forward_features(x)  # (4, 16, 96)
+        assert torch.allclose(new(x), new.fc_norm(new.attn_pool(tokens)), atol=1e-6)
+        assert not torch.allclose(new(x), new.fc_norm(tokens.mean(1)), atol=1e-3)
+    cost = lambda name: training_gflop_per_image(build_classifier(name, 10), 32)  # noqa: E731
+    assert cost("udaflow_vit_tiny3") == pytest.approx(cost("udaflow_vit_tiny2"), rel=1e-3)
 
 
 def test_micro_backbone_returns_pooled_features():
