@@ -59,7 +59,7 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    backbone: str = "udaflow_vit_tiny2"  # any timm model name
+    backbone: str = "udaflow_vit_tiny3"  # any timm model name
     pretrained: str | None = None  # path to a local weights file, or "timm" for the local timm/HF cache
     backbone_args: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for timm.create_model
 
