@@ -271,9 +271,9 @@ def checkpoint_study(cfg: Config, stage, data) -> list[dict[str, Any]]:
             stage.classifier.load_state_dict(state)
             stage.classifier.to(device)
         if logits is None:
-            logits = predict(stage.classifier, data.target_adapt.images, device)[1]  # label-free
+            logits = predict(stage.classifier, data.target_adapt.images, device, amp=cfg.train.amp)[1]  # label-free, as training scored
         pool_logits.append(logits)
-        scored = logits if pool_is_scored else predict(stage.classifier, data.target_eval.images, device)[1]
+        scored = logits if pool_is_scored else predict(stage.classifier, data.target_eval.images, device, amp=cfg.train.amp)[1]
         acc = accuracy(scored, data.target_eval.labels)
         row_scores = {k: v for k, v in scores[step].items() if k != "step"}
         out.append({"step": step, "target_acc": acc, "scores": row_scores, "selectable": step >= selectable_from})

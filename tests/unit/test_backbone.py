@@ -28,7 +28,7 @@ def test_udaflow_vit_tiny_is_a_timm_vision_transformer(name):
 
 
 def test_tiny2_is_tiny_with_a_wider_stem_and_one_block_fewer():
-    """The default's name stands for one architecture: udaflow_vit_tiny with stem_width 16 and depth 3,
+    """A registered name stands for one architecture: udaflow_vit_tiny with stem_width 16 and depth 3,
     the same parameters drawn from the same seed; udaflow_vit_tiny itself keeps its 4 blocks and
     12-24-48-96 stem, so models packaged under that name still load."""
     torch.manual_seed(0)
@@ -77,6 +77,8 @@ def test_tiny3_is_tiny2_pooled_by_seq_pool_at_the_same_cost():
         assert not torch.allclose(new(x), new.fc_norm(tokens.mean(1)), atol=1e-3)
     cost = lambda name: training_gflop_per_image(build_classifier(name, 10), 32)  # noqa: E731
     assert cost("udaflow_vit_tiny3") == pytest.approx(cost("udaflow_vit_tiny2"), rel=1e-3)
+    with pytest.raises(BackboneError, match="seq_pool pools the tokens itself: global_pool must stay 'avg', not 'max'"):
+        timm.create_model("udaflow_vit_tiny3", global_pool="max")  # never a silently ignored pooling
 
 
 def test_micro_backbone_returns_pooled_features():
@@ -95,7 +97,7 @@ def test_unknown_backbone_raises():
         create_backbone("not_a_model")
 
 
-@pytest.mark.parametrize("name", ["udaflow_vit_tiny2", "udaflow_vit_tiny", "udaflow_vit_micro"])
+@pytest.mark.parametrize("name", ["udaflow_vit_tiny3", "udaflow_vit_tiny2", "udaflow_vit_tiny", "udaflow_vit_micro"])
 def test_udaflow_backbones_have_no_published_weights(name):
     with pytest.raises(BackboneError, match=f"^{name} has no published weights"):
         timm.create_model(name, pretrained=True)

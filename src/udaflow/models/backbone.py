@@ -96,6 +96,8 @@ def _hybrid_vit(embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionT
     stem = partial(ConvStem, input_norm=kwargs.pop("input_norm", "none"), stem_width=kwargs.pop("stem_width", None),
                    stem_first_stride=kwargs.pop("stem_first_stride", 1))
     seq_pool = kwargs.pop("seq_pool", False)
+    if seq_pool and kwargs["global_pool"] != "avg":
+        raise BackboneError(f"seq_pool pools the tokens itself: global_pool must stay 'avg', not {kwargs['global_pool']!r}")
     vit = VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, embed_layer=stem, **kwargs)
     if seq_pool:  # built after the ViT's own initialisation: the ViT's weights are the same with or without it
         vit.attn_pool = SeqPool(embed_dim)  # timm's pool() calls attn_pool in place of the token mean
