@@ -1,7 +1,9 @@
 """Decoded images as a file of rows (store.ImageFile): it indexes like the uint8 tensor it replaces,
 is named by content and size, and training on it gives the bits training in memory gives."""
 
+import gc
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -31,6 +33,19 @@ def test_an_image_file_indexes_like_the_tensor(tmp_path):
     (tmp_path / "torn.u8").write_bytes(b"x" * 100)
     with pytest.raises(ValueError, match="not a whole number"):
         ImageFile(tmp_path / "torn.u8", 8)
+
+
+def test_a_refused_file_leaves_nothing_for_the_finaliser(tmp_path, monkeypatch):
+    # a file refused in __init__ must not make __del__ raise (it read a descriptor never set)
+    unraised = []
+    monkeypatch.setattr(sys, "unraisablehook", unraised.append)
+    (tmp_path / "torn.u8").write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match="not a whole number"):
+        ImageFile(tmp_path / "torn.u8", 8)
+    with pytest.raises(FileNotFoundError):
+        ImageFile(tmp_path / "missing.u8", 8)
+    gc.collect()
+    assert [u.exc_value for u in unraised] == []
 
 
 def test_a_domain_is_decoded_once_per_content_and_size(tmp_path):

@@ -40,14 +40,14 @@ class ImageFile:
     """(N, 3, S, S) uint8 rows in a flat file, read on demand; see the module docstring."""
 
     def __init__(self, path: Path, size: int, key: str = ""):
+        self._fd: int | None = None  # first: __del__ reads it even when a check below refuses the file
+        self._pid = -1
         self.path, self.size, self.key = Path(path), size, key
         self.row_bytes = 3 * size * size
         total = self.path.stat().st_size
         if total % self.row_bytes:
             raise ValueError(f"{self.path}: {total} bytes is not a whole number of {size}x{size} RGB rows")
         self.n = total // self.row_bytes
-        self._fd: int | None = None
-        self._pid = -1
 
     @classmethod
     def build(cls, path: Path, rows: Iterable[np.ndarray], n: int, size: int, key: str = "") -> "ImageFile":
