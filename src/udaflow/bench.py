@@ -26,7 +26,7 @@ from udaflow.costs import matmul_gflops, training_gflop_per_image
 from udaflow.data.datasets import load_oracle_data, load_shift
 from udaflow.data.store import digest
 from udaflow.errors import judged_here
-from udaflow.experiment import adapt_to_target, evaluate_stage, image_spec, pretrain_source, train_oracle
+from udaflow.experiment import adapt_to_target, evaluate_stage, image_spec, pretrain_source, rescore_on_pool, train_oracle
 from udaflow.methods import get_method_class
 from udaflow.validators import ensemble_agreement
 
@@ -138,7 +138,8 @@ def bench_cell(
         pretrained = pretrain_source(cfg, data, source)
     cls = get_method_class(method)
     if method == "source_only":
-        stage, target_eval = pretrained, None
+        # a cached source model was scored and selected on whichever target pool first trained it
+        stage, target_eval = (rescore_on_pool(cfg, pretrained, data) if pretrained.cached else pretrained), None
     elif cls.uses_target_labels:
         labelled = load_oracle_data(cfg.data.root, target, data.classes, image_spec(cfg), cfg.image_cache)
         stage = train_oracle(cfg, pretrained, labelled)
@@ -251,9 +252,9 @@ def checkpoint_study(cfg: Config, stage, data) -> list[dict[str, Any]]:
     lets a validator select it (cdtrans's warm-up checkpoints are scored, never selected).
 
     The pool's logits are the ones the engine scored each checkpoint on, when it kept them for this
-    pool (a run trained here; a cached source model's came from whichever target trained it, and are
-    not stored); in the transductive protocol the pool is the scored set, so accuracy reads them too.
-    Otherwise the checkpoint predicts them again."""
+    pool (a run trained here, or a cached source model scored again on this pool by
+    `experiment.rescore_on_pool`); in the transductive protocol the pool is the scored set, so accuracy
+    reads them too. Otherwise the checkpoint predicts them again."""
     from udaflow.engine import accuracy, predict, resolve_device
 
     device = resolve_device(cfg.train.device)

@@ -24,7 +24,7 @@ from udaflow.config import Config
 from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
 from udaflow.data.manifest import MANIFEST_NAME
 from udaflow.data.store import digest
-from udaflow.engine import TrainResult, peak_rss_mb, predict, seed_everything, train
+from udaflow.engine import TrainResult, peak_rss_mb, predict, resolve_device, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
 from udaflow.models.preprocess import ImageSpec
@@ -175,6 +175,44 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
         save_stage(cache, result, wall, data.classes)
         cache.with_suffix(".ckpt").unlink(missing_ok=True)
     return StageResult(classifier, result, wall, info={"cache": str(cache), "key": key})
+
+
+def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageResult:
+    """A cached source model scored again on `data`'s target pool (label-free), its checkpoint chosen again.
+
+    A source model is cached per source (`source_cache_key`) and serves every target. Its validator
+    history and selected checkpoint come from the target pool that first trained it; for any other
+    target they describe another domain. This predicts the pool with every kept checkpoint, rebuilds
+    the history with the scores training computes (`engine._scores`: every validator, DEV with source
+    val) and lets `cfg.validator` choose as the engine does (the first best among selectable
+    evaluations). The pool's logits are kept with the states, so the bench's validator study reads
+    them. Adaptation starts from the last iterate, which no pool touches."""
+    result = stage.train
+    if not result.checkpoint_states:
+        return stage
+    device = resolve_device(cfg.train.device)
+    classifier = stage.classifier.to(device)
+    selectable_from = result.extra.get("selectable_from", 0)
+    history, logits_kept, best = [], [], None
+    for step, state in result.checkpoint_states:
+        classifier.load_state_dict(state)
+        features, logits = predict(classifier, data.target_adapt.images, device, amp=cfg.train.amp)
+        scores = score_all(logits)
+        if data.source_val is not None:
+            val_features, val_logits = predict(classifier, data.source_val.images, device, amp=cfg.train.amp)
+            scores["dev"] = dev_score(val_features, val_logits, data.source_val.labels, features)
+        history.append({"step": step, **scores})
+        logits_kept.append(logits)
+        if step >= selectable_from and (best is None or scores[cfg.validator] > best[0]):
+            best = (scores[cfg.validator], step, state)
+    classifier.load_state_dict(result.last_state)
+    if best is None:
+        selected_step, selected_state = result.steps, result.last_state
+    else:
+        selected_step, selected_state = best[1], best[2]
+    rescored = dataclasses.replace(result, validator_history=history, checkpoint_logits=logits_kept, selected_step=selected_step,
+                                   selected_state=selected_state, selected_by=cfg.validator)
+    return dataclasses.replace(stage, train=rescored)
 
 
 def adapt_to_target(

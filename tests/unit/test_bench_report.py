@@ -99,3 +99,45 @@ def test_the_validator_study_reads_the_logits_training_scored_and_predicts_only_
     for c, (step, state) in zip(held, result.checkpoint_states):
         clf.load_state_dict(state)
         assert c["target_acc"] == engine.accuracy(real_predict(clf, target.images[:20])[1], labels[:20])
+
+
+def test_a_cached_source_model_is_scored_and_selected_again_on_each_target_pool(tiny_shift, make_train_config):
+    """A source model is cached per source and serves every target: on another target its validator
+    history and selected checkpoint must be this pool's, as if it had been trained beside this pool."""
+    from conftest import CLASSES, colour_images
+
+    from udaflow.data.datasets import UnlabelledImages
+    from udaflow.experiment import rescore_on_pool
+
+    source, pool_a, labels_a = tiny_shift
+    xb, labels_b = colour_images(60, seed=2, shift=-30.0)
+    pool_b = UnlabelledImages(xb, "tgt-b")
+    val = LabelledImages(source.images[:12], source.labels[:12], source.classes, "src-val")
+    cfg = SimpleNamespace(train=SimpleNamespace(device="cpu", amp=True), validator="im")
+
+    def pretrain(pool):
+        torch.manual_seed(0)
+        clf = build_classifier("udaflow_vit_micro", 3)
+        result = engine.train(clf, create_method("source_only", clf, None), source, pool, make_train_config(eval_every=5), steps=20,
+                              lr=3e-3, seed=0, source_val=val, keep_checkpoints=True)
+        return StageResult(clf, result, 1.0, cached=True)
+
+    def shift(pool, labels):
+        return ShiftData(source, val, pool, LabelledImages(pool.images, labels, CLASSES, "tgt"), "transductive")
+
+    on_a, on_b = pretrain(pool_a), pretrain(pool_b)
+    assert [s for _, s in on_a.train.checkpoint_states][-1].keys() == on_b.train.last_state.keys()
+    for (_, wa), (_, wb) in zip(on_a.train.checkpoint_states, on_b.train.checkpoint_states):
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)  # source training never reads the pool
+    assert on_a.train.validator_history != on_b.train.validator_history
+
+    same = rescore_on_pool(cfg, on_a, shift(pool_a, labels_a)).train  # its own pool: what training scored, to the bit
+    assert same.validator_history == on_a.train.validator_history and same.selected_step == on_a.train.selected_step
+    assert all(torch.equal(x, y) for x, y in zip(same.checkpoint_logits, on_a.train.checkpoint_logits))
+
+    moved = rescore_on_pool(cfg, on_a, shift(pool_b, labels_b))  # A's cached model on pool B: B's scores and choice
+    assert moved.train.validator_history == on_b.train.validator_history
+    assert moved.train.selected_step == on_b.train.selected_step
+    assert all(torch.equal(moved.train.selected_state[k], on_b.train.selected_state[k]) for k in on_b.train.selected_state)
+    assert all(torch.equal(p, q) for p, q in zip(moved.classifier.state_dict().values(), on_a.train.last_state.values()))  # left at the last iterate
+    assert on_a.train.validator_history != moved.train.validator_history  # the cached stage itself is left as it was
