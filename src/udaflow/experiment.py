@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -193,7 +194,7 @@ def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageRe
     device = resolve_device(cfg.train.device)
     classifier = stage.classifier.to(device)
     selectable_from = result.extra.get("selectable_from", 0)
-    history, logits_kept, best = [], [], None
+    history, logits_kept, best = [], [], (-math.inf, 0, None)  # as engine.Record: a NaN score is never picked
     for step, state in result.checkpoint_states:
         classifier.load_state_dict(state)
         features, logits = predict(classifier, data.target_adapt.images, device, amp=cfg.train.amp)
@@ -203,13 +204,10 @@ def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageRe
             scores["dev"] = dev_score(val_features, val_logits, data.source_val.labels, features)
         history.append({"step": step, **scores})
         logits_kept.append(logits)
-        if step >= selectable_from and (best is None or scores[cfg.validator] > best[0]):
+        if step >= selectable_from and scores[cfg.validator] > best[0]:
             best = (scores[cfg.validator], step, state)
     classifier.load_state_dict(result.last_state)
-    if best is None:
-        selected_step, selected_state = result.steps, result.last_state
-    else:
-        selected_step, selected_state = best[1], best[2]
+    selected_step, selected_state = (best[1], best[2]) if best[2] is not None else (result.steps, result.last_state)
     rescored = dataclasses.replace(result, validator_history=history, checkpoint_logits=logits_kept, selected_step=selected_step,
                                    selected_state=selected_state, selected_by=cfg.validator)
     return dataclasses.replace(stage, train=rescored)
