@@ -184,8 +184,8 @@ def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageRe
     A source model is cached per source (`source_cache_key`) and serves every target. Its validator
     history and selected checkpoint come from the target pool that first trained it; for any other
     target they describe another domain. This predicts the pool with every kept checkpoint, rebuilds
-    the history with the scores training computes (`engine._scores`: every validator, DEV with source
-    val) and lets `cfg.validator` choose as the engine does (the first best among selectable
+    the history with the scores training computes (`pool_scores`, as `engine._scores`: every validator,
+    DEV with source val) and lets `cfg.validator` choose as the engine does (the first best among selectable
     evaluations). The pool's logits are kept with the states, so the bench's validator study reads
     them. Adaptation starts from the last iterate, which no pool touches."""
     result = stage.train
@@ -197,11 +197,7 @@ def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageRe
     history, logits_kept, best = [], [], (-math.inf, 0, None)  # as engine.Record: a NaN score is never picked
     for step, state in result.checkpoint_states:
         classifier.load_state_dict(state)
-        features, logits = predict(classifier, data.target_adapt.images, device, amp=cfg.train.amp)
-        scores = score_all(logits)
-        if data.source_val is not None:
-            val_features, val_logits = predict(classifier, data.source_val.images, device, amp=cfg.train.amp)
-            scores["dev"] = dev_score(val_features, val_logits, data.source_val.labels, features)
+        scores, logits, _ = pool_scores(classifier, data, device, amp=cfg.train.amp)
         history.append({"step": step, **scores})
         logits_kept.append(logits)
         if step >= selectable_from and scores[cfg.validator] > best[0]:
@@ -266,17 +262,26 @@ def train_oracle(cfg: Config, source_model: StageResult, target_train_labelled: 
     return StageResult(classifier, result, time.perf_counter() - t0)
 
 
+def pool_scores(classifier: Classifier, data: ShiftData, device, amp: bool = True) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
+    """Every label-free validator's score of `classifier` on the target pool, as training scores it (DEV
+    when source val is there), with the pool's logits (N, K) and source val's (or None)."""
+    classifier.to(device)
+    target_features, target_logits = predict(classifier, data.target_adapt.images, device, amp=amp)
+    scores = score_all(target_logits)
+    if data.source_val is None:
+        return scores, target_logits, None
+    val_features, val_logits = predict(classifier, data.source_val.images, device, amp=amp)
+    scores["dev"] = dev_score(val_features, val_logits, data.source_val.labels, target_features)
+    return scores, target_logits, val_logits
+
+
 def score_weights(classifier: Classifier, data: ShiftData, target_eval: LabelledImages | None, device) -> dict[str, Any]:
     """One set of weights, scored: the label-free validators on the target pool, source val accuracy
     and, when `target_eval` is given, target accuracy (per class too). Labels are read only here."""
     from udaflow.engine import per_class_accuracy
     from udaflow.engine import accuracy as top1
 
-    classifier.to(device)
-    target_features, target_logits = predict(classifier, data.target_adapt.images, device)
-    validators = score_all(target_logits)
-    val_features, val_logits = predict(classifier, data.source_val.images, device)
-    validators["dev"] = dev_score(val_features, val_logits, data.source_val.labels, target_features)
+    validators, target_logits, val_logits = pool_scores(classifier, data, device)
     out: dict[str, Any] = {"validators": validators, "source_val_acc": top1(val_logits, data.source_val.labels), "target_acc": None}
     if target_eval is not None:
         same = digest(target_eval.images) == digest(data.target_adapt.images)  # transductive: the pool is the scored set
