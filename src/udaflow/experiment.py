@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from udaflow.config import Config
 from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
 from udaflow.data.manifest import MANIFEST_NAME
 from udaflow.data.store import digest
-from udaflow.engine import TrainResult, peak_rss_mb, predict, resolve_device, seed_everything, train
+from udaflow.engine import Record, TrainResult, peak_rss_mb, predict, resolve_device, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
 from udaflow.models.preprocess import ImageSpec
@@ -185,7 +184,7 @@ def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageRe
     history and selected checkpoint come from the target pool that first trained it; for any other
     target they describe another domain. This predicts the pool with every kept checkpoint, rebuilds
     the history with the scores training computes (`pool_scores`, as `engine._scores`: every validator,
-    DEV with source val) and lets `cfg.validator` choose as the engine does (the first best among selectable
+    DEV with source val) and lets `cfg.validator` choose with the engine's own `Record` (the first best among selectable
     evaluations). The pool's logits are kept with the states, so the bench's validator study reads
     them. Adaptation starts from the last iterate, which no pool touches."""
     result = stage.train
@@ -194,18 +193,18 @@ def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageRe
     device = resolve_device(cfg.train.device)
     classifier = stage.classifier.to(device)
     selectable_from = result.extra.get("selectable_from", 0)
-    history, logits_kept, best = [], [], (-math.inf, 0, None)  # as engine.Record: a NaN score is never picked
+    record, logits_kept = Record(), []  # the engine's own bookkeeping picks, as in training
     for step, state in result.checkpoint_states:
         classifier.load_state_dict(state)
         scores, logits, _ = pool_scores(classifier, data, device, amp=cfg.train.amp)
-        history.append({"step": step, **scores})
+        record.add_scores(step, scores, logits, classifier, cfg.validator, step >= selectable_from, keep=False)
         logits_kept.append(logits)
-        if step >= selectable_from and scores[cfg.validator] > best[0]:
-            best = (scores[cfg.validator], step, state)
     classifier.load_state_dict(result.last_state)
-    selected_step, selected_state = (best[1], best[2]) if best[2] is not None else (result.steps, result.last_state)
-    rescored = dataclasses.replace(result, validator_history=history, checkpoint_logits=logits_kept, selected_step=selected_step,
-                                   selected_state=selected_state, selected_by=cfg.validator)
+    picked = record.best_state is not None
+    rescored = dataclasses.replace(
+        result, validator_history=record.validator_history, checkpoint_logits=logits_kept, selected_by=cfg.validator,
+        selected_step=record.best_step if picked else result.steps, selected_state=record.best_state if picked else result.last_state,
+    )
     return dataclasses.replace(stage, train=rescored)
 
 
