@@ -2,7 +2,8 @@
 
 `matmul_gflops` measures this machine's fp32 GEMM rate (a large square matmul, best of a few);
 `training_gflop_per_image` counts the FLOPs of one forward + backward pass of a classifier per image
-(torch's FlopCounterMode: matmuls and convolutions). Achieved GFLOP/s = GFLOP per image x images/s;
+(torch's FlopCounterMode: matmuls and convolutions, with the backward of a grouped convolution counted
+by `_conv_backward_flop`). Achieved GFLOP/s = GFLOP per image x images/s;
 its ratio to the GEMM rate says how much of the machine the training loop uses.
 """
 
@@ -25,6 +26,22 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _output_padding,
+                        _groups, output_mask, out_shape=None, **_) -> int:
+    """FLOPs of aten.convolution_backward: each gradient asked for (input, weight) costs what the forward
+    convolution does, 2 x batch x output positions x C_out x (C_in / groups) x kernel size.
+
+    torch's own formula (2.14) counts the weight gradient of a grouped convolution as if it were dense: a
+    depthwise 3x3 conv over 192 channels read 193x its true backward FLOPs, so a timm backbone with
+    depthwise convolutions (ConvNeXt, MobileNet, EfficientNet) reported several times its real GFLOP an
+    image. For groups = 1 this is the same number torch's formula gives (tests/unit/test_bench_report.py).
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def training_gflop_per_image(classifier: torch.nn.Module, image_size: int, batch: int = 8) -> float:
     """GFLOP of one forward + backward pass per image (B = `batch` images, 3 channels, train mode)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -33,7 +50,7 @@ def training_gflop_per_image(classifier: torch.nn.Module, image_size: int, batch
     classifier.train()
     device = next(classifier.parameters()).device
     x = torch.randn(batch, 3, image_size, image_size, device=device)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
     try:
         with counter:
             classifier(x).sum().backward()

@@ -47,6 +47,23 @@ def test_training_flops_per_image_scale_with_width():
     assert tiny2 == pytest.approx(0.0425, rel=0.01)  # a wider stem for one block fewer, ~the same FLOPs (tiny3: + SeqPool)
 
 
+@pytest.mark.parametrize("groups", [1, 4, 48])
+def test_a_grouped_convolution_counts_its_own_flops_not_a_dense_ones(groups):
+    """A stride-2 3x3 conv, 48 -> 48 channels, on 8 images of 16x16 (8x8 out): forward 2 x 8 x 64 x 48 x (48 / g) x 9
+    FLOPs; its backward (input and weight gradients) twice that. torch 2.14's formula counts a grouped
+    conv's weight gradient as a dense one's (a depthwise one 25x here), which the bench must not report."""
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 48, 1), torch.nn.Conv2d(48, 48, 3, 2, 1, groups=groups, bias=False))
+    forward = 2 * 8 * 64 * 48 * (48 // groups) * 9
+    first = 2 * 8 * 256 * 48 * 3  # the 1x1 conv in front: forward + weight gradient (its input needs none)
+    assert training_gflop_per_image(conv, 16) * 8 * 1e9 == pytest.approx(3 * forward + 2 * first)
+    if groups == 1:  # dense: the same count as torch's own formula
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as torch_count:
+            conv(torch.randn(8, 3, 16, 16)).sum().backward()
+        assert torch_count.get_total_flops() == pytest.approx(3 * forward + 2 * first)
+
+
 def test_seed_summary_is_mean_and_sample_std_per_cell():
     from udaflow.bench import summarise
 
