@@ -32,7 +32,7 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     convolution does, 2 x batch x output positions x C_out x (C_in / groups) x kernel size.
 
     torch's own formula (2.14) counts the weight gradient of a grouped convolution as if it were dense: a
-    depthwise 3x3 conv over 192 channels read 193x its true backward FLOPs, so a timm backbone with
+    depthwise 3x3 conv over 192 channels read 96x its backward FLOPs (its weight gradient 192x), so a timm backbone with
     depthwise convolutions (ConvNeXt, MobileNet, EfficientNet) reported several times its real GFLOP an
     image. For groups = 1 this is the same number torch's formula gives (tests/unit/test_bench_report.py).
     """

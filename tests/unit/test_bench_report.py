@@ -51,7 +51,7 @@ def test_training_flops_per_image_scale_with_width():
 def test_a_grouped_convolution_counts_its_own_flops_not_a_dense_ones(groups):
     """A stride-2 3x3 conv, 48 -> 48 channels, on 8 images of 16x16 (8x8 out): forward 2 x 8 x 64 x 48 x (48 / g) x 9
     FLOPs; its backward (input and weight gradients) twice that. torch 2.14's formula counts a grouped
-    conv's weight gradient as a dense one's (a depthwise one 25x here), which the bench must not report."""
+    conv's weight gradient as a dense one's (a depthwise one's backward 24.5x here), which the bench must not report."""
     conv = torch.nn.Sequential(torch.nn.Conv2d(3, 48, 1), torch.nn.Conv2d(48, 48, 3, 2, 1, groups=groups, bias=False))
     forward = 2 * 8 * 64 * 48 * (48 // groups) * 9
     first = 2 * 8 * 256 * 48 * 3  # the 1x1 conv in front: forward + weight gradient (its input needs none)
