@@ -2,8 +2,8 @@
 
 `matmul_gflops` measures this machine's fp32 GEMM rate (a large square matmul, best of a few);
 `training_gflop_per_image` counts the FLOPs of one forward + backward pass of a classifier per image
-(torch's FlopCounterMode: matmuls and convolutions, with the backward of a grouped convolution counted
-by `_conv_backward_flop`). Achieved GFLOP/s = GFLOP per image x images/s;
+(torch's FlopCounterMode: matmuls and convolutions, a convolution's backward by `_conv_backward_flop`,
+which torch gets wrong for grouped ones). Achieved GFLOP/s = GFLOP per image x images/s;
 its ratio to the GEMM rate says how much of the machine the training loop uses.
 """
 
@@ -32,9 +32,9 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     convolution does, 2 x batch x output positions x C_out x (C_in / groups) x kernel size.
 
     torch's own formula (2.14) counts the weight gradient of a grouped convolution as if it were dense: a
-    depthwise 3x3 conv over 192 channels read 96x its backward FLOPs (its weight gradient 192x), so a timm backbone with
-    depthwise convolutions (ConvNeXt, MobileNet, EfficientNet) reported several times its real GFLOP an
-    image. For groups = 1 this is the same number torch's formula gives (tests/unit/test_bench_report.py).
+    depthwise 3x3 conv over 192 channels read 96x its backward FLOPs (its weight gradient 192x), so a
+    timm backbone with depthwise convolutions (ConvNeXt, MobileNet, EfficientNet) reported several
+    times its real GFLOP an image. For groups = 1 this is the same number torch's formula gives (tests/unit/test_bench_report.py).
     """
     from torch.utils.flop_counter import conv_flop_count
 
