@@ -25,6 +25,7 @@ from udaflow.config import Config
 from udaflow.costs import matmul_gflops, training_gflop_per_image
 from udaflow.data.datasets import load_oracle_data, load_shift
 from udaflow.data.store import digest
+from udaflow.distributed import die_with_parent
 from udaflow.errors import judged_here
 from udaflow.experiment import adapt_to_target, evaluate_stage, image_spec, pretrain_source, rescore_on_pool, train_oracle
 from udaflow.methods import get_method_class
@@ -198,7 +199,10 @@ def _pretrain_cell(cfg: Config, shift: tuple[str, str], protocol: str) -> bool:
     return pretrain_source(cfg, data, shift[0]).cached  # into the on-disk cache the cells read
 
 
-def _worker_start(num_threads: int) -> None:
+def _worker_start(num_threads: int, parent: int) -> None:
+    # a bench killed by its pid alone (`kill`, `kill -9`, a scheduler) takes its workers with it,
+    # instead of leaving them to train their cells to the end with no one to read the rows
+    die_with_parent(parent)
     torch.set_num_threads(num_threads)
 
 
@@ -207,7 +211,7 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(cfg.train.num_threads,))
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(cfg.train.num_threads, os.getpid()))
     try:
         # the source models first, each into the on-disk cache once; then every cell, the longest first
         # (all shifts' together), so no long cell starts last

@@ -198,17 +198,19 @@ def unsync_batchnorm_(module: nn.Module) -> nn.Module:
 # --- launching: `udaflow run --nproc N` runs the training stages through torchrun ---------------
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """Linux: have the kernel SIGKILL this process when its parent dies.
 
     torchrun starts each rank in a session of its own, so a `kill -9` of `udaflow run` (or of its
     process group) would otherwise leave the ranks training on, writing stage files after the run
     is gone. A rank dies with the torchrun agent, the agent with `udaflow run`; the re-run then
-    resumes from rank 0's last checkpoint.
+    resumes from rank 0's last checkpoint. `udaflow bench --jobs N`'s workers die with the bench the
+    same way. `parent`: the pid this process was started by, when it may have died before this call
+    (a spawned worker imports torch first); by default the current parent.
     """
     if _LIBC is None:
         return
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     _LIBC.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)

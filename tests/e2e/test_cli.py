@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,6 +133,56 @@ def test_bench_jobs_runs_cells_in_parallel_with_the_rows_of_one_process(workspac
     assert [r["cached_pretraining"] for r in rows[1] if r["method"] == "source_only"] == [True, True]
     study = json.loads((ws / "bench-jobs2.validators.json").read_text())["synth:fonts-b"]
     assert study == json.loads((ws / "bench-jobs1.validators.json").read_text())["synth:fonts-b"]
+
+
+def _spawned_workers(pid: int) -> set[int]:
+    """The bench's worker processes: pid's children started by multiprocessing's spawn."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = set()
+    for child in (children.read_text().split() if children.exists() else []):
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(int(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has finished; only its exit status waits to be read
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_bench_jobs_workers_die_with_the_bench(workspace: Path):
+    """`kill -9` of `udaflow bench --jobs 2` (the parent alone, as a scheduler stopping it by pid does)
+    takes its workers with it: none trains on, orphaned, for the length of its cell."""
+    ws = workspace
+    if not (ws / "data/raw/fonts-b").exists():
+        pytest.skip("needs test_build_ingest_run_bench's domains")
+    cmd = [str(Path(sys.executable).parent / "udaflow"), "bench", "--shifts", "synth:fonts-b", "--methods", "dann",
+           "--seeds", "2", "--jobs", "2", "--set", "train.adapt_steps=5000", "--set", "train.pretrain_steps=5000",
+           "--set", "seed=7", "--out", str(ws / "bench-killed.json"), "--params", str(ws / "params.yaml")]
+    bench = subprocess.Popen(cmd, cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _spawned_workers(bench.pid)) < 2:
+            assert bench.poll() is None and time.monotonic() < deadline, "the bench never started two workers"
+            time.sleep(0.2)
+        time.sleep(3)  # into their cells (5,000 source steps each: minutes)
+        assert all(_alive(w) for w in workers)
+        bench.kill()
+        bench.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "workers still training after their bench was killed"
+    finally:
+        bench.kill()
+        for w in _spawned_workers(bench.pid) | locals().get("workers", set()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
