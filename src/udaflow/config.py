@@ -16,7 +16,8 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -185,11 +186,35 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`train.lr=0.001` -> (["train", "lr"], 0.001); the value is read as YAML."""
+    """`train.lr=0.001` -> (["train", "lr"], 0.001); the value is read as YAML, except where params.yaml
+    holds text (a domain, a method, a path): `target=2024-06-01` and `target=017` stay the names they
+    are, not a date and the octal number 15."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.001")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    keys = key.strip().split(".")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({where})") from None
+    if value is not None and not isinstance(value, str) and _holds_text(keys):
+        value = raw.strip()
+    return keys, value
+
+
+def _holds_text(keys: list[str]) -> bool:
+    """Whether the Config field at `keys` is text (str or a path, optional or not)."""
+    model: Any = Config
+    annotation: Any = None
+    for k in keys:
+        field = model.model_fields.get(k) if model is not None else None
+        if field is None:
+            return False
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    kinds = set(get_args(annotation)) - {type(None)} if get_origin(annotation) in (Union, UnionType) else {annotation}
+    return bool(kinds) and kinds <= {str, Path}
 
 
 _EXPECTED = {
@@ -267,10 +292,14 @@ def load_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}: profiles: expected a mapping of profile names to parameters (got {_show(profiles)})")
     if profile is not None:
         if profile not in profiles:
-            known = ", ".join(sorted(profiles)) or "none"
+            known = ", ".join(sorted(map(str, profiles))) or "none"
             raise ConfigError(f"{path}: unknown profile '{profile}' (known: {known})")
+        if not isinstance(profiles[profile] or {}, dict):
+            raise ConfigError(f"{path}: profiles.{profile}: expected a mapping of parameters (got {_show(profiles[profile])})")
         raw = deep_merge(raw, profiles[profile] or {})
     for item in overrides:
         keys, value = parse_override(item)

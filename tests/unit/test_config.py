@@ -82,6 +82,22 @@ def test_parse_override():
     assert parse_override("s=a=b") == (["s"], "a=b")  # split on the first '=' only
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_override("train.lr")
+    with pytest.raises(ConfigError, match=r"^--set 'train.lr=\[0.1': the value is not valid YAML \(expected ',' or '\]'"):
+        parse_override("train.lr=[0.1")
+
+
+@pytest.mark.parametrize("text", ["2024-06-01", "017", "0x1f", "2024", "on", "no", "true"])
+def test_a_name_stays_the_text_typed_where_params_hold_text(params, text):
+    """Domain and method names that YAML would read as a date, an (octal) number or a boolean: a user
+    may ingest a target named 2024-06-01 and must be able to run on it."""
+    assert parse_override(f"target={text}") == (["target"], text)
+    assert parse_override(f"data.root=data/{text}") == (["data", "root"], f"data/{text}")
+    assert parse_override(f"tracking.artifact_root={text}") == (["tracking", "artifact_root"], text)
+    cfg = load_config(params, overrides=[f"source={text}", f"target={text}", f"method={text}"])
+    assert (cfg.source, cfg.target, cfg.method) == (text, text, text)
+    # the other fields still read YAML
+    assert parse_override("seed=2024")[1] == 2024 and parse_override("train.amp=on")[1] is True
+    assert parse_override("train.lr=0.5e-3")[1] == 0.0005 and parse_override("model.pretrained=null")[1] is None
 
 
 def test_override_through_a_value_is_an_error(params):
@@ -135,6 +151,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    for profiles, message in (("profiles: quick\n", "profiles: expected a mapping"),
+                              ("profiles: {quick: [1]}\n", "profiles.quick: expected a mapping of parameters")):
+        bad.write_text(f"seed: 1\n{profiles}")
+        with pytest.raises(ConfigError, match=message):
+            load_config(bad, profile="quick")
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
