@@ -42,6 +42,14 @@ _HINTS = {
     "reproduce": "run ids are in `udaflow run`'s summary and the MLflow UI (`udaflow ui`)",
     "promote": "list registered models with `udaflow ui`",
     "rollback": "a rollback needs at least two promotions in the model's history",
+    "data": "built-in domains: `udaflow data build` (synth, mnist, mnistm); your own images, a folder per class: "
+            "`udaflow data ingest DIR --name NAME` (`udaflow data ingest --help`)",
+    "run": "every parameter and its default is in params.yaml (`--set key=value` overrides one); "
+           "the domains are the folders under data.root (`udaflow data build`, `udaflow data ingest`)",
+    "schedule": "schedules need a running Prefect server: `prefect server start`, then "
+                "export PREFECT_API_URL=http://127.0.0.1:4200/api; cron has five fields: minute hour day month weekday",
+    "bench": "e.g. `udaflow bench --shifts synth:mnist,mnist:mnistm --methods source_only,adamatch`; "
+             "the methods are the files in src/udaflow/methods/",
 }
 _CONFIG_HINT = "keys and defaults are in params.yaml; each method's options and their ranges are its Config (src/udaflow/methods/)"
 
@@ -590,6 +598,15 @@ def serve(
     the answer: {"predictions": [{"class": ..., "probabilities": {class: p}}]}. A bad image gets a 400."""
     cfg = _load(params, None, None)
     _require_model(cfg, model)
+    from udaflow import tracking
+
+    versions, aliases = [str(v.version) for v in tracking.latest_versions(model)], tracking.model_aliases(model)
+    if (str(int(alias)) not in versions) if alias.isdigit() else (alias not in aliases):  # before MLflow's scoring server fails with a traceback
+        named = ", ".join(f"@{a} (v{v})" for a, v in sorted(aliases.items())) or "none"
+        raise NotFound(f"registered model '{model}' has no {'version ' + alias if alias.isdigit() else 'alias @' + alias} "
+                       f"(its versions: {', '.join(versions)}; its aliases: {named})",
+                       "`udaflow promote` makes a challenger the champion once it passes the gate; "
+                       "`--alias challenger` or `--alias N` serves another version")
     uri = f"models:/{model}/{alias}" if alias.isdigit() else f"models:/{model}@{alias}"
     bindir = str(Path(sys.executable).parent)
     env = {

@@ -287,6 +287,11 @@ def latest_versions(name: str) -> list:
     return sorted(_client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
 
 
+def model_aliases(name: str) -> dict[str, str]:
+    """Registered model `name`'s aliases: {alias: version}."""
+    return dict(_client().get_registered_model(name).aliases)
+
+
 # --- the pipeline's records: one call per pipeline step (the Prefect tasks wrap these) ---
 
 

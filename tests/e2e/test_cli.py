@@ -135,6 +135,19 @@ def test_bench_jobs_runs_cells_in_parallel_with_the_rows_of_one_process(workspac
     assert study == json.loads((ws / "bench-jobs1.validators.json").read_text())["synth:fonts-b"]
 
 
+def test_serve_refuses_an_alias_or_version_the_model_lacks(workspace: Path):
+    """`serve` checks the alias (or version) before it hands over to MLflow's scoring server, which
+    would fail with a traceback: one line naming what the model has, and a hint."""
+    if not (workspace / "data/raw/fonts-b").exists():
+        pytest.skip("needs test_build_ingest_run_bench's models")
+    for alias, missing in (("nosuch", "alias @nosuch"), ("99", "version 99")):
+        result = invoke(["serve", "--model", "udaflow-synth-to-fonts-b", "--alias", alias], workspace)
+        assert result.exit_code == 2, result.output
+        lines = result.output.splitlines()
+        assert lines[0].startswith(f"error: registered model 'udaflow-synth-to-fonts-b' has no {missing} (its versions: 1, 2")
+        assert "@challenger (v2)" in lines[0] and lines[1].startswith("hint: `udaflow promote`"), result.output
+
+
 def _spawned_workers(pid: int) -> set[int]:
     """The bench's worker processes: pid's children started by multiprocessing's spawn."""
     children = Path(f"/proc/{pid}/task/{pid}/children")

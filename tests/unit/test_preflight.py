@@ -156,3 +156,22 @@ def test_a_lookup_in_a_store_that_does_not_exist_is_one_line_and_creates_nothing
         assert len(lines) == 2 and lines[0] == f"error: {what} does not exist: no MLflow store at {store}/mlflow.db (tracking.uri sqlite:///{store}/mlflow.db)"
         assert lines[1].startswith("hint: run udaflow in the project folder")
     assert not store.exists()
+
+
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+@pytest.mark.parametrize("args, line, hint", [
+    (["data", "build", "--domains", "nope"], "error: unknown built-in domain(s) ['nope']", "hint: built-in domains: `udaflow data build`"),
+    (["bench", "--protocol", "sometimes"], "error: --protocol 'sometimes': use transductive or holdout", "hint: e.g. `udaflow bench --shifts"),
+    (["bench", "--shifts", "synth-mnist"], "error: --shifts: 'synth-mnist' is not SOURCE:TARGET", "hint: e.g. `udaflow bench --shifts"),
+    (["schedule", "--source", "synth", "--target", "mnist", "--cron", "0 3 * * *"], "error: no Prefect server", "hint: schedules need a running Prefect server"),
+    (["run", "--set", "train.lr=[0.1"], "error: --set 'train.lr=[0.1': the value is not valid YAML", "hint: keys and defaults are in params.yaml"),
+])
+def test_every_command_s_known_error_comes_with_a_hint(monkeypatch, args, line, hint):
+    """DESIGN.md: an error is one clear line plus a hint, whichever command raised it."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = CliRunner().invoke(cli.app, [*args, "--params", str(REPO_PARAMS)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(line) and lines[1].startswith(hint), result.output
