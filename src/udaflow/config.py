@@ -223,6 +223,7 @@ _EXPECTED = {
     "string_type": "a string", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
     "tuple_type": "a list", "list_type": "a list", "path_type": "a path",
 }
+_YAML_KIND = {"int": "number", "float": "number", "bool": "boolean", "date": "date", "datetime": "date"}
 _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
 
 
@@ -264,6 +265,11 @@ def explain(err: ValidationError, prefix: str = "", model: type[BaseModel] | Non
     if kind in _BOUNDS:
         name, op = _BOUNDS[kind]
         why = f"must be {op} {_number(ctx[name])}"
+    elif kind == "string_type" and first["input"] is not None and not isinstance(first["input"], (dict, list)):
+        # `target: 2024-06-01` in params.yaml: YAML read a date (or a number, a boolean) where a name goes
+        got = first["input"]
+        text = got.isoformat() if hasattr(got, "isoformat") else "..."
+        return f"{key}: expected a string (got {_show(got)}: YAML read it as a {_YAML_KIND.get(type(got).__name__, type(got).__name__)}; quote it: {loc[-1]}: \"{text}\")"
     elif kind in _EXPECTED:
         why = f"expected {_EXPECTED[kind]}"
     elif kind == "finite_number":

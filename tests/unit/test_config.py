@@ -156,6 +156,13 @@ def test_missing_and_malformed_files(tmp_path):
         bad.write_text(f"seed: 1\n{profiles}")
         with pytest.raises(ConfigError, match=message):
             load_config(bad, profile="quick")
+    bad.write_text("target: 2024-06-01\nmethod: 017\n")  # unquoted names YAML reads as a date and a number
+    with pytest.raises(ConfigError, match=r'target: expected a string \(got datetime.date\(2024, 6, 1\): YAML read it as a date; '
+                                          r'quote it: target: "2024-06-01"\)$'):
+        load_config(bad)
+    bad.write_text("method: 017\n")
+    with pytest.raises(ConfigError, match=r'method: expected a string \(got 15: YAML read it as a number; quote it: method: "..."\)$'):
+        load_config(bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
