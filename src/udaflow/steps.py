@@ -18,7 +18,7 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -161,45 +161,64 @@ def serving_example(cfg: Config):
 # --- the promotion gate's measurements (the decision is udaflow.promotion's, the registry udaflow.tracking's) ---
 
 
-@dataclass(frozen=True)
+@dataclass
 class GateData:
     """What the gate scores every version on, loaded once per gate: the current target pool, the
-    source val split and, when the target has one, its labelled `val` split (never `test`)."""
+    source val split and, when the target has one, its labelled `val` split (never `test`).
 
-    pool: Any  # (N, 3, H, W) uint8 (tensor or store.ImageFile), target `train` split, labels never read
-    source_val: Any  # LabelledImages
-    target_val: Any  # LabelledImages | None
+    Each version is scored on the images decoded its own way (size, resize, crop: `input_spec` of its
+    package): a champion trained before params.yaml's backbone or image size changed still sees the
+    input it was trained on, not the challenger's."""
+
+    source: Domain
+    target: Domain
     classes: tuple[str, ...]
     description: str
+    image_cache: Any
+    decoded: dict = field(default_factory=dict, repr=False)  # (size, variant) -> (pool, source_val, target_val)
+
+    def at(self, spec) -> tuple[Any, Any, Any]:
+        """(pool, source_val, target_val | None) decoded with ImageSpec `spec`; pool is (N, 3, H, W) uint8,
+        the target `train` split, labels never read."""
+        key = (spec.size, spec.variant)
+        if key not in self.decoded:
+            tgt = self.target
+            self.decoded[key] = (
+                tgt.unlabelled("train", spec, self.image_cache).images,
+                self.source.labelled("test", self.classes, spec, self.image_cache),
+                tgt.labelled("val", self.classes, spec, self.image_cache) if tgt.has_labels("val") else None,
+            )
+        return self.decoded[key]
 
 
 def load_gate_data(cfg: Config) -> GateData:
     src, tgt = Domain.open(cfg.data.root, cfg.source), Domain.open(cfg.data.root, cfg.target)
-    classes, size = src.classes, image_spec(cfg)
-    pool = tgt.unlabelled("train", size, cfg.image_cache).images
-    source_val = src.labelled("test", classes, size, cfg.image_cache)
-    target_val = tgt.labelled("val", classes, size, cfg.image_cache) if tgt.has_labels("val") else None
+    data = GateData(src, tgt, tuple(src.classes), "", cfg.image_cache)
+    pool, source_val, target_val = data.at(image_spec(cfg))  # today's input, the challenger's: decoded up front
     validator = cfg.promotion.validator or cfg.validator
     decided = (f"accuracy on target '{cfg.target}' val split ({len(target_val)} labelled images)" if target_val is not None
                else f"validator '{validator}' on target '{cfg.target}' train pool ({len(pool)} images, labels unread)")
-    description = f"{decided}; source val accuracy on '{cfg.source}' test split ({len(source_val)} images)"
-    return GateData(pool, source_val, target_val, classes, description)
+    data.description = f"{decided}; source val accuracy on '{cfg.source}' test split ({len(source_val)} images)"
+    return data
 
 
 def measure_for_gate(model: ImageClassifier, data: GateData, validator: str, device) -> Measurement:
     """Score one registered model on the gate's data (the version number is filled in by the caller)."""
+    from udaflow.models.packaged import input_spec
+
     if tuple(model.classes) != tuple(data.classes):
         raise ValueError(f"the model's classes {model.classes} are not the source's {list(data.classes)}")
+    pool, source_val, target_val = data.at(input_spec(model.package_config))
     classifier = model.classifier.to(device)
-    pool_features, pool_logits = predict(classifier, data.pool, device)
-    source_features, source_logits = predict(classifier, data.source_val.images, device)
+    pool_features, pool_logits = predict(classifier, pool, device)
+    source_features, source_logits = predict(classifier, source_val.images, device)
     score_fn = get_validator(validator)
-    score = score_fn(pool_logits) if score_fn else dev_score(source_features, source_logits, data.source_val.labels, pool_features)
+    score = score_fn(pool_logits) if score_fn else dev_score(source_features, source_logits, source_val.labels, pool_features)
     target_val_acc = None
-    if data.target_val is not None:
-        target_val_acc = accuracy(predict(classifier, data.target_val.images, device)[1], data.target_val.labels)
+    if target_val is not None:
+        target_val_acc = accuracy(predict(classifier, target_val.images, device)[1], target_val.labels)
     return Measurement(
-        version="", validator=score, source_val_acc=accuracy(source_logits, data.source_val.labels),
+        version="", validator=score, source_val_acc=accuracy(source_logits, source_val.labels),
         diversity=prediction_diversity(pool_logits.argmax(1).tolist(), len(data.classes)), target_val_acc=target_val_acc,
     )
 

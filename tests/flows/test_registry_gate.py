@@ -269,3 +269,27 @@ def test_concurrent_promotions_leave_one_consistent_champion(registry: Path, tra
     assert [o[0] for o in outcomes] == [False, True] and {o[1] for o in outcomes} == {"first", "same"}
     assert champion() == "1"
     assert mlflow.MlflowClient().get_registered_model(NAME).tags[tracking.HISTORY_TAG] == "1"
+
+
+def test_the_gate_scores_each_version_on_its_own_input(registry: Path, trained):
+    """params.yaml's input changed after the champion was registered (here 32 -> 48 px, as for a new
+    backbone on bigger photos): the gate decodes the champion's images at its own 32 px, not today's
+    48 (on which its 4x4 position embedding cannot run), and the challenger's at 48."""
+    add_version(registry, variant(trained, 1), recorded_im=0.6, source_only_im=0.5)
+    assert cli(["promote", "--model", NAME], registry).exit_code == 0 and champion() == "1"
+    before = measured(registry, "1")
+    params = yaml.safe_load((registry / "params.yaml").read_text())
+    params["data"]["image_size"] = 48
+    params["model"]["backbone_args"] = {"img_size": 48}
+    (registry / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = _cfg(registry)
+    torch.manual_seed(0)
+    v2 = add_version(registry, ImageClassifier(steps.new_classifier(cfg, len(trained.classes)), trained.classes).eval())
+    assert measured(registry, "1") == before  # the champion on its own input, whatever params.yaml says now
+    data = steps.load_gate_data(cfg)
+    pool, _, _ = data.at(packaged.input_spec(tracking.load_model(f"models:/{NAME}/{v2}").package_config))
+    assert tuple(pool.shape[-2:]) == (48, 48)  # the challenger's input: today's
+    result = cli(["promote", "--model", NAME], registry)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    tags = mlflow.MlflowClient().get_model_version(NAME, v2).tags
+    assert tags["gate.compared_with"] == "1"
