@@ -128,6 +128,7 @@ def setup_environment() -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per small artifact read: noise before the output that matters
     }.items():
         os.environ.setdefault(key, value)
 
@@ -454,7 +455,18 @@ def _require_run(cfg, run_id: str) -> None:
     from udaflow import tracking
 
     _lookup_store(cfg, f"MLflow run '{run_id}' does not exist")
-    tracking.run_record(run_id)  # LookupError naming what is missing; the flow reads it again
+    record = tracking.run_record(run_id)  # LookupError naming what is missing; the flow reads it again
+    from pydantic import ValidationError
+
+    from udaflow.config import Config, ConfigError, explain
+
+    try:  # before a dataset is restored: the recorded params must still be ones this udaflow reads
+        Config.model_validate(record.config)
+    except ValidationError as err:
+        commit = record.tags.get("git.commit", "unknown")
+        raise ConfigError(f"run '{run_id}' was made with params this udaflow no longer reads: {explain(err, model=Config)}",
+                          hint=f"reproduce it with the code it ran: `git checkout {commit[:12]}`, `make setup`, then "
+                               f"`udaflow reproduce {run_id}`") from None
 
 
 @app.command("promote")

@@ -24,7 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class ConfigError(ValueError):
-    """A params file or override that cannot be used; the message names the file and key."""
+    """A params file or override that cannot be used; the message names the file and key, `hint`
+    (when one fits better than the CLI's general one) what to do."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 class _Strict(BaseModel):

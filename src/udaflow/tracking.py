@@ -651,11 +651,18 @@ def run_record(run_id: str) -> RunRecord:
     except MlflowException:
         raise LookupError(f"MLflow run '{run_id}' does not exist in {os.environ.get('MLFLOW_TRACKING_URI') or 'the configured store'}") from None
     tags = dict(run.data.tags)
+    if "dvc.source.md5" in tags and run.info.status != "FINISHED":  # a pipeline run that failed or was killed
+        raise LookupError(f"run '{run_id}' ended {run.info.status}, not FINISHED: it recorded no complete metrics to "
+                          "compare a re-run with; reproduce a run that finished")
     with _tempdir() as tmp:
         try:
             path = client.download_artifacts(run_id, "params/params.resolved.yaml", tmp)
-        except Exception:  # noqa: BLE001 - any store error means the record is incomplete
-            raise LookupError(f"run '{run_id}' has no params/params.resolved.yaml artifact: it was not made by `udaflow run`") from None
+        except Exception as exc:  # noqa: BLE001 - any store error means the record is incomplete
+            if "dvc.source.md5" not in tags:
+                raise LookupError(f"run '{run_id}' has no params/params.resolved.yaml artifact: it was not made by `udaflow run`") from None
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise LookupError(f"run '{run_id}': its params/params.resolved.yaml could not be read from {run.info.artifact_uri} "
+                              f"({why}); the run's artifact store was moved or deleted") from None
         config = yaml.safe_load(Path(path).read_text())
     datasets = {}
     for role in ("source", "target"):

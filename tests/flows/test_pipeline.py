@@ -229,3 +229,46 @@ def test_a_flow_that_fails_after_validation_ends_its_runs_failed(project: Path, 
     assert not client.search_runs([exp], "attributes.status = 'RUNNING'")
     assert len(tracking.latest_versions("udaflow-synth-to-fonts-b")) == versions_before
 
+    # nothing to reproduce: refused before its data is restored, not retrained to "differ"
+    from typer.testing import CliRunner
+
+    from udaflow.cli import app
+
+    out = CliRunner().invoke(app, ["reproduce", parent.info.run_id, "--params", str(project / "params.yaml")])
+    assert out.exit_code == 2 and f"run '{parent.info.run_id}' ended FAILED, not FINISHED" in out.output, out.output
+    assert not (project / "runs/reproduce" / parent.info.run_id).exists()
+
+
+def test_reproduce_refuses_a_record_it_cannot_use_before_restoring_anything(project: Path, first_run, tmp_path):
+    """A finished run whose recorded params today's udaflow no longer reads (a key renamed since), and
+    one whose artifacts were deleted: one error line each, naming the run and what is wrong."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from udaflow.cli import app
+
+    cfg, result = first_run
+    client = mlflow.MlflowClient()
+    first = client.get_run(result["run_id"])
+    recorded = yaml.safe_load(Path(client.download_artifacts(result["run_id"], "params/params.resolved.yaml", str(tmp_path))).read_text())
+    recorded["train"]["old_knob"] = 1
+    (tmp_path / "params").mkdir(exist_ok=True)
+    (tmp_path / "params/params.resolved.yaml").write_text(yaml.safe_dump(recorded))
+    lineage = {k: v for k, v in first.data.tags.items() if k.startswith(("dvc.", "git."))}
+    runs = {}
+    for kind in ("renamed", "deleted"):
+        run = client.create_run(first.info.experiment_id, tags=lineage, run_name=kind)
+        if kind == "renamed":
+            client.log_artifact(run.info.run_id, str(tmp_path / "params/params.resolved.yaml"), "params")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        runs[kind] = run.info.run_id
+    out = CliRunner().invoke(app, ["reproduce", runs["renamed"], "--params", str(project / "params.yaml")])
+    lines = out.output[out.output.index("error:"):].splitlines()  # (MLflow's download bar when not run as `udaflow`)
+    assert out.exit_code == 2 and lines[0].startswith(f"error: run '{runs['renamed']}' was made with params this udaflow no "
+                                                      "longer reads: train.old_knob: unknown key (known: "), out.output
+    assert lines[1].startswith(f"hint: reproduce it with the code it ran: `git checkout {lineage['git.commit'][:12]}`"), out.output
+    out = CliRunner().invoke(app, ["reproduce", runs["deleted"], "--params", str(project / "params.yaml")])
+    assert out.exit_code == 2 and "its params/params.resolved.yaml could not be read from" in out.output, out.output
+    assert "the run's artifact store was moved or deleted" in out.output and "not made by `udaflow run`" not in out.output
+    assert not any((project / "runs/reproduce" / r).exists() for r in runs.values())
+
