@@ -193,11 +193,18 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
         return "no-champion", {}
     tracking.configure(uri, Path(cfg.tracking.artifact_root))
     verdicts, figures = [], {}
-    for source in tracking.models_for_target(name):
+    try:
+        sources = tracking.models_for_target(name)
+    except Exception as exc:  # noqa: BLE001 - the data is versioned already: the announcement must still go out
+        err_console.print(f"warning: the models targeting '{name}' could not be listed from {uri} "
+                          f"({type(exc).__name__}: {str(exc)[:300]}): drift not measured, retrain", highlight=False)
+        return "unmeasured", figures
+    for source in sources:
         shift_cfg = cfg.model_copy(update={"source": source, "target": name})
         model = tracking.model_name(source, name)
         try:
             report = steps.drift(shift_cfg)
+            run_id = None if report is None else tracking.log_drift(source, name, md5, report.figures(), report.as_dict())
         except Exception as exc:  # noqa: BLE001 - the data is versioned already: say why, and let the retrain decide
             err_console.print(f"warning: drift vs {model} not measured ({type(exc).__name__}: {str(exc)[:300]}): retrain", highlight=False)
             verdicts.append("unmeasured")
@@ -206,7 +213,6 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
             console.print(f"  drift vs {model}: it has no champion, nothing to compare with: retrain", highlight=False)
             verdicts.append("no-champion")
             continue
-        run_id = tracking.log_drift(source, name, md5, report.figures(), report.as_dict())
         figures[model] = {k.removeprefix("drift."): round(v, 6) for k, v in report.figures().items()}
         console.print(
             f"  drift vs {model}@champion ({report.n_reference} vs {report.n_new} images): PAD {report.pad:.3f}, "

@@ -85,3 +85,34 @@ def test_too_few_permutations_for_alpha_is_a_config_error():
     with pytest.raises(ValueError, match="cannot give a p-value under alpha / 2"):
         DriftConfig(permutations=100, alpha=0.01)
     assert DriftConfig(permutations=200, alpha=0.01).permutations == 200
+
+
+def test_an_unreachable_registry_during_ingest_still_announces_the_new_data(tmp_path, monkeypatch, capsys):
+    """`udaflow data ingest` has versioned and pushed the data when it measures drift: a registry it
+    cannot read (a server down, a run garbage-collected) is a warning and an 'unmeasured' verdict, which
+    retrains, not a traceback that loses the data trigger (a re-ingest of the same folder is 'unchanged')."""
+    from mlflow.exceptions import MlflowException
+
+    from udaflow import cli, tracking
+    from udaflow.config import Config
+
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"")
+    cfg = Config.model_validate({"tracking": {"uri": f"sqlite:///{store}", "artifact_root": str(tmp_path / "artifacts")}})
+
+    def unreachable(target):
+        raise MlflowException("API request to http://mlflow:5000 failed: connection refused")
+
+    monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "models_for_target", unreachable)
+    assert cli._drift(cfg, "my-camera", "0" * 32) == ("unmeasured", {})
+    assert "warning: the models targeting 'my-camera' could not be listed" in capsys.readouterr().err
+
+    def log_fails(*args, **kwargs):
+        raise MlflowException("run deleted")
+
+    monkeypatch.setattr(tracking, "models_for_target", lambda target: ["synth"])
+    monkeypatch.setattr("udaflow.steps.drift", lambda cfg: type("R", (), {"figures": lambda self: {}, "as_dict": lambda self: {}})())
+    monkeypatch.setattr(tracking, "log_drift", log_fails)
+    assert cli._drift(cfg, "my-camera", "0" * 32) == ("unmeasured", {})
+    assert "warning: drift vs udaflow-synth-to-my-camera not measured (MlflowException: run deleted)" in capsys.readouterr().err
