@@ -559,6 +559,15 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
             raise LookupError(f"model '{name}' v{challenger.version} is incomplete (its registration was cut short)")
         champion = _alias_version(name, CHAMPION)
         history = _history(name, champion)
+        rolled_back = challenger.tags.get("gate.rolled_back_at")
+        if rolled_back and (champion is None or str(champion.version) != str(challenger.version)):
+            from udaflow.promotion import Decision
+
+            # a person rolled this version back; the gate measuring it again would likely undo that
+            reason = (f"version {challenger.version} was rolled back at {rolled_back}: a new version (`udaflow run`) "
+                      "is the next challenger")
+            return Decision(False, reason, "rolled-back", data=data), str(challenger.version), (
+                None if champion is None else str(champion.version))
         if champion is not None and str(champion.version) == str(challenger.version):
             measured_champion = measured_challenger = None
         else:
@@ -588,25 +597,29 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
         if decision.promote:
             # history first, alias second: a kill in between leaves a history one entry ahead of the
             # alias, which _history() trims back to the alias on the next promote or rollback
+            if history and history[-1] == str(challenger.version):  # a first promotion cut short before its alias
+                history = history[:-1]
             client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(challenger.version)]))
             client.set_registered_model_alias(name, CHAMPION, challenger.version)
         return decision, str(challenger.version), previous
 
 
 def _history(name: str, champion=None) -> list[str]:
-    """Champion versions, oldest first, ending at the current champion.
+    """Champion versions, oldest first, ending at the current champion; versions deleted since (in
+    the MLflow UI) are left out.
 
     Entries after the alias's version are a promote or rollback cut short between its two writes:
-    they are dropped, so the history always ends where `champion` points.
+    they are dropped, so the history always ends where `champion` points. With no champion (never
+    promoted, or its version deleted, which takes its aliases with it) the earlier champions that
+    still exist are kept, so a rollback can go back to them after the next promotion.
     """
     tags = _client().get_registered_model(name).tags
     history = [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
-    if champion is None:
-        return []
-    current = str(champion.version)
-    if current not in history:
-        return [*history, current]
-    return history[: len(history) - history[::-1].index(current)]
+    if champion is not None:
+        current = str(champion.version)
+        history = history[: len(history) - history[::-1].index(current)] if current in history else [*history, current]
+    existing = {str(v.version) for v in latest_versions(name)}
+    return [v for v in history if v in existing]
 
 
 def rollback(name: str) -> tuple[str, str]:
@@ -619,7 +632,11 @@ def rollback(name: str) -> tuple[str, str]:
     with registry_lock(name):
         champion = _alias_version(name, CHAMPION)
         history = _history(name, champion)
-        if champion is None or len(history) < 2:
+        if champion is None:
+            recorded = [v for v in client.get_registered_model(name).tags.get(HISTORY_TAG, "").split(",") if v]
+            gone = f" (its last champion, v{recorded[-1]}, was deleted)" if recorded and recorded[-1] not in history else ""
+            raise LookupError(f"model '{name}' has no champion to roll back from{gone}; `udaflow promote` makes one")
+        if len(history) < 2:
             raise LookupError(f"model '{name}' has no previous champion to roll back to (history: {history or 'empty'})")
         current, previous = history[-1], history[-2]
         client.set_registered_model_alias(name, CHAMPION, previous)

@@ -293,3 +293,35 @@ def test_the_gate_scores_each_version_on_its_own_input(registry: Path, trained):
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     tags = mlflow.MlflowClient().get_model_version(NAME, v2).tags
     assert tags["gate.compared_with"] == "1"
+
+
+def test_a_rolled_back_version_is_not_promoted_again_and_deleted_versions_leave_the_history_usable(registry: Path, trained):
+    """A rollback is a person's decision: the next `promote` does not measure the rolled-back challenger
+    again (and likely promote it back). Versions deleted by hand in the MLflow UI: a rollback skips them,
+    and a promotion after the champion's own version was deleted keeps the earlier champions."""
+    client = mlflow.MlflowClient()
+    for i in range(4):
+        add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)  # equal weights: each ties, is promoted
+        assert "promoted" in cli(["promote", "--model", NAME], registry).output and champion() == str(i + 1)
+    assert client.get_registered_model(NAME).tags[tracking.HISTORY_TAG] == "1,2,3,4"
+
+    result = cli(["rollback", "--model", NAME], registry)
+    assert result.exit_code == 0 and "from v4 to v3" in result.output and champion() == "3"
+    result = cli(["promote", "--model", NAME], registry)  # v4 is still @challenger
+    assert result.exit_code == 0 and "not promoted: version 4 was rolled back at " in result.output, result.output
+    assert champion() == "3" and "gate.decision" in client.get_model_version(NAME, "4").tags  # its first gate's tags kept
+
+    client.delete_model_version(NAME, "2")  # the previous champion, deleted in the UI
+    result = cli(["rollback", "--model", NAME], registry)
+    assert result.exit_code == 0 and "from v3 to v1" in result.output and champion() == "1", result.output
+
+    client.set_registered_model_alias(NAME, "champion", "3")
+    client.set_registered_model_tag(NAME, tracking.HISTORY_TAG, "1,3")
+    client.delete_model_version(NAME, "3")  # the champion itself: MLflow drops its aliases with it
+    result = cli(["rollback", "--model", NAME], registry)
+    assert result.exit_code == 2 and "has no champion to roll back from (its last champion, v3, was deleted)" in result.output
+    add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    assert "promoted" in cli(["promote", "--model", NAME], registry).output and champion() == "5"
+    assert client.get_registered_model(NAME).tags[tracking.HISTORY_TAG] == "1,5"  # v1 is still there to roll back to
+    result = cli(["rollback", "--model", NAME], registry)
+    assert result.exit_code == 0 and "from v5 to v1" in result.output and champion() == "1"
