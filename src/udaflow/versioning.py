@@ -279,6 +279,9 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
     from dvc_data.hashfile.hash_info import HashInfo
 
     dest = Path(dest)
+    what = f"dataset '{dest.name}' at DVC version {md5}"
+    hint = ("that version was never pushed, or the cache and remote were cleaned since: `dvc push` it from a clone that has "
+            "it, or point the default remote (`dvc remote default`) at the storage that holds it")
     with _repo(root) as repo:
         odb = repo.cache.local
         hash_info = HashInfo("md5", md5 if md5.endswith(".dir") else f"{md5}.dir")
@@ -286,18 +289,18 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
             # fetch what the cache lacks from the default remote (the .dir object and its files)
             result = repo.cloud.pull({hash_info})
             if result.failed:
-                raise VersioningError(f"DVC object {md5} is in neither the cache nor the default remote")
+                raise VersioningError(f"{what} is in neither the DVC cache nor the default remote", hint)
         except VersioningError:
             raise
         except Exception as exc:  # noqa: BLE001 - no remote configured, remote unreachable, ...
             if not odb.exists(hash_info.value):
-                raise VersioningError(f"DVC object {md5} is in neither the cache nor the remote: {exc}") from exc
+                raise VersioningError(f"{what} is in neither the DVC cache nor the remote: {exc}", hint) from exc
         from dvc_data.hashfile.tree import Tree
 
         try:
             tree = Tree.load(odb, hash_info)
         except Exception as exc:  # noqa: BLE001
-            raise VersioningError(f"DVC object {md5} is missing from the cache ({odb.path}): {exc}") from exc
+            raise VersioningError(f"{what} is missing from the DVC cache ({odb.path}): {exc}", hint) from exc
         missing = {entry for _, _, entry in tree if not odb.exists(entry.value)}
         if missing:
             try:
@@ -309,7 +312,7 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
         for key, _, entry_hash in tree:
             src = odb.oid_to_path(entry_hash.value)
             if not os.path.exists(src):
-                raise VersioningError(f"DVC object for {'/'.join(key)} ({entry_hash.value}) is in neither the cache nor the remote")
+                raise VersioningError(f"{what}: its file {'/'.join(key)} ({entry_hash.value}) is in neither the DVC cache nor the remote", hint)
             out = tmp.joinpath(*key)
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, out)
