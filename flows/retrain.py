@@ -11,6 +11,7 @@ from prefect import flow
 from flows.pipeline import adaptation_pipeline
 from tasks.lineage import data_unchanged_since_champion
 from udaflow.config import load_config
+from udaflow.tracking import model_name
 
 DATASET_UPDATED = "udaflow.dataset.updated"  # the event `udaflow data ingest` emits on new content
 
@@ -20,9 +21,16 @@ def dataset_resource(name: str) -> str:
 
 
 @flow(name="udaflow-retrain", log_prints=True)
-def retrain(params_file: str, source: str, target: str, method: str | None = None, profile: str | None = "quick") -> dict[str, Any]:
+def retrain(params_file: str, source: str, target: str, method: str | None = None, profile: str | None = "quick",
+            drift: dict[str, str] | None = None) -> dict[str, Any]:
+    """`drift`: the triggering event's verdict per model ({model name: shifted | unshifted | ...}); none on a schedule."""
     sets = [f"source={source}", f"target={target}", *([f"method={method}"] if method else [])]
     cfg = load_config(params_file, profile, sets)
+    name = model_name(cfg.source, cfg.target)
+    if (drift or {}).get(name) == "unshifted":  # the event fired on another model's shift
+        reason = f"the new '{cfg.target}' data is not shifted for {name}@champion (its own drift check at ingest)"
+        print(f"retrain skipped: {reason}")
+        return {"skipped": True, "reason": reason}
     reason = data_unchanged_since_champion(cfg)
     if reason:
         print(f"retrain skipped: {reason}")

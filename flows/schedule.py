@@ -48,6 +48,8 @@ def deploy_retrain(
         name=f"new {target} data",
         expect={DATASET_UPDATED},
         match={"prefect.resource.id": dataset_resource(target), "udaflow.drift": list(RETRAIN_ON)},
+        # each model's own verdict: another source's model may have fired the event on a shift this one does not see
+        parameters={"drift": "{{ event.payload.verdicts }}"},
     )
     flow = retrain.from_source(source=str(REPO), entrypoint="flows/retrain.py:retrain")
     deployment_id = flow.deploy(
@@ -65,12 +67,13 @@ def deploy_retrain(
     return str(deployment_id)
 
 
-def emit_dataset_updated(name: str, md5: str, drift: str = "no-champion", figures: dict | None = None) -> bool:
+def emit_dataset_updated(name: str, md5: str, drift: str = "no-champion", figures: dict | None = None,
+                         verdicts: dict[str, str] | None = None) -> bool:
     """Tell the Prefect server a domain has a new DVC version. `drift` (shifted | unshifted |
     unmeasured | no-champion, from `udaflow data ingest`) is a resource label the retrain triggers match on; the
-    per-model drift figures ride in the payload."""
+    per-model drift figures and each model's own verdict ({model name: verdict}) ride in the payload."""
     from prefect.events import emit_event
 
     resource = {"prefect.resource.id": dataset_resource(name), "udaflow.md5": md5, "udaflow.drift": drift}
-    event = emit_event(event=DATASET_UPDATED, resource=resource, payload={"drift": figures or {}})
+    event = emit_event(event=DATASET_UPDATED, resource=resource, payload={"drift": figures or {}, "verdicts": verdicts or {}})
     return event is not None

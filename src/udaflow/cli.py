@@ -180,25 +180,26 @@ def _version(folder: Path) -> None:
     return version
 
 
-def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
+def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict], dict[str, str]]:
     """Measure the new version of domain `name` against the data each model targeting it was adapted
     on (its champion's), log a `drift` run per model, print each decision. Returns the event's verdict
-    ('shifted': retrain, 'unshifted': don't, 'no-champion' or 'unmeasured': nothing to compare, retrain)
-    and the figures."""
+    ('shifted': retrain, 'unshifted': don't, 'no-champion' or 'unmeasured': nothing to compare, retrain),
+    the figures and each model's own verdict (a retrain of a model whose own verdict is 'unshifted'
+    skips, though another model's shift fired the event)."""
     from udaflow import steps, tracking
 
     uri = cfg.tracking.uri
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         console.print("  drift: no MLflow store yet, no champion to compare with: a retrain may run")
-        return "no-champion", {}
+        return "no-champion", {}, {}
     tracking.configure(uri, Path(cfg.tracking.artifact_root))
-    verdicts, figures = [], {}
+    verdicts, figures, per_model = [], {}, {}
     try:
         sources = tracking.models_for_target(name)
     except Exception as exc:  # noqa: BLE001 - the data is versioned already: the announcement must still go out
         err_console.print(f"warning: the models targeting '{name}' could not be listed from {uri} "
                           f"({type(exc).__name__}: {str(exc)[:300]}): drift not measured, retrain", highlight=False)
-        return "unmeasured", figures
+        return "unmeasured", figures, per_model
     for source in sources:
         shift_cfg = cfg.model_copy(update={"source": source, "target": name})
         model = tracking.model_name(source, name)
@@ -207,11 +208,11 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
             run_id = None if report is None else tracking.log_drift(source, name, md5, report.figures(), report.as_dict())
         except Exception as exc:  # noqa: BLE001 - the data is versioned already: say why, and let the retrain decide
             err_console.print(f"warning: drift vs {model} not measured ({type(exc).__name__}: {str(exc)[:300]}): retrain", highlight=False)
-            verdicts.append("unmeasured")
+            verdicts.append(per_model.setdefault(model, "unmeasured"))
             continue
         if report is None:
             console.print(f"  drift vs {model}: it has no champion, nothing to compare with: retrain", highlight=False)
-            verdicts.append("no-champion")
+            verdicts.append(per_model.setdefault(model, "no-champion"))
             continue
         figures[model] = {k.removeprefix("drift."): round(v, 6) for k, v in report.figures().items()}
         console.print(
@@ -220,24 +221,24 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict]]:
             f"{report.validator_new:.3f}", highlight=False,
         )
         console.print(f"    {'retrain' if report.retrain else 'no retrain'}: {report.reason} (MLflow run {run_id})", highlight=False)
-        verdicts.append("shifted" if report.retrain else "unshifted")
+        verdicts.append(per_model.setdefault(model, "shifted" if report.retrain else "unshifted"))
     if not verdicts:
         console.print(f"  drift: no registered model targets '{name}' yet: a retrain may run")
-        return "no-champion", figures
+        return "no-champion", figures, per_model
     verdict = next((v for v in ("shifted", "unmeasured", "no-champion") if v in verdicts), "unshifted")
-    return verdict, figures
+    return verdict, figures, per_model
 
 
 def _announce_new_data(cfg, name: str, md5: str) -> None:
     """A new DVC version of a domain: measure its drift, then a Prefect event carrying the figures;
     deployments whose target it is retrain when it is shifted (or nothing can be compared)."""
-    verdict, figures = _drift(cfg, name, md5)
+    verdict, figures, per_model = _drift(cfg, name, md5)
     if not os.environ.get("PREFECT_API_URL"):
         console.print("  no Prefect server (PREFECT_API_URL unset): no retrain triggered")
         return
     from flows.schedule import emit_dataset_updated
 
-    if emit_dataset_updated(name, md5, verdict, figures):
+    if emit_dataset_updated(name, md5, verdict, figures, per_model):
         what = "its scheduled retrains will run" if verdict != "unshifted" else "no shift: its scheduled retrains stay idle"
         console.print(f"  event udaflow.dataset.updated (drift: {verdict}) emitted for '{name}': {what}")
 

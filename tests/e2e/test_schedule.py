@@ -155,6 +155,11 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
         assert "(drift: no-champion) emitted" in out.stdout or "(drift: shifted) emitted" in out.stdout, out.stdout
         _wait_completed(api, deployment["id"], 3)
         assert _versions(project) == 2
+        # the trigger handed the event's per-model verdicts to the run (a model whose own verdict is
+        # `unshifted` skips: tests/flows/test_pipeline.py)
+        triggered = [r["parameters"]["drift"] for r in _flow_runs(api, deployment["id"]) if r["parameters"].get("drift")]
+        assert triggered in ([{"udaflow-synth-to-fonts-b": "no-champion"}], [{"udaflow-synth-to-fonts-b": "shifted"}]), \
+            _describe(api, deployment["id"])
 
         # the same content again: no new DVC version, no event, no retrain
         out = udaflow(env, project, "data", "ingest", str(changed / "synth"), "--name", "fonts-b", "--source", "synth")

@@ -272,3 +272,20 @@ def test_reproduce_refuses_a_record_it_cannot_use_before_restoring_anything(proj
     assert "the run's artifact store was moved or deleted" in out.output and "not made by `udaflow run`" not in out.output
     assert not any((project / "runs/reproduce" / r).exists() for r in runs.values())
 
+
+
+def test_a_retrain_fired_by_another_model_s_shift_skips_when_its_own_model_is_unshifted(project: Path, monkeypatch):
+    """The data event carries each model's own drift verdict: the retrain of a model whose champion saw no
+    shift skips before anything trains or registers; a shifted (or unmeasured) one goes on."""
+    from flows import retrain as retrain_flow
+
+    versions_before = len(tracking.latest_versions("udaflow-synth-to-fonts-b"))
+    out = retrain_flow.retrain(str(project / "params.yaml"), "synth", "fonts-b",
+                               drift={"udaflow-synth-to-fonts-b": "unshifted", "udaflow-mnist-to-fonts-b": "shifted"})
+    assert out["skipped"] and "not shifted for udaflow-synth-to-fonts-b@champion" in out["reason"]
+    assert len(tracking.latest_versions("udaflow-synth-to-fonts-b")) == versions_before
+
+    seen = []
+    monkeypatch.setattr(retrain_flow, "data_unchanged_since_champion", lambda cfg: seen.append(cfg.target) or "unchanged (test)")
+    out = retrain_flow.retrain(str(project / "params.yaml"), "synth", "fonts-b", drift={"udaflow-synth-to-fonts-b": "shifted"})
+    assert seen == ["fonts-b"] and out == {"skipped": True, "reason": "unchanged (test)"}  # on to the next check

@@ -105,7 +105,7 @@ def test_an_unreachable_registry_during_ingest_still_announces_the_new_data(tmp_
 
     monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
     monkeypatch.setattr(tracking, "models_for_target", unreachable)
-    assert cli._drift(cfg, "my-camera", "0" * 32) == ("unmeasured", {})
+    assert cli._drift(cfg, "my-camera", "0" * 32) == ("unmeasured", {}, {})
     assert "warning: the models targeting 'my-camera' could not be listed" in capsys.readouterr().err
 
     def log_fails(*args, **kwargs):
@@ -114,5 +114,38 @@ def test_an_unreachable_registry_during_ingest_still_announces_the_new_data(tmp_
     monkeypatch.setattr(tracking, "models_for_target", lambda target: ["synth"])
     monkeypatch.setattr("udaflow.steps.drift", lambda cfg: type("R", (), {"figures": lambda self: {}, "as_dict": lambda self: {}})())
     monkeypatch.setattr(tracking, "log_drift", log_fails)
-    assert cli._drift(cfg, "my-camera", "0" * 32) == ("unmeasured", {})
+    assert cli._drift(cfg, "my-camera", "0" * 32) == ("unmeasured", {}, {"udaflow-synth-to-my-camera": "unmeasured"})
     assert "warning: drift vs udaflow-synth-to-my-camera not measured (MlflowException: run deleted)" in capsys.readouterr().err
+
+
+def test_each_model_targeting_new_data_gets_its_own_verdict(tmp_path, monkeypatch):
+    """Two sources adapted to one target: the new data is shifted for one model's champion and not for the
+    other's. The event fires (one shifted), and carries each model's verdict, so the unshifted one's retrain
+    skips (flows/retrain.py) instead of registering a challenger its own drift check said was not needed."""
+    from udaflow import cli, tracking
+    from udaflow.config import Config
+
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"")
+    cfg = Config.model_validate({"tracking": {"uri": f"sqlite:///{store}", "artifact_root": str(tmp_path / "artifacts")}})
+
+    class Report:
+        def __init__(self, retrain):
+            self.retrain, self.reason = retrain, "shifted" if retrain else "same distribution"
+            self.n_reference = self.n_new = 100
+            self.pad = self.mmd = self.mmd_p_value = self.validator_reference = self.validator_new = 0.5
+            self.validator = "im"
+
+        def figures(self):
+            return {"drift.pad": self.pad}
+
+        def as_dict(self):
+            return {}
+
+    monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "models_for_target", lambda target: ["mnist", "synth"])
+    monkeypatch.setattr("udaflow.steps.drift", lambda shift_cfg: Report(shift_cfg.source == "synth"))
+    monkeypatch.setattr(tracking, "log_drift", lambda *a, **k: "run-id")
+    verdict, figures, per_model = cli._drift(cfg, "my-camera", "0" * 32)
+    assert verdict == "shifted" and set(figures) == {"udaflow-mnist-to-my-camera", "udaflow-synth-to-my-camera"}
+    assert per_model == {"udaflow-mnist-to-my-camera": "unshifted", "udaflow-synth-to-my-camera": "shifted"}
