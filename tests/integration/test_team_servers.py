@@ -284,6 +284,7 @@ def test_retrain_deployment_runs_on_a_process_worker_only_when_new_data_is_shift
             time.sleep(3)
         assert len(runs) == 1 and states == ["COMPLETED"], (states, log.read_text()[-3000:])
         assert versions() == before + 1
+        assert runs[0]["parameters"]["drift"] == {MODEL: "shifted"}  # prefect.yaml's trigger hands on the model's own verdict
 
         # the registry on the server: the retrain's gate either moved `champion` to the new version or
         # kept the old one; a promotion is undone by a rollback
