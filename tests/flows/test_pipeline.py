@@ -279,6 +279,7 @@ def test_a_retrain_fired_by_another_model_s_shift_skips_when_its_own_model_is_un
     shift skips before anything trains or registers; a shifted (or unmeasured) one goes on."""
     from flows import retrain as retrain_flow
 
+    _cfg(project)  # the project's MLflow store (MLflow's default would be ./mlflow.db)
     versions_before = len(tracking.latest_versions("udaflow-synth-to-fonts-b"))
     out = retrain_flow.retrain(str(project / "params.yaml"), "synth", "fonts-b",
                                drift={"udaflow-synth-to-fonts-b": "unshifted", "udaflow-mnist-to-fonts-b": "shifted"})
