@@ -37,6 +37,7 @@ ROW_KEYS = (
     "peak_rss_mb", "device",
 )  # plus training_cost's keys; for every non-oracle method: best_checkpoint_target_acc, selection_loss,
 # regret (per validator) and median_last5_target_acc (reported, never used to select)
+CONTRACT_KEYS = ("target_acc", "source_val_acc", "validators")
 
 
 def parse_shifts(text: str) -> list[tuple[str, str]]:
@@ -152,6 +153,9 @@ def bench_cell(
     metrics = evaluate_stage(cfg, stage, data, target_eval)
     row = {"shift": f"{source}:{target}", "method": method, "seed": cfg.seed, "protocol": protocol}
     row.update({k: metrics[k] for k in ROW_KEYS if k in metrics and k not in row})
+    # DESIGN.md's row contract (`target_acc`, `source_val_acc`, `validators`): the figures of the
+    # checkpoint `selected_by` picked, the one the pipeline registers; `_last` is the last iterate
+    row.update({key: metrics[f"{key}_selected"] for key in CONTRACT_KEYS})
     if method == "source_only":
         row["cached_pretraining"] = stage.cached
     row.update(training_cost(cfg, stage, row["train_images_per_s"], machine_gflops))

@@ -92,6 +92,13 @@ class _Commands(TyperGroup):
     known error into `error: <one line>` (+ `hint:`) and exit code 2. Any other exception, and
     every exception under --debug, propagates with its traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # `--debug` is the root's option; users also type it after the command (`udaflow run ... --debug`)
+        end = args.index("--") if "--" in args else len(args)
+        if "--debug" in args[:end]:
+            args = ["--debug"] + [a for i, a in enumerate(args) if a != "--debug" or i >= end]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -87,6 +87,9 @@ def test_build_ingest_run_bench(workspace: Path):
             assert key in row, key
         assert row["shift"] == "synth:fonts-b"
         assert 0.0 <= row["target_acc_last"] <= 100.0
+        # DESIGN.md's row contract: the selected checkpoint's figures under their plain names
+        assert (row["target_acc"], row["source_val_acc"], row["validators"]) == (
+            row["target_acc_selected"], row["source_val_acc_selected"], row["validators_selected"])
     assert bench[0]["cached_pretraining"] is True  # pretraining shared with the earlier runs
     for row in bench:
         assert set(row["validators_last"]) == {"entropy", "im", "snd", "bnm", "dev"}

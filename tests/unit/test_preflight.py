@@ -121,10 +121,12 @@ def test_an_unexpected_error_propagates(command, kind):
     assert "error:" not in result.output
 
 
-def test_debug_propagates_a_known_error_too():
-    result = CliRunner().invoke(_app(), ["--debug", "config"])
+@pytest.mark.parametrize("args", [["--debug", "config"], ["config", "--debug"]])  # before or after the command
+def test_debug_propagates_a_known_error_too(args):
+    result = CliRunner().invoke(_app(), args)
     assert isinstance(result.exception, ConfigError) and result.exit_code == 1
     assert CliRunner().invoke(_app(), ["config"]).exit_code == 2  # and the next run without --debug is quiet again
+    assert CliRunner().invoke(_app(), ["config", "--", "--debug"]).exit_code != 1  # after `--` it is an argument, not the flag
 
 
 def test_the_real_entry_point_prints_a_bug_s_traceback():
