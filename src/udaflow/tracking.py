@@ -215,14 +215,18 @@ def register_model(
     """
     import mlflow
     import mlflow.pyfunc
+    from mlflow.models import Model
     client = _client()
     requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "timm", "safetensors", "numpy")]
     with registry_lock(name):
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", loader_module="udaflow.models.packaged", data_path=str(package), input_example=input_example,
-                signature=_signature(), pip_requirements=requirements,
-            )
+        # Model.log with run_id, not pyfunc.log_model in `with mlflow.start_run(run_id)`: leaving that
+        # block ends the run FINISHED, before the gate runs, and a kill then left a finished-looking run.
+        # The logged model goes to the fluent experiment (the Default one, ./mlruns, unless set): the run's
+        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+        info = Model.log(
+            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, loader_module="udaflow.models.packaged", data_path=str(package),
+            input_example=input_example, signature=_signature(), pip_requirements=requirements,
+        )
         version = mlflow.register_model(info.model_uri, name, await_registration_for=60)
         for key, value in tags.items():
             client.set_model_version_tag(name, version.version, key, str(value))

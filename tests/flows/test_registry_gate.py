@@ -211,6 +211,12 @@ def test_registered_version_links_to_the_run_with_the_metrics(registry: Path, tr
     run = mlflow.MlflowClient().get_run(version.run_id)
     assert run.info.run_name == "test" and "mlflow.parentRunId" not in run.data.tags  # the pipeline run, not `register`
     assert version.tags[tracking.COMPLETE_TAG] == "true"
+    # registering leaves the run RUNNING: the gate and the run's close come after, and a kill before
+    # them must leave a run the next one marks KILLED, not a finished-looking one
+    assert run.info.status == "RUNNING" and mlflow.active_run() is None
+    [output] = run.outputs.model_outputs  # the model is logged in it, and stored with the run's experiment
+    logged = mlflow.MlflowClient().get_logged_model(output.model_id)
+    assert logged.experiment_id == run.info.experiment_id and logged.artifact_location.startswith((registry / "artifacts").as_uri())
 
 
 def test_pickles_are_refused_where_a_model_is_loaded(registry: Path, trained, tmp_path: Path):
