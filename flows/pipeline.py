@@ -15,7 +15,7 @@ from tasks.registry import promotion_gate
 from tasks.tracking import (
     close_tracking_run, log_datasets, log_evaluation, log_training, log_validation, open_tracking_run, register_challenger,
 )
-from tasks.training import adapt_to_target, evaluate_model, host_training_tag, pretrain_source_cached
+from tasks.training import adapt_to_target, drop_checkpoint, evaluate_model, host_training_tag, pretrain_source_cached
 from udaflow import steps
 from udaflow.config import Config
 from udaflow.data.manifest import DataError
@@ -64,6 +64,7 @@ def _pipeline(cfg: Config, run, seconds: dict[str, float]) -> dict[str, Any]:
     log_training(run, "adapt", adapted, metrics["history"], False)
     log_evaluation(cfg, run, metrics)
     registered = register_challenger(cfg, run, metrics, versions)
+    drop_checkpoint(cfg)  # kept until now: a run killed after adapting resumes at its last step
     decision, _, champion = promotion_gate(cfg, registered.name)
     seconds["track_register_gate"] = time.perf_counter() - clock - sum(seconds.values())
     close_tracking_run(run, seconds)

@@ -11,7 +11,7 @@ from prefect import flow
 
 from tasks.data import validate_datasets
 from tasks.lineage import read_run_record, restore_dataset
-from tasks.training import adapt_to_target, evaluate_model, pretrain_source
+from tasks.training import adapt_to_target, drop_checkpoint, evaluate_model, pretrain_source
 from udaflow.config import Config
 from udaflow.steps import compare_metrics
 
@@ -28,5 +28,6 @@ def reproduce_run(run_id: str, tracking_uri: str, artifact_root: str, project: s
     source_model = pretrain_source.with_options(refresh_cache=True)(cfg, record.datasets["source"]["md5"])
     adapt_to_target(cfg, source_model.path)
     metrics = evaluate_model(cfg, source_model.path)
+    drop_checkpoint(cfg)
     same, rows = compare_metrics(record.metrics, metrics)
     return {"same": same, "rows": rows, "validation": report.success, "commit": record.tags.get("git.commit", "unknown"), "workspace": str(ws)}

@@ -14,7 +14,7 @@ from prefect.context import TaskRunContext
 from udaflow import steps
 from udaflow.config import Config
 from udaflow.data.datasets import Domain
-from udaflow.experiment import source_cache_key, source_params
+from udaflow.experiment import load_stage, source_cache_key, source_params
 
 
 TRAINING_TAG = "udaflow-training"  # on every training task; a Prefect tag concurrency limit on it bounds trainings
@@ -63,6 +63,12 @@ def adapt_to_target(cfg: Config, source_model: str) -> steps.StepOutcome:
     return steps.adapt(cfg, source_model=Path(source_model))
 
 
+@task(name="drop-checkpoint", cache_policy=NO_CACHE)
+def drop_checkpoint(cfg: Config) -> None:
+    """The adaptation's resume point, removed once its model is registered."""
+    steps.drop_checkpoint(cfg)
+
+
 @task(name="evaluate-model", cache_policy=NO_CACHE)
 def evaluate_model(cfg: Config, source_model: str) -> dict[str, Any]:
     """Accuracies, validator scores, shift before/after, figures, metrics.json."""
@@ -70,6 +76,12 @@ def evaluate_model(cfg: Config, source_model: str) -> dict[str, Any]:
 
 
 def pretrain_source_cached(cfg: Config, source_md5: str):
-    """The pretrain task's final state: a Prefect cache hit while its checkpoint file still exists."""
-    refresh = not source_model_path(cfg).exists()
+    """The pretrain task's final state: a Prefect cache hit while its file still exists and reads as a
+    stage (a truncated or tampered one is retrained, as the library does, not handed on)."""
+    path = source_model_path(cfg)
+    try:
+        load_stage(path)
+        refresh = False
+    except (OSError, ValueError):
+        refresh = True
     return pretrain_source.with_options(refresh_cache=refresh)(cfg, source_md5, return_state=True)

@@ -117,10 +117,10 @@ class TrainResult:
     validator_history: list[dict[str, float]]  # one row per evaluation: step + every validator score
     loss_history: list[dict[str, float]]  # mean of each named loss per evaluation interval
     steps: int
-    seconds: float  # wall time of the optimisation steps (this call; excludes refresh/eval)
-    train_images: int  # input images the optimisation steps consumed (this call)
+    seconds: float  # wall time of the optimisation steps since step 0, a resumed run's calls together (excludes refresh/eval)
+    train_images: int  # input images those steps consumed: a resumed run counts what an uninterrupted one does
     device: str
-    resumed_from: int = 0
+    resumed_from: int = 0  # the step this call started from (a stage file keeps it beside, in its .timing.json)
     extra: dict[str, Any] = field(default_factory=dict)
     checkpoint_states: list[tuple[int, dict[str, torch.Tensor]]] = field(default_factory=list)  # (step, weights) when kept
     # the target pool's logits (N, K) at each kept state, as the validators scored it (label-free); the
@@ -165,6 +165,8 @@ class Record:
     kept_logits: list[torch.Tensor] = field(default_factory=list)  # the target pool's logits at each kept evaluation
     loss_sums: dict[str, float] = field(default_factory=dict)  # the open interval's loss sums: a resume can fall inside one
     loss_count: int = 0  # steps in the open interval
+    images: int = 0  # input images the optimisation steps consumed since step 0, every call's
+    seconds: float = 0.0  # those steps' seconds, every call's
 
     def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
         for k, v in losses.items():
@@ -258,6 +260,12 @@ class Checkpoint:
         except Exception as exc:  # noqa: BLE001 - truncated file, pickle payload, foreign format
             return _set_aside(path, description, f"is not a readable udaflow checkpoint ({type(exc).__name__})", main)
         ckpt.record.kept = [tuple(pair) for pair in ckpt.record.kept]
+        # a live run's history keys are its code's string literals, one interned object each; unpickled ones are
+        # copies, which a stage file then pickles beside the live ones: other bytes (another DVC hash), same content
+        record = ckpt.record
+        record.loss_history = [{sys.intern(k): v for k, v in row.items()} for row in record.loss_history]
+        record.validator_history = [{sys.intern(k): v for k, v in row.items()} for row in record.validator_history]
+        record.loss_sums = {sys.intern(k): v for k, v in record.loss_sums.items()}
         if main:
             _say(f"{description}: resuming from step {ckpt.step} ({path})")
         return ckpt
@@ -360,7 +368,6 @@ def train(
         embed_source=src.embed, embed_target=tgt.embed if tgt is not None else None, num_target=len(target) if target is not None else 0,
     )
     selectable_from = method.selection_start(steps)  # earlier checkpoints are scored, never selected
-    seconds, images = 0.0, 0
     with ProgressReport(cfg.progress and main, description, steps, start) as progress:
         for step in range(start, steps):
             ctx = replace(context, step=step)
@@ -388,8 +395,8 @@ def train(
             scheduler.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            seconds += time.perf_counter() - t0
-            images += method.images_per_step(cfg.batch_size, use_target) + (rotation_batch if rotation is not None else 0)
+            record.seconds += time.perf_counter() - t0
+            record.images += method.images_per_step(cfg.batch_size, use_target) + (rotation_batch if rotation is not None else 0)
             record.add_losses(distributed.mean_over_ranks(losses))
             done = step + 1
             progress.update(done, float(losses["loss"].detach()))
@@ -412,8 +419,8 @@ def train(
         validator_history=record.validator_history,
         loss_history=record.loss_history,
         steps=steps,
-        seconds=seconds,
-        train_images=images,
+        seconds=record.seconds,
+        train_images=record.images,
         device=str(device),
         resumed_from=start,
         extra={"selectable_from": selectable_from},

@@ -83,18 +83,20 @@ class StageResult:
 
 
 def save_stage(path: Path, result: TrainResult, wall_seconds: float, classes: tuple[str, ...]) -> None:
-    """Write a trained stage atomically: weights and histories in `path`, wall times in `<path>.timing.json`.
+    """Write a trained stage atomically: weights and histories in `path`, wall times (and the step a
+    resumed run started from) in `<path>.timing.json`.
 
     Timings vary from run to run; everything in `path` is decided by data, code and parameters, so
     a deterministic CPU run writes it byte for byte again (its DVC hash in dvc.lock stays put).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     timing = path.with_suffix(".timing.json")
-    timing.write_text(json.dumps({"seconds": result.seconds, "wall_seconds": wall_seconds}) + "\n")
+    timing.write_text(json.dumps({"seconds": result.seconds, "wall_seconds": wall_seconds, "resumed_from": result.resumed_from}) + "\n")
     tmp = path.with_suffix(".tmp")  # same stem: torch.save names the archive inside after the file
     # tensors and plain containers only: reading a stage (a DVC output, pulled from a remote) never runs code
     fields_ = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
     fields_["seconds"] = 0.0
+    fields_["resumed_from"] = 0  # where a killed run resumed is not what the stage is: a resumed run writes the same bytes
     # the pool's logits are the scoring target's: a cached source model serves every target. Left out, the
     # file also keeps the bytes its DVC hash in dvc.lock records
     fields_.pop("checkpoint_logits")
@@ -111,7 +113,7 @@ def load_stage(path: Path) -> tuple[TrainResult, float, tuple[str, ...]]:
                          "nothing in it was run. Re-create it (dvc repro, or udaflow run)") from None
     timing_file = path.with_suffix(".timing.json")
     timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"seconds": 0.0, "wall_seconds": 0.0}
-    result = TrainResult(**{**saved["result"], "seconds": timing["seconds"]})
+    result = TrainResult(**{**saved["result"], "seconds": timing["seconds"], "resumed_from": timing.get("resumed_from", 0)})
     result.checkpoint_states = [tuple(pair) for pair in result.checkpoint_states]
     return result, timing["wall_seconds"], tuple(saved["classes"])
 

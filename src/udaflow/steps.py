@@ -111,7 +111,11 @@ def pretrain(cfg: Config, data: ShiftData | None = None, cache_dir: Path | None 
 
 
 def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None = None) -> StepOutcome:
-    """Adapt the source model with cfg.method; resumes from the method's checkpoint if a run was killed."""
+    """Adapt the source model with cfg.method; resumes from the method's checkpoint if a run was killed.
+
+    The last checkpoint (at the final step) stays until `drop_checkpoint`, which the pipeline calls once
+    the model is registered: a run killed while it evaluates or registers resumes at the final step,
+    with no step to train again."""
     paths = run_paths(cfg)
     if _under_torchrun(cfg):
         return StepOutcome(**distributed.launch("adapt", cfg, paths.method_dir / "adapt.outcome.json", source_model=source_model))
@@ -125,11 +129,15 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint, data.source_val)
     if distributed.is_main():
         save_stage(paths.model, adapted.train, adapted.wall_seconds, classes)
-        paths.checkpoint.unlink(missing_ok=True)
     return StepOutcome(
         str(paths.model), time.perf_counter() - t0, images_per_s=adapted.train.images_per_s, selected_step=adapted.train.selected_step,
         steps=adapted.train.steps,
     )
+
+
+def drop_checkpoint(cfg: Config) -> None:
+    """Remove the adaptation's resume point, once what it trained is kept (registered, or a stage's output)."""
+    run_paths(cfg).checkpoint.unlink(missing_ok=True)
 
 
 def registered_model(cfg: Config) -> tuple[Path, Any]:

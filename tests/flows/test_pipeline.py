@@ -152,6 +152,45 @@ def test_second_method_reuses_the_cached_source_model_and_registers_version_2(pr
     assert len(cached) == 1 and {p: p.stat().st_mtime_ns for p in (Path(cfg.work_dir) / "cache").glob("source-*.pt")} == cached
 
 
+def test_a_run_that_fails_after_adapting_resumes_at_the_last_step(project: Path, first_run, monkeypatch):
+    """The adaptation's last checkpoint stays until its model is registered: a run that dies while it
+    evaluates or registers trains no step again when re-run, and writes the same model file."""
+    import flows.pipeline
+    from udaflow.steps import run_paths
+
+    cfg = _cfg(project, method="mcc")
+    paths = run_paths(cfg)
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed while evaluating")
+
+    monkeypatch.setattr(flows.pipeline, "evaluate_model", dies)
+    with pytest.raises(RuntimeError, match="killed while evaluating"):
+        flows.pipeline.adaptation_pipeline(cfg, str(project / "params.yaml"))
+    monkeypatch.undo()
+    adapted = paths.model.read_bytes()
+    assert paths.checkpoint.exists()  # the resume point, at the final step
+    result = flows.pipeline.adaptation_pipeline(cfg, str(project / "params.yaml"))
+    assert result["version"] and not paths.checkpoint.exists()  # registered: nothing left to resume
+    timing = json.loads(paths.model.with_suffix(".timing.json").read_text())
+    assert timing["resumed_from"] == cfg.train.adapt_steps  # no step trained again
+    assert paths.model.read_bytes() == adapted  # the same stage, byte for byte (where it resumed is beside it)
+
+
+def test_a_truncated_cached_source_model_is_trained_again(project: Path, first_run):
+    """The Prefect cache points at a file; one that no longer reads as a stage (a disk filled, a copy cut
+    short) is retrained, not handed to adaptation with an error that re-running cannot fix."""
+    from flows.pipeline import adaptation_pipeline
+
+    cfg = _cfg(project, method="mcc")
+    [cached] = (Path(cfg.work_dir) / "cache").glob("source-*.pt")
+    whole = cached.read_bytes()
+    cached.write_bytes(whole[: len(whole) // 3])
+    result = adaptation_pipeline(cfg, str(project / "params.yaml"))
+    assert result["prefect_task_cached"] is False and result["source_cached"] is False and result["version"]
+    assert cached.read_bytes() == whole  # trained again to the same bits (deterministic)
+
+
 def test_corrupt_target_in_data_stops_before_training_and_registers_nothing(project: Path, first_run):
     from flows.pipeline import DataValidationError, adaptation_pipeline
 
