@@ -77,6 +77,13 @@ def _is_known(exc: Exception) -> bool:
     return isinstance(exc, (ValueError, RuntimeError, FileNotFoundError, LookupError)) and raised_on_purpose(exc)
 
 
+_INTERRUPTED = {  # what a Ctrl-C leaves, per command
+    "run": "the same command resumes from the last checkpoint (nothing was registered unless the summary says so)",
+    "reproduce": "the same command resumes from the last checkpoint",
+    "bench": "the rows done so far are in --out",
+}
+
+
 def _report(exc: Exception, command: str | None) -> None:
     """One line for a known error, then the error's own hint (or its kind's, or its command's)."""
     from udaflow.config import ConfigError
@@ -109,6 +116,12 @@ class _Commands(TyperGroup):
                 raise
             _report(exc, ctx.invoked_subcommand)
             raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:  # Ctrl-C: one line and the shell's 128 + SIGINT, not the traceback of wherever it landed
+            if _STATE["debug"]:
+                raise
+            after = _INTERRUPTED.get(ctx.invoked_subcommand or "")
+            err_console.print(Text.assemble(("interrupted", "bold red"), f": {after}" if after else ""), highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
 
 
 app = typer.Typer(
@@ -156,7 +169,7 @@ def main_options(debug: Annotated[bool, typer.Option("--debug", help="show trace
 @data_app.command("build")
 def data_build(
     domains: Annotated[str, typer.Option("--domains", help="comma-separated built-in domains")] = "synth,mnist,mnistm",
-    seed: Annotated[int, typer.Option("--seed", help="rendering / split seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="rendering / split seed")] = 0,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Build the built-in domains (synth, mnist, mnistm) as ImageFolder PNGs + manifests."""
@@ -165,6 +178,8 @@ def data_build(
     cfg = _load(params, None, None)
     names = [d.strip() for d in domains.split(",") if d.strip()]
     unknown = [d for d in names if d not in BUILTIN_DOMAINS]
+    if not names:
+        raise ValueError(f"--domains names no domain (known: {', '.join(BUILTIN_DOMAINS)})")
     if unknown:
         raise ValueError(f"unknown built-in domain(s) {unknown} (known: {', '.join(BUILTIN_DOMAINS)})")
     for name in names:
@@ -354,6 +369,71 @@ def _quiet_prefect() -> None:
 
         for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
             logging.getLogger(name).addFilter(_QUIET)  # adding it twice keeps one
+    _prefect_server()
+
+
+_SERVER: list = []  # the temporary Prefect server this process started, if any
+
+
+def _prefect_server() -> None:
+    """The Prefect API the flows report to when PREFECT_API_URL names none: Prefect's temporary server,
+    started here as Prefect starts it itself (its app under uvicorn, no UI), but in a session of its own
+    and tied to this process. A terminal's Ctrl-C then stops the run, which reports its flow run
+    crashed to a server still there (Prefect's own, in the run's process group, died with it and left
+    the run retrying a closed port for a minute, then a ConnectError traceback); the kernel ends the
+    server when udaflow dies, `kill -9` included (Prefect's outlived it); atexit stops it otherwise."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if PREFECT_API_URL.value() or _SERVER:  # a server named by the environment, a Prefect profile or a test harness
+        return
+    import atexit
+    import socket
+    import subprocess
+
+    import httpx
+    import prefect
+
+    from udaflow.distributed import die_with_parent
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # Prefect's own for it
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, start_new_session=True, preexec_fn=die_with_parent,
+    )
+
+    def stop() -> None:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+    atexit.register(stop)
+    _SERVER.append(server)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+    with httpx.Client() as client:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"Prefect's temporary server exited with code {server.returncode} before it answered on {url}")
+            try:
+                if client.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Prefect's temporary server did not answer on {url} within the start-up timeout "
+                                   "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+            time.sleep(0.1)
+    settings = temporary_settings(updates={PREFECT_API_URL: url})
+    settings.__enter__()  # for this process's whole life, as Prefect's own
+    _SERVER.append(settings)  # held: a dropped generator context would be closed, and the setting undone
 
 
 def _is_params_default(cfg, params: Path) -> bool:
@@ -596,7 +676,10 @@ def stage_adapt(params: ParamsOpt = Path("params.yaml")) -> None:
     """Adaptation with params.yaml's method."""
     from udaflow import steps
 
-    console.print(f"adapted model: {steps.adapt(_load(params, None, None)).path}")
+    cfg = _load(params, None, None)
+    outcome = steps.adapt(cfg)
+    steps.drop_checkpoint(cfg)  # model.pt is the stage's output: nothing left to resume
+    console.print(f"adapted model: {outcome.path}")
 
 
 @stage_app.command("evaluate")
@@ -620,7 +703,7 @@ def serve(
 ) -> None:
     """Serve a registered model over HTTP with `mlflow models serve` (POST /invocations).
 
-    The body: {"inputs": [{"image": "<base64 PNG/JPEG>"}, {"image": <uint8 pixels: H rows of W [r, g, b]>}]};
+    The body: {"inputs": [{"image": "<base64 PNG/JPEG>"}, {"image": <uint8 pixels: H rows of W \\[r, g, b]>}]};
     the answer: {"predictions": [{"class": ..., "probabilities": {class: p}}]}. A bad image gets a 400."""
     cfg = _load(params, None, None)
     _require_model(cfg, model)

@@ -122,11 +122,11 @@ def kill_mid_adaptation(clone: Path, env: dict, run: list[str] = RUN) -> Path:
     return found[0]
 
 
-def uninterrupted_run(root: Path, user_folders: dict[str, Path], run: list[str] = RUN) -> tuple[str, bytes]:
-    """The reference: the same command in another fresh clone, never interrupted; (output, metrics.json)."""
+def uninterrupted_run(root: Path, user_folders: dict[str, Path], run: list[str] = RUN) -> tuple[str, bytes, bytes]:
+    """The reference: the same command in another fresh clone, never interrupted; (output, metrics.json, model.pt)."""
     clone, env = fresh_clone(root, user_folders)
     output = udaflow(clone, env, *run)
-    return output, (clone / "runs" / SHIFT / "adamatch/metrics.json").read_bytes()
+    return output, *((clone / "runs" / SHIFT / "adamatch" / name).read_bytes() for name in ("metrics.json", "model.pt"))
 
 
 def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, user_folders: dict[str, Path]):
@@ -145,11 +145,14 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, us
         assert "source model" in output and "reused" in output  # pretraining finished before the kill: not redone
         assert not checkpoint.exists()  # a finished adaptation leaves no resume point behind
 
-        reference_output, reference_metrics = reference.result()
+        reference_output, reference_metrics, reference_model = reference.result()
     assert "resuming" not in reference_output
     resumed = (checkpoint.parent / "metrics.json").read_bytes()
     assert json.loads(resumed) == json.loads(reference_metrics)  # a readable diff first
     assert resumed == reference_metrics  # then byte for byte
+    # and the stage file dvc.lock records: where the run resumed is kept beside it, in its .timing.json
+    assert (checkpoint.parent / "model.pt").read_bytes() == reference_model
+    assert json.loads((checkpoint.parent / "model.timing.json").read_text())["resumed_from"] == step
     assert any(k.startswith("target_acc") and v is not None for k, v in json.loads(resumed).items())  # it covers target accuracy
 
     # killed again, then re-run with another adaptation learning rate: that checkpoint belongs to another run
@@ -189,7 +192,7 @@ def test_a_killed_two_process_run_resumes_to_the_same_bits(tmp_path: Path, user_
         time.sleep(2)
         assert not ranks_of(clone), "the killed run left torchrun ranks training"
         output = udaflow(clone, env, *run)
-        reference_output, reference_metrics = reference.result()
+        reference_output, reference_metrics, reference_model = reference.result()
     assert "pretrain: 2 processes under torchrun" in reference_output  # the resumed run reuses the cached source model
     for out in (output, reference_output):
         assert "adapt: 2 processes under torchrun (global batch 16 per domain, 8 per process)" in out, out
@@ -200,5 +203,66 @@ def test_a_killed_two_process_run_resumes_to_the_same_bits(tmp_path: Path, user_
     assert not checkpoint.exists()
     resumed = (checkpoint.parent / "metrics.json").read_bytes()
     assert json.loads(resumed) == json.loads(reference_metrics)
-    assert resumed == reference_metrics
+    assert resumed == reference_metrics and (checkpoint.parent / "model.pt").read_bytes() == reference_model
     assert json.loads(resumed)["target_acc_selected"] is not None
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is `pid`."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append((int(proc.name), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+    return out
+
+
+def prefect_server_of(proc: subprocess.Popen, clone: Path) -> int:
+    """The pid of the temporary Prefect server `udaflow run` started, once adaptation runs."""
+    deadline = time.monotonic() + 600
+    while True:
+        servers = [pid for pid, cmd in children_of(proc.pid) if "prefect.server.api.server:create_app" in cmd]
+        if servers and "adapt adamatch" in (clone / "run.log").read_text():
+            return servers[0]
+        assert proc.poll() is None, (clone / "run.log").read_text()
+        assert time.monotonic() < deadline, "no adaptation within 10 minutes"
+        time.sleep(0.05)
+
+
+def gone(pid: int, wait: float = 15.0) -> bool:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_ctrl_c_is_one_line_and_no_kill_leaves_prefect_s_server_behind(tmp_path: Path, user_folders: dict[str, Path]):
+    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) stops `udaflow run` within
+    seconds with one line and exit 130, while the temporary Prefect server, in a session of its own,
+    still hears the run report its end; a `kill -9` or `kill` of the run's pid alone takes the server with it."""
+    clone, env = fresh_clone(tmp_path, user_folders)
+    proc = start(clone, env, *RUN, "--set", f"train.adapt_steps={ADAPT_STEPS * 20}")  # long enough to interrupt
+    server = prefect_server_of(proc, clone)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    output = (clone / "run.log").read_text()
+    assert time.monotonic() - t0 < 60, output
+    assert output.splitlines()[-1].startswith("interrupted: the same command resumes from the last checkpoint"), output
+    assert "Traceback" not in output and "ConnectError" not in output, output
+    assert gone(server)
+    with sqlite3.connect(clone / "mlflow/mlflow.db") as db:
+        assert [row[0] for row in db.execute("select status from runs where name like 'adamatch:%'")] == ["FAILED"]
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        proc = start(clone, env, *RUN, "--set", f"train.adapt_steps={ADAPT_STEPS * 20}")
+        server = prefect_server_of(proc, clone)
+        os.kill(proc.pid, sig)  # the pid alone: its children are not signalled
+        proc.wait(timeout=60)
+        try:
+            assert gone(server), f"Prefect's server outlived `udaflow run` killed by {sig.name}"
+        finally:
+            kill(proc)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGKILL)
