@@ -241,3 +241,25 @@ def test_method_configs_keep_their_defaults_and_read_yaml_values():
     assert ssrt.layers == (1, 2) and ssrt.period == 10  # a YAML list is a tuple
     mcc = config_from_dict(get_method_class("mcc").Config, {"temperature": 3}, "methods.mcc")
     assert mcc.temperature == 3.0 and isinstance(mcc.temperature, float)  # an integer is fine for a float
+
+
+@pytest.mark.parametrize("override", [
+    "data.image_size=28", "seed=1", "model.backbone=udaflow_vit_tiny2", "train.lr=0.001", "train.augment.translate=2",
+    "methods.source_only.label_smoothing=0.2", "data.stream=false", "data.min_per_class=3", "train.progress=false",
+])
+def test_dvc_yaml_s_pretrain_stage_lists_every_param_the_source_model_depends_on(override):
+    """`dvc repro` re-runs a stage only for the params it lists: one the source model depends on and the
+    stage leaves out gives a stale model (data.image_size did). A param it does not depend on may be
+    listed (the whole `train` block is), never the other way round."""
+    import yaml
+
+    from udaflow.experiment import source_params
+
+    stage = yaml.safe_load((REPO_PARAMS.parent / "dvc.yaml").read_text())["stages"]["pretrain"]
+    listed = [str(p) for p in stage["params"]]
+    base, changed = (source_params(load_config(REPO_PARAMS, None, sets), 10) for sets in ([], [override]))
+    key = override.split("=")[0]
+    covered = any(key == p or key.startswith(p + ".") for p in listed)
+    assert covered or base == changed, f"{key} changes the source model but dvc.yaml's pretrain stage does not list it"
+    if key in ("data.image_size", "seed", "model.backbone"):
+        assert base != changed and covered  # the test can fail: these do change it
