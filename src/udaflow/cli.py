@@ -169,13 +169,24 @@ def main_options(debug: Annotated[bool, typer.Option("--debug", help="show trace
 @data_app.command("build")
 def data_build(
     domains: Annotated[str, typer.Option("--domains", help="comma-separated built-in domains")] = "synth,mnist,mnistm",
-    seed: Annotated[int, typer.Option("--seed", min=0, help="rendering / split seed")] = 0,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="rendering / split seed (params.yaml's data.build_seed, which it must match)")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Build the built-in domains (synth, mnist, mnistm) as ImageFolder PNGs + manifests."""
     from udaflow.data.domains import BUILTIN_DOMAINS, build_domain
 
+    from udaflow.config import ConfigError
+
     cfg = _load(params, None, None)
+    if seed is not None and seed != cfg.data.build_seed:
+        # the domains are dvc.yaml's build stages, which build with params.yaml's seed: data from another
+        # seed would be recorded in dvc.lock as theirs, and `dvc repro` would silently build it back
+        raise ConfigError(
+            f"--seed {seed}: the built-in domains are built with params.yaml's data.build_seed ({cfg.data.build_seed}), "
+            "so that dvc.lock records how `dvc repro` rebuilds them",
+            hint=f"set data.build_seed: {seed} in {params}, then `udaflow data build` (or `dvc repro`)",
+        )
+    seed = cfg.data.build_seed
     names = [d.strip() for d in domains.split(",") if d.strip()]
     unknown = [d for d in names if d not in BUILTIN_DOMAINS]
     if not names:

@@ -58,6 +58,7 @@ class MethodConfig(BaseModel):
 class DataConfig(_Strict):
     root: Path = Path("data/raw")  # where domains live: <root>/<domain>/<class>/<file> + manifest.csv
     synth_size: int = Field(10000, gt=0)  # images rendered for the built-in `synth` domain
+    build_seed: int = Field(0, ge=0)  # the built-in domains' rendering and split seed (`udaflow data build`, dvc.yaml's build stages)
     holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per-domain stratified split: source val / target test
     image_size: int = Field(32, gt=0)  # every image is resized to this square size when loaded
     min_per_class: int = Field(5, ge=1)  # validation: fewest source images a class may have

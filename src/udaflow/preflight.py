@@ -13,12 +13,13 @@ backbone once on CPU is the check for its arguments.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import timm
 from pydantic import ValidationError
 
 from udaflow.config import Config, ConfigError, explain
-from udaflow.data.manifest import DataError
+from udaflow.data.manifest import MANIFEST_NAME, DataError
 from udaflow.methods import get_method_class, list_methods
 from udaflow.methods.base import config_from_dict
 from udaflow.models import BackboneError, create_backbone
@@ -74,6 +75,31 @@ def validate_run(
         if not folder.is_dir():
             raise DataError(f"{key}: domain '{name}' not found ({folder} is missing); "
                             "build it (udaflow data build) or ingest it (udaflow data ingest)")
+        _check_built_size(cfg, name, folder)
+
+
+def _check_built_size(cfg: Config, name: str, folder: Path) -> None:
+    """The built-in `synth` holds the data.synth_size images it was rendered with. A profile or --set
+    naming another size (`--profile full`: 20,000) cannot re-render it: the run would train on the old
+    images while MLflow logged the new size."""
+    manifest = folder / MANIFEST_NAME
+    if name != "synth" or not manifest.is_file():
+        return
+    with manifest.open() as fh:
+        built = sum(1 for _ in fh) - 1
+    if built == cfg.data.synth_size:
+        return
+    from udaflow import versioning
+
+    owner = versioning.tracked_by(folder)
+    if owner is None or owner.endswith(".dvc"):  # a user's own folder of that name: its size is its own
+        return
+    raise ConfigError(
+        f"data.synth_size: {cfg.data.synth_size} for this run, but {folder} holds the {built} images it was built with "
+        f"(dvc.yaml stage '{owner}'); a profile or --set cannot re-render it",
+        hint=f"set data.synth_size: {cfg.data.synth_size} in params.yaml, then `udaflow data build --domains synth` "
+             f"(or `dvc repro {owner}`); or run with --set data.synth_size={built}",
+    )
 
 
 def check_run_config(cfg: Config, *, domains: bool = True) -> None:

@@ -225,6 +225,8 @@ def test_bench_jobs_reports_a_workers_error_as_one_line(workspace: Path):
         (["run", "--set", "methods.cdtrans.refresh_every=0", "--source", "synth", "--target", "fonts-b"], "methods.cdtrans.refresh_every: must be >= 1 (got 0)"),
         (["run", "--set", "validator=best", "--source", "synth", "--target", "fonts-b"], "validator: unknown validator 'best'"),
         (["bench", "--shifts", "synth-mnist"], "SOURCE:TARGET"),
+        (["data", "build", "--domains", "synth", "--seed", "1"], "--seed 1: the built-in domains are built with params.yaml's data.build_seed (0)"),
+        (["data", "build", "--domains", ""], "--domains names no domain"),
     ],
 )
 def test_errors_are_one_line_and_nonzero(workspace: Path, args, needle):

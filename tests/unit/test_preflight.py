@@ -61,6 +61,25 @@ def test_a_missing_domain_names_the_folder(tmp_path):
         check_run_config(_cfg(tmp_path, target="nosuch"))
 
 
+def test_a_built_in_synth_of_another_size_is_refused_and_a_user_s_folder_is_not(tmp_path, new_project):
+    """`--profile full` names data.synth_size 20,000; a synth built at 10,000 by dvc.yaml's build stage
+    cannot become that by a setting: the run stops (it trained on the old images, logging the new size)."""
+    from udaflow.data.domains import build_domain
+
+    project = new_project(tmp_path / "project")
+    (project / "dvc.yaml").write_text("stages:\n  build:\n    cmd: 'true'\n    outs:\n      - data/raw/synth\n")
+    raw = project / "data/raw"
+    build_domain("synth", raw, seed=0, synth_size=40)
+    (raw / "mnist").mkdir()
+    with pytest.raises(ConfigError, match=r"data.synth_size: 50 for this run, but .*synth holds the 40 images it was built with "
+                                          r"\(dvc.yaml stage 'build'\)") as caught:
+        check_run_config(_cfg(raw, **{"data.synth_size": 50}))
+    assert "udaflow data build --domains synth" in caught.value.hint
+    check_run_config(_cfg(raw, **{"data.synth_size": 40}))
+    (project / "dvc.yaml").unlink()  # a folder of the user's own under that name: its size is its own
+    check_run_config(_cfg(raw, **{"data.synth_size": 50}))
+
+
 def test_every_method_the_command_trains_and_every_domain_it_reads(tmp_path):
     cfg = _cfg(tmp_path, method="nosuch")
     validate_run(cfg, methods=["dann", "oracle"])  # bench: its --methods, not params.yaml's method
