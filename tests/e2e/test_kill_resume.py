@@ -70,7 +70,14 @@ def start(clone: Path, env: dict, *args: str) -> subprocess.Popen:
     """`udaflow ARGS` in the clone, output to run.log, in its own process group: a kill of the group
     takes Prefect's temporary server with it, as a kill -9 of a job would."""
     with (clone / "run.log").open("w") as log:
-        return subprocess.Popen([str(BIN / "udaflow"), *args], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([str(BIN / "udaflow"), *args], cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_sigint_as_a_terminal_has_it)
+
+
+def _sigint_as_a_terminal_has_it() -> None:
+    # a test session started in the background (`make test &`, nohup) ignores SIGINT, and children inherit
+    # that: Ctrl-C must reach the run as it does from a terminal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kill(proc: subprocess.Popen) -> None:
