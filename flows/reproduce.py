@@ -30,4 +30,5 @@ def reproduce_run(run_id: str, tracking_uri: str, artifact_root: str, project: s
     metrics = evaluate_model(cfg, source_model.path)
     drop_checkpoint(cfg)
     same, rows = compare_metrics(record.metrics, metrics)
-    return {"same": same, "rows": rows, "validation": report.success, "commit": record.tags.get("git.commit", "unknown"), "workspace": str(ws)}
+    return {"same": same, "rows": rows, "validation": report.success, "commit": record.tags.get("git.commit", "unknown"), "workspace": str(ws),
+            "device": cfg.train.device, "tags": record.tags}

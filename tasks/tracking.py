@@ -8,15 +8,17 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from udaflow import steps, tracking
+from udaflow import costs, steps, tracking
 from udaflow.config import Config
 from udaflow.data.expectations import ValidationReport
+from udaflow.engine import resolve_device
 
 
 @task(name="open-tracking-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def open_tracking_run(cfg: Config, params_file: str, flow_run_id: str) -> tracking.PipelineRun:
     tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
-    return tracking.open_pipeline_run(cfg.model_dump(mode="json"), Path(params_file), flow_run_id)
+    hardware = costs.machine(resolve_device(cfg.train.device))
+    return tracking.open_pipeline_run(cfg.model_dump(mode="json"), Path(params_file), flow_run_id, hardware=hardware)
 
 
 @task(name="log-validation", cache_policy=NO_CACHE)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from udaflow.config import Config
-from udaflow.costs import matmul_gflops, training_gflop_per_image
+from udaflow.costs import cpu_name, matmul_gflops, training_gflop_per_image
 from udaflow.data.datasets import load_oracle_data, load_shift
 from udaflow.data.store import digest
 from udaflow.distributed import die_with_parent
@@ -245,12 +245,14 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
 
 
 def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float) -> dict[str, float]:
-    """Training FLOPs per image (forward + backward), the GFLOP/s that achieved, and its share of the GEMM rate."""
+    """Training FLOPs per image (forward + backward), the GFLOP/s that achieved, its share of the GEMM rate,
+    and the CPU that rate is of (the same bits differ across CPU models; `costs.machine`)."""
     per_image = training_gflop_per_image(stage.classifier, image_spec(cfg).size)
     achieved = per_image * images_per_s
     return {
         "train_gflop_per_image": round(per_image, 6), "achieved_gflops": round(achieved, 1),
         "matmul_gflops": machine_gflops, "matmul_fraction": round(achieved / machine_gflops, 3) if machine_gflops else None,
+        "cpu": cpu_name(),
     }
 
 

@@ -109,8 +109,8 @@ class _Commands(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # exit codes, Ctrl-C and usage errors: click's own handling
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
+            raise  # exit codes, Ctrl-C and usage errors: click's own handling (typer's Exit is a RuntimeError of its own, not click's)
         except Exception as exc:
             if _STATE["debug"] or not _is_known(exc):
                 raise
@@ -642,6 +642,16 @@ def reproduce(
     now = tracking.git_state().get("git.commit")  # the code's commit, as `udaflow run` records it
     if result["commit"] != now:
         err_console.print(f"warning: run {run_id} was made at commit {result['commit']}; this checkout is {now}", highlight=False)
+    from udaflow import costs
+    from udaflow.engine import resolve_device
+    from udaflow.steps import machine_differences
+
+    here = {**costs.machine(resolve_device(result["device"])), "version.torch": tracking.package_versions()["version.torch"]}
+    machines = machine_differences(result["tags"], here)
+    if machines:
+        err_console.print(f"warning: run {run_id} was trained on other hardware or torch ({'; '.join(machines)}): deterministic "
+                          "training repeats its bits only on the same CPU model (MKL and oneDNN pick kernels, and so the order "
+                          "of floating-point sums, by CPU), GPU and torch build", highlight=False)
     table = Table(title=f"reproduce {run_id} (workspace {result['workspace']})")
     for col in ("metric", "original", "reproduced"):
         table.add_column(col, justify="left" if col == "metric" else "right")
@@ -649,7 +659,8 @@ def reproduce(
         table.add_row(key, _fmt(a), _fmt(b))
     console.print(table)
     if not result["same"]:
-        console.print("[bold red]reproduced metrics differ from the recorded ones[/]")
+        console.print("[bold red]reproduced metrics differ from the recorded ones[/]"
+                      + (" (expected on other hardware: see the warning above)" if machines else ""))
         raise typer.Exit(code=1)
     console.print("reproduced: identical metrics")
 
@@ -799,7 +810,10 @@ def bench(
         )
 
     def machine(gflops: float, threads: int) -> None:
-        console.print(f"machine: fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {threads} threads; speeds below are shares of it")
+        from udaflow.costs import cpu_name
+
+        console.print(f"machine: {cpu_name()}, fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {threads} threads; speeds below are shares of it",
+                      highlight=False)
 
     rows = run_bench(
         cfg, shift_list, method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine, jobs=jobs,

@@ -324,6 +324,17 @@ def compare_metrics(original: dict[str, float], reproduced: dict[str, Any], tole
     return same, rows
 
 
+# what decides a run's floating-point bits besides its code, params, data and seed (run tags; `costs.machine`)
+BIT_DEPENDENCIES = {"hardware.cpu": "CPU", "hardware.cpu_capability": "CPU kernels", "hardware.gpu": "GPU", "version.torch": "torch"}
+
+
+def machine_differences(recorded: dict[str, str], now: dict[str, str]) -> list[str]:
+    """One "what: recorded -> now" line for each of BIT_DEPENDENCIES the two runs disagree on; a run
+    recorded before udaflow tagged its hardware has nothing to compare, so nothing is said."""
+    return [f"{name}: {recorded[key]} -> {now.get(key, 'unknown')}" for key, name in BIT_DEPENDENCIES.items()
+            if key in recorded and recorded[key] != now.get(key, "unknown")]
+
+
 @contextmanager
 def exclusive_shift(cfg: Config):
     """Hold runs/<source>-to-<target>/.lock for a whole pipeline run: two runs on one shift share its

@@ -307,12 +307,14 @@ class PipelineRun:
     target: str
 
 
-def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: str, project: Path | None = None) -> PipelineRun:
-    """The parent run: resolved params, the params file, code and package versions, flow-run id."""
+def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: str, project: Path | None = None,
+                      hardware: dict[str, str] | None = None) -> PipelineRun:
+    """The parent run: resolved params, the params file, code and package versions, the hardware
+    (`costs.machine`), flow-run id."""
     source, target, method = config["source"], config["target"], config["method"]
     exp = experiment_id(source, target)
     tags = {
-        **git_state(project), **package_versions(),
+        **git_state(project), **package_versions(), **(hardware or {}),
         "prefect.flow_run_id": flow_run_id, "udaflow.method": method, "udaflow.source": source, "udaflow.target": target,
     }
     end_runs_of_dead_processes(exp)

@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from udaflow.cli import app
+from udaflow.costs import cpu_name
 
 runner = CliRunner()
 
@@ -97,7 +98,7 @@ def test_build_ingest_run_bench(workspace: Path):
             assert row["best_checkpoint_target_acc"] >= row["target_acc_selected"]
             assert row["selection_loss"] == pytest.approx(row["best_checkpoint_target_acc"] - row["target_acc_selected"], abs=0.01)
     for row in bench:
-        assert row["train_gflop_per_image"] > 0 and row["matmul_gflops"] > 0
+        assert row["train_gflop_per_image"] > 0 and row["matmul_gflops"] > 0 and row["cpu"] == cpu_name()  # the rate's machine, named
         assert row["achieved_gflops"] == pytest.approx(row["train_gflop_per_image"] * row["train_images_per_s"], rel=0.01, abs=0.1)  # both rounded
         if row["method"] != "oracle":
             assert set(row["regret"]) == {"entropy", "im", "snd", "bnm", "dev", "ensv"}
@@ -106,7 +107,7 @@ def test_build_ingest_run_bench(workspace: Path):
     study = json.loads((ws / "bench.validators.json").read_text())["synth:fonts-b"]
     assert study["checkpoints"] >= 6 and set(study["spearman"]) == {"entropy", "im", "snd", "bnm", "dev", "ensv"}
     assert set(study["regret"]) == {"entropy", "im", "snd", "bnm", "dev", "ensv"}
-    assert "regret" in result.output and "GFLOP/s" in result.output
+    assert "regret" in result.output and "GFLOP/s" in result.output and f"machine: {cpu_name()}, fp32 matmul" in result.output
     assert "Spearman" in result.output
     assert bench[2]["train_images_per_s"] > 0
 

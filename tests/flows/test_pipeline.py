@@ -70,6 +70,11 @@ def test_run_records_lineage_metrics_and_artifacts(project: Path, first_run):
     assert tags["data.revision"].startswith("synth:") or "fonts-b:" in tags["data.revision"]
     assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
     assert tags["prefect.flow_run_id"] and tags["version.torch"].startswith("2.14")
+    from udaflow import costs
+
+    # the hardware the bits came from: `udaflow reproduce` names it when a re-run's machine differs
+    assert tags["hardware.cpu"] == costs.cpu_name() and tags["hardware.cpu"] != "unknown"
+    assert tags["hardware.cpu_capability"] == torch.backends.cpu.get_cpu_capability() and tags["hardware.gpu"] == "none"
     assert tags["registry.version"] == "1"
     metrics = run.data.metrics
     for key in ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "validator_selected.im", "validator_selected.snd",
@@ -242,8 +247,40 @@ def test_reproduce_restores_the_old_data_revision_and_matches_exactly(project: P
     assert (project / "data/raw/fonts-b/manifest.csv").read_bytes() == today
     assert restored.is_dir() and (restored / "manifest.csv").read_bytes() != today
 
+    assert "other hardware" not in out.output  # the same machine: no warning
+
     unknown = CliRunner().invoke(app, ["reproduce", "0" * 32, "--params", str(project / "params.yaml")])
     assert unknown.exit_code == 2 and "does not exist" in unknown.output
+
+
+def test_reproduce_on_other_hardware_names_both_machines(project: Path, first_run, monkeypatch):
+    """A run recorded on another CPU model: its bits are not expected to repeat here, and the report
+    says so, naming both CPUs, beside the differing metrics (exit 1 still: they are not identical)."""
+    from typer.testing import CliRunner
+
+    import flows.reproduce
+    from udaflow import costs
+    from udaflow.cli import app
+
+    cfg, result = first_run
+    recorded = mlflow.MlflowClient().get_run(result["run_id"]).data.tags
+    other = {**recorded, "hardware.cpu": "AMD EPYC 9R14 (AuthenticAMD, family 25, model 17)"}
+    rows = [("target_acc_selected", 72.9, 67.78)]
+
+    def replayed(*args, **kwargs):  # the flow itself is tested above; here, what the command makes of its result
+        return {"same": False, "rows": rows, "validation": True, "commit": recorded["git.commit"], "workspace": "ws",
+                "device": "cpu", "tags": other}
+
+    monkeypatch.setattr(flows.reproduce, "reproduce_run", replayed)
+    out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--params", str(project / "params.yaml")])
+    assert out.exit_code == 1, out.output
+    text = " ".join(out.output.split())  # rich wraps long lines
+    assert f"CPU: AMD EPYC 9R14 (AuthenticAMD, family 25, model 17) -> {costs.cpu_name()}" in text
+    assert "differ from the recorded ones (expected on other hardware" in text
+
+    monkeypatch.setattr(flows.reproduce, "reproduce_run", lambda *a, **k: {**replayed(), "tags": recorded})
+    out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--params", str(project / "params.yaml")])
+    assert out.exit_code == 1 and "other hardware" not in out.output  # differing on the same machine: no excuse offered
 
 
 def test_a_flow_that_fails_after_validation_ends_its_runs_failed(project: Path, first_run, monkeypatch):

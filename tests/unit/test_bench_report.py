@@ -47,6 +47,29 @@ def test_training_flops_per_image_scale_with_width():
     assert tiny2 == pytest.approx(0.0425, rel=0.01)  # a wider stem for one block fewer, ~the same FLOPs (tiny3: + SeqPool)
 
 
+def test_machine_names_the_cpu_and_the_kernels_and_differences_are_named_only_where_known(monkeypatch, tmp_path):
+    from udaflow import costs
+    from udaflow.steps import machine_differences
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC   9R14 96-Core Processor\n\nprocessor\t: 1\nmodel name\t: other\n")
+    real_path = costs.Path
+    monkeypatch.setattr(costs, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    assert costs.cpu_name() == "AMD EPYC 9R14 96-Core Processor (AuthenticAMD, family 25, model 17)"
+    here = costs.machine("cpu")
+    assert here == {"hardware.cpu": costs.cpu_name(), "hardware.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "hardware.gpu": "none"}
+
+    recorded = {"hardware.cpu": "Intel(R) Xeon(R) Processor (GenuineIntel, family 6, model 167)", "hardware.cpu_capability": "AVX512",
+                "hardware.gpu": "none", "version.torch": "2.14.1", "git.commit": "abc"}
+    now = {**recorded, "hardware.cpu": here["hardware.cpu"], "git.commit": "def"}
+    assert machine_differences(recorded, now) == [f"CPU: {recorded['hardware.cpu']} -> {here['hardware.cpu']}"]
+    assert machine_differences(recorded, {**recorded, "version.torch": "2.15.0"}) == ["torch: 2.14.1 -> 2.15.0"]
+    assert machine_differences(recorded, recorded) == []
+    assert machine_differences({"version.torch": "2.14.1"}, now) == []  # a run from before the hardware tags: nothing to say
+
+
 @pytest.mark.parametrize("groups", [1, 4, 48])
 def test_a_grouped_convolution_counts_its_own_flops_not_a_dense_ones(groups):
     """A stride-2 3x3 conv, 48 -> 48 channels, on 8 images of 16x16 (8x8 out): forward 2 x 8 x 64 x 48 x (48 / g) x 9
