@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from prefect import flow, tags
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
 from tasks.data import validate_datasets, version_dataset
@@ -32,8 +33,8 @@ def adaptation_pipeline(cfg: Config, params_file: str = "params.yaml") -> dict[s
         run = open_tracking_run(cfg, params_file, str(flow_run.get_id() or ""))
         try:
             return _pipeline(cfg, run, seconds)
-        except BaseException:
-            close_tracking_run(run, seconds, failed=True)  # the run and any child still open end FAILED
+        except BaseException as exc:  # the run and any child still open end FAILED, or KILLED when a user stopped it
+            close_tracking_run(run, seconds, failed=True, killed=isinstance(exc, (KeyboardInterrupt, TerminationSignal)))
             raise
 
 

@@ -57,5 +57,5 @@ def register_challenger(cfg: Config, run: tracking.PipelineRun, metrics: dict[st
 
 
 @task(name="close-tracking-run", cache_policy=NO_CACHE)
-def close_tracking_run(run: tracking.PipelineRun, stage_seconds: dict[str, float], failed: bool = False) -> None:
-    tracking.close_pipeline_run(run, stage_seconds, failed)
+def close_tracking_run(run: tracking.PipelineRun, stage_seconds: dict[str, float], failed: bool = False, killed: bool = False) -> None:
+    tracking.close_pipeline_run(run, stage_seconds, failed, killed)

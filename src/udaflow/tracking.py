@@ -129,8 +129,8 @@ def start_run(experiment: str, name: str, tags: dict[str, str], parent_run_id: s
     return _client().create_run(experiment, run_name=name, tags=tags).info.run_id
 
 
-def end_run(run_id: str, failed: bool = False) -> None:
-    _client().set_terminated(run_id, "FAILED" if failed else "FINISHED")
+def end_run(run_id: str, failed: bool = False, killed: bool = False) -> None:
+    _client().set_terminated(run_id, "KILLED" if killed else "FAILED" if failed else "FINISHED")
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -484,16 +484,17 @@ def link_model(run: PipelineRun, model_id: str, metrics: dict[str, Any]) -> None
         client.log_inputs(child.info.run_id, models=[LoggedModelInput(model_id)])
 
 
-def close_pipeline_run(run: PipelineRun, stage_seconds: dict[str, float], failed: bool = False) -> None:
-    """End the pipeline run; when it failed, its child runs still open end FAILED with it."""
+def close_pipeline_run(run: PipelineRun, stage_seconds: dict[str, float], failed: bool = False, killed: bool = False) -> None:
+    """End the pipeline run; when it failed (or was stopped: KILLED, as MLflow calls a run a user ended),
+    its child runs still open end with it."""
     log_metrics(run.run_id, {f"seconds.{k}": v for k, v in stage_seconds.items()})
-    if failed:
+    if failed or killed:
         children = _client().search_runs(
             [run.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}' and attributes.status = 'RUNNING'",
         )
         for child in children:
-            end_run(child.info.run_id, failed=True)
-    end_run(run.run_id, failed)
+            end_run(child.info.run_id, failed=True, killed=killed)
+    end_run(run.run_id, failed, killed)
 
 
 # --- the registry's promotion gate and rollback (decisions in udaflow.promotion) ---
