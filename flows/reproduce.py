@@ -17,12 +17,14 @@ from udaflow.steps import compare_metrics
 
 
 @flow(name="udaflow-reproduce")
-def reproduce_run(run_id: str, tracking_uri: str, artifact_root: str, project: str, workspace: str) -> dict[str, Any]:
+def reproduce_run(run_id: str, tracking_uri: str, artifact_root: str, project: str, workspace: str, device: str | None = None) -> dict[str, Any]:
     record = read_run_record(tracking_uri, artifact_root, run_id)
     ws = Path(workspace)
     for dataset in record.datasets.values():
         restore_dataset(dataset["md5"], str(ws / "data/raw" / dataset["name"]), project)
-    cfg = Config.model_validate({**record.config, "data": {**record.config["data"], "root": str(ws / "data/raw")}, "work_dir": str(ws / "runs")})
+    train = {**record.config["train"], **({"device": device} if device else {})}  # the recorded device unless told another
+    cfg = Config.model_validate({**record.config, "data": {**record.config["data"], "root": str(ws / "data/raw")}, "work_dir": str(ws / "runs"),
+                                 "train": train})
 
     report = validate_datasets(cfg)
     source_model = pretrain_source.with_options(refresh_cache=True)(cfg, record.datasets["source"]["md5"])

@@ -626,19 +626,24 @@ def rollback(model: ModelOpt, params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command("reproduce")
 def reproduce(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a `udaflow run`")],
+    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N (default: the run's own train.device)")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Restore a run's datasets from DVC into runs/reproduce/RUN_ID, re-run it, compare metrics (exit 1 if they differ)."""
     from udaflow import tracking, versioning
 
-    cfg = _load(params, None, None)
+    cfg = _load(params, None, None, **{"train.device": device})  # a device string udaflow reads
     _require_run(cfg, run_id)
+    if device:  # before any data is restored: a GPU asked for must be here
+        from udaflow.engine import resolve_device
+
+        resolve_device(device)
     project = versioning.find_root(Path(cfg.data.root)) or Path.cwd()
     _quiet_prefect()
     from flows.reproduce import reproduce_run
 
     workspace = Path(cfg.work_dir) / "reproduce" / run_id
-    result = reproduce_run(run_id, cfg.tracking.uri, str(cfg.tracking.artifact_root), str(project), str(workspace))
+    result = reproduce_run(run_id, cfg.tracking.uri, str(cfg.tracking.artifact_root), str(project), str(workspace), device)
     now = tracking.git_state().get("git.commit")  # the code's commit, as `udaflow run` records it
     if result["commit"] != now:
         err_console.print(f"warning: run {run_id} was made at commit {result['commit']}; this checkout is {now}", highlight=False)

@@ -115,6 +115,13 @@ class TrainConfig(_Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)  # adaptation only
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, name: str) -> str:  # torch's own parse error of `--device gpu` came as a traceback
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return name
+
 
 class BenchConfig(_Strict):
     protocol: Literal["transductive", "holdout"] = "transductive"  # default of `udaflow bench --protocol`

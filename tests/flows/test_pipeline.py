@@ -239,7 +239,11 @@ def test_reproduce_restores_the_old_data_revision_and_matches_exactly(project: P
     assert versioning.version_dataset(project / "data/raw/fonts-b").md5 != old_md5
     today = (project / "data/raw/fonts-b/manifest.csv").read_bytes()
 
-    out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--params", str(project / "params.yaml")])
+    if not torch.cuda.is_available():  # a GPU asked for and absent: refused before any data is restored
+        out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--device", "cuda", "--params", str(project / "params.yaml")])
+        assert out.exit_code == 2 and "no CUDA GPU is visible" in out.output, out.output
+        assert not (project / "runs/reproduce" / result["run_id"]).exists()
+    out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--device", "cpu", "--params", str(project / "params.yaml")])
     assert out.exit_code == 0, out.output
     assert "identical metrics" in out.output
     restored = project / "runs/reproduce" / result["run_id"] / "data/raw/fonts-b"
