@@ -17,8 +17,7 @@ from udaflow.engine import resolve_device
 @task(name="open-tracking-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def open_tracking_run(cfg: Config, params_file: str, flow_run_id: str) -> tracking.PipelineRun:
     tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
-    hardware = costs.machine(resolve_device(cfg.train.device))
-    return tracking.open_pipeline_run(cfg.model_dump(mode="json"), Path(params_file), flow_run_id, hardware=hardware)
+    return tracking.open_pipeline_run(cfg.model_dump(mode="json"), Path(params_file), flow_run_id)
 
 
 @task(name="log-validation", cache_policy=NO_CACHE)
@@ -42,7 +41,9 @@ def log_training(run: tracking.PipelineRun, stage: str, outcome: steps.StepOutco
 def log_evaluation(cfg: Config, run: tracking.PipelineRun, metrics: dict[str, Any]) -> str:
     paths = steps.run_paths(cfg)
     figures = sorted(paths.method_dir.glob("*.png"))
-    return tracking.log_evaluation(run, metrics, figures, paths.metrics)
+    # after evaluation ran on the device in this process: naming its GPU starts no CUDA context of its own
+    hardware = costs.machine(resolve_device(cfg.train.device))
+    return tracking.log_evaluation(run, metrics, figures, paths.metrics, hardware)
 
 
 @task(name="register-challenger", cache_policy=NO_CACHE)  # no retries: a retry after a partial registration would add a second version

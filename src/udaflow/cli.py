@@ -555,8 +555,9 @@ def _require_model(cfg, name: str) -> None:
         raise NotFound(f"{where} in {cfg.tracking.uri}", hint)
 
 
-def _require_run(cfg, run_id: str) -> None:
-    """Fail before any flow starts when `run_id` is not a `udaflow run` in the store (or lacks its record)."""
+def _require_run(cfg, run_id: str, device: str | None = None) -> None:
+    """Fail before any flow starts when `run_id` is not a `udaflow run` in the store (or lacks its record),
+    or when the device it would re-run on (`device`, else its own train.device) is not on this machine."""
     from udaflow import tracking
 
     _lookup_store(cfg, f"MLflow run '{run_id}' does not exist")
@@ -564,9 +565,11 @@ def _require_run(cfg, run_id: str) -> None:
     from pydantic import ValidationError
 
     from udaflow.config import Config, ConfigError, explain
+    from udaflow.engine import resolve_device
 
+    config = {**record.config, "train": {**record.config.get("train", {}), **({"device": device} if device else {})}}
     try:  # before a dataset is restored: the recorded params must still be ones this udaflow reads
-        Config.model_validate(record.config)
+        resolve_device(Config.model_validate(config).train.device)
     except ValidationError as err:
         commit = record.tags.get("git.commit", "unknown")
         raise ConfigError(f"run '{run_id}' was made with params this udaflow no longer reads: {explain(err, model=Config)}",
@@ -633,11 +636,7 @@ def reproduce(
     from udaflow import tracking, versioning
 
     cfg = _load(params, None, None, **{"train.device": device})  # a device string udaflow reads
-    _require_run(cfg, run_id)
-    if device:  # before any data is restored: a GPU asked for must be here
-        from udaflow.engine import resolve_device
-
-        resolve_device(device)
+    _require_run(cfg, run_id, device)
     project = versioning.find_root(Path(cfg.data.root)) or Path.cwd()
     _quiet_prefect()
     from flows.reproduce import reproduce_run
@@ -665,7 +664,7 @@ def reproduce(
     console.print(table)
     if not result["same"]:
         console.print("[bold red]reproduced metrics differ from the recorded ones[/]"
-                      + (" (expected on other hardware: see the warning above)" if machines else ""))
+                      + (" (expected on other hardware or torch: see the warning above)" if machines else ""))
         raise typer.Exit(code=1)
     console.print("reproduced: identical metrics")
 

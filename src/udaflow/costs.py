@@ -39,9 +39,11 @@ def cpu_name() -> str:
             if not key.strip():
                 break  # the first processor's block is enough
             fields.setdefault(key.strip(), " ".join(value.split()))
-    except OSError:
+    except (OSError, ValueError):  # no such file (macOS, Windows), or not text
         pass
-    if "model name" not in fields:
+    if "model name" not in fields:  # ARM's cpuinfo names the core by implementer and part numbers
+        if "CPU implementer" in fields:
+            return f"{platform.machine()} (implementer {fields['CPU implementer']}, part {fields.get('CPU part', '?')})"
         return platform.processor() or platform.machine() or "unknown"
     ids = [fields.get("vendor_id"), f"family {fields['cpu family']}" if "cpu family" in fields else None,
            f"model {fields['model']}" if "model" in fields else None]

@@ -38,6 +38,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{name}' requested but no CUDA GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device '{name}' requested but {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 

@@ -307,14 +307,12 @@ class PipelineRun:
     target: str
 
 
-def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: str, project: Path | None = None,
-                      hardware: dict[str, str] | None = None) -> PipelineRun:
-    """The parent run: resolved params, the params file, code and package versions, the hardware
-    (`costs.machine`), flow-run id."""
+def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: str, project: Path | None = None) -> PipelineRun:
+    """The parent run: resolved params, the params file, code and package versions, flow-run id."""
     source, target, method = config["source"], config["target"], config["method"]
     exp = experiment_id(source, target)
     tags = {
-        **git_state(project), **package_versions(), **(hardware or {}),
+        **git_state(project), **package_versions(),
         "prefect.flow_run_id": flow_run_id, "udaflow.method": method, "udaflow.source": source, "udaflow.target": target,
     }
     end_runs_of_dead_processes(exp)
@@ -419,8 +417,10 @@ def _numeric(prefix: str, d: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_evaluation(run: PipelineRun, metrics: dict[str, Any], figures: Iterable[Path], metrics_file: Path) -> str:
-    """Child run `evaluate`; the headline metrics also go on the parent run."""
+def log_evaluation(run: PipelineRun, metrics: dict[str, Any], figures: Iterable[Path], metrics_file: Path,
+                   hardware: dict[str, str] | None = None) -> str:
+    """Child run `evaluate`; the headline metrics also go on the parent run, with the hardware they
+    were computed on (`costs.machine`: the bits repeat only on the same)."""
     child = start_run(run.experiment_id, "evaluate", {"udaflow.stage": "evaluate"}, run.run_id)
     flat = {
         **_numeric("", {k: v for k, v in metrics.items() if k not in ("seed", "selected_step")}),
@@ -435,7 +435,7 @@ def log_evaluation(run: PipelineRun, metrics: dict[str, Any], figures: Iterable[
         for fig in figures:
             log_artifact(run_id, fig, "figures")
         log_artifact(run_id, metrics_file, "metrics")
-    set_tags(run.run_id, {"udaflow.selected_by": metrics.get("selected_by"), "udaflow.selected_step": metrics.get("selected_step")})
+    set_tags(run.run_id, {"udaflow.selected_by": metrics.get("selected_by"), "udaflow.selected_step": metrics.get("selected_step"), **(hardware or {})})
     end_run(child)
     return child
 

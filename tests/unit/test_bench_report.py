@@ -57,6 +57,14 @@ def test_machine_names_the_cpu_and_the_kernels_and_differences_are_named_only_wh
     real_path = costs.Path
     monkeypatch.setattr(costs, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
     assert costs.cpu_name() == "AMD EPYC 9R14 96-Core Processor (AuthenticAMD, family 25, model 17)"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd0c\n\n")  # an ARM (Neoverse N1)
+    import platform
+
+    assert costs.cpu_name() == f"{platform.machine()} (implementer 0x41, part 0xd0c)"
+    cpuinfo.write_bytes(b"model name\t: \xff\xfe")  # not text: what platform knows
+    assert costs.cpu_name() == (platform.processor() or platform.machine())
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC   9R14 96-Core Processor\n")
     here = costs.machine("cpu")
     assert here == {"hardware.cpu": costs.cpu_name(), "hardware.cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "hardware.gpu": "none"}
