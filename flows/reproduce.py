@@ -12,8 +12,7 @@ from prefect import flow
 from tasks.data import validate_datasets
 from tasks.lineage import read_run_record, restore_dataset
 from tasks.training import adapt_to_target, drop_checkpoint, evaluate_model, pretrain_source
-from udaflow.config import Config
-from udaflow.steps import compare_metrics
+from udaflow.steps import compare_metrics, rerun_config
 
 
 @flow(name="udaflow-reproduce")
@@ -22,9 +21,7 @@ def reproduce_run(run_id: str, tracking_uri: str, artifact_root: str, project: s
     ws = Path(workspace)
     for dataset in record.datasets.values():
         restore_dataset(dataset["md5"], str(ws / "data/raw" / dataset["name"]), project)
-    train = {**record.config["train"], **({"device": device} if device else {})}  # the recorded device unless told another
-    cfg = Config.model_validate({**record.config, "data": {**record.config["data"], "root": str(ws / "data/raw")}, "work_dir": str(ws / "runs"),
-                                 "train": train})
+    cfg = rerun_config(record.config, device, ws)  # the recorded device unless told another
 
     report = validate_datasets(cfg)
     source_model = pretrain_source.with_options(refresh_cache=True)(cfg, record.datasets["source"]["md5"])

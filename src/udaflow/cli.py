@@ -566,10 +566,10 @@ def _require_run(cfg, run_id: str, device: str | None = None) -> None:
 
     from udaflow.config import Config, ConfigError, explain
     from udaflow.engine import resolve_device
+    from udaflow.steps import rerun_config
 
-    config = {**record.config, "train": {**record.config.get("train", {}), **({"device": device} if device else {})}}
     try:  # before a dataset is restored: the recorded params must still be ones this udaflow reads
-        resolve_device(Config.model_validate(config).train.device)
+        resolve_device(rerun_config(record.config, device).train.device)
     except ValidationError as err:
         commit = record.tags.get("git.commit", "unknown")
         raise ConfigError(f"run '{run_id}' was made with params this udaflow no longer reads: {explain(err, model=Config)}",

@@ -324,6 +324,15 @@ def compare_metrics(original: dict[str, float], reproduced: dict[str, Any], tole
     return same, rows
 
 
+def rerun_config(recorded: dict[str, Any], device: str | None = None, workspace: Path | None = None) -> Config:
+    """A recorded run's resolved params as a Config to re-run it with: on `device` instead of its own
+    train.device when given, reading data from and writing runs to `workspace` when given."""
+    config = {**recorded, "train": {**recorded.get("train", {}), **({"device": device} if device else {})}}
+    if workspace is not None:
+        config.update(data={**recorded.get("data", {}), "root": str(Path(workspace) / "data/raw")}, work_dir=str(Path(workspace) / "runs"))
+    return Config.model_validate(config)
+
+
 # what decides a run's floating-point bits besides its code, params, data and seed (run tags; `costs.machine`)
 BIT_DEPENDENCIES = {"hardware.cpu": "CPU", "hardware.cpu_capability": "CPU kernels", "hardware.gpu": "GPU", "version.torch": "torch"}
 
