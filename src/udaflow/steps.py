@@ -72,6 +72,16 @@ def load_data(cfg: Config) -> ShiftData:
 
 
 def validate_datasets(cfg: Config) -> ValidationReport:
+    """Both domains' GX suites, after rolling back what an ingest of either, killed outright, left half-done
+    (`versioning.recover_interrupted_ingest`): the run must neither read nor version a half-ingested folder."""
+    import sys
+
+    from udaflow import versioning
+
+    for domain in dict.fromkeys((cfg.source, cfg.target)):
+        recovered = versioning.recover_interrupted_ingest(Path(cfg.data.root) / domain)
+        if recovered:
+            sys.stderr.write(recovered + "\n")
     return validate_shift(cfg.data.root, cfg.source, cfg.target, run_paths(cfg).validation, cfg.data.min_per_class)
 
 

@@ -10,9 +10,13 @@ identity everywhere else (MLflow dataset digests, cache keys, reproduction).
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 import shutil
+import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +186,86 @@ def _tree(folder: Path) -> set[str]:
     return found
 
 
+def _ingest_files(path: Path, root: Path) -> list[Path]:
+    """The git-tracked files an ingest of the folder `path` may rewrite: its pointer, the .gitignore beside it, dvc.lock."""
+    return [path.with_name(path.name + ".dvc"), path.parent / ".gitignore", root / "dvc.lock"]
+
+
+def _aside(path: Path, what: str) -> Path:
+    """`.<name>.<what>` beside the dataset folder: previous (the content being replaced), discard (the
+    replaced content of a finished ingest, being deleted), ingest.json (the journal of an ingest under way)."""
+    return path.with_name(f".{path.name}.{what}")
+
+
+def _process_alive(host: str, pid: int) -> bool:
+    """Whether process `pid` on `host` may still run (another host's process is assumed alive)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def recover_interrupted_ingest(path: Path, root: Path | None = None) -> str | None:
+    """Finish what an ingest of the folder `path` that was killed outright (SIGKILL, a power cut: no
+    chance to roll back) left half-done, from its journal (`.<name>.ingest.json`, written before
+    anything moved); returns a line saying what was done, or None when nothing was left.
+
+    Killed before it had finished, the ingest is rolled back: the previous folder (`.<name>.previous`)
+    goes back in place, the pointer, .gitignore and dvc.lock get their saved bytes back, and the new
+    copy is removed (the user's own folder, which it was copied from, is untouched). Killed after it had
+    finished (the replaced folder already renamed to `.<name>.discard`), the finished version stays and
+    the leftovers are deleted. DVC cache objects the killed ingest added stay; `dvc gc` removes them.
+    An ingest still running (its process alive) is left alone: VersioningError.
+    """
+    path, root = _locate(path, root)
+    journal, backup, discard = _aside(path, "ingest.json"), _aside(path, "previous"), _aside(path, "discard")
+    if not journal.exists():
+        if discard.exists():  # finished and its journal deleted; killed while deleting the replaced copy
+            shutil.rmtree(discard, ignore_errors=True)
+        if backup.exists() and path.exists():  # no journal: an ingest of an udaflow without one
+            raise VersioningError(
+                f"{backup}: an earlier ingest of '{path.name}' was interrupted and left the previous content there; "
+                f"remove it if {path} is the version you want, else move it back to {path}"
+            )
+        if backup.exists():
+            backup.replace(path)  # the interrupted ingest had moved the data aside and not yet put new data in
+            return f"{path}: an interrupted ingest had moved it aside; put back"
+        return None
+    try:
+        state = json.loads(journal.read_text())
+        files = {Path(f): base64.b64decode(c) if c is not None else None for f, c in state["files"].items()}
+        host, pid, had_previous = str(state["host"]), int(state["pid"]), bool(state["had_previous"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VersioningError(f"{journal}: the journal of an interrupted ingest of '{path.name}' cannot be read ({exc})",
+                              f"compare {path} with {backup} by hand, keep the version you want, then delete {journal}") from None
+    if _process_alive(host, pid):
+        raise VersioningError(f"{path}: an ingest of '{path.name}' is under way (pid {pid} on {host}); wait for it to finish",
+                              f"if no such process runs, delete {journal} and {backup}, keeping the version you want at {path}")
+    when = state.get("started", "?")
+    if discard.exists():  # it had finished: the new version stands
+        journal.unlink()
+        shutil.rmtree(discard, ignore_errors=True)
+        return f"{path}: an ingest killed while it cleaned up (pid {pid}, started {when}) had finished; its version stays"
+    if backup.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        backup.replace(path)
+    elif not had_previous:
+        shutil.rmtree(path, ignore_errors=True)
+    # else the previous folder never moved: `path` still holds it
+    for file, content in files.items():
+        if content is None:
+            file.unlink(missing_ok=True)
+        else:
+            file.write_bytes(content)
+    journal.unlink()
+    return f"{path}: an ingest killed before it finished (pid {pid}, started {when}) was rolled back; the previous version is in place"
+
+
 @contextmanager
 def rollback_on_failure(path: Path, root: Path | None = None):
     """A new version of the dataset folder `path` goes in place inside this block, all or nothing.
@@ -192,23 +276,25 @@ def rollback_on_failure(path: Path, root: Path | None = None):
     `<name>.dvc` pointer, the `.gitignore` beside it, `dvc.lock`, and the DVC cache (objects the
     block added are removed). On success the moved-aside folder is deleted; its content stays in
     the DVC cache and remote under its old hash.
+
+    A process killed outright inside the block cannot roll back: a journal written on entry
+    (`.<name>.ingest.json`: the saved files, whether a previous folder existed, the pid) lets the
+    next ingest of the name, or the next pipeline run reading it, do it (`recover_interrupted_ingest`).
     """
     path, root = _locate(path, root)
     if root is None:
         raise VersioningError(f"{path}: not inside a DVC project; run `dvc init` (or `make setup`) at the repository root")
-    backup = path.with_name(f".{path.name}.previous")
-    if backup.exists():
-        if path.exists():
-            raise VersioningError(
-                f"{backup}: an earlier ingest of '{path.name}' was interrupted and left the previous content there; "
-                f"remove it if {path} is the version you want, else move it back to {path}"
-            )
-        backup.replace(path)  # the interrupted ingest had moved the data aside and not yet put new data in
+    recover_interrupted_ingest(path, root)
+    backup, journal, discard = _aside(path, "previous"), _aside(path, "ingest.json"), _aside(path, "discard")
     with _repo(root) as repo:
         cache = Path(repo.cache.legacy.path)
-    files = [path.with_name(path.name + ".dvc"), path.parent / ".gitignore", root / "dvc.lock"]
-    saved = {f: f.read_bytes() if f.exists() else None for f in files}
+    saved = {f: f.read_bytes() if f.exists() else None for f in _ingest_files(path, root)}
     cached = _tree(cache)
+    state = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "had_previous": path.exists(), "files": {str(f): base64.b64encode(c).decode() if c is not None else None for f, c in saved.items()}}
+    partial = journal.with_name(journal.name + ".tmp")
+    partial.write_text(json.dumps(state))
+    partial.replace(journal)  # the journal is whole before anything moves
     if path.exists():
         path.replace(backup)
     try:
@@ -228,8 +314,12 @@ def rollback_on_failure(path: Path, root: Path | None = None):
                 shutil.rmtree(added, ignore_errors=True)
             else:
                 added.unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    if backup.exists():
+        backup.replace(discard)  # the commit point: from here a killed ingest's version stands
+    journal.unlink()
+    shutil.rmtree(discard, ignore_errors=True)
 
 
 def dataset_version(path: Path, root: Path | None = None) -> DatasetVersion | None:

@@ -16,7 +16,7 @@ from udaflow.data.domains import build_domain
 from udaflow.data.ingest import ingest_domain
 from udaflow.data.manifest import DataError, read_manifest
 
-from ingest_project import make_project, snapshot
+from ingest_project import REPO, make_project, snapshot
 
 
 @pytest.fixture
@@ -155,3 +155,77 @@ def test_val_fraction_keeps_a_labelled_val_split_the_adaptation_pool_never_sees(
     assert Domain.open(project / "data/raw", "tgt-v").has_labels("val")
     with pytest.raises(DataError, match="a val split needs labels"):
         ingest(project, folders["flat"], "flat-v", val_fraction=0.2)
+
+
+KILLED_INGEST = """
+import os, signal, sys
+from pathlib import Path
+from udaflow import versioning
+from udaflow.data.ingest import ingest_domain
+
+project, folder, where = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+die = lambda *_, **__: os.kill(os.getpid(), signal.SIGKILL)
+if where == "before-dvc":  # the new copy is in place, DVC has recorded nothing
+    versioning.version_dataset = die
+elif where == "after-dvc":  # `dvc add` rewrote the pointer and pushed; the old folder is still aside
+    real = versioning.version_dataset
+    versioning.version_dataset = lambda *a, **k: (real(*a, **k), die())
+elif where == "cleanup":  # finished: killed while deleting the replaced folder
+    rmtree = versioning.shutil.rmtree
+    versioning.shutil.rmtree = lambda p, *a, **k: die() if str(p).endswith(".discard") else rmtree(p, *a, **k)
+ingest_domain(folder, "tgt", project / "data/raw", seed=0, replace=True, report_dir=project / "runs/ingest/tgt")
+"""
+
+
+@pytest.mark.parametrize("where", ["before-dvc", "after-dvc", "cleanup"])
+def test_an_ingest_killed_outright_is_rolled_back_by_the_next_one(project: Path, folders, where: str):
+    """SIGKILL leaves no chance to roll back: the journal the ingest wrote first lets the next ingest of
+    the name do it. Killed before it had finished, the previous version is back in place, its pointer,
+    .gitignore and dvc.lock byte for byte; killed while cleaning up after finishing, the new one stands."""
+    first = ingest(project, folders["flat"], "tgt")
+    before = {k: v for k, v in snapshot(project).items() if k != "cache"}  # the killed `dvc add` may leave cache objects; `dvc gc` takes them
+    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(project), str(folders["flat-v2"]), where], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert any(p.startswith(".tgt.") for p in os.listdir(project / "data/raw")), "the kill left nothing to recover"
+    said: list[str] = []
+    if where == "cleanup":
+        after = ingest(project, folders["flat-v2"], "tgt", replace=True, progress=said.append)
+        assert not after.changed and after.md5 != first.md5  # the killed ingest's version was already whole
+        assert not [line for line in said if "rolled back" in line]
+    else:
+        note = versioning.recover_interrupted_ingest(project / "data/raw/tgt")
+        assert note and "rolled back" in note and "the previous version is in place" in note
+        assert {k: v for k, v in snapshot(project).items() if k != "cache"} == before
+        assert versioning.dataset_version(project / "data/raw/tgt").md5 == first.md5
+        # and the next ingest, the way a user retries, then goes through
+        again = ingest(project, folders["flat-v2"], "tgt", replace=True, progress=said.append)
+        assert again.changed and again.replaced == first.md5
+    assert not [p for p in os.listdir(project / "data/raw") if p.startswith(".") and p != ".gitignore"]
+
+
+def test_a_killed_ingest_is_rolled_back_by_the_next_run_and_a_live_one_is_left_alone(project: Path, folders, tmp_path: Path):
+    """The pipeline's validation step rolls back a half-done ingest of its domains before it reads them,
+    and neither it nor an ingest touches the journal of an ingest whose process still runs."""
+    import json
+
+    from udaflow.config import load_config
+    from udaflow.steps import validate_datasets
+
+    ingest(project, folders["labelled"], "src")
+    build_domain("synth", tmp_path / "other", seed=3, synth_size=60)
+    (tmp_path / "other/synth/manifest.csv").unlink()
+    first = ingest(project, tmp_path / "other/synth", "tgt", source="src")
+    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(project), str(folders["flat-v2"]), "after-dvc"], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert versioning.dataset_version(project / "data/raw/tgt").md5 != first.md5  # the half-done version is what DVC sees now
+    journal = project / "data/raw/.tgt.ingest.json"
+    state = json.loads(journal.read_text())
+    journal.write_text(json.dumps({**state, "pid": os.getpid()}))  # as if that process still ran
+    with pytest.raises(versioning.VersioningError, match=rf"an ingest of 'tgt' is under way \(pid {os.getpid()}"):
+        ingest(project, folders["flat"], "tgt", replace=True)
+    journal.write_text(json.dumps(state))
+    cfg = load_config(REPO / "params.yaml", overrides=[f"data.root={project / 'data/raw'}", "source=src", "target=tgt", f"work_dir={tmp_path / 'runs'}"])
+    report = validate_datasets(cfg)
+    assert report.success
+    assert versioning.dataset_version(project / "data/raw/tgt").md5 == first.md5
+    assert not journal.exists() and not (project / "data/raw/.tgt.previous").exists()

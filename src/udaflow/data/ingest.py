@@ -257,6 +257,10 @@ def ingest_domain(
     check_domain_name(name)
     data_root = Path(data_root)
     out = data_root / name
+    for domain in (name, *([source] if source is not None and source != name else [])):
+        recovered = versioning.recover_interrupted_ingest(data_root / domain)  # an ingest of it killed outright
+        if recovered:
+            progress(recovered)
     if source is not None:
         if source == name:
             raise DataError(f"--source '{source}' is the domain being ingested: name another domain to check '{name}' against, or leave --source out")
