@@ -158,7 +158,8 @@ def _load(params: Path, profile: str | None, overrides: list[str] | None, **extr
 
     sets = list(overrides or [])
     sets += [f"{k}={v}" for k, v in extra.items() if v is not None]
-    return load_config(params, profile, sets)
+    # an option's value checked as its key: an error names the option, e.g. `--device: train.device: ...`
+    return load_config(params, profile, sets, flags={k: f"--{k.rsplit('.', 1)[-1]}" for k, v in extra.items() if v is not None})
 
 
 @app.callback()

@@ -299,8 +299,12 @@ def load_config(
     path: str | Path = "params.yaml",
     profile: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    flags: dict[str, str] | None = None,
 ) -> Config:
-    """Read params.yaml, merge the profile and the `key=value` overrides, validate."""
+    """Read params.yaml, merge the profile and the `key=value` overrides, validate.
+
+    An invalid value names where it came from: the params file, or `--set` for an override (`flags`
+    maps an override's key to the option a CLI took it from instead, e.g. train.device -> --device)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
@@ -320,8 +324,10 @@ def load_config(
         if not isinstance(profiles[profile] or {}, dict):
             raise ConfigError(f"{path}: profiles.{profile}: expected a mapping of parameters (got {_show(profiles[profile])})")
         raw = deep_merge(raw, profiles[profile] or {})
+    given: dict[str, str] = {}  # dotted key -> where its value came from
     for item in overrides:
         keys, value = parse_override(item)
+        given[".".join(map(str, keys))] = (flags or {}).get(".".join(map(str, keys)), "--set")
         node = raw
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -337,4 +343,7 @@ def load_config(
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {explain(exc, model=Config)}") from None
+        loc = ".".join(str(part) for part in exc.errors(include_url=False)[0]["loc"])
+        origin = next((flag for key, flag in given.items() if loc == key or loc.startswith(key + ".")), None)
+        where = f"{path}:" if origin is None else "--set" if origin == "--set" else f"{origin}:"
+        raise ConfigError(f"{where} {explain(exc, model=Config)}") from None

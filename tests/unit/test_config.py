@@ -114,7 +114,7 @@ def test_unknown_key_names_dotted_path_and_file(params):
 
 
 def test_unknown_nested_key_from_override(params):
-    with pytest.raises(ConfigError, match=r": train\.augment\.flip: unknown key \(known: translate, color, invert, rotate, scale, strong_rotate, strong_shear\)$"):
+    with pytest.raises(ConfigError, match=r"^--set train\.augment\.flip: unknown key \(known: translate, color, invert, rotate, scale, strong_rotate, strong_shear\)$"):
         load_config(params, overrides=["train.augment.flip=true"])
 
 
@@ -131,10 +131,26 @@ def test_unknown_nested_key_from_override(params):
     ("target=Factory/B", "target: not a domain name: lower-case letters, digits, '-' and '_' (a folder under data.root) (got 'Factory/B')"),
     ("source=..", "source: not a domain name"),
 ])
-def test_wrong_type_or_range_names_file_key_and_value(params, override, message):
+def test_wrong_type_or_range_names_where_it_came_from_key_and_value(params, override, message):
+    """A value given with --set is named as --set's (as the option a CLI took it from, when `flags` says
+    which); the same value in the params file names the file."""
     with pytest.raises(ConfigError) as info:
         load_config(params, overrides=[override])
-    assert str(info.value).startswith(f"{params}: {message}")
+    assert str(info.value).startswith(f"--set {message}")
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(params, overrides=[override], flags={key: "--option"})
+    assert str(info.value).startswith(f"--option: {message}")
+    with pytest.raises(ConfigError) as info:  # another key's override does not take the blame
+        load_config(params, overrides=[override, "seed=3"], flags={"seed": "--seed"})
+    assert str(info.value).startswith(f"--set {message}")
+
+
+def test_a_wrong_value_in_the_file_names_the_file_even_beside_overrides(params):
+    params.write_text(params.read_text() + "\nextra_key: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(params, overrides=["seed=3", "train.lr=0.1"])
+    assert str(info.value).startswith(f"{params}: extra_key: unknown key")
 
 
 def test_unknown_profile_lists_known(params):
