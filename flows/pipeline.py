@@ -71,7 +71,7 @@ def _pipeline(cfg: Config, run, seconds: dict[str, float]) -> dict[str, Any]:
     close_tracking_run(run, seconds)
     return {
         "run_id": run.run_id, "experiment_id": run.experiment_id, "model": registered.name, "version": registered.version,
-        "alias": registered.alias, "source_cached": source_cached, "prefect_task_cached": pretrain_state.name == "Cached",
+        "alias": registered.alias, "adopted_from_run": registered.adopted_from_run, "source_cached": source_cached, "prefect_task_cached": pretrain_state.name == "Cached",
         "metrics": {k: v for k, v in metrics.items() if k != "history"}, "stage_seconds": seconds, "datasets": versions,
         "gate": {"promoted": decision.promote, "reason": decision.reason, "champion_before": champion, "data": decision.data,
                  "rows": decision.rows},

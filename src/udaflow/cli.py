@@ -479,6 +479,8 @@ def _print_run_summary(cfg, r: dict) -> None:
     table.add_column("value", justify="right")
     table.add_row("MLflow run id", r["run_id"])
     table.add_row("model version", f"{r['model']} v{r['version']} @{r['alias']}")
+    if r.get("adopted_from_run"):  # a run killed between registration and its gate registered these weights
+        table.add_row("registered by", f"run {r['adopted_from_run']} (killed before its gate; the same weights: no copy registered)")
     table.add_row("source model", "reused (cached Prefect task)" if r["prefect_task_cached"] else ("reused cached checkpoint" if r["source_cached"] else "trained"))
     table.add_row(f"target_acc_selected (registered: {m['selected_by']} pick, step {m['selected_step']})", _fmt(m.get("target_acc_selected")))
     table.add_row("target_acc_last (last iterate)", _fmt(m.get("target_acc_last")))

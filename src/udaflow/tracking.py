@@ -8,6 +8,7 @@ with artifacts under `mlflow/artifacts` (both set in params.yaml `tracking:`).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -198,6 +199,7 @@ class Registered:
     alias: str
     model_uri: str
     model_id: str = ""  # the MLflow 3 LoggedModel behind the version
+    adopted_from_run: str | None = None  # the version was registered by this earlier run, killed before its gate
 
 
 COMPLETE_TAG = "udaflow.complete"  # set last on a version: its tags are all there and it may take an alias
@@ -440,19 +442,77 @@ def log_evaluation(run: PipelineRun, metrics: dict[str, Any], figures: Iterable[
     return child
 
 
+WEIGHTS_TAG = "udaflow.weights_md5"  # the packaged model's bytes: the same weights again are the same model
+
+
+def package_digest(package: Path) -> str:
+    """md5 over a packaged model's files (safetensors weights, config.json), names and bytes, in name order."""
+    digest = hashlib.md5()
+    for f in sorted(p for p in Path(package).rglob("*") if p.is_file()):
+        digest.update(f.relative_to(package).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def ungated_version_of_a_dead_run(name: str, weights_md5: str):
+    """The newest complete version of `name` holding exactly these weights that the gate never decided
+    on because the run that registered it ended KILLED or FAILED first (a kill between registration and
+    the gate); None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        t = version.tags
+        if t.get(WEIGHTS_TAG) != weights_md5 or t.get(COMPLETE_TAG) != "true" or "gate.decision" in t:
+            continue
+        try:
+            if client.get_run(version.run_id).info.status in ("KILLED", "FAILED"):
+                return version
+        except MlflowException:  # its run was deleted
+            continue
+    return None
+
+
 def register_challenger(run: PipelineRun, package: Path, input_example: Any, metrics: dict[str, Any], tags: dict[str, Any]) -> Registered:
     """Log the packaged model in the pipeline run (the run that holds the metrics, params and
-    datasets), register a new version, point `challenger` at it. A `register` child run marks the step."""
+    datasets), register a new version, point `challenger` at it. A `register` child run marks the step.
+
+    A run killed after registering, before its gate, left a version no gate decided on; the next run
+    computes the same weights (it resumes, or repeats the bits). It registers no copy: it points
+    `challenger` at that version again for the gate, and both the run and the version say so
+    (`registry.adopted_from_run`, `adopted_by_run`)."""
     child = start_run(run.experiment_id, "register", {"udaflow.stage": "register"}, run.run_id)
+    name, weights = model_name(run.source, run.target), package_digest(package)
+    with registry_lock(name):
+        earlier = ungated_version_of_a_dead_run(name, weights)
+        if earlier is not None:
+            client = _client()
+            client.set_model_version_tag(name, earlier.version, "adopted_by_run", run.run_id)
+            client.set_registered_model_alias(name, CHALLENGER, earlier.version)
+    if earlier is not None:
+        adopted = {"registry.model": name, "registry.version": str(earlier.version), "registry.alias": CHALLENGER,
+                   "registry.adopted_from_run": earlier.run_id}
+        set_tags(run.run_id, adopted)
+        set_tags(child, adopted)
+        end_run(child)
+        return Registered(name, str(earlier.version), CHALLENGER, f"models:/{name}@{CHALLENGER}",
+                          getattr(earlier, "model_id", None) or "", adopted_from_run=earlier.run_id)
     version_tags = {
         **tags,
+        WEIGHTS_TAG: weights,
         "run_id": run.run_id,
         **{k: metrics[k] for k in ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "source_only_source_val_acc", "selected_by")
            if metrics.get(k) is not None},
         **{f"validator_selected.{k}": round(v, 6) for k, v in metrics.get("validators_selected", {}).items()},
         **{f"validator_source_only.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
     }
-    registered = register_model(run.run_id, package, input_example, model_name(run.source, run.target), version_tags)
+    registered = register_model(run.run_id, package, input_example, name, version_tags)
     link_model(run, registered.model_id, metrics)
     set_tags(run.run_id, {"registry.model": registered.name, "registry.version": registered.version, "registry.alias": registered.alias})
     set_tags(child, {"registry.model": registered.name, "registry.version": registered.version})

@@ -331,3 +331,29 @@ def test_a_rolled_back_version_is_not_promoted_again_and_deleted_versions_leave_
     assert client.get_registered_model(NAME).tags[tracking.HISTORY_TAG] == "1,5"  # v1 is still there to roll back to
     result = cli(["rollback", "--model", NAME], registry)
     assert result.exit_code == 0 and "from v5 to v1" in result.output and champion() == "1"
+
+
+def test_a_run_killed_between_registration_and_its_gate_leaves_no_copy_behind(registry: Path, trained):
+    """The run after a kill computes the same weights (it resumes, or repeats the bits); it points
+    `challenger` at the killed run's ungated version for the gate instead of registering a copy.
+    Other weights, a version the gate decided on, or a run still going get a version of their own."""
+    client = mlflow.MlflowClient()
+    first = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    killed_run = client.get_model_version(NAME, first).run_id
+    live = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    assert live == "2"  # the first run has not ended: its version is no orphan (yet)
+    client.set_terminated(killed_run, "KILLED")  # as the next run marks a run whose process is gone
+    client.set_terminated(client.get_model_version(NAME, live).run_id, "FINISHED")
+    other = add_version(registry, variant(trained, 9, noise=0.3))
+    assert other == "3"  # other weights: a new version
+    again = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    assert again == first and len(client.search_model_versions(f"name = '{NAME}'")) == 3
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == first
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`registry.adopted_from_run` = '{killed_run}'", output_format="list")
+    [adopter] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the run, not its `register` step
+    assert adopter.data.tags["registry.version"] == first
+    assert client.get_model_version(NAME, first).tags["adopted_by_run"] == adopter.info.run_id
+    result = cli(["promote", "--model", NAME], registry)
+    assert result.exit_code == 0 and champion() == first, result.output
+    # once gated, the same weights again are a deliberate re-run: a version of their own
+    assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "4"
