@@ -65,8 +65,10 @@ def _pipeline(cfg: Config, run, seconds: dict[str, float]) -> dict[str, Any]:
     log_training(run, "adapt", adapted, metrics["history"], False)
     log_evaluation(cfg, run, metrics)
     registered = register_challenger(cfg, run, metrics, versions)
-    drop_checkpoint(cfg)  # kept until now: a run killed after adapting resumes at its last step
     decision, _, champion = promotion_gate(cfg, registered.name)
+    # kept until the gate has decided: a run killed after adapting resumes at its last step, and one
+    # killed after registering re-derives those weights at once and gates the version it left
+    drop_checkpoint(cfg)
     seconds["track_register_gate"] = time.perf_counter() - clock - sum(seconds.values())
     close_tracking_run(run, seconds)
     return {

@@ -124,8 +124,8 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     """Adapt the source model with cfg.method; resumes from the method's checkpoint if a run was killed.
 
     The last checkpoint (at the final step) stays until `drop_checkpoint`, which the pipeline calls once
-    the model is registered: a run killed while it evaluates or registers resumes at the final step,
-    with no step to train again."""
+    the promotion gate has decided: a run killed while it evaluates, registers or gates resumes at the
+    final step, with no step to train again."""
     paths = run_paths(cfg)
     if _under_torchrun(cfg):
         return StepOutcome(**distributed.launch("adapt", cfg, paths.method_dir / "adapt.outcome.json", source_model=source_model))
