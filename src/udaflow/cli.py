@@ -153,13 +153,16 @@ def setup_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def _load(params: Path, profile: str | None, overrides: list[str] | None, **extra: str | None):
+def _load(params: Path, profile: str | None, overrides: list[str] | None, flags: dict[str, str] | None = None, **extra: str | None):
+    """params + profile + --set overrides + the command's options (`extra`: key -> value). An option's
+    value is checked as its key, and an error names the option (`--device: train.device: ...`), or
+    `flags[key]` when the value came from another (promote's source and target, from --model)."""
     from udaflow.config import load_config
 
     sets = list(overrides or [])
     sets += [f"{k}={v}" for k, v in extra.items() if v is not None]
-    # an option's value checked as its key: an error names the option, e.g. `--device: train.device: ...`
-    return load_config(params, profile, sets, flags={k: f"--{k.rsplit('.', 1)[-1]}" for k, v in extra.items() if v is not None})
+    named = {k: f"--{k.rsplit('.', 1)[-1]}" for k, v in extra.items() if v is not None}
+    return load_config(params, profile, sets, flags={**named, **(flags or {})})
 
 
 @app.callback()
@@ -596,7 +599,7 @@ def promote(
     from udaflow import tracking
 
     source, target = tracking.model_shift(model)  # the gate measures on the model's own shift, whatever params.yaml names
-    cfg = _load(params, None, None, source=source, target=target)
+    cfg = _load(params, None, None, flags={"source": "--model", "target": "--model"}, source=source, target=target)
     _quiet_prefect()
     from flows.promote import promote_model
 

@@ -344,6 +344,9 @@ def load_config(
         return Config.model_validate(raw)
     except ValidationError as exc:
         loc = ".".join(str(part) for part in exc.errors(include_url=False)[0]["loc"])
-        origin = next((flag for key, flag in given.items() if loc == key or loc.startswith(key + ".")), None)
+        # the override that set this key or a mapping above it (the last one: it won), or a key below a
+        # section whose own check failed (`drift`'s validator reads drift.permutations)
+        origin = next((flag for key, flag in reversed(given.items())
+                       if loc == key or loc.startswith(key + ".") or (loc and key.startswith(loc + "."))), None)
         where = f"{path}:" if origin is None else "--set" if origin == "--set" else f"{origin}:"
         raise ConfigError(f"{where} {explain(exc, model=Config)}") from None

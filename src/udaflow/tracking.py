@@ -456,10 +456,11 @@ def package_digest(package: Path) -> str:
     return digest.hexdigest()
 
 
-def ungated_version_of_a_dead_run(name: str, weights_md5: str):
-    """The newest complete version of `name` holding exactly these weights that the gate never decided
-    on because the run that registered it ended KILLED or FAILED first (a kill between registration and
-    the gate); None when there is none."""
+def ungated_version_of_a_dead_run(name: str, weights_md5: str, tags: dict[str, Any]):
+    """The newest complete version of `name` holding exactly these weights and `tags` (method, data
+    hashes, ...) that the gate never decided on because the run that registered it was KILLED first (a
+    kill between registration and the gate); None when there is none. A FAILED run's version is left
+    alone: what failed may have been the gate reading that very version."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -471,11 +472,14 @@ def ungated_version_of_a_dead_run(name: str, weights_md5: str):
         t = version.tags
         if t.get(WEIGHTS_TAG) != weights_md5 or t.get(COMPLETE_TAG) != "true" or "gate.decision" in t:
             continue
-        try:
-            if client.get_run(version.run_id).info.status in ("KILLED", "FAILED"):
-                return version
-        except MlflowException:  # its run was deleted
+        if any(t.get(key) != str(value) for key, value in tags.items()):
             continue
+        try:
+            info = client.get_run(version.run_id).info
+        except MlflowException:  # its run is gone from the store
+            continue
+        if info.status == "KILLED" and info.lifecycle_stage != "deleted":
+            return version
     return None
 
 
@@ -484,13 +488,14 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
     datasets), register a new version, point `challenger` at it. A `register` child run marks the step.
 
     A run killed after registering, before its gate, left a version no gate decided on; the next run
-    computes the same weights (it resumes, or repeats the bits). It registers no copy: it points
+    computes the same weights (it resumes, or repeats the bits). With the same weights and tags (method,
+    backbone, seed, data hashes) it registers no copy: it points
     `challenger` at that version again for the gate, and both the run and the version say so
     (`registry.adopted_from_run`, `adopted_by_run`)."""
     child = start_run(run.experiment_id, "register", {"udaflow.stage": "register"}, run.run_id)
     name, weights = model_name(run.source, run.target), package_digest(package)
     with registry_lock(name):
-        earlier = ungated_version_of_a_dead_run(name, weights)
+        earlier = ungated_version_of_a_dead_run(name, weights, tags)
         if earlier is not None:
             client = _client()
             client.set_model_version_tag(name, earlier.version, "adopted_by_run", run.run_id)

@@ -197,17 +197,50 @@ def _aside(path: Path, what: str) -> Path:
     return path.with_name(f".{path.name}.{what}")
 
 
-def _process_alive(host: str, pid: int) -> bool:
-    """Whether process `pid` on `host` may still run (another host's process is assumed alive)."""
-    if host != socket.gethostname():
-        return True
+@contextmanager
+def _ingest_lock(path: Path, root: Path | None):
+    """One ingest, or recovery, of a domain name at a time: an exclusive lock on
+    `.dvc/tmp/udaflow-ingest/<name>.lock` (DVC keeps .dvc/tmp out of git), taken without waiting. The
+    kernel releases it when its process dies, however it dies, so a held lock means a live ingest."""
+    import fcntl
+
+    if root is None:  # no DVC project: nothing can be ingested there, nor be left half-done
+        yield
+        return
+    lock = root / ".dvc" / "tmp" / "udaflow-ingest" / f"{path.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VersioningError(f"{path}: an ingest of '{path.name}' is under way; wait for it to finish",
+                                  f"`udaflow data ingest` holds {lock} while it runs") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ignore_line(path: Path, present: bool) -> None:
+    """Put the `/<name>` line DVC writes for the folder `path` into the .gitignore beside it, or take it out."""
+    ignore, line = path.parent / ".gitignore", f"/{path.name}"
+    lines = ignore.read_text().splitlines() if ignore.exists() else []
+    if (line in lines) == present:
+        return
+    lines = [*lines, line] if present else [x for x in lines if x != line]
+    if lines:
+        ignore.write_text("\n".join(lines) + "\n")
+    else:
+        ignore.unlink()
+
+
+def _remove(folder: Path) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise VersioningError(f"{folder}: left by an interrupted ingest and cannot be removed ({exc})", "remove it by hand") from None
 
 
 def recover_interrupted_ingest(path: Path, root: Path | None = None) -> str | None:
@@ -215,19 +248,25 @@ def recover_interrupted_ingest(path: Path, root: Path | None = None) -> str | No
     chance to roll back) left half-done, from its journal (`.<name>.ingest.json`, written before
     anything moved); returns a line saying what was done, or None when nothing was left.
 
-    Killed before it had finished, the ingest is rolled back: the previous folder (`.<name>.previous`)
-    goes back in place, the pointer, .gitignore and dvc.lock get their saved bytes back, and the new
-    copy is removed (the user's own folder, which it was copied from, is untouched). Killed after it had
-    finished (the replaced folder already renamed to `.<name>.discard`), the finished version stays and
-    the leftovers are deleted. DVC cache objects the killed ingest added stay; `dvc gc` removes them.
-    An ingest still running (its process alive) is left alone: VersioningError.
+    Killed before it had finished, the ingest is rolled back: when its new copy was in place, that copy
+    goes (the user's own folder, which it was copied from, is untouched), and the `<name>.dvc` pointer
+    and the folder's `.gitignore` line are as before it (only `dvc add` writes them, after the copy);
+    the previous folder (`.<name>.previous`) goes back in place. Killed after it had finished (the
+    replaced folder renamed to `.<name>.discard`), its version stays and the leftovers go. DVC cache
+    objects a killed ingest added stay; `dvc gc` removes them. An ingest still running holds the
+    name's lock (`_ingest_lock`): VersioningError.
     """
     path, root = _locate(path, root)
+    with _ingest_lock(path, root):
+        return _recover(path)
+
+
+def _recover(path: Path) -> str | None:
+    """`recover_interrupted_ingest` with the name's lock held."""
     journal, backup, discard = _aside(path, "ingest.json"), _aside(path, "previous"), _aside(path, "discard")
     if not journal.exists():
-        if discard.exists():  # finished and its journal deleted; killed while deleting the replaced copy
-            shutil.rmtree(discard, ignore_errors=True)
-        if backup.exists() and path.exists():  # no journal: an ingest of an udaflow without one
+        _remove(discard)  # a finished ingest killed while it deleted the content it replaced
+        if backup.exists() and path.exists():  # no journal: left by an udaflow from before the journal
             raise VersioningError(
                 f"{backup}: an earlier ingest of '{path.name}' was interrupted and left the previous content there; "
                 f"remove it if {path} is the version you want, else move it back to {path}"
@@ -238,32 +277,31 @@ def recover_interrupted_ingest(path: Path, root: Path | None = None) -> str | No
         return None
     try:
         state = json.loads(journal.read_text())
-        files = {Path(f): base64.b64decode(c) if c is not None else None for f, c in state["files"].items()}
-        host, pid, had_previous = str(state["host"]), int(state["pid"]), bool(state["had_previous"])
+        pointer = base64.b64decode(state["pointer"]) if state["pointer"] is not None else None
+        had_previous, ignored, when = bool(state["had_previous"]), bool(state["ignored"]), state.get("started", "?")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VersioningError(f"{journal}: the journal of an interrupted ingest of '{path.name}' cannot be read ({exc})",
-                              f"compare {path} with {backup} by hand, keep the version you want, then delete {journal}") from None
-    if _process_alive(host, pid):
-        raise VersioningError(f"{path}: an ingest of '{path.name}' is under way (pid {pid} on {host}); wait for it to finish",
-                              f"if no such process runs, delete {journal} and {backup}, keeping the version you want at {path}")
-    when = state.get("started", "?")
-    if discard.exists():  # it had finished: the new version stands
+                              f"keep the version you want at {path} (the one before is in {backup} if it exists), then delete {journal}") from None
+    who = f"pid {state.get('pid', '?')} on {state.get('host', '?')}, started {when}"
+    if discard.exists() and not backup.exists():  # past the commit point: its version stands
         journal.unlink()
-        shutil.rmtree(discard, ignore_errors=True)
-        return f"{path}: an ingest killed while it cleaned up (pid {pid}, started {when}) had finished; its version stays"
+        _remove(discard)
+        return f"{path}: an ingest killed while it cleaned up ({who}) had finished; its version stays"
+    new_in_place = path.exists() and (backup.exists() or not had_previous)
+    if new_in_place:
+        _remove(path)
     if backup.exists():
-        shutil.rmtree(path, ignore_errors=True)
         backup.replace(path)
-    elif not had_previous:
-        shutil.rmtree(path, ignore_errors=True)
-    # else the previous folder never moved: `path` still holds it
-    for file, content in files.items():
-        if content is None:
+    if new_in_place:  # `dvc add` may have run: the pointer and the .gitignore line as they were
+        file = path.with_name(path.name + ".dvc")
+        if pointer is None:
             file.unlink(missing_ok=True)
         else:
-            file.write_bytes(content)
+            file.write_bytes(pointer)
+        _ignore_line(path, ignored)
+    _remove(discard)
     journal.unlink()
-    return f"{path}: an ingest killed before it finished (pid {pid}, started {when}) was rolled back; the previous version is in place"
+    return f"{path}: an ingest killed before it finished ({who}) was rolled back; the previous version is in place"
 
 
 @contextmanager
@@ -278,48 +316,56 @@ def rollback_on_failure(path: Path, root: Path | None = None):
     the DVC cache and remote under its old hash.
 
     A process killed outright inside the block cannot roll back: a journal written on entry
-    (`.<name>.ingest.json`: the saved files, whether a previous folder existed, the pid) lets the
-    next ingest of the name, or the next pipeline run reading it, do it (`recover_interrupted_ingest`).
+    (`.<name>.ingest.json`: the pointer's bytes, whether the folder existed and was git-ignored)
+    lets the next ingest of the name, or the next pipeline run reading it, do it
+    (`recover_interrupted_ingest`). The name's lock is held throughout, so neither touches a live one.
     """
     path, root = _locate(path, root)
     if root is None:
         raise VersioningError(f"{path}: not inside a DVC project; run `dvc init` (or `make setup`) at the repository root")
-    recover_interrupted_ingest(path, root)
-    backup, journal, discard = _aside(path, "previous"), _aside(path, "ingest.json"), _aside(path, "discard")
-    with _repo(root) as repo:
-        cache = Path(repo.cache.legacy.path)
-    saved = {f: f.read_bytes() if f.exists() else None for f in _ingest_files(path, root)}
-    cached = _tree(cache)
-    state = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "had_previous": path.exists(), "files": {str(f): base64.b64encode(c).decode() if c is not None else None for f, c in saved.items()}}
-    partial = journal.with_name(journal.name + ".tmp")
-    partial.write_text(json.dumps(state))
-    partial.replace(journal)  # the journal is whole before anything moves
-    if path.exists():
-        path.replace(backup)
-    try:
-        yield path
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+    with _ingest_lock(path, root):
+        _recover(path)
+        backup, journal, discard = _aside(path, "previous"), _aside(path, "ingest.json"), _aside(path, "discard")
+        with _repo(root) as repo:
+            cache = Path(repo.cache.legacy.path)
+        saved = {f: f.read_bytes() if f.exists() else None for f in _ingest_files(path, root)}
+        cached = _tree(cache)
+        pointer = saved[path.with_name(path.name + ".dvc")]
+        ignore = saved[path.parent / ".gitignore"]
+        state = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "had_previous": path.exists(), "pointer": base64.b64encode(pointer).decode() if pointer is not None else None,
+                 "ignored": ignore is not None and f"/{path.name}" in ignore.decode(errors="replace").splitlines()}
+        partial = journal.with_name(journal.name + ".tmp")
+        with open(partial, "w") as fh:
+            fh.write(json.dumps(state))
+            fh.flush()
+            os.fsync(fh.fileno())
+        partial.replace(journal)  # the journal is whole, and on disk, before anything moves
+        if path.exists():
+            path.replace(backup)
+        try:
+            yield path
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            if backup.exists():
+                backup.replace(path)
+            for file, content in saved.items():
+                if content is None:
+                    file.unlink(missing_ok=True)
+                else:
+                    file.write_bytes(content)
+            for rel in sorted(_tree(cache) - cached, key=lambda r: r.count(os.sep), reverse=True):
+                added = cache / rel
+                if added.is_dir() and not added.is_symlink():
+                    shutil.rmtree(added, ignore_errors=True)
+                else:
+                    added.unlink(missing_ok=True)
+            journal.unlink(missing_ok=True)
+            raise
         if backup.exists():
-            backup.replace(path)
-        for file, content in saved.items():
-            if content is None:
-                file.unlink(missing_ok=True)
-            else:
-                file.write_bytes(content)
-        for rel in sorted(_tree(cache) - cached, key=lambda r: r.count(os.sep), reverse=True):
-            added = cache / rel
-            if added.is_dir() and not added.is_symlink():
-                shutil.rmtree(added, ignore_errors=True)
-            else:
-                added.unlink(missing_ok=True)
-        journal.unlink(missing_ok=True)
-        raise
-    if backup.exists():
-        backup.replace(discard)  # the commit point: from here a killed ingest's version stands
-    journal.unlink()
-    shutil.rmtree(discard, ignore_errors=True)
+            backup.replace(discard)  # the commit point: from here a killed ingest's version stands
+        journal.unlink()
+        shutil.rmtree(discard, ignore_errors=True)  # a leftover is removed (strictly) by the next ingest of the name
 
 
 def dataset_version(path: Path, root: Path | None = None) -> DatasetVersion | None:

@@ -172,8 +172,9 @@ elif where == "after-dvc":  # `dvc add` rewrote the pointer and pushed; the old 
     versioning.version_dataset = lambda *a, **k: (real(*a, **k), die())
 elif where == "cleanup":  # finished: killed while deleting the replaced folder
     rmtree = versioning.shutil.rmtree
-    versioning.shutil.rmtree = lambda p, *a, **k: die() if str(p).endswith(".discard") else rmtree(p, *a, **k)
-ingest_domain(folder, "tgt", project / "data/raw", seed=0, replace=True, report_dir=project / "runs/ingest/tgt")
+    versioning.shutil.rmtree = lambda p, *a, **k: die() if str(p).endswith(".discard") and k.get("ignore_errors") else rmtree(p, *a, **k)
+name = sys.argv[4] if len(sys.argv) > 4 else "tgt"
+ingest_domain(folder, name, project / "data/raw", seed=0, replace=True, report_dir=project / "runs/ingest" / name)
 """
 
 
@@ -203,9 +204,21 @@ def test_an_ingest_killed_outright_is_rolled_back_by_the_next_one(project: Path,
     assert not [p for p in os.listdir(project / "data/raw") if p.startswith(".") and p != ".gitignore"]
 
 
+def test_a_new_name_s_ingest_killed_after_dvc_add_leaves_no_folder_or_pointer(project: Path, folders):
+    ingest(project, folders["flat"], "tgt")
+    before = {k: v for k, v in snapshot(project).items() if k != "cache"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(project), str(folders["flat-v2"]), "after-dvc", "brand-new"],
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert (project / "data/raw/brand-new.dvc").exists()  # `dvc add` ran (the repository's .gitignore already hides the folder)
+    assert "rolled back" in versioning.recover_interrupted_ingest(project / "data/raw/brand-new")
+    assert {k: v for k, v in snapshot(project).items() if k != "cache"} == before
+
+
 def test_a_killed_ingest_is_rolled_back_by_the_next_run_and_a_live_one_is_left_alone(project: Path, folders, tmp_path: Path):
     """The pipeline's validation step rolls back a half-done ingest of its domains before it reads them,
     and neither it nor an ingest touches the journal of an ingest whose process still runs."""
+    import fcntl
     import json
 
     from udaflow.config import load_config
@@ -219,11 +232,15 @@ def test_a_killed_ingest_is_rolled_back_by_the_next_run_and_a_live_one_is_left_a
     assert killed.returncode == -9, killed.stderr
     assert versioning.dataset_version(project / "data/raw/tgt").md5 != first.md5  # the half-done version is what DVC sees now
     journal = project / "data/raw/.tgt.ingest.json"
-    state = json.loads(journal.read_text())
-    journal.write_text(json.dumps({**state, "pid": os.getpid()}))  # as if that process still ran
-    with pytest.raises(versioning.VersioningError, match=rf"an ingest of 'tgt' is under way \(pid {os.getpid()}"):
-        ingest(project, folders["flat"], "tgt", replace=True)
-    journal.write_text(json.dumps(state))
+    assert json.loads(journal.read_text())["had_previous"]
+    lock = project / ".dvc/tmp/udaflow-ingest/tgt.lock"
+    with lock.open("a") as held:  # as a live ingest holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for attempt in (lambda: ingest(project, folders["flat"], "tgt", replace=True),
+                        lambda: versioning.recover_interrupted_ingest(project / "data/raw/tgt")):
+            with pytest.raises(versioning.VersioningError, match=r"an ingest of 'tgt' is under way; wait for it to finish"):
+                attempt()
+        assert journal.exists()
     cfg = load_config(REPO / "params.yaml", overrides=[f"data.root={project / 'data/raw'}", "source=src", "target=tgt", f"work_dir={tmp_path / 'runs'}"])
     report = validate_datasets(cfg)
     assert report.success

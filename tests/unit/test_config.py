@@ -146,6 +146,15 @@ def test_wrong_type_or_range_names_where_it_came_from_key_and_value(params, over
     assert str(info.value).startswith(f"--set {message}")
 
 
+def test_a_section_s_own_check_and_the_winning_override_take_the_blame(params):
+    with pytest.raises(ConfigError) as info:  # DriftConfig's validator reports at `drift`, the value came from --set
+        load_config(params, overrides=["drift.alpha=0.01", "drift.permutations=60"])
+    assert str(info.value).startswith("--set drift: permutations: 60 cannot give a p-value")
+    with pytest.raises(ConfigError) as info:  # two overrides of one key: the last one won, and is named
+        load_config(params, overrides=["train.device=tpu", "train.device=gpu"], flags={"train.device": "--device"})
+    assert str(info.value).startswith("--device: train.device: use auto, cpu, cuda or cuda:N (got 'gpu')")
+
+
 def test_a_wrong_value_in_the_file_names_the_file_even_beside_overrides(params):
     params.write_text(params.read_text() + "\nextra_key: 1\n")
     with pytest.raises(ConfigError) as info:
