@@ -257,6 +257,8 @@ def recover_interrupted_ingest(path: Path, root: Path | None = None) -> str | No
     name's lock (`_ingest_lock`): VersioningError.
     """
     path, root = _locate(path, root)
+    if not any(_aside(path, what).exists() for what in ("ingest.json", "previous", "discard")):
+        return None  # nothing left behind: no lock taken, so runs sharing a domain never meet on it
     with _ingest_lock(path, root):
         return _recover(path)
 
