@@ -20,16 +20,17 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the file and key, `hint`
     (when one fits better than the CLI's general one) what to do."""
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, key: str | None = None):
         super().__init__(message)
         self.hint = hint
+        self.key = key  # the dotted key the message names first, when known (`blame` reads it)
 
 
 class _Strict(BaseModel):
@@ -174,6 +175,14 @@ class Config(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    # where load_config read it: the params file, and each overridden key -> the option that gave it
+    _params_file: str | None = PrivateAttr(default=None)
+    _given: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:  # the settings, not where they were read from
+        return isinstance(other, Config) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's own models
 
     @property
     def image_cache(self) -> Path | None:
@@ -262,15 +271,21 @@ def _known_keys(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
+def error_key(err: ValidationError, prefix: str = "") -> str:
+    """The full dotted key of a pydantic validation's first error: `methods.ssrt.layers[1]`."""
+    key = prefix
+    for part in err.errors(include_url=False)[0]["loc"]:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key
+
+
 def explain(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     """The first error of a pydantic validation as one line naming the full dotted key:
     `methods.adamatch.tau: must be <= 1 (got 1.5)`. `prefix` is the key of the validated mapping
     (e.g. `methods.adamatch`); `model` the validated class, for the known keys of an unknown one."""
     first = err.errors(include_url=False)[0]
     loc = tuple(first["loc"])
-    key = prefix
-    for part in loc:  # methods.ssrt.layers[1]
-        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    key = error_key(err, prefix)
     kind, ctx = first["type"], first.get("ctx") or {}
     if kind == "extra_forbidden":
         known = _known_keys(model, loc)
@@ -341,12 +356,28 @@ def load_config(
         if isinstance(tracking, dict):
             tracking["uri"] = env_uri
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         loc = ".".join(str(part) for part in exc.errors(include_url=False)[0]["loc"])
-        # the override that set this key or a mapping above it (the last one: it won), or a key below a
-        # section whose own check failed (`drift`'s validator reads drift.permutations)
-        origin = next((flag for key, flag in reversed(given.items())
-                       if loc == key or loc.startswith(key + ".") or (loc and key.startswith(loc + "."))), None)
-        where = f"{path}:" if origin is None else "--set" if origin == "--set" else f"{origin}:"
-        raise ConfigError(f"{where} {explain(exc, model=Config)}") from None
+        raise ConfigError(f"{_where(str(path), given, loc)} {explain(exc, model=Config)}") from None
+    cfg._params_file, cfg._given = str(path), given
+    return cfg
+
+
+def _where(params_file: str, given: dict[str, str], key: str) -> str:
+    """`params.yaml:`, `--set` or `--device:`: where the value at dotted `key` came from. The override
+    that set this key or a mapping above it (the last one: it won), or a key below a section whose own
+    check failed (`drift`'s validator reads drift.permutations); else the params file."""
+    origin = next((flag for k, flag in reversed(given.items())
+                   if key == k or key.startswith(k + ".") or (key and k.startswith(key + "."))), None)
+    return f"{params_file}:" if origin is None else "--set" if origin == "--set" else f"{origin}:"
+
+
+def blame(cfg: Config, key: str, message: str) -> str:
+    """`message` (which names `key` first) prefixed, as load_config's own errors are, with where the
+    value came from when `cfg` was read by load_config: a check made after loading (an unknown method
+    or validator, a method's options, a backbone argument) names `--set`, the CLI option or the params
+    file too. A Config made in code has no such place: the message is returned as it is."""
+    if cfg._params_file is None:
+        return message
+    return f"{_where(cfg._params_file, cfg._given, key)} {message}"

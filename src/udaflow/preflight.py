@@ -18,7 +18,7 @@ from pathlib import Path
 import timm
 from pydantic import ValidationError
 
-from udaflow.config import Config, ConfigError, explain
+from udaflow.config import Config, ConfigError, blame, error_key, explain
 from udaflow.data.manifest import MANIFEST_NAME, DataError
 from udaflow.methods import get_method_class, list_methods
 from udaflow.methods.base import config_from_dict
@@ -38,43 +38,54 @@ def validate_run(
     `domains`: (key, domain name) pairs that must exist under `data.root` (default: `source` and
     `target`; `()` skips the check, e.g. before a workspace's data is restored).
     """
+    def refuse(key: str, message: str, kind: type[ValueError] = ConfigError) -> ValueError:
+        # `message` names `key`; read by load_config, the error also names where the value came from
+        return kind(blame(cfg, key, message))
+
     try:  # again, for a config made in code (model_copy(update=...) skips validation)
         Config.model_validate(cfg.model_dump())
     except ValidationError as exc:
-        raise ConfigError(explain(exc, model=Config)) from None
+        raise refuse(error_key(exc), explain(exc, model=Config)) from None
     t = cfg.train
     for key, batch in (("train.batch_size", t.batch_size), ("train.rotation_batch", t.rotation_batch)):
         if batch is not None and batch % t.nproc:
-            raise ConfigError(f"train.nproc: {t.nproc} processes cannot split {key} = {batch} evenly (the global batch); make it a multiple of {t.nproc}")
+            raise refuse("train.nproc", f"train.nproc: {t.nproc} processes cannot split {key} = {batch} evenly (the global batch); "
+                                        f"make it a multiple of {t.nproc}")
     known = list_methods()
     wanted = [("method", cfg.method)] if methods is None else [("--methods", name) for name in methods]
     for key, name in wanted:
         if name not in known:
-            raise ConfigError(f"{key}: unknown method '{name}' (known: {', '.join(known)})")
+            message = f"{key}: unknown method '{name}' (known: {', '.join(known)})"
+            raise refuse(key, message) if key == "method" else ConfigError(message)
     for name, options in cfg.methods.items():
         if name not in known:
-            raise ConfigError(f"methods.{name}: unknown method (known: {', '.join(known)})")
-        config_from_dict(get_method_class(name).Config, options if options is not None else {}, f"methods.{name}")
+            raise refuse(f"methods.{name}", f"methods.{name}: unknown method (known: {', '.join(known)})")
+        try:
+            config_from_dict(get_method_class(name).Config, options if options is not None else {}, f"methods.{name}")
+        except ConfigError as exc:
+            raise refuse(exc.key or f"methods.{name}", str(exc)) from None
     for key, name in (("validator", cfg.validator), ("promotion.validator", cfg.promotion.validator)):
         if name is None:
             continue
         try:
             get_validator(name)
         except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+            raise refuse(key, f"{key}: {exc}") from None
     if not timm.is_model(cfg.model.backbone):
-        raise ConfigError(f"model.backbone: unknown backbone '{cfg.model.backbone}'; any name from timm.list_models() works")
+        raise refuse("model.backbone", f"model.backbone: unknown backbone '{cfg.model.backbone}'; any name from timm.list_models() works")
     try:
         create_backbone(cfg.model.backbone, cfg.model.pretrained, **cfg.model.backbone_args)
-    except BackboneError as exc:
-        raise ConfigError(f"model: {exc}") from None
+    except BackboneError as exc:  # its message names model.backbone_args.<key> where it can
+        named = str(exc).split(":", 1)[0]
+        raise refuse(named if named.startswith("model.") else "model", f"model: {exc}") from None
     except TypeError as exc:  # an argument the timm model does not take
-        raise ConfigError(f"model.backbone_args: {exc}") from None
+        raise refuse("model.backbone_args", f"model.backbone_args: {exc}") from None
     for key, name in (("source", cfg.source), ("target", cfg.target)) if domains is None else domains:
         folder = cfg.data.root / name
         if not folder.is_dir():
-            raise DataError(f"{key}: domain '{name}' not found ({folder} is missing); "
-                            "build it (udaflow data build) or ingest it (udaflow data ingest)")
+            message = (f"{key}: domain '{name}' not found ({folder} is missing); "
+                       "build it (udaflow data build) or ingest it (udaflow data ingest)")
+            raise refuse(key, message, DataError) if key in ("source", "target") else DataError(message)
         _check_built_size(cfg, name, folder)
 
 
@@ -95,8 +106,8 @@ def _check_built_size(cfg: Config, name: str, folder: Path) -> None:
     if owner is None or owner.endswith(".dvc"):  # a user's own folder of that name: its size is its own
         return
     raise ConfigError(
-        f"data.synth_size: {cfg.data.synth_size} for this run, but {folder} holds the {built} images it was built with "
-        f"(dvc.yaml stage '{owner}'); a profile or --set cannot re-render it",
+        blame(cfg, "data.synth_size", f"data.synth_size: {cfg.data.synth_size} for this run, but {folder} holds the {built} images it was built with "
+        f"(dvc.yaml stage '{owner}'); a profile or --set cannot re-render it"),
         hint=f"set data.synth_size: {cfg.data.synth_size} in params.yaml, then `udaflow data build --domains synth` "
              f"(or `dvc repro {owner}`); or run with --set data.synth_size={built}",
     )

@@ -15,6 +15,8 @@ from udaflow.config import Config, ConfigError
 from udaflow.data.manifest import DataError
 from udaflow.preflight import check_run_config, validate_run
 
+REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
 
 def _cfg(tmp_path: Path, **update) -> Config:
     for name in ("synth", "mnist"):
@@ -88,6 +90,31 @@ def test_every_method_the_command_trains_and_every_domain_it_reads(tmp_path):
     with pytest.raises(DataError, match=r"^--shifts synth:mnistm: domain 'mnistm' not found"):
         validate_run(cfg, methods=["dann"], domains=[("--shifts synth:mnistm", "synth"), ("--shifts synth:mnistm", "mnistm")])
     validate_run(_cfg(tmp_path, target="nosuch"), domains=())  # () skips the folders
+
+
+def test_a_check_after_loading_names_the_file_or_the_override_that_gave_the_value(tmp_path):
+    """validate_run's own checks name where the value came from, as load_config's do: the params
+    file for a value written there (even beside an override of a sibling key), `--set` for an override."""
+    from udaflow.config import load_config
+
+    for name in ("synth", "mnist"):
+        (tmp_path / "raw" / name).mkdir(parents=True)
+    params = tmp_path / "params.yaml"
+    text = REPO_PARAMS.read_text().replace("root: data/raw", f"root: {tmp_path / 'raw'}")
+    params.write_text(text.replace("mcc: {trade_off: 1.0, temperature: 2.5}", "mcc: {trade_off: 1.0, temprature: 2.5}"))
+    with pytest.raises(ConfigError, match=rf"^{params}: methods\.mcc\.temprature: unknown key \(known: trade_off, temperature"):
+        validate_run(load_config(params, overrides=["methods.mcc.trade_off=2"]))
+    params.write_text(text)
+    validate_run(load_config(params))
+    with pytest.raises(ConfigError, match=r"^--set methods\.mcc\.trade_off: must be >= 0 \(got -1\)$"):
+        validate_run(load_config(params, overrides=["methods.mcc.trade_off=-1"]))
+    with pytest.raises(ConfigError, match=rf"^{params}: promotion\.validator: unknown validator 'best'"):
+        validate_run(load_config(params, overrides=["validator=im"]).model_copy(
+            update={"promotion": Config().promotion.model_copy(update={"validator": "best"})}))
+    with pytest.raises(ConfigError, match=r"^--set model\.backbone_args: "):
+        validate_run(load_config(params, overrides=["model.backbone_args.nosuch=1"]))
+    # where a value came from does not make two configs differ: a run given params.yaml's own values is its default
+    assert load_config(params, overrides=["source=synth"]) == load_config(params)
 
 
 # ----------------------------------------------------------------------------- the CLI's one error path
@@ -179,8 +206,6 @@ def test_a_lookup_in_a_store_that_does_not_exist_is_one_line_and_creates_nothing
     assert not store.exists()
 
 
-REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
-
 
 @pytest.mark.parametrize("args, line, hint", [
     (["data", "build", "--domains", "nope"], "error: unknown built-in domain(s) ['nope']", "hint: built-in domains: `udaflow data build`"),
@@ -196,6 +221,12 @@ REPO_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
     (["run", "--set", "train.lr=abc"], "error: --set train.lr: expected a number (got 'abc')", "hint: keys and defaults are in params.yaml"),
     (["bench", "--set", "train.augment.invert=2"], "error: --set train.augment.invert: must be <= 1 (got 2)", "hint: keys and defaults"),
     (["run", "--target", "Bad Name"], "error: --target: target: not a domain name", "hint: keys and defaults"),
+    # checks made after loading (a method's options, the method, a validator, a domain folder) name the
+    # option too; until 2026-12-03 they named only the key, as if it were params.yaml's
+    (["run", "--set", "methods.adamatch.tau=1.5"], "error: --set methods.adamatch.tau: must be <= 1 (got 1.5)", "hint: keys and defaults"),
+    (["run", "--method", "dnn"], "error: --method: method: unknown method 'dnn' (known: ", "hint: keys and defaults"),
+    (["bench", "--set", "validator=accuracy"], "error: --set validator: unknown validator 'accuracy'", "hint: keys and defaults"),
+    (["run", "--target", "nosuch"], "error: --target: target: domain 'nosuch' not found", "hint: every parameter and its default"),
 ])
 def test_every_command_s_known_error_comes_with_a_hint(monkeypatch, args, line, hint):
     """DESIGN.md: an error is one clear line plus a hint, whichever command raised it."""

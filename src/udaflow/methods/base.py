@@ -97,11 +97,11 @@ def config_from_dict(cls: type, values: dict[str, Any], where: str):
     e.g. `methods.adamatch.tau: must be <= 1 (got 1.5)`."""
     from pydantic import ValidationError
 
-    from udaflow.config import ConfigError, explain
+    from udaflow.config import ConfigError, error_key, explain
 
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of options (got {values!r})")
+        raise ConfigError(f"{where}: expected a mapping of options (got {values!r})", key=where)
     try:
         return cls.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(explain(exc, where, cls)) from None
+        raise ConfigError(explain(exc, where, cls), key=error_key(exc, where)) from None
