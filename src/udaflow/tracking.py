@@ -456,11 +456,13 @@ def package_digest(package: Path) -> str:
     return digest.hexdigest()
 
 
-def ungated_version_of_a_dead_run(name: str, weights_md5: str, tags: dict[str, Any]):
+def version_of_a_dead_run(name: str, weights_md5: str, tags: dict[str, Any]):
     """The newest complete version of `name` holding exactly these weights and `tags` (method, data
-    hashes, ...) that the gate never decided on because the run that registered it was KILLED first (a
-    kill between registration and the gate); None when there is none. A FAILED run's version is left
-    alone: what failed may have been the gate reading that very version."""
+    hashes, ...) whose run was KILLED before it ended: between registration and the gate, inside the
+    gate, or after it, before the checkpoint was dropped (the next run resumes there and computes
+    those same weights). None when there is none. A FAILED run's version is left alone (what failed
+    may have been the gate reading that very version), and so is one that a run still going, or one
+    that finished, adopted already: the same weights again after that are a deliberate re-run."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -468,17 +470,21 @@ def ungated_version_of_a_dead_run(name: str, weights_md5: str, tags: dict[str, A
         versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
+
+    def killed(run_id: str | None) -> bool:
+        try:
+            info = client.get_run(run_id).info
+        except MlflowException:  # its run is gone from the store
+            return False
+        return info.status == "KILLED" and info.lifecycle_stage != "deleted"
+
     for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
         t = version.tags
-        if t.get(WEIGHTS_TAG) != weights_md5 or t.get(COMPLETE_TAG) != "true" or "gate.decision" in t:
+        if t.get(WEIGHTS_TAG) != weights_md5 or t.get(COMPLETE_TAG) != "true":
             continue
         if any(t.get(key) != str(value) for key, value in tags.items()):
             continue
-        try:
-            info = client.get_run(version.run_id).info
-        except MlflowException:  # its run is gone from the store
-            continue
-        if info.status == "KILLED" and info.lifecycle_stage != "deleted":
+        if killed(version.run_id) and ("adopted_by_run" not in t or killed(t["adopted_by_run"])):
             return version
     return None
 
@@ -487,15 +493,15 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
     """Log the packaged model in the pipeline run (the run that holds the metrics, params and
     datasets), register a new version, point `challenger` at it. A `register` child run marks the step.
 
-    A run killed after registering, before its gate, left a version no gate decided on; the next run
-    computes the same weights (it resumes, or repeats the bits). With the same weights and tags (method,
-    backbone, seed, data hashes) it registers no copy: it points
-    `challenger` at that version again for the gate, and both the run and the version say so
-    (`registry.adopted_from_run`, `adopted_by_run`)."""
+    A run killed after registering, before its gate, inside it or before its checkpoint was dropped,
+    left a version; the next run computes the same weights (it resumes, or repeats the bits). With the
+    same weights and tags (method, backbone, seed, data hashes) it registers no copy: it points
+    `challenger` at that version again for the gate (which decides again, or finds it the champion
+    already), and both the run and the version say so (`registry.adopted_from_run`, `adopted_by_run`)."""
     child = start_run(run.experiment_id, "register", {"udaflow.stage": "register"}, run.run_id)
     name, weights = model_name(run.source, run.target), package_digest(package)
     with registry_lock(name):
-        earlier = ungated_version_of_a_dead_run(name, weights, tags)
+        earlier = version_of_a_dead_run(name, weights, tags)
         if earlier is not None:
             client = _client()
             client.set_model_version_tag(name, earlier.version, "adopted_by_run", run.run_id)

@@ -336,7 +336,7 @@ def test_a_rolled_back_version_is_not_promoted_again_and_deleted_versions_leave_
 def test_a_run_killed_between_registration_and_its_gate_leaves_no_copy_behind(registry: Path, trained):
     """The run after a kill computes the same weights (it resumes, or repeats the bits); it points
     `challenger` at the killed run's ungated version for the gate instead of registering a copy.
-    Other weights, a version the gate decided on, or a run still going get a version of their own."""
+    Other weights, or a version whose run is still going or was adopted by one that is, get a version of their own."""
     client = mlflow.MlflowClient()
     first = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
     killed_run = client.get_model_version(NAME, first).run_id
@@ -355,5 +355,36 @@ def test_a_run_killed_between_registration_and_its_gate_leaves_no_copy_behind(re
     assert client.get_model_version(NAME, first).tags["adopted_by_run"] == adopter.info.run_id
     result = cli(["promote", "--model", NAME], registry)
     assert result.exit_code == 0 and champion() == first, result.output
-    # once gated, the same weights again are a deliberate re-run: a version of their own
+    # adopted by a run still going (or one that finished): the same weights again are a deliberate re-run
     assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "4"
+
+
+def test_a_run_killed_inside_its_gate_or_before_dropping_its_checkpoint_leaves_no_copy_behind(registry: Path, trained):
+    """The gate's tags are written one by one, then the alias moves, then the checkpoint goes: a kill
+    anywhere in there leaves a version the next run (the same weights: it resumes) adopts instead of
+    registering a copy (until 2026-12-03 only a version no gate had touched was adopted). The gate then
+    decides again, or finds that version the champion already."""
+    client = mlflow.MlflowClient()
+    cut = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    for key, value in {"gate.decision": "promoted", "gate.reason": "first version"}.items():  # killed mid-gate, alias not moved
+        client.set_model_version_tag(NAME, cut, key, value)
+    client.set_terminated(client.get_model_version(NAME, cut).run_id, "KILLED")
+    assert champion() is None
+    assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == cut
+    result = cli(["promote", "--model", NAME], registry)
+    assert result.exit_code == 0 and "first version" in result.output and champion() == cut, result.output
+    assert client.get_registered_model(NAME).tags[tracking.HISTORY_TAG] == cut
+    adopter = client.get_model_version(NAME, cut).tags["adopted_by_run"]
+
+    client.set_terminated(adopter, "KILLED")  # the adopter killed after its gate, its checkpoint still there
+    assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == cut
+    result = cli(["promote", "--model", NAME], registry)
+    assert result.exit_code == 0 and f"version {cut} is already the champion" in result.output, result.output
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
+    assert client.get_registered_model(NAME).tags[tracking.HISTORY_TAG] == cut  # no second entry for one promotion
+
+    second = client.get_model_version(NAME, cut).tags["adopted_by_run"]
+    client.set_terminated(second, "FINISHED")  # a run that went to its end adopted it: the same weights again are a re-run
+    assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "2"
+    client.set_terminated(client.get_model_version(NAME, "2").run_id, "FAILED")  # a failed run's version is not adopted
+    assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "3"
