@@ -808,6 +808,9 @@ def bench(
     cfg = _load(params, profile, overrides, **{"train.device": device})
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     shift_list = parse_shifts(shifts)
+    from udaflow import steps
+
+    steps.recover_ingests(cfg, [d for s, t in shift_list for d in (s, t)])  # an ingest killed outright: its folder put back first
     validate_run(cfg, methods=method_list, domains=[(f"--shifts {s}:{t}", d) for s, t in shift_list for d in (s, t)])
     t0 = time.perf_counter()
 

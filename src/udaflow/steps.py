@@ -71,17 +71,24 @@ def load_data(cfg: Config) -> ShiftData:
     return load_shift(cfg.data.root, cfg.source, cfg.target, image_spec(cfg), "holdout", cfg.image_cache)
 
 
-def validate_datasets(cfg: Config) -> ValidationReport:
-    """Both domains' GX suites, after rolling back what an ingest of either, killed outright, left half-done
-    (`versioning.recover_interrupted_ingest`): the run must neither read nor version a half-ingested folder."""
+def recover_ingests(cfg: Config, domains) -> None:
+    """Roll back (or finish) what an ingest of any of `domains`, killed outright, left half-done
+    (`versioning.recover_interrupted_ingest`), saying so on stderr: nothing may read or version a
+    half-ingested folder, nor call a folder set aside by it missing."""
     import sys
 
     from udaflow import versioning
 
-    for domain in dict.fromkeys((cfg.source, cfg.target)):
+    for domain in dict.fromkeys(domains):
         recovered = versioning.recover_interrupted_ingest(Path(cfg.data.root) / domain)
         if recovered:
             sys.stderr.write(recovered + "\n")
+
+
+def validate_datasets(cfg: Config) -> ValidationReport:
+    """Both domains' GX suites, after `recover_ingests`: the run must neither read nor version a
+    half-ingested folder."""
+    recover_ingests(cfg, (cfg.source, cfg.target))
     return validate_shift(cfg.data.root, cfg.source, cfg.target, run_paths(cfg).validation, cfg.data.min_per_class)
 
 

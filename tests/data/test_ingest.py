@@ -246,3 +246,24 @@ def test_a_killed_ingest_is_rolled_back_by_the_next_run_and_a_live_one_is_left_a
     assert report.success
     assert versioning.dataset_version(project / "data/raw/tgt").md5 == first.md5
     assert not journal.exists() and not (project / "data/raw/.tgt.previous").exists()
+
+
+def test_the_bench_rolls_back_a_killed_ingest_of_its_domains_before_it_checks_them(project: Path, folders, tmp_path: Path):
+    """`udaflow bench` reads the domains of its --shifts without the pipeline's validation step: it
+    rolls back a half-done ingest of them first (until 2026-12-03 it read the half-done version)."""
+    from typer.testing import CliRunner
+
+    from udaflow import cli
+
+    ingest(project, folders["labelled"], "src")
+    build_domain("synth", tmp_path / "other", seed=3, synth_size=60)
+    (tmp_path / "other/synth/manifest.csv").unlink()
+    first = ingest(project, tmp_path / "other/synth", "tgt", source="src")
+    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(project), str(folders["flat-v2"]), "after-dvc"], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert versioning.dataset_version(project / "data/raw/tgt").md5 != first.md5
+    result = CliRunner().invoke(cli.app, ["bench", "--shifts", "src:tgt", "--methods", "nosuch", "--set", f"data.root={project / 'data/raw'}",
+                                          "--set", f"work_dir={tmp_path / 'runs'}", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 2 and "--methods: unknown method 'nosuch'" in result.output, result.output  # it stopped after the rollback
+    assert versioning.dataset_version(project / "data/raw/tgt").md5 == first.md5
+    assert not [p for p in os.listdir(project / "data/raw") if p.startswith(".") and p != ".gitignore"]
