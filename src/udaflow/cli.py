@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -77,6 +78,23 @@ def _is_known(exc: Exception) -> bool:
     return isinstance(exc, (ValueError, RuntimeError, FileNotFoundError, LookupError)) and raised_on_purpose(exc)
 
 
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The OSError "no space left on device" (or "disk quota exceeded") behind `exc`, itself or any
+    error it was raised from or while handling (Prefect, GX and MLflow re-raise what they met)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_DISK_FULL_HINT = ("free space on that disk (`df -h` shows which): `dvc gc` drops DVC cache objects no version uses, and "
+                   "runs/cache holds decoded images and source models that are rebuilt on demand; then run the same "
+                   "command again (a run resumes from its last checkpoint, an ingest starts over: it changed nothing)")
+
+
 _INTERRUPTED = {  # what a Ctrl-C leaves, per command
     "run": "the same command resumes from the last checkpoint (nothing was registered unless the summary says so)",
     "reproduce": "the same command resumes from the last checkpoint",
@@ -112,6 +130,12 @@ class _Commands(TyperGroup):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
             raise  # exit codes, Ctrl-C and usage errors: click's own handling (typer's Exit is a RuntimeError of its own, not click's)
         except Exception as exc:
+            if not _STATE["debug"] and (full := _disk_full(exc)) is not None:  # not a bug: the machine's, said in one line
+                where = f" writing {full.filename}" if full.filename else ""
+                err_console.print(Text.assemble(("error:", "bold red"), f" {full.strerror or 'no space left on device'}{where}"),
+                                  highlight=False, soft_wrap=True)
+                err_console.print(Text(f"hint: {_DISK_FULL_HINT}"), highlight=False, soft_wrap=True)
+                raise typer.Exit(code=2) from None
             if _STATE["debug"] or not _is_known(exc):
                 raise
             _report(exc, ctx.invoked_subcommand)

@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from udaflow import versioning
 from udaflow.data.domains import build_domain
 from udaflow.data.ingest import ingest_domain
 from udaflow.data.manifest import DataError, read_manifest
 
-from ingest_project import REPO, make_project, snapshot
+from ingest_project import REPO, leftovers, make_project, snapshot
 
 
 @pytest.fixture
@@ -267,3 +268,36 @@ def test_the_bench_rolls_back_a_killed_ingest_of_its_domains_before_it_checks_th
     assert result.exit_code == 2 and "--methods: unknown method 'nosuch'" in result.output, result.output  # it stopped after the rollback
     assert versioning.dataset_version(project / "data/raw/tgt").md5 == first.md5
     assert not [p for p in os.listdir(project / "data/raw") if p.startswith(".") and p != ".gitignore"]
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_ingest_changes_nothing(project: Path, folders, monkeypatch):
+    """No space left while GX writes its Data Docs (the first thing to fill a small disk): the command
+    says so in one line naming the file, with what to do, exits 2, and the ingest leaves everything as
+    it was. Until 2026-12-03 it was the traceback of wherever the disk filled."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    from udaflow import cli
+    from udaflow.data import expectations
+
+    ingest(project, folders["flat"], "tgt")
+    before = snapshot(project)
+    copytree = expectations.shutil.copytree
+
+    def full(src, dst, *a, **k):
+        if Path(dst).name == "data_docs":
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(dst) / "index.html"))
+        return copytree(src, dst, *a, **k)
+
+    monkeypatch.setattr(expectations.shutil, "copytree", full)
+    params = project / "params.yaml"
+    params.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "params.yaml").read_text()), "work_dir": str(project / "runs")}))
+    monkeypatch.chdir(project)
+    result = CliRunner().invoke(cli.app, ["data", "ingest", str(folders["flat-v2"]), "--name", "tgt", "--replace", "--params", str(params)])
+    lines = result.output.splitlines()  # the ingest's progress, then the error
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert lines[-2] == f"error: No space left on device writing {project}/runs/ingest/tgt/validation/domain/data_docs/index.html", result.output
+    assert lines[-1].startswith("hint: free space on that disk") and not [line for line in lines[:-2] if "rror" in line]
+    params.unlink()
+    assert snapshot(project) == before and not leftovers(project)

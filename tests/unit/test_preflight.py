@@ -144,6 +144,15 @@ def _app() -> typer.Typer:
     def key_error():
         {}["missing"]
 
+    @app.command("disk")
+    def disk_full():  # as a library re-raises what it met: the full disk is under another error
+        import errno
+
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/runs/ckpt.pt")
+        except OSError as exc:
+            raise RuntimeError("checkpoint write failed") from exc
+
     return app
 
 
@@ -165,6 +174,15 @@ def test_an_unexpected_error_propagates(command, kind):
     result = CliRunner().invoke(_app(), [command])
     assert isinstance(result.exception, kind) and result.exit_code == 1
     assert "error:" not in result.output
+
+
+def test_a_full_disk_under_any_error_is_one_line_naming_the_file_and_debug_keeps_its_traceback():
+    result = CliRunner().invoke(_app(), ["disk"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[0] == "error: No space left on device writing /data/runs/ckpt.pt"
+    assert result.output.splitlines()[1].startswith("hint: free space on that disk")
+    result = CliRunner().invoke(_app(), ["--debug", "disk"])
+    assert isinstance(result.exception, RuntimeError) and result.exit_code == 1
 
 
 @pytest.mark.parametrize("args", [["--debug", "config"], ["config", "--debug"]])  # before or after the command
