@@ -13,6 +13,8 @@ from udaflow.config import Config
 from udaflow.data.expectations import ValidationReport
 from udaflow.engine import resolve_device
 
+from tasks.registry import registry_slot
+
 
 @task(name="open-tracking-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
 def open_tracking_run(cfg: Config, params_file: str, flow_run_id: str) -> tracking.PipelineRun:
@@ -54,7 +56,8 @@ def register_challenger(cfg: Config, run: tracking.PipelineRun, metrics: dict[st
         **{f"data.{v['role']}.md5": v["md5"] for v in versions},
         **{f"data.{v['role']}.name": v["name"] for v in versions},
     }
-    return tracking.register_challenger(run, package, example, metrics, tags)
+    with registry_slot(tracking.model_name(cfg.source, cfg.target)):
+        return tracking.register_challenger(run, package, example, metrics, tags)
 
 
 @task(name="close-tracking-run", cache_policy=NO_CACHE)

@@ -2,8 +2,9 @@
 
 `validate_run(cfg)` is the one check every training command makes first. `cfg` has been through
 the `Config` model already (types, ranges and unknown keys of params.yaml, domain-name syntax);
-this adds what needs a registry or the disk, and raises ConfigError naming the params.yaml key
-(or DataError naming the domain folder) for: an unknown method, a `methods.<name>` option of the
+this adds what needs a registry or the disk, and raises ConfigError naming the key and where its
+value came from (`config.blame`: the params file, `--set` or the option), or DataError naming the
+domain folder, for: an unknown method, a `methods.<name>` option of the
 wrong name, type or range (every entry, not only the chosen method's: each method's pydantic
 `Config` model), an unknown validator (`validator`, `promotion.validator`), an unknown backbone or
 backbone argument, and a source or target domain that is not under `data.root`. Building the

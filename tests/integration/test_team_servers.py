@@ -303,3 +303,44 @@ def test_retrain_deployment_runs_on_a_process_worker_only_when_new_data_is_shift
         assert sorted(r.data.tags["drift.decision"] for r in drift_runs) == ["no retrain", "retrain"]
     finally:
         stop(worker)
+
+
+HOLD_THE_SLOT = """
+import json, sys, time
+from tasks.registry import registry_slot
+asked = time.time()
+with registry_slot(sys.argv[1]):
+    got = time.time()
+    time.sleep(float(sys.argv[2]))
+    print(json.dumps([asked, got, time.time()]))
+"""
+
+
+def test_registry_writes_of_one_model_from_two_machines_take_turns(team):
+    """Two processes with nothing in common but the Prefect server (as two workers on two machines:
+    no shared file lock) each hold the registry slot of one model: the second waits for the first. A
+    slot of another model is not held up. Before 2026-12-03 only a file lock by the artifact root
+    serialised registration and the gate: one machine's processes, not a team's."""
+    def hold(model: str, seconds: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", HOLD_THE_SLOT, model, str(seconds)], env=team["env"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = hold(MODEL, 6)
+    time.sleep(1.5)  # the first is in (or about to be): a process starts in about a second here
+    second, other = hold(MODEL, 0), hold("udaflow-other-to-model", 0)
+    spans = []
+    for proc in (first, second, other):
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+        spans.append(json.loads(out.strip().splitlines()[-1]))
+    (_, got1, left1), (asked2, got2, _), (_, got3, _) = spans
+    assert asked2 < left1 <= got2, spans  # it asked while the first held the slot, and got it after
+    assert got3 < left1, spans  # another model's registry is not held up
+    import urllib.parse
+    import urllib.request
+
+    # the server's own record (this test process talks to the session's Prefect harness, not to it)
+    url = f"{team['env']['PREFECT_API_URL']}/v2/concurrency_limits/{urllib.parse.quote(f'udaflow-registry:{MODEL}')}"
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        limit = json.load(answer)
+    assert limit["limit"] == 1 and limit["active_slots"] == 0  # created on first use, and free again
