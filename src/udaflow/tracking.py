@@ -457,12 +457,14 @@ def package_digest(package: Path) -> str:
 
 
 def version_of_a_dead_run(name: str, weights_md5: str, tags: dict[str, Any]):
-    """The newest complete version of `name` holding exactly these weights and `tags` (method, data
-    hashes, ...) whose run was KILLED before it ended: between registration and the gate, inside the
-    gate, or after it, before the checkpoint was dropped (the next run resumes there and computes
-    those same weights). None when there is none. A FAILED run's version is left alone (what failed
-    may have been the gate reading that very version), and so is one that a run still going, or one
-    that finished, adopted already: the same weights again after that are a deliberate re-run."""
+    """The newest version of `name` holding exactly these weights and `tags` (method, data hashes, ...)
+    whose run was KILLED before it ended: inside its registration (a version without the `complete`
+    mark, whose weights tag, written first, says what it holds; the tags it has must match), between
+    registration and the gate, inside the gate, or after it, before the checkpoint was dropped (the
+    next run resumes there and computes those same weights). None when there is none. A FAILED run's
+    version is left alone (what failed may have been the gate reading that very version), and so is
+    one that a run still going, or one that finished, adopted already: the same weights again after
+    that are a deliberate re-run."""
     from mlflow.exceptions import MlflowException
 
     client = _client()
@@ -480,9 +482,10 @@ def version_of_a_dead_run(name: str, weights_md5: str, tags: dict[str, Any]):
 
     for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
         t = version.tags
-        if t.get(WEIGHTS_TAG) != weights_md5 or t.get(COMPLETE_TAG) != "true":
+        if t.get(WEIGHTS_TAG) != weights_md5:
             continue
-        if any(t.get(key) != str(value) for key, value in tags.items()):
+        complete = t.get(COMPLETE_TAG) == "true"
+        if any(t.get(key) != str(value) for key, value in tags.items() if complete or key in t):
             continue
         if killed(version.run_id) and ("adopted_by_run" not in t or killed(t["adopted_by_run"])):
             return version
@@ -493,17 +496,34 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
     """Log the packaged model in the pipeline run (the run that holds the metrics, params and
     datasets), register a new version, point `challenger` at it. A `register` child run marks the step.
 
-    A run killed after registering, before its gate, inside it or before its checkpoint was dropped,
-    left a version; the next run computes the same weights (it resumes, or repeats the bits). With the
-    same weights and tags (method, backbone, seed, data hashes) it registers no copy: it points
-    `challenger` at that version again for the gate (which decides again, or finds it the champion
-    already), and both the run and the version say so (`registry.adopted_from_run`, `adopted_by_run`)."""
+    A run killed inside its registration, after it, before its gate, inside it or before its
+    checkpoint was dropped, left a version; the next run computes the same weights (it resumes, or
+    repeats the bits). With the same weights and tags (method, backbone, seed, data hashes) it
+    registers no copy: it completes that version's tags when they were cut short, points `challenger`
+    at it for the gate (which decides again, or finds it the champion already), and both the run and
+    the version say so (`registry.adopted_from_run`, `adopted_by_run`)."""
     child = start_run(run.experiment_id, "register", {"udaflow.stage": "register"}, run.run_id)
     name, weights = model_name(run.source, run.target), package_digest(package)
+
+    def version_tags(registered_by: str) -> dict[str, Any]:
+        return {  # the weights first: a version cut short after this tag still says what it holds
+            WEIGHTS_TAG: weights,
+            **tags,
+            "run_id": registered_by,
+            **{k: metrics[k] for k in ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "source_only_source_val_acc", "selected_by")
+               if metrics.get(k) is not None},
+            **{f"validator_selected.{k}": round(v, 6) for k, v in metrics.get("validators_selected", {}).items()},
+            **{f"validator_source_only.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
+        }
+
     with registry_lock(name):
         earlier = version_of_a_dead_run(name, weights, tags)
         if earlier is not None:
             client = _client()
+            if earlier.tags.get(COMPLETE_TAG) != "true":  # its registration was cut short: finish it, the same way
+                for key, value in version_tags(earlier.run_id).items():
+                    client.set_model_version_tag(name, earlier.version, key, str(value))
+                client.set_model_version_tag(name, earlier.version, COMPLETE_TAG, "true")
             client.set_model_version_tag(name, earlier.version, "adopted_by_run", run.run_id)
             client.set_registered_model_alias(name, CHALLENGER, earlier.version)
     if earlier is not None:
@@ -514,16 +534,7 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
         end_run(child)
         return Registered(name, str(earlier.version), CHALLENGER, f"models:/{name}@{CHALLENGER}",
                           getattr(earlier, "model_id", None) or "", adopted_from_run=earlier.run_id)
-    version_tags = {
-        **tags,
-        WEIGHTS_TAG: weights,
-        "run_id": run.run_id,
-        **{k: metrics[k] for k in ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "source_only_source_val_acc", "selected_by")
-           if metrics.get(k) is not None},
-        **{f"validator_selected.{k}": round(v, 6) for k, v in metrics.get("validators_selected", {}).items()},
-        **{f"validator_source_only.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
-    }
-    registered = register_model(run.run_id, package, input_example, name, version_tags)
+    registered = register_model(run.run_id, package, input_example, name, version_tags(run.run_id))
     link_model(run, registered.model_id, metrics)
     set_tags(run.run_id, {"registry.model": registered.name, "registry.version": registered.version, "registry.alias": registered.alias})
     set_tags(child, {"registry.model": registered.name, "registry.version": registered.version})

@@ -388,3 +388,37 @@ def test_a_run_killed_inside_its_gate_or_before_dropping_its_checkpoint_leaves_n
     assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "2"
     client.set_terminated(client.get_model_version(NAME, "2").run_id, "FAILED")  # a failed run's version is not adopted
     assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "3"
+
+
+def test_a_run_killed_inside_its_registration_has_that_version_completed_not_copied(registry: Path, trained, monkeypatch):
+    """Killed while it tagged its new version: the version holds the weights (its first tag says which)
+    but no `complete` mark. The next run, with the same weights, finishes that registration instead of
+    leaving it incomplete beside a copy (until 2026-12-03 it registered another). A version cut short
+    before its weights tag cannot say what it holds: it stays incomplete, and a new one is registered."""
+    client = mlflow.MlflowClient()
+    real, calls = mlflow.MlflowClient.set_model_version_tag, []
+
+    def killed_at_the_third_tag(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what a kill leaves in the registry: the tags written so far
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", killed_at_the_third_tag)
+    with pytest.raises(KeyboardInterrupt):
+        add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real)
+    cut = client.get_model_version(NAME, "1")
+    assert cut.tags[tracking.WEIGHTS_TAG] and tracking.COMPLETE_TAG not in cut.tags and tracking.incomplete_versions(NAME) == ["1"]
+    client.set_terminated(cut.run_id, "KILLED")
+    assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "1"
+    done = client.get_model_version(NAME, "1")
+    assert done.tags[tracking.COMPLETE_TAG] == "true" and done.tags["run_id"] == cut.run_id and done.tags["method"] == "test"
+    assert done.tags["validator_selected.im"] == "0.6" and tracking.incomplete_versions(NAME) == []
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
+    result = cli(["promote", "--model", NAME], registry)
+    assert result.exit_code == 0 and champion() == "1", result.output
+
+    bare = client.create_model_version(NAME, done.source, run_id=cut.run_id)  # a kill before the first tag
+    assert add_version(registry, variant(trained, 3, noise=0.3)) == str(int(bare.version) + 1)
+    assert tracking.incomplete_versions(NAME) == [str(bare.version)]
