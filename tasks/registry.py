@@ -3,7 +3,6 @@ every task that writes a model's versions, aliases or history holds on a shared 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,6 +13,8 @@ from udaflow import steps, tracking
 from udaflow.config import Config
 from udaflow.promotion import Decision
 
+from tasks import named_prefect_api
+
 
 def registry_slot_name(model: str) -> str:
     return f"udaflow-registry:{model}"
@@ -21,13 +22,13 @@ def registry_slot_name(model: str) -> str:
 
 @contextmanager
 def registry_slot(model: str) -> Iterator[None]:
-    """On a shared Prefect server (PREFECT_API_URL set, as on a team's workers and in their shells): the
+    """On a shared Prefect server (`tasks.named_prefect_api`: a team's workers, their shells): the
     one slot of the global concurrency limit `udaflow-registry:<model>` (limit 1, created on first use),
     held while a registration, a gate or a rollback of `model` writes, so runs on different machines
     never move its aliases and history at once. tracking.registry_lock, a file lock, holds on one
     machine only. A holder killed outright frees the slot when its lease ends (`lease_duration`).
     Without a server every run is on this machine: the file lock is enough, nothing is asked."""
-    if not os.environ.get("PREFECT_API_URL"):
+    if named_prefect_api() is None:
         yield
         return
     from prefect.client.orchestration import get_client

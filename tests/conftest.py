@@ -105,7 +105,12 @@ def prefect_harness():
     os.environ.setdefault("DO_NOT_TRACK", "1")
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks import PRIVATE_API
+
     with prefect_test_harness(server_startup_timeout=180):
+        os.environ[PRIVATE_API] = PREFECT_API_URL.value()  # the session's own, as udaflow's temporary server is a run's
         yield
 
 

@@ -90,6 +90,31 @@ def _disk_full(exc: BaseException | None) -> OSError | None:
     return None
 
 
+def _unreachable(exc: BaseException | None) -> tuple[str, BaseException] | None:
+    """(the server's address, the error) when `exc` is, or was raised from or while handling, a failed
+    connection to a server (Prefect's client speaks httpx, MLflow's requests): a server that is down or
+    misnamed, not a bug."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        kinds = [m.TransportError for m in [sys.modules.get("httpx")] if m is not None]
+        kinds += [m.exceptions.ConnectionError for m in [sys.modules.get("requests")] if m is not None]
+        if kinds and isinstance(exc, tuple(kinds)):
+            try:
+                url = str(exc.request.url) if getattr(exc, "request", None) is not None else ""
+            except RuntimeError:  # httpx: an error raised without its request
+                url = ""
+            match = re.match(r"^[a-z+]+://[^/]+", url)
+            return (match.group(0) if match else "its server"), exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_UNREACHABLE_HINT = ("is it running, and named right? PREFECT_API_URL (or the Prefect profile's) names the Prefect server, "
+                     "MLFLOW_TRACKING_URI (or params.yaml's tracking.uri) the MLflow one; start it, or unset the variable to "
+                     "run on this machine alone")
+
+
 _DISK_FULL_HINT = ("free space on that disk (`df -h` shows which): `dvc gc` drops DVC cache objects no version uses, and "
                    "runs/cache holds decoded images and source models that are rebuilt on demand; then run the same "
                    "command again (a run resumes from its last checkpoint, an ingest starts over: it changed nothing)")
@@ -135,6 +160,11 @@ class _Commands(TyperGroup):
                 err_console.print(Text.assemble(("error:", "bold red"), f" {full.strerror or 'no space left on device'}{where}"),
                                   highlight=False, soft_wrap=True)
                 err_console.print(Text(f"hint: {_DISK_FULL_HINT}"), highlight=False, soft_wrap=True)
+                raise typer.Exit(code=2) from None
+            if not _STATE["debug"] and (down := _unreachable(exc)) is not None:
+                what = str(down[1]).strip().splitlines()[0][:200] if str(down[1]).strip() else type(down[1]).__name__
+                err_console.print(Text.assemble(("error:", "bold red"), f" cannot reach {down[0]}: {what}"), highlight=False, soft_wrap=True)
+                err_console.print(Text(f"hint: {_UNREACHABLE_HINT}"), highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2) from None
             if _STATE["debug"] or not _is_known(exc):
                 raise
@@ -294,7 +324,9 @@ def _announce_new_data(cfg, name: str, md5: str) -> None:
     """A new DVC version of a domain: measure its drift, then a Prefect event carrying the figures;
     deployments whose target it is retrain when it is shifted (or nothing can be compared)."""
     verdict, figures, per_model = _drift(cfg, name, md5)
-    if not os.environ.get("PREFECT_API_URL"):
+    from tasks import named_prefect_api
+
+    if named_prefect_api() is None:
         console.print("  no Prefect server (PREFECT_API_URL unset): no retrain triggered")
         return
     from flows.schedule import emit_dataset_updated
@@ -356,13 +388,10 @@ def run(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run the pipeline flow: validate, version, pretrain (cached), adapt, evaluate, register."""
-    from udaflow.methods import get_method_class
     from udaflow.preflight import validate_run
 
     cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device, "train.nproc": nproc})
-    validate_run(cfg)  # before anything is validated, versioned or trained
-    if get_method_class(cfg.method).uses_target_labels:
-        raise ValueError(f"method '{cfg.method}' trains on target labels: benchmark only (`udaflow bench`), never registered")
+    validate_run(cfg)  # before anything is validated, versioned or trained (the oracle included: it is never registered)
     _say_input(cfg)
     _quiet_prefect()
     from flows.pipeline import adaptation_pipeline
@@ -470,6 +499,9 @@ def _prefect_server() -> None:
                 raise RuntimeError(f"Prefect's temporary server did not answer on {url} within the start-up timeout "
                                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
             time.sleep(0.1)
+    from tasks import PRIVATE_API
+
+    os.environ[PRIVATE_API] = url  # this process's own: no schedule, event or shared lock goes to it
     settings = temporary_settings(updates={PREFECT_API_URL: url})
     settings.__enter__()  # for this process's whole life, as Prefect's own
     _SERVER.append(settings)  # held: a dropped generator context would be closed, and the setting undone
@@ -538,7 +570,9 @@ def schedule(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Deploy the retrain flow on a running Prefect server: cron schedule + retrain on new target data."""
-    if not os.environ.get("PREFECT_API_URL"):
+    from tasks import named_prefect_api
+
+    if named_prefect_api() is None:  # the environment's or the Prefect profile's (`prefect config set PREFECT_API_URL=...`)
         raise RuntimeError("no Prefect server: start `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
     from prefect.client.schemas.schedules import CronSchedule
 

@@ -35,7 +35,8 @@ def validate_run(
 ) -> None:
     """Raise ConfigError / DataError for the first thing about this run that cannot work.
 
-    `methods`: the methods the command trains (default: `cfg.method`, named by key `method`);
+    `methods`: the methods the command trains (default: `cfg.method`, named by key `method`, which a
+    registering command, the default, may not be the oracle: it trains on target labels);
     `domains`: (key, domain name) pairs that must exist under `data.root` (default: `source` and
     `target`; `()` skips the check, e.g. before a workspace's data is restored).
     """
@@ -58,6 +59,8 @@ def validate_run(
         if name not in known:
             message = f"{key}: unknown method '{name}' (known: {', '.join(known)})"
             raise refuse(key, message) if key == "method" else ConfigError(message)
+    if methods is None and get_method_class(cfg.method).uses_target_labels:  # run, schedule, dvc repro: they register what they train
+        raise refuse("method", f"method: '{cfg.method}' trains on target labels: benchmark only (`udaflow bench`), never registered")
     for name, options in cfg.methods.items():
         if name not in known:
             raise refuse(f"methods.{name}", f"methods.{name}: unknown method (known: {', '.join(known)})")

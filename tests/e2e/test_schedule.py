@@ -170,3 +170,21 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
     finally:
         _stop(worker)
         print((tmp_path / "worker.log").read_text()[-3000:])
+
+
+@pytest.mark.parametrize("named_by", ["environment", "prefect profile"])
+def test_a_server_that_is_down_is_one_line_however_it_was_named(project: Path, tmp_path: Path, named_by: str):
+    """`udaflow schedule` reads the Prefect server as Prefect does: PREFECT_API_URL, or the active
+    profile's (`prefect config set`; until 2026-12-03 udaflow read the environment only and said "no
+    Prefect server"). One that does not answer is one line and exit 2 (it was a 300-line traceback)."""
+    dead = f"http://127.0.0.1:{_free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "UDAFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    if named_by == "environment":
+        env["PREFECT_API_URL"] = dead
+    else:
+        subprocess.run([str(BIN / "prefect"), "config", "set", f"PREFECT_API_URL={dead}"], env=env, check=True, capture_output=True)
+    out = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 3 * * *")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert lines[0].startswith(f"error: cannot reach {dead.removesuffix('/api')}: ") and lines[1].startswith("hint: is it running"), out.stderr

@@ -38,6 +38,8 @@ def test_a_good_config_passes(tmp_path):
 
 @pytest.mark.parametrize("update, match", [
     ({"method": "nosuch"}, r"^method: unknown method 'nosuch'"),
+    # what run, schedule and dvc repro train they register: a retrain scheduled with the oracle failed every night
+    ({"method": "oracle"}, r"^method: 'oracle' trains on target labels: benchmark only \(`udaflow bench`\), never registered$"),
     ({"methods": {"dann": {"trade_off": "big"}}}, r"^methods\.dann\.trade_off: expected a number \(got 'big'\)$"),
     ({"methods": {"adamatch": {"tua": 0.9}}}, r"^methods\.adamatch\.tua: unknown key \(known: tau, "),
     ({"methods": {"adamatch": {"tau": 1.5}}}, r"^methods\.adamatch\.tau: must be <= 1 \(got 1\.5\)$"),
@@ -243,6 +245,7 @@ def test_a_lookup_in_a_store_that_does_not_exist_is_one_line_and_creates_nothing
     # option too; until 2026-12-03 they named only the key, as if it were params.yaml's
     (["run", "--set", "methods.adamatch.tau=1.5"], "error: --set methods.adamatch.tau: must be <= 1 (got 1.5)", "hint: keys and defaults"),
     (["run", "--method", "dnn"], "error: --method: method: unknown method 'dnn' (known: ", "hint: keys and defaults"),
+    (["run", "--method", "oracle"], "error: --method: method: 'oracle' trains on target labels: benchmark only", "hint: keys and defaults"),
     (["bench", "--set", "validator=accuracy"], "error: --set validator: unknown validator 'accuracy'", "hint: keys and defaults"),
     (["run", "--target", "nosuch"], "error: --target: target: domain 'nosuch' not found", "hint: every parameter and its default"),
 ])
