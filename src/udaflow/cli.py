@@ -850,7 +850,7 @@ def bench(
     methods: Annotated[str, typer.Option("--methods", help="comma-separated method names")] = "source_only,oracle,dann,cdan,mcc,cdtrans,adamatch,ssrt",
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds per (shift, method)")] = 1,
     profile: ProfileOpt = "quick",
-    protocol: Annotated[str, typer.Option("--protocol", help="transductive | holdout")] = "transductive",
+    protocol: Annotated[Optional[str], typer.Option("--protocol", help="transductive | holdout (default: params.yaml's bench.protocol)")] = None,
     out: Annotated[Path, typer.Option("--out", help="JSON rows are written here")] = Path("bench.json"),
     overrides: SetOpt = None,
     device: DeviceOpt = None,
@@ -861,9 +861,10 @@ def bench(
     from udaflow.bench import parse_shifts, run_bench, summarise
     from udaflow.preflight import validate_run
 
-    if protocol not in ("transductive", "holdout"):
+    if protocol not in (None, "transductive", "holdout"):
         raise ValueError(f"--protocol {protocol!r}: use transductive or holdout")
     cfg = _load(params, profile, overrides, **{"train.device": device})
+    protocol = protocol or cfg.bench.protocol  # until 2026-12-03 the option's own default won over params.yaml
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     shift_list = parse_shifts(shifts)
     from udaflow import steps

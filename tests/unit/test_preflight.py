@@ -256,3 +256,19 @@ def test_every_command_s_known_error_comes_with_a_hint(monkeypatch, args, line, 
     assert result.exit_code == 2, result.output
     lines = result.output.splitlines()
     assert len(lines) == 2 and lines[0].startswith(line) and lines[1].startswith(hint), result.output
+
+
+@pytest.mark.parametrize("args, protocol", [
+    ([], "transductive"),
+    (["--set", "bench.protocol=holdout"], "holdout"),  # params.yaml's bench.protocol, read (until 2026-12-03 the option's default won)
+    (["--set", "bench.protocol=holdout", "--protocol", "transductive"], "transductive"),  # the option wins over params
+])
+def test_the_bench_protocol_comes_from_params_unless_the_option_names_one(monkeypatch, tmp_path, args, protocol):
+    from udaflow import bench, preflight
+
+    seen = []
+    monkeypatch.setattr(preflight, "validate_run", lambda *a, **k: None)  # no domain folders needed to see the choice
+    monkeypatch.setattr(bench, "run_bench", lambda cfg, shifts, methods, seeds, chosen, *a, **k: seen.append(chosen) or [])
+    result = CliRunner().invoke(cli.app, ["bench", "--shifts", "synth:mnist", "--methods", "dann", "--out", str(tmp_path / "b.json"),
+                                          *args, "--params", str(REPO_PARAMS)])
+    assert result.exit_code == 0 and seen == [protocol], result.output
