@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from udaflow.environment import setup_environment
 from udaflow.errors import raised_on_purpose
 
 _STATE = {"debug": False}
@@ -191,20 +192,6 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (every ru
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="quick | full (profiles in params.yaml)")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a parameter: key.path=value (repeatable)")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
-
-
-def setup_environment() -> None:
-    """Offline hygiene for every entry point: no telemetry, never reach a model hub."""
-    for key, value in {
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "GX_ANALYTICS_ENABLED": "False",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per small artifact read: noise before the output that matters
-    }.items():
-        os.environ.setdefault(key, value)
 
 
 def _load(params: Path, profile: str | None, overrides: list[str] | None, flags: dict[str, str] | None = None, **extra: str | None):

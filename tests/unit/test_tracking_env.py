@@ -29,3 +29,23 @@ def test_credentials_in_the_tracking_uri_are_not_logged():
     config = {"tracking": {"uri": "https://alice:s3cr3t@mlflow.example:5000/", "artifact_root": "x"}, "seed": 0}
     assert tracking.redacted(config)["tracking"]["uri"] == "https://mlflow.example:5000/"
     assert tracking.redacted({"tracking": {"uri": "sqlite:///mlflow/mlflow.db"}}) == {"tracking": {"uri": "sqlite:///mlflow/mlflow.db"}}
+
+
+def test_a_worker_loading_the_retrain_flow_turns_telemetry_off_as_the_cli_does():
+    """A scheduled or data-triggered retrain runs in `prefect worker start`'s process tree, loaded from
+    its entrypoint, never through `udaflow`: the flows set the same environment (until 2026-12-03 only
+    the CLI and the Makefile did). A value the user set stays."""
+    import subprocess
+    import sys
+
+    from udaflow.environment import SETTINGS
+
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env["HF_HUB_OFFLINE"] = "0"  # the user's own choice
+    code = ("import json, os; from prefect.flows import load_flow_from_entrypoint; load_flow_from_entrypoint('flows/retrain.py:retrain'); "
+            f"print(json.dumps({{k: os.environ.get(k) for k in {sorted(SETTINGS)!r}}}))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {**SETTINGS, "HF_HUB_OFFLINE": "0"}
