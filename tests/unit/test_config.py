@@ -210,10 +210,14 @@ def test_repository_params_load_with_every_profile():
 
     profiles = [None, *(yaml.safe_load(REPO_PARAMS.read_text()).get("profiles") or {})]
     clf = build_classifier("udaflow_vit_micro", 3)
+    base = load_config(REPO_PARAMS)
     for profile in profiles:
         cfg = load_config(REPO_PARAMS, profile=profile)
         for name, options in cfg.methods.items():  # every method option in params.yaml is a real option
             create_method(name, clf, options)
+        # the built-in domains are dvc.yaml's build stages, built with params.yaml's data.*: a profile
+        # naming other data settings stops every run (`--profile full` did, on a fresh checkout)
+        assert cfg.data == base.data, profile
 
 
 # ----------------------------------------------------------------------------- methods.<name> options

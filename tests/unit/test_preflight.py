@@ -66,7 +66,7 @@ def test_a_missing_domain_names_the_folder(tmp_path):
 
 
 def test_a_built_in_synth_of_another_size_is_refused_and_a_user_s_folder_is_not(tmp_path, new_project):
-    """`--profile full` names data.synth_size 20,000; a synth built at 10,000 by dvc.yaml's build stage
+    """A profile or --set naming data.synth_size 50; a synth built at 40 by dvc.yaml's build stage
     cannot become that by a setting: the run stops (it trained on the old images, logging the new size)."""
     from udaflow.data.domains import build_domain
 
