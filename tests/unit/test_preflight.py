@@ -247,7 +247,8 @@ def test_a_lookup_in_a_store_that_does_not_exist_is_one_line_and_creates_nothing
     (["run", "--method", "dnn"], "error: --method: method: unknown method 'dnn' (known: ", "hint: keys and defaults"),
     (["run", "--method", "oracle"], "error: --method: method: 'oracle' trains on target labels: benchmark only", "hint: keys and defaults"),
     (["bench", "--set", "validator=accuracy"], "error: --set validator: unknown validator 'accuracy'", "hint: keys and defaults"),
-    (["run", "--target", "nosuch"], "error: --target: target: domain 'nosuch' not found", "hint: every parameter and its default"),
+    # the source first: a clean checkout has no data/raw/synth either
+    (["run", "--source", "nosuch"], "error: --source: source: domain 'nosuch' not found", "hint: every parameter and its default"),
 ])
 def test_every_command_s_known_error_comes_with_a_hint(monkeypatch, args, line, hint):
     """DESIGN.md: an error is one clear line plus a hint, whichever command raised it."""
