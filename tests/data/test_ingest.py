@@ -216,6 +216,19 @@ def test_a_new_name_s_ingest_killed_after_dvc_add_leaves_no_folder_or_pointer(pr
     assert {k: v for k, v in snapshot(project).items() if k != "cache"} == before
 
 
+def _a_target_whose_replacement_was_killed(project: Path, folders, tmp_path: Path):
+    """Source `src` and labelled target `tgt` ingested, then a `--replace` of `tgt` killed outright
+    after `dvc add`: the half-done version is what DVC sees now. Returns the first `tgt` ingest."""
+    ingest(project, folders["labelled"], "src")
+    build_domain("synth", tmp_path / "other", seed=3, synth_size=60)
+    (tmp_path / "other/synth/manifest.csv").unlink()
+    first = ingest(project, tmp_path / "other/synth", "tgt", source="src")
+    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(project), str(folders["flat-v2"]), "after-dvc"], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert versioning.dataset_version(project / "data/raw/tgt").md5 != first.md5
+    return first
+
+
 def test_a_killed_ingest_is_rolled_back_by_the_next_run_and_a_live_one_is_left_alone(project: Path, folders, tmp_path: Path):
     """The pipeline's validation step rolls back a half-done ingest of its domains before it reads them,
     and neither it nor an ingest touches the journal of an ingest whose process still runs."""
@@ -225,13 +238,7 @@ def test_a_killed_ingest_is_rolled_back_by_the_next_run_and_a_live_one_is_left_a
     from udaflow.config import load_config
     from udaflow.steps import validate_datasets
 
-    ingest(project, folders["labelled"], "src")
-    build_domain("synth", tmp_path / "other", seed=3, synth_size=60)
-    (tmp_path / "other/synth/manifest.csv").unlink()
-    first = ingest(project, tmp_path / "other/synth", "tgt", source="src")
-    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(project), str(folders["flat-v2"]), "after-dvc"], capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr
-    assert versioning.dataset_version(project / "data/raw/tgt").md5 != first.md5  # the half-done version is what DVC sees now
+    first = _a_target_whose_replacement_was_killed(project, folders, tmp_path)
     journal = project / "data/raw/.tgt.ingest.json"
     assert json.loads(journal.read_text())["had_previous"]
     lock = project / ".dvc/tmp/udaflow-ingest/tgt.lock"
@@ -256,13 +263,7 @@ def test_the_bench_rolls_back_a_killed_ingest_of_its_domains_before_it_checks_th
 
     from udaflow import cli
 
-    ingest(project, folders["labelled"], "src")
-    build_domain("synth", tmp_path / "other", seed=3, synth_size=60)
-    (tmp_path / "other/synth/manifest.csv").unlink()
-    first = ingest(project, tmp_path / "other/synth", "tgt", source="src")
-    killed = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(project), str(folders["flat-v2"]), "after-dvc"], capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr
-    assert versioning.dataset_version(project / "data/raw/tgt").md5 != first.md5
+    first = _a_target_whose_replacement_was_killed(project, folders, tmp_path)
     result = CliRunner().invoke(cli.app, ["bench", "--shifts", "src:tgt", "--methods", "nosuch", "--set", f"data.root={project / 'data/raw'}",
                                           "--set", f"work_dir={tmp_path / 'runs'}", "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 2 and "--methods: unknown method 'nosuch'" in result.output, result.output  # it stopped after the rollback
