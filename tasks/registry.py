@@ -16,10 +16,6 @@ from udaflow.promotion import Decision
 from tasks import named_prefect_api
 
 
-def registry_slot_name(model: str) -> str:
-    return f"udaflow-registry:{model}"
-
-
 @contextmanager
 def registry_slot(model: str) -> Iterator[None]:
     """On a shared Prefect server (`tasks.named_prefect_api`: a team's workers, their shells): the
@@ -36,7 +32,7 @@ def registry_slot(model: str) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = registry_slot_name(model)
+    name = f"udaflow-registry:{model}"
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)

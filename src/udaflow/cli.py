@@ -79,36 +79,35 @@ def _is_known(exc: Exception) -> bool:
     return isinstance(exc, (ValueError, RuntimeError, FileNotFoundError, LookupError)) and raised_on_purpose(exc)
 
 
-def _disk_full(exc: BaseException | None) -> OSError | None:
-    """The OSError "no space left on device" (or "disk quota exceeded") behind `exc`, itself or any
-    error it was raised from or while handling (Prefect, GX and MLflow re-raise what they met)."""
+def _chain(exc: BaseException | None):
+    """`exc`, then each error it was raised from or while handling (Prefect, GX and MLflow re-raise
+    what they met)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return None
+
+
+def _disk_full(exc: BaseException | None) -> OSError | None:
+    """The OSError "no space left on device" (or "disk quota exceeded") in `exc`'s chain."""
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
 
 
 def _unreachable(exc: BaseException | None) -> tuple[str, BaseException] | None:
-    """(the server's address, the error) when `exc` is, or was raised from or while handling, a failed
-    connection to a server (Prefect's client speaks httpx, MLflow's requests): a server that is down or
-    misnamed, not a bug."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        kinds = [m.TransportError for m in [sys.modules.get("httpx")] if m is not None]
-        kinds += [m.exceptions.ConnectionError for m in [sys.modules.get("requests")] if m is not None]
-        if kinds and isinstance(exc, tuple(kinds)):
-            try:
-                url = str(exc.request.url) if getattr(exc, "request", None) is not None else ""
-            except RuntimeError:  # httpx: an error raised without its request
-                url = ""
-            match = re.match(r"^[a-z+]+://[^/]+", url)
-            return (match.group(0) if match else "its server"), exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    """(the server's address, the error) when `exc`'s chain holds a failed connection to a server
+    (Prefect's client speaks httpx, MLflow's requests): a server that is down or misnamed, not a bug."""
+    kinds = [m.TransportError for m in [sys.modules.get("httpx")] if m is not None]
+    kinds += [m.exceptions.ConnectionError for m in [sys.modules.get("requests")] if m is not None]
+    failed = next((e for e in _chain(exc) if kinds and isinstance(e, tuple(kinds))), None)
+    if failed is None:
+        return None
+    try:
+        url = str(failed.request.url) if getattr(failed, "request", None) is not None else ""
+    except RuntimeError:  # httpx: an error raised without its request
+        url = ""
+    match = re.match(r"^[a-z+]+://[^/]+", url)
+    return (match.group(0) if match else "its server"), failed
 
 
 _UNREACHABLE_HINT = ("is it running, and named right? PREFECT_API_URL (or the Prefect profile's) names the Prefect server, "
