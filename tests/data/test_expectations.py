@@ -103,7 +103,7 @@ def test_target_class_unknown_to_the_source_fails(root: Path, tmp_path: Path):
     ingest_folder(folder, "target", root, 0.3, 0)
     report = validate_shift(root, "synth", "target", tmp_path / "out")
     assert "expect_column_values_to_be_in_set" in _failed(report)
-    assert "label=eleven" in report.error()
+    assert "has class(es) 'eleven' (3 images) that source 'synth' does not have" in report.error()
 
 
 def test_too_few_images_per_source_class_fails(root: Path, tmp_path: Path):
@@ -145,6 +145,7 @@ def test_label_check_reads_only_labelled_target_rows(root: Path, tmp_path: Path)
     report = validate_shift(root, "synth", "target", tmp_path / "out")
     assert [(f.expectation, f.column) for f in report.failures] == [("expect_column_values_to_be_in_set", "label")]
     assert [(e["domain"], e["path"]) for e in report.failures[0].examples] == [("target", rows[1].path)]
+    assert report.failures[0].summary.startswith("target 'target' has class(es) 'zz' (1 image) that source 'synth' does not have; its classes are '0', '1',")
     payload = json.loads(report.result_json.read_text())["suites"]["udaflow.images"]["results"]
     label_check = next(r for r in payload if r["expectation_config"]["kwargs"].get("column") == "label")
     assert label_check["result"]["unexpected_count"] == 1 and label_check["result"]["element_count"] == 59  # target rows with a label

@@ -247,11 +247,12 @@ def duplicate_image(base: Path):
 def target_class_unknown_to_source(base: Path):
     f = image_folder(base, classes=("a", "zz"), offset=1000)
     return f, (
-        f"{f}: data validation failed: expect_column_values_to_be_in_set on 'label' failed "
-        "(e.g. domain=tgt, path=zz/0.png, label=zz, split=train, width=16, mode=RGB; "
-        "domain=tgt, path=zz/1.png, label=zz, split=train, width=16, mode=RGB; "
-        "domain=tgt, path=zz/2.png, label=zz, split=train, width=16, mode=RGB)"
-    ), {"source": "src"}
+        f"{f}: data validation failed: target 'tgt' has class(es) 'zz' (6 images) that source 'src' does not have; "
+        "its classes are 'a', 'b' (expect_column_values_to_be_in_set on 'label')"
+    ), {"source": "src"}, (
+        f"rename (or merge) the class folders under {f} to the classes of source 'src', "
+        "or leave --source out to ingest the folder alone (a run pairing it with that source is refused the same way)"
+    )
 
 
 def image_too_small(base: Path):

@@ -147,7 +147,7 @@ _KINDS = [  # for --hypothesis-show-statistics: which refusals the examples reac
     "control character", "not valid UTF-8", "not an image file", "symlink points outside",
     "broken symlink", "symlink loop", "the same folder as", "not a regular file", "has no images", "no images found",
     "outside any class folder", "class folder cannot be named", "refused before decoding", "px limit", "data validation failed: expect_column_values_to_be_between",
-    "data validation failed: expect_column_values_to_be_unique", "data validation failed: expect_column_values_to_be_in_set on 'label'",
+    "data validation failed: expect_column_values_to_be_unique", "that source 'src' does not have",
     "data validation failed: expect_column_values_to_be_in_set on 'mode'", "data validation failed",
 ]
 

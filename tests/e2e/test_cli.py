@@ -292,7 +292,7 @@ def _corrupt_folder(base: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind, needle", [
     ("undecodable", "expect_column_values_to_be_in_set"),
     ("leak", "expect_column_values_to_be_unique"),
-    ("unknown-class", "label=eleven"),
+    ("unknown-class", "has class(es) 'eleven' (1 image) that source 'synth' does not have; its classes are '0', '1'"),
 ])
 def test_corrupt_target_is_refused_at_ingest_and_nothing_changes(workspace: Path, kind, needle):
     ws = workspace

@@ -41,9 +41,12 @@ class Failure:
     expectation: str
     column: str | None
     examples: list[dict[str, Any]]
+    summary: str | None = None  # the failure in the data's own terms, where GX's expectation name is not enough
 
     def describe(self) -> str:
         where = f" on '{self.column}'" if self.column else ""
+        if self.summary:
+            return f"{self.summary} ({self.expectation}{where})"
         ex = "; ".join(
             ", ".join(f"{k}={v}" for k, v in row.items() if k in ("domain", "split", "path", "label", "mode", "count", "width"))
             for row in self.examples[:3]
@@ -144,7 +147,21 @@ def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min
     source_classes = sorted({c for c in images[images.role == "source"].label if c})
     suites = _suites(source_classes, min_per_class)
     frames = {"udaflow.images": images, "udaflow.classes": class_frame(images, min_per_class)}
-    return _validate(f"{source}-to-{target}", {"source": source, "target": target}, suites, frames, images, out_dir)
+    report = _validate(f"{source}-to-{target}", {"source": source, "target": target}, suites, frames, images, out_dir)
+    for failure in report.failures:
+        if (failure.suite, failure.expectation, failure.column) == ("udaflow.images", "expect_column_values_to_be_in_set", "label"):
+            failure.summary = unknown_classes(images, source, target, source_classes)
+    return report
+
+
+def unknown_classes(images, source: str, target: str, source_classes: list[str]) -> str:
+    """The label-set failure in words: which of the target's class folders the source lacks, and the source's classes."""
+    labelled = images[(images.role == "target") & (images.label != "")]
+    unknown = sorted(set(labelled.label) - set(source_classes))
+    counts = labelled.label.value_counts()
+    listed = ", ".join(f"'{c}' ({counts[c]} image{'s' if counts[c] != 1 else ''})" for c in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    known = ", ".join(f"'{c}'" for c in source_classes[:12]) + (f" ... ({len(source_classes)} in all)" if len(source_classes) > 12 else "")
+    return f"target '{target}' has class(es) {listed} that source '{source}' does not have; its classes are {known}"
 
 
 def validate_domain(data_root: Path, name: str, out_dir: Path) -> ValidationReport:

@@ -99,6 +99,17 @@ def _images_under(folder: Path, root: Path, recursive: bool = False, seen: dict[
     return files
 
 
+def _refusal_hint(folder: Path, staged: Path, rows: list, report, source: str | None) -> str | None:
+    """What to do about a refused folder: the unreadable file, or class folders the source lacks."""
+    unreadable = _unreadable_hint(folder, staged, rows)
+    if unreadable is None and any(f.column == "label" for f in report.failures):
+        return (
+            f"rename (or merge) the class folders under {shown(folder)} to the classes of source '{source}', "
+            "or leave --source out to ingest the folder alone (a run pairing it with that source is refused the same way)"
+        )
+    return unreadable
+
+
 def _unreadable_hint(folder: Path, staged: Path, rows: list) -> str | None:
     """For a refused folder with images PIL cannot decode: the first (the user's path) and why, how many more."""
     bad = [r.path for r in rows if not r.decodable]
@@ -282,7 +293,7 @@ def ingest_domain(
         if report.success and source is not None:
             report = validate_shift(data_root, source, staged.name, Path(report_dir) / f"against-{source}", min_per_class)
         if not report.success:  # a file PIL cannot decode: the hint names it and says why
-            raise DataError(f"{folder}: {report.error().replace(staged.name, name)}", _unreadable_hint(Path(folder), staged, rows))
+            raise DataError(f"{folder}: {report.error().replace(staged.name, name)}", _refusal_hint(Path(folder), staged, rows, report, source))
         overlaps = find_overlaps(staged, data_root, name)
 
         same = out.is_dir() and (out / MANIFEST_NAME).is_file() and (out / MANIFEST_NAME).read_bytes() == (staged / MANIFEST_NAME).read_bytes()
