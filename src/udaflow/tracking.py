@@ -647,6 +647,8 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
         if challenger.tags.get(COMPLETE_TAG) != "true":  # pragma: no cover - register_model aliases complete versions only
             raise LookupError(f"model '{name}' v{challenger.version} is incomplete (its registration was cut short)")
         champion = _alias_version(name, CHAMPION)
+        if not dry_run:
+            _settle_cut_short_promotions(name, champion)
         history = _history(name, champion)
         rolled_back = challenger.tags.get("gate.rolled_back_at")
         if rolled_back and (champion is None or str(champion.version) != str(challenger.version)):
@@ -672,8 +674,8 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
         previous = None if champion is None else str(champion.version)
         if dry_run or decision.criterion == "same":
             return decision, str(challenger.version), previous
-        tags = {
-            "gate.decision": "promoted" if decision.promote else "rejected",
+        tags = {  # a promotion says "promoting" until its alias has moved: a kill in between never leaves "promoted" on a non-champion
+            "gate.decision": PROMOTING if decision.promote else "rejected",
             "gate.reason": decision.reason,
             "gate.criterion": decision.criterion,
             "gate.compared_with": previous or "none",
@@ -690,7 +692,26 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
                 history = history[:-1]
             client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(challenger.version)]))
             client.set_registered_model_alias(name, CHAMPION, challenger.version)
+            client.set_model_version_tag(name, challenger.version, "gate.decision", "promoted")
         return decision, str(challenger.version), previous
+
+
+PROMOTING = "promoting"
+
+
+def _settle_cut_short_promotions(name: str, champion) -> None:
+    """Versions a promotion was cut short on (killed between its `promoting` tag and its last write):
+    the champion's alias had moved, so it says `promoted`; any other never became champion, so it says
+    `interrupted` (the gate decides again when that version is the challenger next)."""
+    client = _client()
+    for version in latest_versions(name):
+        if version.tags.get("gate.decision") != PROMOTING:
+            continue
+        became = champion is not None and str(champion.version) == str(version.version)
+        client.set_model_version_tag(name, version.version, "gate.decision", "promoted" if became else "interrupted")
+        if not became:
+            client.set_model_version_tag(name, version.version, "gate.reason",
+                                         f"{version.tags.get('gate.reason', '')} (cut short before the champion alias moved)".strip())
 
 
 def _history(name: str, champion=None) -> list[str]:

@@ -390,6 +390,53 @@ def test_a_run_killed_inside_its_gate_or_before_dropping_its_checkpoint_leaves_n
     assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "3"
 
 
+def test_a_promotion_killed_around_its_alias_never_leaves_promoted_on_a_version_that_is_not_champion(registry: Path, trained, monkeypatch):
+    """The decision reads `promoting` until the champion alias has moved, `promoted` after. Killed
+    before the alias: the version never became champion, and the next gate marks it `interrupted`
+    (until 2026-12-04 it said `promoted` beside another champion for good). Killed after the alias:
+    the next gate, whatever it decides, settles it to `promoted`. A dry run writes nothing."""
+    client = mlflow.MlflowClient()
+    real = mlflow.MlflowClient.set_registered_model_alias
+
+    def killed_at_the_champion_alias(self, name, alias, version):
+        if alias == "champion":
+            raise KeyboardInterrupt
+        return real(self, name, alias, version)
+
+    first = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", killed_at_the_champion_alias)
+    assert cli(["promote", "--model", NAME], registry).exit_code == 130  # the CLI's Ctrl-C: a kill's last write was this one
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", real)
+    assert champion() is None and client.get_model_version(NAME, first).tags["gate.decision"] == "promoting"
+    assert cli(["promote", "--model", NAME, "--dry-run"], registry).exit_code == 0
+    assert client.get_model_version(NAME, first).tags["gate.decision"] == "promoting"  # a dry run writes nothing
+
+    second = add_version(registry, variant(trained, 1), recorded_im=0.6, source_only_im=0.5)  # a new run's other weights
+    result = cli(["promote", "--model", NAME], registry)
+    assert result.exit_code == 0 and champion() == second, result.output
+    cut = client.get_model_version(NAME, first).tags
+    assert cut["gate.decision"] == "interrupted" and cut["gate.reason"].startswith("first version: ") and cut["gate.reason"].endswith(" (cut short before the champion alias moved)")
+    assert client.get_model_version(NAME, second).tags["gate.decision"] == "promoted"
+
+    # killed after the alias moved, before the decision's last write
+    third = add_version(registry, variant(trained, 1), recorded_im=0.6, source_only_im=0.5)  # the champion's weights: a tie, promoted
+    real_tag = mlflow.MlflowClient.set_model_version_tag
+
+    def killed_at_the_last_write(self, name, version, key, value):
+        if key == "gate.decision" and value == "promoted":
+            raise KeyboardInterrupt
+        return real_tag(self, name, version, key, value)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", killed_at_the_last_write)
+    assert cli(["promote", "--model", NAME], registry).exit_code == 130
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real_tag)
+    assert champion() == third and client.get_model_version(NAME, third).tags["gate.decision"] == "promoting"
+    result = cli(["promote", "--model", NAME], registry)
+    assert result.exit_code == 0 and f"version {third} is already the champion" in result.output, result.output
+    assert client.get_model_version(NAME, third).tags["gate.decision"] == "promoted"
+    assert [v.tags.get("gate.decision") for v in tracking.latest_versions(NAME)].count("promoting") == 0
+
+
 def test_a_run_killed_inside_its_registration_has_that_version_completed_not_copied(registry: Path, trained, monkeypatch):
     """Killed while it tagged its new version: the version holds the weights (its first tag says which)
     but no `complete` mark. The next run, with the same weights, finishes that registration instead of
