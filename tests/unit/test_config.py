@@ -275,11 +275,11 @@ def test_method_configs_keep_their_defaults_and_read_yaml_values():
 @pytest.mark.parametrize("override", [
     "data.image_size=28", "seed=1", "model.backbone=udaflow_vit_tiny2", "train.lr=0.001", "train.augment.translate=2",
     "methods.source_only.label_smoothing=0.2", "data.stream=false", "data.min_per_class=3", "train.progress=false",
+    "train.nproc=2", "train.augment.invert=0.2", "train.num_threads=1",
 ])
 def test_dvc_yaml_s_pretrain_stage_lists_every_param_the_source_model_depends_on(override):
     """`dvc repro` re-runs a stage only for the params it lists: one the source model depends on and the
-    stage leaves out gives a stale model (data.image_size did). A param it does not depend on may be
-    listed (the whole `train` block is), never the other way round."""
+    stage leaves out gives a stale model (data.image_size did)."""
     import yaml
 
     from udaflow.experiment import source_params
@@ -292,3 +292,22 @@ def test_dvc_yaml_s_pretrain_stage_lists_every_param_the_source_model_depends_on
     assert covered or base == changed, f"{key} changes the source model but dvc.yaml's pretrain stage does not list it"
     if key in ("data.image_size", "seed", "model.backbone"):
         assert base != changed and covered  # the test can fail: these do change it
+
+
+def test_dvc_yaml_s_training_stages_list_no_param_they_do_not_depend_on():
+    """The other way round: a param a stage lists but does not depend on re-runs it for nothing. The
+    whole `train` block was pretrain's until 2026-12-04, so a new adapt_steps re-ran pretraining, and
+    the whole `methods` block adapt's, so a change to mcc re-ran adamatch. Pretrain lists exactly the
+    `train` keys experiment.source_params keys the source model's cache on; adapt, its method's own block."""
+    import yaml
+
+    from udaflow.experiment import source_params
+
+    def leaves(d: dict, prefix: str) -> set[str]:
+        return set().union(*(leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"} for k, v in d.items()))
+
+    stages = yaml.safe_load((REPO_PARAMS.parent / "dvc.yaml").read_text())["stages"]
+    cfg = load_config(REPO_PARAMS, None, ["train.nproc=2"])  # nproc is in the key only when it is not 1
+    listed = {str(p) for p in stages["pretrain"]["params"] if str(p).startswith("train")}
+    assert listed == leaves(source_params(cfg, 10)["train"], "train.")
+    assert "methods.${method}" in stages["adapt"]["params"] and "methods" not in stages["adapt"]["params"]
