@@ -25,10 +25,13 @@ def restore_dataset(md5: str, dest: str, project: str) -> str:
 @task(name="data-unchanged-since-champion", cache_policy=NO_CACHE)
 def data_unchanged_since_champion(cfg) -> str | None:
     """A reason to skip a retrain when source and target are byte-identical to the data the champion
-    (or the latest challenger, which the gate may have turned down) was adapted on."""
+    (or the latest challenger, once a gate turned it down) was adapted on. A challenger no gate has
+    decided on (its run killed before or inside the gate) does not count: the retrain runs, adopts that
+    version (the same weights) and gates it, where a skip would leave it ungated for good."""
     tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
     name = tracking.model_name(cfg.source, cfg.target)
-    recorded = {alias: tracking.alias_data_hashes(name, alias) for alias in (tracking.CHAMPION, tracking.CHALLENGER)}
+    recorded = {alias: tracking.alias_data_hashes(name, alias, gated=alias == tracking.CHALLENGER)
+                for alias in (tracking.CHAMPION, tracking.CHALLENGER)}
     if not any(recorded.values()):
         return None
     now = {}

@@ -641,14 +641,14 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
     except MlflowException:
         raise LookupError(f"registered model '{name}' does not exist (models are registered by `udaflow run`)") from None
     with registry_lock(name):
+        if not dry_run:
+            _settle_cut_short_writes(name)
         challenger = _alias_version(name, CHALLENGER)
         if challenger is None:
             raise LookupError(f"model '{name}' has no '{CHALLENGER}' alias: run `udaflow run` first")
         if challenger.tags.get(COMPLETE_TAG) != "true":  # pragma: no cover - register_model aliases complete versions only
             raise LookupError(f"model '{name}' v{challenger.version} is incomplete (its registration was cut short)")
         champion = _alias_version(name, CHAMPION)
-        if not dry_run:
-            _settle_cut_short_promotions(name, champion)
         history = _history(name, champion)
         rolled_back = challenger.tags.get("gate.rolled_back_at")
         if rolled_back and (champion is None or str(champion.version) != str(challenger.version)):
@@ -674,8 +674,11 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
         previous = None if champion is None else str(champion.version)
         if dry_run or decision.criterion == "same":
             return decision, str(challenger.version), previous
-        tags = {  # a promotion says "promoting" until its alias has moved: a kill in between never leaves "promoted" on a non-champion
-            "gate.decision": PROMOTING if decision.promote else "rejected",
+        # the decision says "promoting" / "rejecting" until its last write (for a promotion, the alias's): a
+        # kill in between leaves a pending decision the next gate or rollback settles, never a final one
+        # beside another gate's reason or a champion alias that did not move
+        tags = {
+            "gate.decision": PROMOTING if decision.promote else REJECTING,
             "gate.reason": decision.reason,
             "gate.criterion": decision.criterion,
             "gate.compared_with": previous or "none",
@@ -692,26 +695,37 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
                 history = history[:-1]
             client.set_registered_model_tag(name, HISTORY_TAG, ",".join([*history, str(challenger.version)]))
             client.set_registered_model_alias(name, CHAMPION, challenger.version)
-            client.set_model_version_tag(name, challenger.version, "gate.decision", "promoted")
+        client.set_model_version_tag(name, challenger.version, "gate.decision", "promoted" if decision.promote else "rejected")
         return decision, str(challenger.version), previous
 
 
-PROMOTING = "promoting"
+PROMOTING, REJECTING = "promoting", "rejecting"
+FINAL_DECISIONS = ("promoted", "rejected")
 
 
-def _settle_cut_short_promotions(name: str, champion) -> None:
-    """Versions a promotion was cut short on (killed between its `promoting` tag and its last write):
-    the champion's alias had moved, so it says `promoted`; any other never became champion, so it says
-    `interrupted` (the gate decides again when that version is the challenger next)."""
+def _settle_cut_short_writes(name: str) -> None:
+    """What a kill inside a gate or a rollback left, settled under the registry lock before the next one:
+    - a pending decision (`promoting`, `rejecting`): `promoted` on the version `champion` points at (the
+      alias had moved; a later rollback moved it on and marked it rolled back), else `interrupted`, with
+      a reason saying so (its other gate tags may be half this gate's, half an earlier one's); the gate
+      decides again when that version is the challenger next;
+    - a `gate.rolled_back_at` mark on the champion itself: a rollback cut short before its alias moved;
+      the mark goes (the version is still the champion; `udaflow rollback` again rolls it back)."""
     client = _client()
+    champion = _alias_version(name, CHAMPION)
+    current = None if champion is None else str(champion.version)
     for version in latest_versions(name):
-        if version.tags.get("gate.decision") != PROMOTING:
+        tags, v = version.tags, str(version.version)
+        if v == current and "gate.rolled_back_at" in tags:
+            client.delete_model_version_tag(name, v, "gate.rolled_back_at")
+        if tags.get("gate.decision") not in (PROMOTING, REJECTING):
             continue
-        became = champion is not None and str(champion.version) == str(version.version)
-        client.set_model_version_tag(name, version.version, "gate.decision", "promoted" if became else "interrupted")
-        if not became:
-            client.set_model_version_tag(name, version.version, "gate.reason",
-                                         f"{version.tags.get('gate.reason', '')} (cut short before the champion alias moved)".strip())
+        if tags["gate.decision"] == PROMOTING and (v == current or "gate.rolled_back_at" in tags and v != current):
+            client.set_model_version_tag(name, v, "gate.decision", "promoted")
+            continue
+        client.set_model_version_tag(name, v, "gate.reason", "the gate was cut short before its decision took effect; "
+                                     "the next gate of this version decides again")
+        client.set_model_version_tag(name, v, "gate.decision", "interrupted")
 
 
 def _history(name: str, champion=None) -> list[str]:
@@ -735,11 +749,14 @@ def _history(name: str, champion=None) -> list[str]:
 def rollback(name: str) -> tuple[str, str]:
     """Move `champion` back to the previous champion; returns (from_version, to_version).
 
-    Alias first, history second: a kill in between leaves the history one entry ahead of the
-    alias, which _history() trims.
+    The rolled-back mark first (the next gate must not promote that version again, even after a kill
+    right after the alias moved), the alias second, the history third: a kill before the alias leaves
+    the mark on the champion, which the next gate or rollback removes; one before the history leaves
+    it one entry ahead of the alias, which _history() trims.
     """
     client = _client()
     with registry_lock(name):
+        _settle_cut_short_writes(name)
         champion = _alias_version(name, CHAMPION)
         history = _history(name, champion)
         if champion is None:
@@ -749,9 +766,9 @@ def rollback(name: str) -> tuple[str, str]:
         if len(history) < 2:
             raise LookupError(f"model '{name}' has no previous champion to roll back to (history: {history or 'empty'})")
         current, previous = history[-1], history[-2]
+        client.set_model_version_tag(name, current, "gate.rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
-        client.set_model_version_tag(name, current, "gate.rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         return current, previous
 
 
@@ -799,8 +816,9 @@ def run_record(run_id: str) -> RunRecord:
     return RunRecord(run_id, config, tags, dict(run.data.metrics), datasets)
 
 
-def alias_data_hashes(name: str, alias: str = CHAMPION) -> dict[str, str] | None:
-    """{'source': md5, 'target': md5} of the data behind the version `alias` points at, or None."""
+def alias_data_hashes(name: str, alias: str = CHAMPION, gated: bool = False) -> dict[str, str] | None:
+    """{'source': md5, 'target': md5} of the data behind the version `alias` points at, or None (also,
+    with `gated`, when no gate has decided on it yet: a run killed before or inside its gate)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -810,6 +828,8 @@ def alias_data_hashes(name: str, alias: str = CHAMPION) -> dict[str, str] | None
     if version is None or not version.run_id:
         return None
     tags = dict(version.tags)
+    if gated and tags.get("gate.decision") not in FINAL_DECISIONS:
+        return None
     hashes = {role: tags.get(f"data.{role}.md5") for role in ("source", "target")}
     return hashes if all(hashes.values()) else None
 

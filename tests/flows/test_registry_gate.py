@@ -366,7 +366,7 @@ def test_a_run_killed_inside_its_gate_or_before_dropping_its_checkpoint_leaves_n
     decides again, or finds that version the champion already."""
     client = mlflow.MlflowClient()
     cut = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
-    for key, value in {"gate.decision": "promoted", "gate.reason": "first version"}.items():  # killed mid-gate, alias not moved
+    for key, value in {"gate.decision": "promoting", "gate.reason": "first version"}.items():  # killed mid-gate, alias not moved
         client.set_model_version_tag(NAME, cut, key, value)
     client.set_terminated(client.get_model_version(NAME, cut).run_id, "KILLED")
     assert champion() is None
@@ -415,7 +415,7 @@ def test_a_promotion_killed_around_its_alias_never_leaves_promoted_on_a_version_
     result = cli(["promote", "--model", NAME], registry)
     assert result.exit_code == 0 and champion() == second, result.output
     cut = client.get_model_version(NAME, first).tags
-    assert cut["gate.decision"] == "interrupted" and cut["gate.reason"].startswith("first version: ") and cut["gate.reason"].endswith(" (cut short before the champion alias moved)")
+    assert cut["gate.decision"] == "interrupted" and cut["gate.reason"].startswith("the gate was cut short before its decision took effect")
     assert client.get_model_version(NAME, second).tags["gate.decision"] == "promoted"
 
     # killed after the alias moved, before the decision's last write
@@ -435,6 +435,81 @@ def test_a_promotion_killed_around_its_alias_never_leaves_promoted_on_a_version_
     assert result.exit_code == 0 and f"version {third} is already the champion" in result.output, result.output
     assert client.get_model_version(NAME, third).tags["gate.decision"] == "promoted"
     assert [v.tags.get("gate.decision") for v in tracking.latest_versions(NAME)].count("promoting") == 0
+
+
+def test_a_rollback_or_a_rejection_killed_half_way_leaves_no_false_tag(registry: Path, trained, monkeypatch):
+    """A rollback writes its mark on the demoted version before it moves the alias (until 2026-12-04 the
+    mark came last, so a kill after the alias let the next gate promote that version again); killed
+    before the alias, the mark on the still-champion goes at the next gate. A rollback settles a
+    promotion whose last write was cut short, so that version says `promoted`, not `interrupted`.
+    A rejection cut short says `interrupted`, not `rejected` beside an earlier gate's reason."""
+    client = mlflow.MlflowClient()
+    for seed in (0, 0):  # equal weights: the second ties the first and is promoted
+        add_version(registry, variant(trained, seed), recorded_im=0.6, source_only_im=0.5)
+        assert "promoted" in cli(["promote", "--model", NAME], registry).output
+    assert champion() == "2"
+
+    real_alias = mlflow.MlflowClient.set_registered_model_alias
+
+    def killed_at_the_champion_alias(self, name, alias, version):
+        if alias == "champion":
+            raise KeyboardInterrupt
+        return real_alias(self, name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", killed_at_the_champion_alias)
+    assert cli(["rollback", "--model", NAME], registry).exit_code == 130
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", real_alias)
+    assert champion() == "2" and "gate.rolled_back_at" in client.get_model_version(NAME, "2").tags  # the mark, not the move
+    result = cli(["promote", "--model", NAME], registry)  # v2 is the challenger and the champion
+    assert result.exit_code == 0 and "version 2 is already the champion" in result.output, result.output
+    assert "gate.rolled_back_at" not in client.get_model_version(NAME, "2").tags  # it was never rolled back
+
+    # a promotion killed after its alias, before its last write; then a rollback
+    add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    real_tag = mlflow.MlflowClient.set_model_version_tag
+
+    def killed_at_the_last_write(self, name, version, key, value):
+        if key == "gate.decision" and value in ("promoted", "rejected"):
+            raise KeyboardInterrupt
+        return real_tag(self, name, version, key, value)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", killed_at_the_last_write)
+    assert cli(["promote", "--model", NAME], registry).exit_code == 130
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real_tag)
+    assert champion() == "3" and client.get_model_version(NAME, "3").tags["gate.decision"] == "promoting"
+    result = cli(["rollback", "--model", NAME], registry)
+    assert result.exit_code == 0 and "from v3 to v2" in result.output, result.output
+    v3 = client.get_model_version(NAME, "3").tags
+    assert v3["gate.decision"] == "promoted" and "gate.rolled_back_at" in v3  # it was champion, then rolled back
+
+    # a rejection killed before its last write
+    add_version(registry, variant(trained, 0, collapse=True), recorded_im=0.9, source_only_im=0.1)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", killed_at_the_last_write)
+    assert cli(["promote", "--model", NAME], registry).exit_code == 130
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real_tag)
+    assert client.get_model_version(NAME, "4").tags["gate.decision"] == "rejecting"
+    result = cli(["promote", "--model", NAME], registry)  # decides again: collapsed
+    assert result.exit_code == 0 and "collapsed" in result.output and champion() == "2", result.output
+    assert client.get_model_version(NAME, "4").tags["gate.decision"] == "rejected"
+
+
+def test_a_retrain_on_unchanged_data_skips_only_past_a_gate_that_decided(registry: Path, trained):
+    """A scheduled retrain skips when source and target equal the champion's data, or the challenger's
+    once a gate decided on it. A challenger whose run was killed before its gate decided does not
+    count (until 2026-12-04 it did, so every retrain skipped and that version stayed ungated for good)."""
+    from tasks.lineage import data_unchanged_since_champion
+    from udaflow import versioning
+
+    cfg = _cfg(registry)
+    client = mlflow.MlflowClient()
+    v = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    for role, domain in (("source", cfg.source), ("target", cfg.target)):  # what a pipeline run tags
+        client.set_model_version_tag(NAME, v, f"data.{role}.md5", versioning.dataset_version(Path(cfg.data.root) / domain).md5)
+    assert data_unchanged_since_champion.fn(cfg) is None  # ungated: the retrain runs (and adopts it)
+    client.set_model_version_tag(NAME, v, "gate.decision", "promoting")  # killed inside its gate
+    assert data_unchanged_since_champion.fn(cfg) is None
+    client.set_model_version_tag(NAME, v, "gate.decision", "rejected")
+    assert "equal the challenger's" in data_unchanged_since_champion.fn(cfg)
 
 
 def test_a_run_killed_inside_its_registration_has_that_version_completed_not_copied(registry: Path, trained, monkeypatch):
