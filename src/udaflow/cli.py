@@ -357,9 +357,30 @@ def data_ingest(
         console.print(f"  replaced version {result.replaced}: it stays in the DVC cache and remote; {how}", highlight=False)
     if result.changed:
         console.print(f"  record it in git: git add {result.pointer} && git commit", highlight=False)
+    announced = _announcement_record(cfg, name)
+    if result.changed or _announced_md5(announced) != result.md5:
+        if not result.changed:  # a Ctrl-C, a kill or an unreachable server after the version was recorded
+            console.print("  same content as the recorded version, with no record here that it was announced (drift, "
+                          "retrain trigger; an ingest stopped after recording it, or another clone's): announcing it now", highlight=False)
         _announce_new_data(cfg, name, result.md5)
+        announced.parent.mkdir(parents=True, exist_ok=True)
+        announced.write_text(json.dumps({"md5": result.md5}) + "\n")
     else:
         console.print("  same content as the recorded version: no retrain triggered")
+
+
+def _announcement_record(cfg, name: str) -> Path:
+    """Where `data ingest` records the last version of `name` whose announcement completed: a version
+    recorded by an ingest stopped before it (drift measured, event emitted) is announced by the next
+    ingest of the same content instead of never."""
+    return Path(cfg.work_dir) / "ingest" / name / "announced.json"
+
+
+def _announced_md5(record: Path) -> str | None:
+    try:
+        return json.loads(record.read_text()).get("md5")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 @app.command("run")

@@ -853,14 +853,17 @@ def models_for_target(target: str) -> list[str]:
 def log_drift(source: str, target: str, md5: str, figures: dict[str, float], report: dict[str, Any]) -> str:
     """A `drift` run in the shift's experiment: the figures as metrics, the decision as tags, the
     whole report as JSON. Returns the run id."""
+    # host and pid: a drift run killed half-way is ended KILLED by the next run, not left RUNNING; the
+    # decision is written last, so a run without its figures and report claims none
     run_id = start_run(experiment_id(source, target), f"drift:{target}@{md5[:12]}", {
         "udaflow.stage": "drift", "udaflow.source": source, "udaflow.target": target, "dvc.target.md5": md5,
-        "drift.decision": "retrain" if report["retrain"] else "no retrain", "drift.reason": report["reason"][:4000],
+        "udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid()),
     })
     log_metrics(run_id, figures)
     with _tempdir() as tmp:
         path = Path(tmp) / "drift.json"
         path.write_text(json.dumps(report, indent=2, sort_keys=True))
         log_artifact(run_id, path, "drift")
+    set_tags(run_id, {"drift.decision": "retrain" if report["retrain"] else "no retrain", "drift.reason": report["reason"][:4000]})
     end_run(run_id)
     return run_id

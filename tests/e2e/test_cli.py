@@ -331,3 +331,32 @@ def test_overlap_is_a_warning_at_ingest_and_refused_when_a_run_pairs_the_domains
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.search_model_versions("name='udaflow-synth-to-leaky'") == []
     assert not (ws / "runs/synth-to-leaky/dann").exists()  # nothing trained
+
+
+def test_an_ingest_stopped_before_its_announcement_announces_on_the_same_command_again(workspace: Path, monkeypatch):
+    """A new version is recorded, then measured for drift and announced (the retrain trigger). Stopped
+    in between, the same command again used to say "same content: no retrain triggered", and the new
+    data never reached a retrain; now it announces that version, once."""
+    import udaflow.cli as cli_module
+    from udaflow import versioning
+    from udaflow.data.domains import build_domain
+
+    build_domain("synth", workspace / "dock", seed=21, synth_size=40)
+    folder = workspace / "dock/synth"
+    (folder / "manifest.csv").unlink()
+    args = ["data", "ingest", str(folder), "--name", "dock-cam"]
+
+    def stopped(cfg, name, md5):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "_announce_new_data", stopped)
+    result = invoke(args, workspace)
+    assert result.exit_code == 130 and "new version" in result.output, result.output
+    announced = []
+    monkeypatch.setattr(cli_module, "_announce_new_data", lambda cfg, name, md5: announced.append((name, md5)))
+    result = invoke(args, workspace)
+    assert result.exit_code == 0 and "with no record here that it was announced" in result.output, result.output
+    assert announced == [("dock-cam", versioning.dataset_version(workspace / "data/raw/dock-cam").md5)]
+    result = invoke(args, workspace)
+    assert result.exit_code == 0 and "same content as the recorded version: no retrain triggered" in result.output
+    assert len(announced) == 1

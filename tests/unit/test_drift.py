@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from udaflow import drift
@@ -149,3 +152,41 @@ def test_each_model_targeting_new_data_gets_its_own_verdict(tmp_path, monkeypatc
     verdict, figures, per_model = cli._drift(cfg, "my-camera", "0" * 32)
     assert verdict == "shifted" and set(figures) == {"udaflow-mnist-to-my-camera", "udaflow-synth-to-my-camera"}
     assert per_model == {"udaflow-mnist-to-my-camera": "unshifted", "udaflow-synth-to-my-camera": "shifted"}
+
+
+def test_a_drift_run_cut_short_claims_no_decision_and_can_be_ended_killed(tmp_path, monkeypatch):
+    """log_drift writes the decision last and tags host and pid: a drift run killed while it logs its
+    report says no decision, and the next run on the host ends it KILLED (until 2026-12-04 it held
+    `drift.decision` from its first write and stayed RUNNING for good)."""
+    import mlflow
+
+    from udaflow import tracking
+
+    previous = mlflow.get_tracking_uri()
+    tracking.configure(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "artifacts")
+    try:
+        _drift_runs(tracking, monkeypatch)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _drift_runs(tracking, monkeypatch):
+    import mlflow
+
+    report = {"retrain": True, "reason": "shifted"}
+    done = mlflow.get_run(tracking.log_drift("synth", "cam", "1" * 32, {"drift.pad": 0.4}, report))
+    assert done.info.status == "FINISHED" and done.data.tags["drift.decision"] == "retrain"
+    assert done.data.tags["udaflow.pid"] == str(os.getpid()) and done.data.metrics["drift.pad"] == 0.4
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking, "log_artifact", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.log_drift("synth", "cam", "2" * 32, {"drift.pad": 0.5}, report)
+    [cut] = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`dvc.target.md5` = '" + "2" * 32 + "'", output_format="list")
+    assert cut.info.status == "RUNNING" and "drift.decision" not in cut.data.tags
+    client = mlflow.MlflowClient()
+    client.set_tag(cut.info.run_id, "udaflow.pid", "999999999")  # its process gone
+    assert tracking.end_runs_of_dead_processes(cut.info.experiment_id) == [cut.info.run_id]
+    assert client.get_run(cut.info.run_id).info.status == "KILLED"
