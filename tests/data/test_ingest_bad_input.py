@@ -361,3 +361,14 @@ def test_nested_folders_are_read_and_hidden_files_skipped(project: Path, tmp_pat
     assert not [r for r in rows if "/." in r.path]
     for r in rows:
         assert (project / "data/raw/nested" / r.path).read_bytes() == (f / r.path).read_bytes()
+
+
+def test_an_unlabelled_source_is_refused_before_staging(project: Path, tmp_path: Path):
+    """--source names a domain without labels: refused in words before anything is copied (until
+    2026-12-04 every labelled target image failed the label check against an empty class list)."""
+    before = snapshot(project)
+    with pytest.raises(DataError) as err:
+        ingest_domain(image_folder(tmp_path / "user"), "new", project / "data/raw", source="tgt", report_dir=tmp_path / "report")
+    assert str(err.value) == "--source 'tgt' has no labelled images: a source domain is one with classes"
+    assert err.value.hint.startswith("name a labelled domain")
+    assert snapshot(project) == before and leftovers(project) == []

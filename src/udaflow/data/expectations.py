@@ -154,10 +154,12 @@ def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min
     return report
 
 
-def unknown_classes(images, source: str, target: str, source_classes: list[str]) -> str:
+def unknown_classes(images, source: str, target: str, source_classes: list[str]) -> str | None:
     """The label-set failure in words: which of the target's class folders the source lacks, and the source's classes."""
     labelled = images[(images.role == "target") & (images.label != "")]
     unknown = sorted(set(labelled.label) - set(source_classes))
+    if not unknown or not source_classes:  # nothing to name (a source without labels is refused before)
+        return None
     counts = labelled.label.value_counts()
     listed = ", ".join(f"'{c}' ({counts[c]} image{'s' if counts[c] != 1 else ''})" for c in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
     known = ", ".join(f"'{c}'" for c in source_classes[:12]) + (f" ... ({len(source_classes)} in all)" if len(source_classes) > 12 else "")

@@ -102,7 +102,7 @@ def _images_under(folder: Path, root: Path, recursive: bool = False, seen: dict[
 def _refusal_hint(folder: Path, staged: Path, rows: list, report, source: str | None) -> str | None:
     """What to do about a refused folder: the unreadable file, or class folders the source lacks."""
     unreadable = _unreadable_hint(folder, staged, rows)
-    if unreadable is None and any(f.column == "label" for f in report.failures):
+    if unreadable is None and report.failures[0].summary is not None:  # the class folders the source lacks
         return (
             f"rename (or merge) the class folders under {shown(folder)} to the classes of source '{source}', "
             "or leave --source out to ingest the folder alone (a run pairing it with that source is refused the same way)"
@@ -277,6 +277,9 @@ def ingest_domain(
             raise DataError(f"--source '{source}' is the domain being ingested: name another domain to check '{name}' against, or leave --source out")
         if not (data_root / source / MANIFEST_NAME).is_file():
             raise DataError(f"source domain '{source}' not found under {data_root}", "build it (`udaflow data build`) or ingest it first, or leave --source out")
+        if not any(r.label for r in read_manifest(data_root / source)):
+            raise DataError(f"--source '{source}' has no labelled images: a source domain is one with classes",
+                            "name a labelled domain (an ImageFolder, a folder per class) as --source, or leave --source out")
     owner = versioning.tracked_by(out)  # a stage output may be listed in dvc.yaml before it is built
     if owner is not None and not owner.endswith(".dvc"):
         raise DataError(
