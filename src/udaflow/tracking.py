@@ -720,7 +720,7 @@ def _settle_cut_short_writes(name: str) -> None:
             client.delete_model_version_tag(name, v, "gate.rolled_back_at")
         if tags.get("gate.decision") not in (PROMOTING, REJECTING):
             continue
-        if tags["gate.decision"] == PROMOTING and (v == current or "gate.rolled_back_at" in tags and v != current):
+        if tags["gate.decision"] == PROMOTING and (v == current or "gate.rolled_back_at" in tags):
             client.set_model_version_tag(name, v, "gate.decision", "promoted")
             continue
         client.set_model_version_tag(name, v, "gate.reason", "the gate was cut short before its decision took effect; "
