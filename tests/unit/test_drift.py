@@ -162,17 +162,7 @@ def test_a_drift_run_cut_short_claims_no_decision_and_can_be_ended_killed(tmp_pa
 
     from udaflow import tracking
 
-    previous = mlflow.get_tracking_uri()
-    tracking.configure(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "artifacts")
-    try:
-        _drift_runs(tracking, monkeypatch)
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
-def _drift_runs(tracking, monkeypatch):
-    import mlflow
-
+    tracking.configure(f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "artifacts")  # keeps os.environ as it was
     report = {"retrain": True, "reason": "shifted"}
     done = mlflow.get_run(tracking.log_drift("synth", "cam", "1" * 32, {"drift.pad": 0.4}, report))
     assert done.info.status == "FINISHED" and done.data.tags["drift.decision"] == "retrain"
