@@ -390,23 +390,35 @@ def test_a_run_killed_inside_its_gate_or_before_dropping_its_checkpoint_leaves_n
     assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "3"
 
 
-def test_a_promotion_killed_around_its_alias_never_leaves_promoted_on_a_version_that_is_not_champion(registry: Path, trained, monkeypatch):
+# where a kill lands in the gate and rollback: the CLI takes the KeyboardInterrupt as Ctrl-C (exit 130)
+# and the registry keeps the writes made before it
+AT_THE_CHAMPION_ALIAS = ("set_registered_model_alias", lambda name, alias, version: alias == "champion")
+AT_THE_LAST_WRITE = ("set_model_version_tag", lambda name, version, key, value: key == "gate.decision" and value in ("promoted", "rejected"))
+
+
+def cli_killed(args, root, at) -> int:
+    """Run the CLI killed at the first MlflowClient call `at` = (method, which call) picks; its exit code."""
+    method, when = at
+    real = getattr(mlflow.MlflowClient, method)
+
+    def killed(self, *call):
+        if when(*call):
+            raise KeyboardInterrupt
+        return real(self, *call)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mlflow.MlflowClient, method, killed)
+        return cli(args, root).exit_code
+
+
+def test_a_promotion_killed_around_its_alias_never_leaves_promoted_on_a_version_that_is_not_champion(registry: Path, trained):
     """The decision reads `promoting` until the champion alias has moved, `promoted` after. Killed
     before the alias: the version never became champion, and the next gate marks it `interrupted`
     (until 2026-12-04 it said `promoted` beside another champion for good). Killed after the alias:
     the next gate, whatever it decides, settles it to `promoted`. A dry run writes nothing."""
     client = mlflow.MlflowClient()
-    real = mlflow.MlflowClient.set_registered_model_alias
-
-    def killed_at_the_champion_alias(self, name, alias, version):
-        if alias == "champion":
-            raise KeyboardInterrupt
-        return real(self, name, alias, version)
-
     first = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
-    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", killed_at_the_champion_alias)
-    assert cli(["promote", "--model", NAME], registry).exit_code == 130  # the CLI's Ctrl-C: a kill's last write was this one
-    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", real)
+    assert cli_killed(["promote", "--model", NAME], registry, AT_THE_CHAMPION_ALIAS) == 130
     assert champion() is None and client.get_model_version(NAME, first).tags["gate.decision"] == "promoting"
     assert cli(["promote", "--model", NAME, "--dry-run"], registry).exit_code == 0
     assert client.get_model_version(NAME, first).tags["gate.decision"] == "promoting"  # a dry run writes nothing
@@ -420,16 +432,7 @@ def test_a_promotion_killed_around_its_alias_never_leaves_promoted_on_a_version_
 
     # killed after the alias moved, before the decision's last write
     third = add_version(registry, variant(trained, 1), recorded_im=0.6, source_only_im=0.5)  # the champion's weights: a tie, promoted
-    real_tag = mlflow.MlflowClient.set_model_version_tag
-
-    def killed_at_the_last_write(self, name, version, key, value):
-        if key == "gate.decision" and value == "promoted":
-            raise KeyboardInterrupt
-        return real_tag(self, name, version, key, value)
-
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", killed_at_the_last_write)
-    assert cli(["promote", "--model", NAME], registry).exit_code == 130
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real_tag)
+    assert cli_killed(["promote", "--model", NAME], registry, AT_THE_LAST_WRITE) == 130
     assert champion() == third and client.get_model_version(NAME, third).tags["gate.decision"] == "promoting"
     result = cli(["promote", "--model", NAME], registry)
     assert result.exit_code == 0 and f"version {third} is already the champion" in result.output, result.output
@@ -437,7 +440,7 @@ def test_a_promotion_killed_around_its_alias_never_leaves_promoted_on_a_version_
     assert [v.tags.get("gate.decision") for v in tracking.latest_versions(NAME)].count("promoting") == 0
 
 
-def test_a_rollback_or_a_rejection_killed_half_way_leaves_no_false_tag(registry: Path, trained, monkeypatch):
+def test_a_rollback_or_a_rejection_killed_half_way_leaves_no_false_tag(registry: Path, trained):
     """A rollback writes its mark on the demoted version before it moves the alias (until 2026-12-04 the
     mark came last, so a kill after the alias let the next gate promote that version again); killed
     before the alias, the mark on the still-champion goes at the next gate. A rollback settles a
@@ -449,16 +452,7 @@ def test_a_rollback_or_a_rejection_killed_half_way_leaves_no_false_tag(registry:
         assert "promoted" in cli(["promote", "--model", NAME], registry).output
     assert champion() == "2"
 
-    real_alias = mlflow.MlflowClient.set_registered_model_alias
-
-    def killed_at_the_champion_alias(self, name, alias, version):
-        if alias == "champion":
-            raise KeyboardInterrupt
-        return real_alias(self, name, alias, version)
-
-    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", killed_at_the_champion_alias)
-    assert cli(["rollback", "--model", NAME], registry).exit_code == 130
-    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", real_alias)
+    assert cli_killed(["rollback", "--model", NAME], registry, AT_THE_CHAMPION_ALIAS) == 130
     assert champion() == "2" and "gate.rolled_back_at" in client.get_model_version(NAME, "2").tags  # the mark, not the move
     result = cli(["promote", "--model", NAME], registry)  # v2 is the challenger and the champion
     assert result.exit_code == 0 and "version 2 is already the champion" in result.output, result.output
@@ -466,16 +460,7 @@ def test_a_rollback_or_a_rejection_killed_half_way_leaves_no_false_tag(registry:
 
     # a promotion killed after its alias, before its last write; then a rollback
     add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
-    real_tag = mlflow.MlflowClient.set_model_version_tag
-
-    def killed_at_the_last_write(self, name, version, key, value):
-        if key == "gate.decision" and value in ("promoted", "rejected"):
-            raise KeyboardInterrupt
-        return real_tag(self, name, version, key, value)
-
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", killed_at_the_last_write)
-    assert cli(["promote", "--model", NAME], registry).exit_code == 130
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real_tag)
+    assert cli_killed(["promote", "--model", NAME], registry, AT_THE_LAST_WRITE) == 130
     assert champion() == "3" and client.get_model_version(NAME, "3").tags["gate.decision"] == "promoting"
     result = cli(["rollback", "--model", NAME], registry)
     assert result.exit_code == 0 and "from v3 to v2" in result.output, result.output
@@ -484,9 +469,7 @@ def test_a_rollback_or_a_rejection_killed_half_way_leaves_no_false_tag(registry:
 
     # a rejection killed before its last write
     add_version(registry, variant(trained, 0, collapse=True), recorded_im=0.9, source_only_im=0.1)
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", killed_at_the_last_write)
-    assert cli(["promote", "--model", NAME], registry).exit_code == 130
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real_tag)
+    assert cli_killed(["promote", "--model", NAME], registry, AT_THE_LAST_WRITE) == 130
     assert client.get_model_version(NAME, "4").tags["gate.decision"] == "rejecting"
     result = cli(["promote", "--model", NAME], registry)  # decides again: collapsed
     assert result.exit_code == 0 and "collapsed" in result.output and champion() == "2", result.output
