@@ -16,6 +16,7 @@ import numbers
 import os
 import socket
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,7 +132,43 @@ def start_run(experiment: str, name: str, tags: dict[str, str], parent_run_id: s
 
 
 def end_run(run_id: str, failed: bool = False, killed: bool = False) -> None:
+    _stop_heartbeat(run_id)
     _client().set_terminated(run_id, "KILLED" if killed else "FAILED" if failed else "FINISHED")
+
+
+# A pipeline run's process rewrites its heartbeat tag (unix seconds) every HEARTBEAT_S while it lives.
+# Another machine sharing the store cannot ask this one whether the process is alive: it ends the run
+# KILLED once the heartbeat is STALE_S old (a crashed machine, a process killed outright), which also
+# lets its next run adopt the version that run registered. Clocks of a team's machines may differ by
+# a few seconds, not by minutes.
+HEARTBEAT_TAG = "udaflow.heartbeat"
+HEARTBEAT_S = 60.0
+STALE_S = 15 * 60.0
+_heartbeats: dict[str, threading.Event] = {}
+
+
+def _beat_tags() -> dict[str, str]:
+    return {"udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
+
+
+def _start_heartbeat(run_id: str) -> None:
+    stop, client = threading.Event(), _client()  # the store the run is in, whatever the process points at later
+    _heartbeats[run_id] = stop
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
+            except Exception:  # noqa: BLE001 - a missed beat only delays another machine's clean-up
+                pass
+
+    threading.Thread(target=beat, name=f"udaflow-heartbeat-{run_id[:8]}", daemon=True).start()
+
+
+def _stop_heartbeat(run_id: str) -> None:
+    stop = _heartbeats.pop(run_id, None)
+    if stop is not None:
+        stop.set()
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -318,8 +355,8 @@ def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: st
         "prefect.flow_run_id": flow_run_id, "udaflow.method": method, "udaflow.source": source, "udaflow.target": target,
     }
     end_runs_of_dead_processes(exp)
-    tags.update({"udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid())})
-    run_id = start_run(exp, f"{method}:{source}-to-{target}", tags)
+    run_id = start_run(exp, f"{method}:{source}-to-{target}", {**tags, **_beat_tags()})
+    _start_heartbeat(run_id)
     config = redacted(config)
     log_params(run_id, config)
     with _tempdir() as tmp:
@@ -347,18 +384,27 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def end_runs_of_dead_processes(experiment: str) -> list[str]:
-    """Mark KILLED the runs a killed `udaflow run` on this host left RUNNING (its process is gone),
-    with their child runs; returns their ids. A run of a live process is left alone."""
+    """Mark KILLED the runs a killed `udaflow run` or drift check left RUNNING, with their child runs;
+    returns their ids. On this host: those whose process is gone. From another host: those whose
+    heartbeat is over STALE_S old (a run without one is left alone). A live run is left alone."""
     client = _client()
-    host, ended = socket.gethostname(), []
-    for run in client.search_runs([experiment], f"attributes.status = 'RUNNING' and tags.`udaflow.host` = '{host}'"):
-        try:
-            os.kill(int(run.data.tags.get("udaflow.pid", "0")), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except (PermissionError, ValueError):
-            continue
+    host, ended, now = socket.gethostname(), [], time.time()
+    for run in client.search_runs([experiment], "attributes.status = 'RUNNING' and tags.`udaflow.host` LIKE '%'"):
+        tags = run.data.tags
+        if tags.get("udaflow.host") != host:
+            try:
+                if now - float(tags[HEARTBEAT_TAG]) < STALE_S:
+                    continue  # beating, or too recent to judge
+            except (KeyError, ValueError):
+                continue
+        else:
+            try:
+                os.kill(int(tags.get("udaflow.pid", "0")), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except (PermissionError, ValueError):
+                continue
         for child in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'"):
             client.set_terminated(child.info.run_id, "KILLED")
         client.set_terminated(run.info.run_id, "KILLED")
@@ -853,11 +899,10 @@ def models_for_target(target: str) -> list[str]:
 def log_drift(source: str, target: str, md5: str, figures: dict[str, float], report: dict[str, Any]) -> str:
     """A `drift` run in the shift's experiment: the figures as metrics, the decision as tags, the
     whole report as JSON. Returns the run id."""
-    # host and pid: a drift run killed half-way is ended KILLED by the next run, not left RUNNING; the
+    # host, pid and a first heartbeat: a drift run killed half-way is ended KILLED by the next run, not left RUNNING; the
     # decision is written last, so a run without its figures and report claims none
     run_id = start_run(experiment_id(source, target), f"drift:{target}@{md5[:12]}", {
-        "udaflow.stage": "drift", "udaflow.source": source, "udaflow.target": target, "dvc.target.md5": md5,
-        "udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid()),
+        "udaflow.stage": "drift", "udaflow.source": source, "udaflow.target": target, "dvc.target.md5": md5, **_beat_tags(),
     })
     log_metrics(run_id, figures)
     with _tempdir() as tmp:

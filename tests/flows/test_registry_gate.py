@@ -527,3 +527,46 @@ def test_a_run_killed_inside_its_registration_has_that_version_completed_not_cop
     bare = client.create_model_version(NAME, done.source, run_id=cut.run_id)  # a kill before the first tag
     assert add_version(registry, variant(trained, 3, noise=0.3)) == str(int(bare.version) + 1)
     assert tracking.incomplete_versions(NAME) == [str(bare.version)]
+
+
+def test_a_run_killed_on_another_machine_is_ended_once_its_heartbeat_stops_and_its_version_adopted(registry: Path, trained, monkeypatch):
+    """A team's machines share one store. A run left RUNNING by a machine that crashed (or a process
+    killed outright there) cannot be checked by pid from here: its heartbeat, rewritten every
+    HEARTBEAT_S while its process lives, decides. Until 2026-12-04 only the run's own host ended it,
+    so another machine's retrain registered a copy of the weights beside the orphan for good."""
+    import time
+
+    client = mlflow.MlflowClient()
+    cfg = _cfg(registry)
+    exp = tracking.experiment_id(cfg.source, cfg.target)
+
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.05)
+    run = tracking.open_pipeline_run(cfg.model_dump(mode="json"), registry / "params.yaml", "flow-run")
+    started = int(client.get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG])
+    assert abs(started - time.time()) < 60
+    client.set_tag(run.run_id, tracking.HEARTBEAT_TAG, "0")  # the thread writes over it while the process lives
+    deadline = time.time() + 30
+    while client.get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG] == "0" and time.time() < deadline:
+        time.sleep(0.05)
+    assert int(client.get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG]) >= started
+    tracking.close_pipeline_run(run, {})
+    client.set_tag(run.run_id, tracking.HEARTBEAT_TAG, "1")
+    time.sleep(0.5)
+    assert client.get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG] == "1"  # an ended run beats no more
+
+    first = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    crashed = client.get_model_version(NAME, first).run_id
+    child = tracking.start_run(exp, "adapt", {}, crashed)
+    beat = time.time() - 60
+    client.set_tag(crashed, "udaflow.host", "another-machine")
+    client.set_tag(crashed, "udaflow.pid", "1")  # a pid alive here, and meaningless: it is another machine's
+    client.set_tag(crashed, tracking.HEARTBEAT_TAG, str(int(beat)))
+    silent = tracking.start_run(exp, "older", {"udaflow.host": "another-machine", "udaflow.pid": "1"})  # no heartbeat: not judged
+    assert tracking.end_runs_of_dead_processes(exp) == []  # beating a minute ago: alive
+    client.set_tag(crashed, tracking.HEARTBEAT_TAG, str(int(time.time() - tracking.STALE_S - 1)))
+    assert tracking.end_runs_of_dead_processes(exp) == [crashed]
+    assert client.get_run(crashed).info.status == "KILLED" and client.get_run(child).info.status == "KILLED"
+    assert client.get_run(silent).info.status == "RUNNING"
+    # this machine's next run, with the same weights, adopts the orphan's version instead of a copy
+    assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == first
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
