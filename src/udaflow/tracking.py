@@ -357,16 +357,20 @@ def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: st
     end_runs_of_dead_processes(exp)
     run_id = start_run(exp, f"{method}:{source}-to-{target}", {**tags, **_beat_tags()})
     _start_heartbeat(run_id)
-    config = redacted(config)
-    log_params(run_id, config)
-    with _tempdir() as tmp:
-        import yaml
+    try:  # the caller gets no run to close until this returns: a failure here ends it (and its heartbeat)
+        config = redacted(config)
+        log_params(run_id, config)
+        with _tempdir() as tmp:
+            import yaml
 
-        resolved = Path(tmp) / "params.resolved.yaml"
-        resolved.write_text(yaml.safe_dump(config, sort_keys=False))
-        log_artifact(run_id, resolved, "params")
-        if Path(params_file).exists():
-            log_artifact(run_id, Path(params_file), "params")
+            resolved = Path(tmp) / "params.resolved.yaml"
+            resolved.write_text(yaml.safe_dump(config, sort_keys=False))
+            log_artifact(run_id, resolved, "params")
+            if Path(params_file).exists():
+                log_artifact(run_id, Path(params_file), "params")
+    except BaseException as exc:
+        end_run(run_id, failed=True, killed=isinstance(exc, KeyboardInterrupt))
+        raise
     return PipelineRun(exp, run_id, source, target)
 
 

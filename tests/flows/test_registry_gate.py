@@ -554,6 +554,16 @@ def test_a_run_killed_on_another_machine_is_ended_once_its_heartbeat_stops_and_i
     time.sleep(0.5)
     assert client.get_run(run.run_id).data.tags[tracking.HEARTBEAT_TAG] == "1"  # an ended run beats no more
 
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # a run that fails before the caller has it to close ends itself
+        m.setattr(tracking, "log_artifact", no_room)
+        with pytest.raises(OSError):
+            tracking.open_pipeline_run(cfg.model_dump(mode="json"), registry / "params.yaml", "flow-run")
+    [failed] = mlflow.search_runs([exp], "attributes.status = 'FAILED'", output_format="list")
+    assert failed.info.run_id not in tracking._heartbeats
+
     first = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
     crashed = client.get_model_version(NAME, first).run_id
     child = tracking.start_run(exp, "adapt", {}, crashed)
