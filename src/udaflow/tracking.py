@@ -144,7 +144,7 @@ def end_run(run_id: str, failed: bool = False, killed: bool = False) -> None:
 HEARTBEAT_TAG = "udaflow.heartbeat"
 HEARTBEAT_S = 60.0
 STALE_S = 15 * 60.0
-_heartbeats: dict[str, threading.Event] = {}
+_heartbeats: dict[str, tuple[threading.Event, threading.Thread]] = {}
 
 
 def _beat_tags() -> dict[str, str]:
@@ -153,7 +153,6 @@ def _beat_tags() -> dict[str, str]:
 
 def _start_heartbeat(run_id: str) -> None:
     stop, client = threading.Event(), _client()  # the store the run is in, whatever the process points at later
-    _heartbeats[run_id] = stop
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_S):
@@ -162,13 +161,17 @@ def _start_heartbeat(run_id: str) -> None:
             except Exception:  # noqa: BLE001 - a missed beat only delays another machine's clean-up
                 pass
 
-    threading.Thread(target=beat, name=f"udaflow-heartbeat-{run_id[:8]}", daemon=True).start()
+    thread = threading.Thread(target=beat, name=f"udaflow-heartbeat-{run_id[:8]}", daemon=True)
+    _heartbeats[run_id] = (stop, thread)
+    thread.start()
 
 
 def _stop_heartbeat(run_id: str) -> None:
-    stop = _heartbeats.pop(run_id, None)
+    """Stop the run's heartbeat and wait out a beat already being written, so none lands after its end."""
+    stop, thread = _heartbeats.pop(run_id, (None, None))
     if stop is not None:
         stop.set()
+        thread.join(timeout=10)
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
