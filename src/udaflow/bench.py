@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from udaflow.config import Config
-from udaflow.costs import cpu_name, matmul_gflops, training_gflop_per_image
+from udaflow.costs import cpu_name, matmul_gflops, training_gflop_per_image, training_matmul
 from udaflow.data.datasets import load_oracle_data, load_shift
 from udaflow.data.store import digest
 from udaflow.distributed import die_with_parent
@@ -78,7 +78,12 @@ def run_bench(
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": max(1, (os.cpu_count() or 1) // jobs)})})
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    machine_gflops = round(matmul_gflops(), 1)  # this machine's fp32 GEMM rate at a cell's thread count: speeds below are ratios of it
+    # the training device's GEMM rate (fp32 on CPU at a cell's thread count, bf16 on a GPU under autocast):
+    # speeds below are ratios of it
+    from udaflow.engine import resolve_device
+
+    gemm_device, gemm_dtype = training_matmul(resolve_device(cfg.train.device), cfg.train.amp)
+    machine_gflops = round(matmul_gflops(device=gemm_device, dtype=gemm_dtype), 1)
     if on_machine:
         on_machine(machine_gflops, torch.get_num_threads())
     if jobs > 1:
@@ -246,12 +251,15 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
 
 def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float) -> dict[str, float]:
     """Training FLOPs per image (forward + backward), the GFLOP/s that achieved, its share of the GEMM rate,
-    and the CPU that rate is of (the same bits differ across CPU models; `costs.machine`)."""
+    the device and dtype that rate is of (`matmul_on`: "cpu float32", or the GPU's name and bfloat16 under
+    autocast) and the CPU (the same bits differ across CPU models; `costs.machine`)."""
     per_image = training_gflop_per_image(stage.classifier, image_spec(cfg).size)
     achieved = per_image * images_per_s
+    device, dtype = training_matmul(stage.train.device, cfg.train.amp)
     return {
         "train_gflop_per_image": round(per_image, 6), "achieved_gflops": round(achieved, 1),
-        "matmul_gflops": machine_gflops, "matmul_fraction": round(achieved / machine_gflops, 3) if machine_gflops else None,
+        "matmul_gflops": machine_gflops, "matmul_fraction": float(f"{achieved / machine_gflops:.3g}") if machine_gflops else None,
+        "matmul_on": f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} {str(dtype).removeprefix('torch.')}",
         "cpu": cpu_name(),
     }
 

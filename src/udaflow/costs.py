@@ -1,6 +1,7 @@
 """What a training step costs, in units that compare across machines.
 
-`matmul_gflops` measures this machine's fp32 GEMM rate (a large square matmul, best of a few);
+`matmul_gflops` measures this machine's GEMM rate (a large square matmul, best of a few: fp32 on CPU,
+bf16 on a GPU that trains under autocast, `training_matmul`);
 `training_gflop_per_image` counts the FLOPs of one forward + backward pass of a classifier per image
 (torch's FlopCounterMode: matmuls and convolutions, a convolution's backward by `_conv_backward_flop`,
 which torch gets wrong for grouped ones). Achieved GFLOP/s = GFLOP per image x images/s;
@@ -17,16 +18,33 @@ from pathlib import Path
 import torch
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` fp32 (n x n) @ (n x n) rate on CPU, in GFLOP/s (2 n^3 FLOPs per product)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up: thread pool, caches
+def matmul_gflops(n: int | None = None, repeats: int = 5, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-`repeats` (n x n) @ (n x n) rate on `device` in `dtype`, in GFLOP/s (2 n^3 FLOPs per product).
+
+    On CPU fp32 at n = 2048 (a 2-core CPU: a fraction of a second). On a GPU n = 8192 by default: a
+    2048-square product is over in microseconds there, and its rate would be launch overhead, not the
+    tensor cores' (an H200's bf16 GEMM runs near 790 TFLOP/s at 8192, README "On a GPU")."""
+    device = torch.device(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(2 if device.type == "cuda" else 1):  # warm-up: thread pool, caches; cuBLAS's handle and clocks
+        torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best / 1e9
+
+
+def training_matmul(device: torch.device | str, amp: bool) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype whose GEMM rate a training loop on `device` is measured against: bf16 on a
+    GPU under autocast (`train.amp`, its matrix products run in bf16), fp32 otherwise (autocast is off on CPU)."""
+    device = torch.device(device)
+    return device, torch.bfloat16 if device.type == "cuda" and amp else torch.float32
 
 
 def cpu_name() -> str:

@@ -99,6 +99,7 @@ def test_build_ingest_run_bench(workspace: Path):
             assert row["selection_loss"] == pytest.approx(row["best_checkpoint_target_acc"] - row["target_acc_selected"], abs=0.01)
     for row in bench:
         assert row["train_gflop_per_image"] > 0 and row["matmul_gflops"] > 0 and row["cpu"] == cpu_name()  # the rate's machine, named
+        assert row["matmul_on"] == "cpu float32"  # on a GPU its name and bfloat16 under autocast (tests/gpu)
         assert row["achieved_gflops"] == pytest.approx(row["train_gflop_per_image"] * row["train_images_per_s"], rel=0.01, abs=0.1)  # both rounded
         if row["method"] != "oracle":
             assert set(row["regret"]) == {"entropy", "im", "snd", "bnm", "dev", "ensv"}
