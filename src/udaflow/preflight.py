@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import timm
+import torch
 from pydantic import ValidationError
 
 from udaflow.config import Config, ConfigError, blame, error_key, explain
@@ -53,6 +54,10 @@ def validate_run(
         if batch is not None and batch % t.nproc:
             raise refuse("train.nproc", f"train.nproc: {t.nproc} processes cannot split {key} = {batch} evenly (the global batch); "
                                         f"make it a multiple of {t.nproc}")
+    gpus = torch.cuda.device_count() if t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available()) else 0
+    if t.nproc > gpus > 0:  # rank r trains on cuda:r; nccl refuses two ranks on one GPU, and a rank past the last has none
+        raise refuse("train.nproc", f"train.nproc: {t.nproc} processes on GPUs need a GPU each (nccl); {gpus} visible: "
+                                    f"--nproc {gpus} or fewer, or --device cpu (gloo)")
     known = list_methods()
     wanted = [("method", cfg.method)] if methods is None else [("--methods", name) for name in methods]
     for key, name in wanted:

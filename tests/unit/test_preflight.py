@@ -60,6 +60,25 @@ def test_bad_settings_name_their_key(tmp_path, update, match):
         check_run_config(_cfg(tmp_path, **update))
 
 
+@pytest.mark.parametrize("device, gpus, nproc, refused", [
+    ("cuda", 1, 2, True),  # nccl refuses two ranks on one GPU; rank 1 would ask for cuda:1
+    ("auto", 2, 4, True),
+    ("cuda", 2, 2, False),
+    ("cpu", 1, 2, False),  # gloo: ranks share the cores
+    ("cuda", 0, 2, False),  # no GPU at all: resolve_device's own error says so
+])
+def test_more_ranks_than_gpus_is_refused_before_any_process_starts(tmp_path, monkeypatch, device, gpus, nproc, refused):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: gpus > 0)
+    cfg = _cfg(tmp_path, **{"train.device": device, "train.nproc": nproc, "train.batch_size": 64})
+    if refused:
+        with pytest.raises(ConfigError, match=rf"^train\.nproc: {nproc} processes on GPUs need a GPU each \(nccl\); {gpus} visible: "
+                                              rf"--nproc {gpus} or fewer, or --device cpu \(gloo\)$"):
+            check_run_config(cfg)
+    else:
+        check_run_config(cfg)
+
+
 def test_a_missing_domain_names_the_folder(tmp_path):
     with pytest.raises(DataError, match=r"target: domain 'nosuch' not found"):
         check_run_config(_cfg(tmp_path, target="nosuch"))
