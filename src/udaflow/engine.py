@@ -8,6 +8,7 @@ batch into named losses.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -63,6 +64,17 @@ def peak_rss_mb() -> float:
 def _autocast(device: torch.device, amp: bool):
     enabled = amp and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _attention_kernels(device: torch.device, deterministic: bool):
+    """On a GPU under train.deterministic, the fused attention kernels whose backward repeats its bits: flash
+    (bf16) and the math fallback. torch warns that cuDNN's and the memory-efficient kernel's backward are not
+    deterministic, and picked both for udaflow's ViTs on an H200 (README, "On a GPU")."""
+    if device.type != "cuda" or not deterministic:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
 
 
 @torch.no_grad()
@@ -295,7 +307,10 @@ class _Domain:
     def inputs(self, idx: torch.Tensor, view: str = "default") -> torch.Tensor:
         """Normalised inputs of images[idx] in a view (weak | default | strong): (B, 3, H, W), or under
         torchrun this rank's rows of them (the whole draw is augmented alike on every rank)."""
-        x = distributed.shard(augment_view(self.images[idx], self.augment, self.generator, view))
+        images = self.images[idx]
+        if self.device.type == "cuda":  # augmented where it trains: uint8 over the bus, the arithmetic on the GPU
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        x = distributed.shard(augment_view(images, self.augment, self.generator, view))
         return to_input(x, self.device, self.classifier.input_mean, self.classifier.input_std)
 
     def embed(self, model: Classifier | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,7 +385,7 @@ def train(
         embed_source=src.embed, embed_target=tgt.embed if tgt is not None else None, num_target=len(target) if target is not None else 0,
     )
     selectable_from = method.selection_start(steps)  # earlier checkpoints are scored, never selected
-    with ProgressReport(cfg.progress and main, description, steps, start) as progress:
+    with ProgressReport(cfg.progress and main, description, steps, start) as progress, _attention_kernels(device, cfg.deterministic):
         for step in range(start, steps):
             ctx = replace(context, step=step)
             if method.refresh_every and tgt is not None and step % method.refresh_every == 0:

@@ -72,3 +72,20 @@ def test_augmentation_scales_with_the_input_size():
         assert int(where.abs().max()) == expected  # moved up to the same share of the picture
         for view in VIEWS:
             assert augment_view(x, AugmentConfig(), torch.Generator().manual_seed(0), view).shape == x.shape
+
+
+@pytest.mark.parametrize("view", ["weak", "default", "strong"])
+def test_augmentation_computes_where_the_images_are_and_draws_on_the_cpu_generator(view):
+    """The engine augments a GPU run's batch on the GPU. The meta device stands in for one here: an operand
+    left on the CPU fails as it would on CUDA ("not on the expected device"), and the draws stay on the
+    run's CPU generator, as many as on the CPU (tests/gpu compares the pixels on a real GPU)."""
+    from udaflow.config import AugmentConfig
+    from udaflow.data.transforms import augment_view
+
+    cfg = AugmentConfig(rotate=10, scale=0.1, strong_rotate=20, strong_shear=0.2)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    on_cpu, elsewhere = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    augment_view(images, cfg, on_cpu, view)
+    out = augment_view(images.to("meta"), cfg, elsewhere, view)
+    assert (out.device.type, out.dtype, out.shape) == ("meta", torch.uint8, images.shape)
+    assert torch.equal(on_cpu.get_state(), elsewhere.get_state())

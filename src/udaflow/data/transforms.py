@@ -1,5 +1,9 @@
 """Batch transforms on tensors (no per-image PIL work: two CPU cores can't afford it).
 
+The random numbers are drawn on the CPU from the run's seeded generator and the arithmetic runs where
+the images are: on the CPU, or on the GPU the engine trains on (a 224 px batch augmented on the host held
+a GPU step to the host's pace, README "On a GPU"). On the CPU the bits are those of the CPU-only code before.
+
 Three views of a batch: `weak` (a small shift: what pseudo-labels are read from), `default` (the
 training augmentation every method uses) and `strong` (default + cutout, and a random rotation and
 shear when `strong_rotate` / `strong_shear` ask for one: what consistency and self-training methods
@@ -32,9 +36,10 @@ def to_input(images: torch.Tensor, device: torch.device | str = "cpu", mean: flo
 def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Random shift, colour jitter, channel mixing and inversion: (B, 3, H, W) uint8 -> uint8.
 
-    Randomness comes from `generator` (on CPU) so a seeded run draws the same augmentations.
+    Randomness comes from `generator` (on CPU) so a seeded run draws the same augmentations; the images
+    may be on any device.
     """
-    b = images.shape[0]
+    b, device = images.shape[0], images.device
     x = images.float() / 255.0
     if cfg.rotate > 0 or cfg.scale > 0:
         x = affine(x, pixels(cfg.translate, x), cfg.rotate, cfg.scale, generator)
@@ -44,17 +49,17 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
         # random convex channel mix: covers grey<->colour and hue swaps between domains
         mix = torch.rand(b, 3, 3, generator=generator) + torch.eye(3) * 2.0
         mix = mix / mix.sum(dim=2, keepdim=True)  # rows sum to 1: (B, 3 out, 3 in)
-        x = torch.einsum("boi,bihw->bohw", mix, x)
+        x = torch.einsum("boi,bihw->bohw", mix.to(device), x)
         # independent per-channel gain and offset: turns grey digits into colour ones
         gain = 0.7 + 0.6 * torch.rand(b, 3, 1, 1, generator=generator)
         offset = 0.4 * (torch.rand(b, 3, 1, 1, generator=generator) - 0.5)
-        x = x * gain + offset
-        contrast = 0.6 + 0.8 * torch.rand(b, 1, 1, 1, generator=generator)
-        brightness = 0.3 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)
+        x = x * gain.to(device) + offset.to(device)
+        contrast = (0.6 + 0.8 * torch.rand(b, 1, 1, 1, generator=generator)).to(device)
+        brightness = (0.3 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)).to(device)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * contrast + mean + brightness
     if cfg.invert > 0:
-        flip = (torch.rand(b, 1, 1, 1, generator=generator) < cfg.invert).float()
+        flip = (torch.rand(b, 1, 1, 1, generator=generator) < cfg.invert).float().to(device)
         x = flip * (1.0 - x) + (1.0 - flip) * x
     return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
 
@@ -73,11 +78,11 @@ def shift(images: torch.Tensor, translate: int, generator: torch.Generator) -> t
     b, _, h, w = images.shape
     t = translate
     padded = F.pad(images.float(), (t, t, t, t), mode="replicate")  # (B, C, H+2t, W+2t)
-    dx = torch.randint(0, 2 * t + 1, (b,), generator=generator)
-    dy = torch.randint(0, 2 * t + 1, (b,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
-    out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # (B, H, W, C): one gather, no per-image loop
+    dx = torch.randint(0, 2 * t + 1, (b,), generator=generator).to(images.device)
+    dy = torch.randint(0, 2 * t + 1, (b,), generator=generator).to(images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (B, 1, W)
+    out = padded[torch.arange(b, device=images.device)[:, None, None], :, rows, cols]  # (B, H, W, C): one gather, no per-image loop
     return out.permute(0, 3, 1, 2).contiguous().to(images.dtype)
 
 
@@ -94,7 +99,7 @@ def affine(images: torch.Tensor, translate: float, rotate: float, scale: float, 
     # rotation @ [[1, s], [0, 1]]; with shear 0 no number is drawn (the rotate/scale augmentation's bits are unchanged)
     s = (torch.rand(b, generator=generator) * 2 - 1) * shear if shear > 0 else torch.zeros(b)
     theta = torch.stack([torch.stack([cos, cos * s - sin, move[:, 0]], 1), torch.stack([sin, sin * s + cos, move[:, 1]], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -105,7 +110,8 @@ def cutout(images: torch.Tensor, generator: torch.Generator, max_fraction: float
     y0 = torch.randint(0, h, (b,), generator=generator)
     x0 = torch.randint(0, w, (b,), generator=generator)
     grey = torch.randint(0, 256, (b,), generator=generator)
-    ys, xs = torch.arange(h)[None, :], torch.arange(w)[None, :]  # (1, H), (1, W)
+    side, y0, x0, grey = (v.to(images.device) for v in (side, y0, x0, grey))
+    ys, xs = torch.arange(h, device=images.device)[None, :], torch.arange(w, device=images.device)[None, :]  # (1, H), (1, W)
     in_y = (ys >= (y0 - side // 2)[:, None]) & (ys < (y0 + (side + 1) // 2)[:, None])  # (B, H)
     in_x = (xs >= (x0 - side // 2)[:, None]) & (xs < (x0 + (side + 1) // 2)[:, None])  # (B, W)
     box = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
