@@ -33,6 +33,32 @@ def colour_images(n: int, seed: int, shift: float = 0.0) -> tuple[torch.Tensor, 
     return img.clamp(0, 255).round().to(torch.uint8), labels
 
 
+class Killed(Exception):
+    """Stands in for a kill -9 in the middle of a run."""
+
+
+def fresh_method(name, options=None, kill_at_call=None, pseudo_labels=None):
+    """A seeded micro-ViT classifier and `name`'s method on it; with `kill_at_call`, the method's forward
+    raises Killed on that call (a run killed mid-step)."""
+    from udaflow.methods import create_method
+    from udaflow.models import build_classifier
+
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3)
+    method = create_method(name, clf, options, pseudo_labels)
+    if kill_at_call is not None:
+        forward, calls = method.forward, [0]
+
+        def dying_forward(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == kill_at_call:
+                raise Killed(f"killed at forward call {calls[0]}")
+            return forward(*args, **kwargs)
+
+        method.forward = dying_forward
+    return clf, method
+
+
 @pytest.fixture(scope="session")
 def tiny_shift() -> tuple[LabelledImages, UnlabelledImages, torch.Tensor]:
     """Labelled source (60 images), unlabelled shifted target (60 images) and the target's true labels."""

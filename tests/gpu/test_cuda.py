@@ -21,34 +21,13 @@ from udaflow import engine
 from udaflow.config import AugmentConfig
 from udaflow.costs import matmul_gflops, training_matmul
 from udaflow.data.transforms import VIEWS, augment_view
-from udaflow.methods import create_method
-from udaflow.models import build_classifier
+
+from conftest import Killed, fresh_method  # noqa: E402
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before this process's first cuBLAS call, as `udaflow` sets it
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Killed(Exception):
-    """Stands in for a kill -9 in the middle of a run."""
-
-
-def _fresh(method_name: str, options: dict | None = None, kill_at_call: int | None = None):
-    torch.manual_seed(0)
-    clf = build_classifier("udaflow_vit_micro", 3)
-    method = create_method(method_name, clf, options, None)
-    if kill_at_call is not None:
-        forward, calls = method.forward, [0]
-
-        def dying_forward(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == kill_at_call:
-                raise Killed(f"killed at forward call {calls[0]}")
-            return forward(*args, **kwargs)
-
-        method.forward = dying_forward
-    return clf, method
 
 
 def _accuracy(clf, state: dict, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -61,7 +40,7 @@ def test_deterministic_training_on_cuda_keeps_off_the_attention_kernels_torch_ca
     """Without the restriction torch picked cuDNN's attention and the memory-efficient kernel for udaflow's
     ViTs on an H200 and warned that their backward is non-deterministic (the warning comes once a process: this test runs first)."""
     source, target, _ = tiny_shift
-    clf, method = _fresh("adamatch")
+    clf, method = fresh_method("adamatch")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine.train(clf, method, source, target, make_train_config(device="cuda", deterministic=True), steps=10, lr=3e-3, seed=0)
@@ -70,7 +49,7 @@ def test_deterministic_training_on_cuda_keeps_off_the_attention_kernels_torch_ca
 
 def test_adaptation_on_cuda_runs_bf16_with_fused_attention_and_hands_back_fp32_host_weights(tiny_shift, make_train_config):
     source, target, target_labels = tiny_shift
-    clf, method = _fresh("adamatch")
+    clf, method = fresh_method("adamatch")
     fused = [m.fused_attn for m in clf.modules() if hasattr(m, "fused_attn")]
     assert fused and all(fused)  # timm's F.scaled_dot_product_attention, not q @ k^T written out
     seen: list[torch.dtype] = []
@@ -95,7 +74,7 @@ def test_a_killed_run_on_cuda_resumes_to_the_same_bits(method_name, options, tin
     cfg = make_train_config(device="cuda", checkpoint_every=10, eval_every=10, deterministic=True)
 
     def run(ckpt: Path, kill_at_call: int | None = None):
-        clf, method = _fresh(method_name, options, kill_at_call)
+        clf, method = fresh_method(method_name, options, kill_at_call)
         return engine.train(clf, method, source, target, cfg, steps=20, lr=3e-3, seed=0, checkpoint_path=ckpt, fingerprint="gpu")
 
     uninterrupted = run(tmp_path / "a.pt")
@@ -113,13 +92,13 @@ def test_a_checkpoint_written_on_cuda_resumes_on_a_cpu(tiny_shift, make_train_co
     the host (map_location) and the optimiser's state follows the parameters, so the CPU picks it up at its step."""
     source, target, target_labels = tiny_shift
     ckpt = tmp_path / "ckpt.pt"
-    clf, method = _fresh("dann", kill_at_call=26)
+    clf, method = fresh_method("dann", kill_at_call=26)
     with pytest.raises(Killed):
         engine.train(clf, method, source, target, make_train_config(device="cuda", checkpoint_every=20, eval_every=20),
                      steps=40, lr=3e-3, seed=0, checkpoint_path=ckpt, fingerprint="gpu")
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["step"] == 20
-    clf, method = _fresh("dann")
+    clf, method = fresh_method("dann")
     resumed = engine.train(clf, method, source, target, make_train_config(device="cpu", checkpoint_every=20, eval_every=20),
                            steps=40, lr=3e-3, seed=0, checkpoint_path=ckpt, fingerprint="gpu")
     assert resumed.resumed_from == 20 and resumed.device == "cpu"

@@ -11,26 +11,7 @@ from udaflow.methods import create_method
 from udaflow.models import build_classifier
 from udaflow.validators import VALIDATORS, score_all
 
-
-class Killed(Exception):
-    """Stands in for a kill -9 in the middle of a run."""
-
-
-def _fresh(name, options, kill_at_call=None, pseudo_labels=None):
-    torch.manual_seed(0)
-    clf = build_classifier("udaflow_vit_micro", 3)
-    method = create_method(name, clf, options, pseudo_labels)
-    if kill_at_call is not None:
-        forward, calls = method.forward, [0]
-
-        def dying_forward(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == kill_at_call:
-                raise Killed(f"killed at forward call {calls[0]}")
-            return forward(*args, **kwargs)
-
-        method.forward = dying_forward
-    return clf, method
+from conftest import Killed, fresh_method as _fresh  # noqa: E402
 
 
 def _run(name, options, tiny_shift, cfg, ckpt, kill_at_call=None, fingerprint=None, pseudo_labels=None):
