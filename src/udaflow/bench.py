@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from udaflow.config import Config
-from udaflow.costs import cpu_name, matmul_gflops, training_gflop_per_image, training_matmul
+from udaflow.costs import cpu_name, gemm_name, matmul_gflops, training_gflop_per_image, training_matmul
 from udaflow.data.datasets import load_oracle_data, load_shift
 from udaflow.data.store import digest
 from udaflow.distributed import die_with_parent
@@ -255,11 +255,10 @@ def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float
     autocast) and the CPU (the same bits differ across CPU models; `costs.machine`)."""
     per_image = training_gflop_per_image(stage.classifier, image_spec(cfg).size)
     achieved = per_image * images_per_s
-    device, dtype = training_matmul(stage.train.device, cfg.train.amp)
     return {
         "train_gflop_per_image": round(per_image, 6), "achieved_gflops": round(achieved, 1),
         "matmul_gflops": machine_gflops, "matmul_fraction": float(f"{achieved / machine_gflops:.3g}") if machine_gflops else None,
-        "matmul_on": f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} {str(dtype).removeprefix('torch.')}",
+        "matmul_on": gemm_name(*training_matmul(stage.train.device, cfg.train.amp)),
         "cpu": cpu_name(),
     }
 

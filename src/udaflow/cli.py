@@ -895,13 +895,11 @@ def bench(
         )
 
     def machine(gflops: float, threads: int) -> None:
-        import torch
-
-        from udaflow.costs import cpu_name, training_matmul
+        from udaflow.costs import cpu_name, gemm_name, training_matmul
         from udaflow.engine import resolve_device
 
         gpu, dtype = training_matmul(resolve_device(cfg.train.device), cfg.train.amp)
-        rate = (f"{torch.cuda.get_device_name(gpu)} {str(dtype).removeprefix('torch.')} matmul (8192^2) {gflops:.0f} GFLOP/s"
+        rate = (f"{gemm_name(gpu, dtype)} matmul (8192^2) {gflops:.0f} GFLOP/s"
                 if gpu.type == "cuda" else f"fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {threads} threads")
         console.print(f"machine: {cpu_name()}, {rate}; speeds below are shares of it", highlight=False)
 

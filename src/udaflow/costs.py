@@ -47,6 +47,13 @@ def training_matmul(device: torch.device | str, amp: bool) -> tuple[torch.device
     return device, torch.bfloat16 if device.type == "cuda" and amp else torch.float32
 
 
+def gemm_name(device: torch.device | str, dtype: torch.dtype) -> str:
+    """What a GEMM rate is of: "cpu float32", or the GPU's name and the dtype ("NVIDIA H200 bfloat16")."""
+    device = torch.device(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{where} {str(dtype).removeprefix('torch.')}"
+
+
 def cpu_name() -> str:
     """The CPU's model name with its vendor, family and model numbers (/proc/cpuinfo on Linux; a virtual
     machine often shows a generic name such as "Intel(R) Xeon(R) Processor"), else what `platform` knows."""

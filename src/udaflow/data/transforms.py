@@ -20,12 +20,18 @@ from udaflow.config import AugmentConfig
 MEAN, STD = 0.5, 0.5
 
 
+def to_device(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`images` on `device`; host images bound for a GPU are pinned first (page-locked: the copy overlaps
+    with the GPU's work, non_blocking)."""
+    if torch.device(device).type == "cuda" and images.device.type == "cpu":
+        images = images.pin_memory()
+    return images.to(device, non_blocking=True)
+
+
 def to_input(images: torch.Tensor, device: torch.device | str = "cpu", mean: float | tuple[float, ...] = MEAN,
              std: float | tuple[float, ...] = STD) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> float32 on device, (x / 255 - mean) / std (one value, or one per channel)."""
-    if torch.device(device).type == "cuda" and images.device.type == "cpu":
-        images = images.pin_memory()  # page-locked: the copy overlaps with the GPU's work (non_blocking)
-    x = images.to(device, non_blocking=True).float().div_(255.0)
+    x = to_device(images, device).float().div_(255.0)
     if not isinstance(mean, (int, float)):
         mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     if not isinstance(std, (int, float)):
