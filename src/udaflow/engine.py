@@ -182,12 +182,24 @@ class Record:
     images: int = 0  # input images the optimisation steps consumed since step 0, every call's
     seconds: float = 0.0  # those steps' seconds, every call's
 
+    def __post_init__(self) -> None:
+        # this interval's step losses not yet read: reading a tensor's value waits for the device (on a
+        # GPU, every read stalls the host), so they are read in `flush`, where the loop waits anyway
+        self._unread: list[dict[str, torch.Tensor]] = []
+
     def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
-        for k, v in losses.items():
-            self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v.detach())
+        self._unread.append({k: v.detach() for k, v in losses.items()})
         self.loss_count += 1
 
+    def flush(self) -> None:
+        """Add the unread step losses to the interval's sums, in step order (the same sums as reading each at once)."""
+        for losses in self._unread:
+            for k, v in losses.items():
+                self.loss_sums[k] = self.loss_sums.get(k, 0.0) + float(v)
+        self._unread = []
+
     def close_loss_interval(self, step: int) -> None:
+        self.flush()
         self.loss_history.append({"step": step, **{k: v / self.loss_count for k, v in self.loss_sums.items()}})
         self.loss_sums, self.loss_count = {}, 0
 
@@ -249,6 +261,7 @@ class Checkpoint:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         saved = {f.name: getattr(self, f.name) for f in fields(self)}
+        self.record.flush()
         saved["record"] = {f.name: getattr(self.record, f.name) for f in fields(self.record)}
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"format": self.FORMAT, **saved}, tmp)
@@ -408,19 +421,24 @@ def train(
             torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             optimiser.step()
             scheduler.step()
-            if device.type == "cuda":
+            done = step + 1
+            evaluate = done % cfg.eval_every == 0 or done == steps
+            checkpoint = main and checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == steps)
+            show_loss = progress.wants_loss(done)
+            if device.type == "cuda" and (evaluate or checkpoint or show_loss or (method.refresh_every and done % method.refresh_every == 0)):
+                # the host runs ahead of the GPU between these steps; here it waits, so `seconds` counts the
+                # queued steps' GPU time before anything outside training (evaluation, checkpoint, refresh) runs
                 torch.cuda.synchronize(device)
             record.seconds += time.perf_counter() - t0
             record.images += method.images_per_step(cfg.batch_size, use_target) + (rotation_batch if rotation is not None else 0)
             record.add_losses(distributed.mean_over_ranks(losses))
-            done = step + 1
-            progress.update(done, float(losses["loss"].detach()))
-            if done % cfg.eval_every == 0 or done == steps:
+            progress.update(done, float(losses["loss"].detach()) if show_loss else None)
+            if evaluate:
                 record.close_loss_interval(done)
                 if tgt is not None:
                     scores, logits = _scores(tgt, classifier, source_val, device, cfg.amp)
                     record.add_scores(done, scores, logits, classifier, validator, done >= selectable_from, keep_checkpoints)
-            if main and checkpoint_path is not None and (done % cfg.checkpoint_every == 0 or done == steps):
+            if checkpoint:
                 Checkpoint.capture(done, fingerprint, modules, method, optimiser, scheduler, generator, record).save(checkpoint_path)
 
     distributed.unsync_batchnorm_(classifier)
@@ -491,7 +509,7 @@ class ProgressReport:
         self.enabled, self.description, self.total, self.start = enabled, description, total, completed
         self.terminal = enabled and sys.stderr.isatty() and _PLAIN_PROGRESS is None
         self.step_lines = max(1, math.ceil(total * every))
-        self.t0 = time.perf_counter()
+        self.t0 = self.loss_shown = time.perf_counter()
         self.bar = None
 
     def __enter__(self) -> "ProgressReport":
@@ -512,10 +530,22 @@ class ProgressReport:
         sys.stderr.write(f"{_PLAIN_PROGRESS or ''}{self.description}: {text}\n")
         sys.stderr.flush()
 
-    def update(self, done: int, loss: float) -> None:
+    def wants_loss(self, done: int) -> bool:
+        """Whether `update(done, ...)` shows the loss: a plain line is due, or the bar's loss is half a second
+        old (reading the loss waits for the device, so it is not read every step)."""
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, description=f"{self.description} loss {loss:.3f}")
-        elif self.enabled and (done % self.step_lines == 0 or done == self.total):
+            return done == self.total or time.perf_counter() - self.loss_shown >= 0.5
+        return self.enabled and (done % self.step_lines == 0 or done == self.total)
+
+    def update(self, done: int, loss: float | None) -> None:
+        """`loss` is given when `wants_loss(done)` said so."""
+        if self.bar is not None:
+            if loss is None:
+                self.bar.update(self.task, completed=done)
+            else:
+                self.loss_shown = time.perf_counter()
+                self.bar.update(self.task, completed=done, description=f"{self.description} loss {loss:.3f}")
+        elif loss is not None:
             elapsed = time.perf_counter() - self.t0
             left = elapsed / max(1, done - self.start) * (self.total - done)
             self._line(f"{done}/{self.total} steps ({100 * done / self.total:.0f}%), loss {loss:.3f}, {elapsed:.0f}s elapsed, ~{left:.0f}s left")

@@ -100,17 +100,22 @@ class NeighbourBank:
         """features (B, D), probs (B, K) of target images index (B,) -> (B, K) neighbourhood-averaged probs."""
         if not self.filled:
             raise RuntimeError("NeighbourBank.vote before fill: pass the target pool's features and logits first")
-        device, out = self.features.device, probs.device  # the memory stays where fill put it (the CPU, from embed)
-        f = F.normalize(features.float(), dim=1).to(device)  # (B, D)
-        p, index = probs.float().to(device), index.to(device)
-        last = _last_occurrence(index)  # an image drawn twice in a batch: its last row is written, as a loop would
-        self.features[index[last]], self.probs[index[last]] = f[last], p[last]
-        if len(self.features) < 2:  # a pool of one image has no neighbour
-            return p.to(out)
-        sim = f @ self.features.T  # (B, N) cosine similarities
-        sim[torch.arange(len(index), device=device), index] = float("-inf")  # an image is not its own neighbour
-        neighbours = sim.topk(min(self.k, sim.shape[1] - 1), dim=1).indices  # (B, k)
-        return (0.5 * (p + self.probs[neighbours].mean(1))).to(out)  # (B, K), rows sum to 1, on the caller's device
+        device = probs.device
+        if self.features.device != device:  # filled from embed (on the CPU) or a checkpoint: the memory moves to the batch's device once
+            self.features, self.probs = self.features.to(device), self.probs.to(device)
+        with torch.autocast(device.type, enabled=False):  # similarities in fp32 under bf16 training too
+            f = F.normalize(features.float(), dim=1)  # (B, D)
+            p, index = probs.float(), index.to(device)
+            # an image drawn twice in a batch: its last row is written, as a loop would (every duplicate writes
+            # that row's values, so the order of the writes does not matter and no mask's size is read)
+            last = _last_occurrence_rows(index)
+            self.features[index], self.probs[index] = f[last], p[last]
+            if len(self.features) < 2:  # a pool of one image has no neighbour
+                return p
+            sim = f @ self.features.T  # (B, N) cosine similarities
+            sim[torch.arange(len(index), device=device), index] = float("-inf")  # an image is not its own neighbour
+            neighbours = sim.topk(min(self.k, sim.shape[1] - 1), dim=1).indices  # (B, k)
+            return 0.5 * (p + self.probs[neighbours].mean(1))  # (B, K), rows sum to 1
 
     def state(self) -> dict[str, torch.Tensor]:
         return {} if not self.filled else {"features": self.features.cpu(), "probs": self.probs.cpu()}
@@ -120,13 +125,10 @@ class NeighbourBank:
             self.features, self.probs = state["features"].float(), state["probs"].float()
 
 
-def _last_occurrence(index: torch.Tensor) -> torch.Tensor:
-    """Positions (M,) of the last occurrence of each distinct value of index (B,)."""
-    order = torch.argsort(index, stable=True)  # equal values keep their batch order
-    ordered = index[order]
-    is_last = torch.ones_like(ordered, dtype=torch.bool)
-    is_last[:-1] = ordered[1:] != ordered[:-1]
-    return order[is_last]
+def _last_occurrence_rows(index: torch.Tensor) -> torch.Tensor:
+    """index (B,) -> (B,): for each row, the row of the last occurrence of its value in index."""
+    order = torch.argsort(index, stable=True)  # equal values keep their batch order: a value's last row sorts last
+    return order[torch.searchsorted(index[order], index, right=True) - 1]
 
 
 class PseudoLabelFilter(nn.Module):
@@ -143,10 +145,12 @@ class PseudoLabelFilter(nn.Module):
     def forward(self, probs: torch.Tensor, threshold: float | torch.Tensor, second: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         confidence, labels = probs.max(1)  # (B,), (B,)
         if self.balance:
-            confident = labels[confidence >= threshold]
-            if len(confident):  # running share of confident predictions per class
-                share = torch.bincount(confident, minlength=len(self.status)).float().to(self.status) / len(confident)
-                self.status.mul_(self.momentum).add_(share, alpha=1.0 - self.momentum)
+            # running share of confident predictions per class, when any is confident; counted without
+            # indexing by the mask, whose size the host would have to wait for on a GPU
+            counts = (F.one_hot(labels, len(self.status)).to(self.status) * (confidence >= threshold).unsqueeze(1).to(self.status)).sum(0)  # (K,)
+            confident = counts.sum()
+            updated = self.status.mul(self.momentum).add_(counts / confident.clamp_min(1.0), alpha=1.0 - self.momentum)
+            self.status.copy_(torch.where(confident > 0, updated, self.status))
             cut = class_thresholds(self.status, threshold).to(confidence)[labels]  # (B,)
         else:
             cut = torch.as_tensor(threshold, dtype=confidence.dtype, device=confidence.device)

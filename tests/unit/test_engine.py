@@ -222,6 +222,36 @@ def test_progress_in_a_log_file_is_a_plain_line_every_five_percent(tiny_shift, m
     assert "(100%)" in lines[-1] and "loss" in lines[-1] and "left" in lines[-1]
 
 
+def test_step_losses_are_read_when_an_interval_closes_or_a_checkpoint_is_written(tmp_path):
+    record = engine.Record()
+    steps = [{"loss": torch.tensor(v), "cls": torch.tensor(v / 2)} for v in (0.25, 0.5, 2.0)]
+    for losses in steps:
+        record.add_losses(losses)
+    assert record.loss_sums == {} and record.loss_count == 3  # unread: reading waits for the device
+    record.flush()
+    assert record.loss_sums == {"loss": 2.75, "cls": 1.375}
+    record.add_losses(steps[0])
+    engine.Checkpoint(step=4, fingerprint=None, weights={}, method_extra={}, optimiser={}, scheduler={}, rng={}, record=record).save(tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)["record"]
+    assert saved["loss_sums"] == {"loss": 3.0, "cls": 1.5} and saved["loss_count"] == 4 and "_unread" not in saved
+    record.close_loss_interval(4)
+    assert record.loss_history == [{"step": 4, "loss": 0.75, "cls": 0.375}] and record.loss_count == 0
+
+
+def test_a_terminal_bar_reads_the_loss_at_most_twice_a_second(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
+    report = engine.ProgressReport(False, "adapt", 10)
+    report.bar = object()  # as on a terminal
+    assert not report.wants_loss(1)
+    clock[0] += 0.5
+    assert report.wants_loss(2)
+    report.bar = type("Bar", (), {"update": lambda self, *a, **k: None})()
+    report.task = 0
+    report.update(2, 1.0)
+    assert not report.wants_loss(3) and report.wants_loss(10)  # the last step always shows it
+
+
 def test_rotate_quarters_by_hand():
     from udaflow.auxiliary import rotate_quarters
 

@@ -37,6 +37,17 @@ def test_balance_lowers_the_threshold_of_a_lagging_class_only():
     assert mask.tolist() == [0.0]
 
 
+def test_balance_status_stays_when_nothing_is_confident():
+    f = PseudoLabelFilter(2, balance=True, agreement=False, momentum=0.5)
+    f(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), 0.7)  # one confident each: share [0.5, 0.5]
+    assert torch.allclose(f.status, torch.tensor([0.5, 0.5]))
+    f(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), 0.7)  # share [1, 0]: status 0.5 * 0.5 + 0.5 * share
+    assert torch.allclose(f.status, torch.tensor([0.75, 0.25]))
+    before = f.status.clone()
+    f(torch.tensor([[0.6, 0.4], [0.45, 0.55]]), 0.7)  # none confident: no share to move towards
+    assert torch.equal(f.status, before)
+
+
 def test_agreement_drops_pseudo_labels_a_second_view_disputes():
     probs = torch.tensor([[0.9, 0.1], [0.95, 0.05], [0.1, 0.9]])
     second = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 1.0]])  # logits: disagrees on row 1
