@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one go (README, "On a GPU"): the CUDA tests, the step table at 224 px
-# (scripts/gpu_step.py) and the default method's bench cell on the GPU.
+# (scripts/gpu_step.py), the default method's bench cell on the GPU and, with SEEDS=3, its three seeds side by side.
 # usage, from the repo root with udaflow importable and the built-in data built (make data):
 #   scripts/gpu_check.sh OUTDIR
 set -u -o pipefail
@@ -53,4 +53,8 @@ timeout "${STEP_TIMEOUT:-300}" "$py" scripts/gpu_step.py ${STEP_ARGS:-} --out "$
 stamp bench
 timeout "${BENCH_TIMEOUT:-420}" "$py" -m udaflow.cli bench --device cuda --shifts synth:mnist --methods source_only,adamatch --seeds 1 \
   --profile quick --set work_dir=/tmp/udaflow-gpu-runs --out "$out/bench_gpu.json" 2>&1 | tee "$out/bench.txt"
+stamp seeds
+# the default method over SEEDS seeds, SEEDS cells at once on the one GPU (SEEDS=0 skips it)
+[ "${SEEDS:-0}" -lt 2 ] || timeout "${SEEDS_TIMEOUT:-300}" "$py" -m udaflow.cli bench --device cuda --shifts synth:mnist --methods adamatch \
+  --seeds "$SEEDS" --jobs "$SEEDS" --profile quick --set work_dir=/tmp/udaflow-gpu-runs --out "$out/bench_seeds.json" 2>&1 | tee "$out/seeds.txt"
 stamp done

@@ -28,6 +28,8 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before this proce
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 REPO = Path(__file__).resolve().parents[2]
+# params.yaml's train.pseudo_labels: class-balanced thresholds and the neighbourhood memory, which trains on the GPU
+DEFAULT_PSEUDO_LABELS = {"balance": True, "neighbours": 10}
 
 
 def _accuracy(clf, state: dict, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -40,7 +42,7 @@ def test_deterministic_training_on_cuda_keeps_off_the_attention_kernels_torch_ca
     """Without the restriction torch picked cuDNN's attention and the memory-efficient kernel for udaflow's
     ViTs on an H200 and warned that their backward is non-deterministic (the warning comes once a process: this test runs first)."""
     source, target, _ = tiny_shift
-    clf, method = fresh_method("adamatch")
+    clf, method = fresh_method("adamatch", pseudo_labels=DEFAULT_PSEUDO_LABELS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine.train(clf, method, source, target, make_train_config(device="cuda", deterministic=True), steps=10, lr=3e-3, seed=0)
@@ -49,7 +51,7 @@ def test_deterministic_training_on_cuda_keeps_off_the_attention_kernels_torch_ca
 
 def test_adaptation_on_cuda_runs_bf16_with_fused_attention_and_hands_back_fp32_host_weights(tiny_shift, make_train_config):
     source, target, target_labels = tiny_shift
-    clf, method = fresh_method("adamatch")
+    clf, method = fresh_method("adamatch", pseudo_labels=DEFAULT_PSEUDO_LABELS)
     fused = [m.fused_attn for m in clf.modules() if hasattr(m, "fused_attn")]
     assert fused and all(fused)  # timm's F.scaled_dot_product_attention, not q @ k^T written out
     seen: list[torch.dtype] = []
@@ -66,15 +68,16 @@ def test_adaptation_on_cuda_runs_bf16_with_fused_attention_and_hands_back_fp32_h
     assert accuracy >= 0.9, accuracy  # the colour shift is learnt on the GPU as on the CPU (100% there)
 
 
-@pytest.mark.parametrize("method_name, options", [("dann", None), ("adamatch", {"teacher_ema": 0.9})])
-def test_a_killed_run_on_cuda_resumes_to_the_same_bits(method_name, options, tiny_shift, make_train_config, tmp_path):
+@pytest.mark.parametrize("method_name, options, pseudo_labels", [
+    ("dann", None, None), ("adamatch", {"teacher_ema": 0.9}, None), ("adamatch", None, DEFAULT_PSEUDO_LABELS)])
+def test_a_killed_run_on_cuda_resumes_to_the_same_bits(method_name, options, pseudo_labels, tiny_shift, make_train_config, tmp_path):
     """train.deterministic on a GPU: deterministic kernels and cuBLAS's fixed workspace, the augmentation
     drawn on the host's generator: the same GPU repeats a run, and a resumed one, to the bit."""
     source, target, _ = tiny_shift
     cfg = make_train_config(device="cuda", checkpoint_every=10, eval_every=10, deterministic=True)
 
     def run(ckpt: Path, kill_at_call: int | None = None):
-        clf, method = fresh_method(method_name, options, kill_at_call)
+        clf, method = fresh_method(method_name, options, kill_at_call, pseudo_labels)
         return engine.train(clf, method, source, target, cfg, steps=20, lr=3e-3, seed=0, checkpoint_path=ckpt, fingerprint="gpu")
 
     uninterrupted = run(tmp_path / "a.pt")
