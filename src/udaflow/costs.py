@@ -105,18 +105,17 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
 
 
 def training_gflop_per_image(classifier: torch.nn.Module, image_size: int, batch: int = 8) -> float:
-    """GFLOP of one forward + backward pass per image (B = `batch` images, 3 channels, train mode)."""
+    """GFLOP of one forward + backward pass per image (B = `batch` images, 3 channels, train mode).
+
+    Counted on a CPU copy in fp32: the classifier itself (its BatchNorm statistics, its gradients) is
+    left as it was, and a model trained on a GPU counts the same FLOPs as on a CPU."""
+    import copy
+
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = classifier.training
-    classifier.train()
-    device = next(classifier.parameters()).device
-    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    model = copy.deepcopy(classifier).cpu().float().train()
+    x = torch.randn(batch, 3, image_size, image_size)
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
-    try:
-        with counter:
-            classifier(x).sum().backward()
-    finally:
-        classifier.zero_grad(set_to_none=True)
-        classifier.train(was_training)
+    with counter:
+        model(x).sum().backward()
     return counter.get_total_flops() / batch / 1e9

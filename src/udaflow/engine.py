@@ -66,15 +66,26 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _attention_kernels(device: torch.device, deterministic: bool):
-    """On a GPU under train.deterministic, the fused attention kernels whose backward repeats its bits: flash
-    (bf16) and the math fallback. torch warns that cuDNN's and the memory-efficient kernel's backward are not
-    deterministic, and picked both for udaflow's ViTs on an H200 (README, "On a GPU")."""
+@contextlib.contextmanager
+def _gpu_determinism(device: torch.device, deterministic: bool):
+    """On a GPU under train.deterministic, for the training loop: the fused attention kernels whose backward
+    can repeat its bits (flash, bf16, and the math fallback: torch warned that cuDNN's and the
+    memory-efficient kernel's backward are not deterministic, and picked both for udaflow's ViTs on an
+    H200), and torch's deterministic algorithms strictly, not warn-only: flash's backward takes its
+    deterministic path only then, and any other operation without one fails loudly instead of changing
+    the bits (README, "On a GPU")."""
     if device.type != "cuda" or not deterministic:
-        return contextlib.nullcontext()
+        yield
+        return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 @torch.no_grad()
@@ -396,7 +407,7 @@ def train(
         embed_source=src.embed, embed_target=tgt.embed if tgt is not None else None, num_target=len(target) if target is not None else 0,
     )
     selectable_from = method.selection_start(steps)  # earlier checkpoints are scored, never selected
-    with ProgressReport(cfg.progress and main, description, steps, start) as progress, _attention_kernels(device, cfg.deterministic):
+    with ProgressReport(cfg.progress and main, description, steps, start) as progress, _gpu_determinism(device, cfg.deterministic):
         for step in range(start, steps):
             ctx = replace(context, step=step)
             if method.refresh_every and tgt is not None and step % method.refresh_every == 0:

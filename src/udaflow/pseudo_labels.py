@@ -147,7 +147,8 @@ class PseudoLabelFilter(nn.Module):
         if self.balance:
             # running share of confident predictions per class, when any is confident; counted without
             # indexing by the mask, whose size the host would have to wait for on a GPU
-            counts = (F.one_hot(labels, len(self.status)).to(self.status) * (confidence >= threshold).unsqueeze(1).to(self.status)).sum(0)  # (K,)
+            classes = torch.arange(len(self.status), device=labels.device)
+            counts = ((labels.unsqueeze(1) == classes) & (confidence >= threshold).unsqueeze(1)).to(self.status).sum(0)  # (K,)
             confident = counts.sum()
             updated = self.status.mul(self.momentum).add_(counts / confident.clamp_min(1.0), alpha=1.0 - self.momentum)
             self.status.copy_(torch.where(confident > 0, updated, self.status))

@@ -47,6 +47,15 @@ def test_training_flops_per_image_scale_with_width():
     assert tiny2 == pytest.approx(0.0425, rel=0.01)  # a wider stem for one block fewer, ~the same FLOPs (tiny3: + SeqPool)
 
 
+def test_counting_flops_leaves_the_model_as_it_was():
+    clf = build_classifier("udaflow_vit_tiny3", 10).eval()
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    assert training_gflop_per_image(clf, 32) > 0
+    assert not clf.training and all(p.grad is None for p in clf.parameters())
+    for key, value in clf.state_dict().items():  # the stem's BatchNorm statistics too: no train-mode forward on it
+        assert torch.equal(value, before[key]), key
+
+
 def test_machine_names_the_cpu_and_the_kernels_and_differences_are_named_only_where_known(monkeypatch, tmp_path):
     from udaflow import costs
     from udaflow.steps import machine_differences
