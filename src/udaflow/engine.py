@@ -27,7 +27,7 @@ from udaflow import distributed
 from udaflow.auxiliary import RotationHead, rotation_loss
 from udaflow.config import AugmentConfig, TrainConfig
 from udaflow.data.datasets import LabelledImages, UnlabelledImages
-from udaflow.data.transforms import augment_view, to_device, to_input
+from udaflow.data.transforms import RowDraws, augment_view, to_device, to_input
 from udaflow.methods.base import Batch, Method, StepContext
 from udaflow.models.heads import Classifier
 from udaflow.validators import SOURCE_AWARE, dev_score, get_validator, score_all
@@ -330,9 +330,14 @@ class _Domain:
 
     def inputs(self, idx: torch.Tensor, view: str = "default") -> torch.Tensor:
         """Normalised inputs of images[idx] in a view (weak | default | strong): (B, 3, H, W), or under
-        torchrun this rank's rows of them (the whole draw is augmented alike on every rank)."""
+        torchrun this rank's rows of them, augmented with the numbers drawn for the whole batch (RowDraws):
+        each rank augments and copies only its own rows, the pixels one process gives them."""
+        draws: torch.Generator | RowDraws = self.generator
+        if distributed.active():
+            rows = distributed.share(len(idx))
+            idx, draws = idx[rows], RowDraws(self.generator, len(idx), rows)
         images = to_device(self.images[idx], self.device)  # augmented where it trains: uint8 over the bus, the arithmetic there
-        x = distributed.shard(augment_view(images, self.augment, self.generator, view))
+        x = augment_view(images, self.augment, draws, view)
         return to_input(x, self.device, self.classifier.input_mean, self.classifier.input_std)
 
     def embed(self, model: Classifier | None = None) -> tuple[torch.Tensor, torch.Tensor]:

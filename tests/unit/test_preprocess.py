@@ -89,3 +89,24 @@ def test_augmentation_computes_where_the_images_are_and_draws_on_the_cpu_generat
     out = augment_view(images.to("meta"), cfg, elsewhere, view)
     assert (out.device.type, out.dtype, out.shape) == ("meta", torch.uint8, images.shape)
     assert torch.equal(on_cpu.get_state(), elsewhere.get_state())
+
+
+@pytest.mark.parametrize("view", ["weak", "default", "strong"])
+@pytest.mark.parametrize("cfg_args", [{}, {"rotate": 10, "scale": 0.1, "strong_rotate": 20, "strong_shear": 0.2}])
+def test_a_rank_augments_its_own_rows_as_the_whole_batch_would(view, cfg_args):
+    """Under torchrun each rank augments only its rows of the global batch, drawing the numbers for the
+    whole batch (RowDraws): the pixels of those rows in one process, and the generator where one process leaves it."""
+    from udaflow.config import AugmentConfig
+    from udaflow.data.transforms import RowDraws, augment_view
+
+    cfg = AugmentConfig(**cfg_args)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    whole_gen = torch.Generator().manual_seed(3)
+    whole = augment_view(images, cfg, whole_gen, view)
+    for rows in (slice(0, 4), slice(4, 8), slice(2, 4)):
+        gen = torch.Generator().manual_seed(3)
+        part = augment_view(images[rows], cfg, RowDraws(gen, 8, rows), view)
+        assert torch.equal(part, whole[rows]), rows
+        assert torch.equal(gen.get_state(), whole_gen.get_state())
+    with pytest.raises(ValueError, match="4 rows of 8 given a batch of 8"):
+        augment_view(images, AugmentConfig(), RowDraws(torch.Generator(), 8, slice(0, 4)), "default")

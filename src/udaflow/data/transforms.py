@@ -3,6 +3,8 @@
 The random numbers are drawn on the CPU from the run's seeded generator and the arithmetic runs where
 the images are: on the CPU, or on the GPU the engine trains on (a 224 px batch augmented on the host held
 a GPU step to the host's pace, README "On a GPU"). On the CPU the bits are those of the CPU-only code before.
+Under torchrun each rank augments only its rows of the global batch, with the numbers drawn for the
+whole batch (`RowDraws`): the pixels one process would give those rows, at 1 / world size of the work.
 
 Three views of a batch: `weak` (a small shift: what pseudo-labels are read from), `default` (the
 training augmentation every method uses) and `strong` (default + cutout, and a random rotation and
@@ -18,6 +20,38 @@ import torch.nn.functional as F
 from udaflow.config import AugmentConfig
 
 MEAN, STD = 0.5, 0.5
+
+
+class RowDraws:
+    """Random numbers for `rows` of a batch of `total` images: each draw is made for the whole batch on
+    `generator` (so every rank consumes what one process would) and only `rows` are kept. Passed where a
+    transform takes a generator, it augments a rank's rows alone, pixel for pixel as the whole batch would."""
+
+    def __init__(self, generator: torch.Generator, total: int, rows: slice):
+        self.generator, self.total, self.rows = generator, total, rows
+        self.size = len(range(total)[rows])
+
+    def take(self, draw, b: int) -> torch.Tensor:
+        if b != self.size:
+            raise ValueError(f"RowDraws for {self.size} rows of {self.total} given a batch of {b} images")
+        return draw(self.total)[self.rows]
+
+
+Draws = torch.Generator | RowDraws
+
+
+def _rand(generator: Draws, b: int, *shape: int) -> torch.Tensor:
+    """torch.rand((b, *shape)) on the run's generator, or these rows of a global batch's draw."""
+    if isinstance(generator, RowDraws):
+        return generator.take(lambda n: torch.rand(n, *shape, generator=generator.generator), b)
+    return torch.rand(b, *shape, generator=generator)
+
+
+def _randint(generator: Draws, low: int, high: int, b: int) -> torch.Tensor:
+    """torch.randint(low, high, (b,)) on the run's generator, or these rows of a global batch's draw."""
+    if isinstance(generator, RowDraws):
+        return generator.take(lambda n: torch.randint(low, high, (n,), generator=generator.generator), b)
+    return torch.randint(low, high, (b,), generator=generator)
 
 
 def to_device(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -39,7 +73,7 @@ def to_input(images: torch.Tensor, device: torch.device | str = "cpu", mean: flo
     return (x - mean) / std
 
 
-def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, cfg: AugmentConfig, generator: Draws) -> torch.Tensor:
     """Random shift, colour jitter, channel mixing and inversion: (B, 3, H, W) uint8 -> uint8.
 
     Randomness comes from `generator` (on CPU) so a seeded run draws the same augmentations; the images
@@ -53,19 +87,19 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
         x = shift(x, pixels(cfg.translate, x), generator)
     if cfg.color:
         # random convex channel mix: covers grey<->colour and hue swaps between domains
-        mix = torch.rand(b, 3, 3, generator=generator) + torch.eye(3) * 2.0
+        mix = _rand(generator, b, 3, 3) + torch.eye(3) * 2.0
         mix = mix / mix.sum(dim=2, keepdim=True)  # rows sum to 1: (B, 3 out, 3 in)
         x = torch.einsum("boi,bihw->bohw", mix.to(device), x)
         # independent per-channel gain and offset: turns grey digits into colour ones
-        gain = 0.7 + 0.6 * torch.rand(b, 3, 1, 1, generator=generator)
-        offset = 0.4 * (torch.rand(b, 3, 1, 1, generator=generator) - 0.5)
+        gain = 0.7 + 0.6 * _rand(generator, b, 3, 1, 1)
+        offset = 0.4 * (_rand(generator, b, 3, 1, 1) - 0.5)
         x = x * gain.to(device) + offset.to(device)
-        contrast = (0.6 + 0.8 * torch.rand(b, 1, 1, 1, generator=generator)).to(device)
-        brightness = (0.3 * (torch.rand(b, 1, 1, 1, generator=generator) - 0.5)).to(device)
+        contrast = (0.6 + 0.8 * _rand(generator, b, 1, 1, 1)).to(device)
+        brightness = (0.3 * (_rand(generator, b, 1, 1, 1) - 0.5)).to(device)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * contrast + mean + brightness
     if cfg.invert > 0:
-        flip = (torch.rand(b, 1, 1, 1, generator=generator) < cfg.invert).float().to(device)
+        flip = (_rand(generator, b, 1, 1, 1) < cfg.invert).float().to(device)
         x = flip * (1.0 - x) + (1.0 - flip) * x
     return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
 
@@ -79,43 +113,43 @@ def pixels(translate: float, images: torch.Tensor) -> int:
     return int(round(translate * min(images.shape[-2:]) / REFERENCE_SIZE))
 
 
-def shift(images: torch.Tensor, translate: int, generator: torch.Generator) -> torch.Tensor:
+def shift(images: torch.Tensor, translate: int, generator: Draws) -> torch.Tensor:
     """Random integer shift of up to `translate` px with replicated borders: (B, C, H, W) -> same."""
     b, _, h, w = images.shape
     t = translate
     padded = F.pad(images.float(), (t, t, t, t), mode="replicate")  # (B, C, H+2t, W+2t)
-    dx = torch.randint(0, 2 * t + 1, (b,), generator=generator).to(images.device)
-    dy = torch.randint(0, 2 * t + 1, (b,), generator=generator).to(images.device)
+    dx = _randint(generator, 0, 2 * t + 1, b).to(images.device)
+    dy = _randint(generator, 0, 2 * t + 1, b).to(images.device)
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (B, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (B, 1, W)
     out = padded[torch.arange(b, device=images.device)[:, None, None], :, rows, cols]  # (B, H, W, C): one gather, no per-image loop
     return out.permute(0, 3, 1, 2).contiguous().to(images.dtype)
 
 
-def affine(images: torch.Tensor, translate: float, rotate: float, scale: float, generator: torch.Generator,
+def affine(images: torch.Tensor, translate: float, rotate: float, scale: float, generator: Draws,
            shear: float = 0.0) -> torch.Tensor:
     """Random rotation (+-rotate degrees), zoom (1 +- scale), shift (+-translate px) and, when `shear` > 0,
     a horizontal shear (x += s * y, s in +-shear), one batched grid_sample with replicated borders:
     (B, C, H, W) float -> same."""
     b, _, h, w = images.shape
-    angle = (torch.rand(b, generator=generator) * 2 - 1) * rotate * torch.pi / 180  # (B,)
-    zoom = 1 + (torch.rand(b, generator=generator) * 2 - 1) * scale  # (B,)
-    move = (torch.rand(b, 2, generator=generator) * 2 - 1) * translate * 2 / torch.tensor([w, h])  # (B, 2) in [-1, 1] units
+    angle = (_rand(generator, b) * 2 - 1) * rotate * torch.pi / 180  # (B,)
+    zoom = 1 + (_rand(generator, b) * 2 - 1) * scale  # (B,)
+    move = (_rand(generator, b, 2) * 2 - 1) * translate * 2 / torch.tensor([w, h])  # (B, 2) in [-1, 1] units
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # rotation @ [[1, s], [0, 1]]; with shear 0 no number is drawn (the rotate/scale augmentation's bits are unchanged)
-    s = (torch.rand(b, generator=generator) * 2 - 1) * shear if shear > 0 else torch.zeros(b)
+    s = (_rand(generator, b) * 2 - 1) * shear if shear > 0 else torch.zeros(b)
     theta = torch.stack([torch.stack([cos, cos * s - sin, move[:, 0]], 1), torch.stack([sin, sin * s + cos, move[:, 1]], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)  # (B, H, W, 2)
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def cutout(images: torch.Tensor, generator: torch.Generator, max_fraction: float = 0.5) -> torch.Tensor:
+def cutout(images: torch.Tensor, generator: Draws, max_fraction: float = 0.5) -> torch.Tensor:
     """Erase one random square per image (side up to max_fraction of the shorter side) with a random grey."""
     b, _, h, w = images.shape
-    side = torch.randint(1, max(2, int(min(h, w) * max_fraction) + 1), (b,), generator=generator)
-    y0 = torch.randint(0, h, (b,), generator=generator)
-    x0 = torch.randint(0, w, (b,), generator=generator)
-    grey = torch.randint(0, 256, (b,), generator=generator)
+    side = _randint(generator, 1, max(2, int(min(h, w) * max_fraction) + 1), b)
+    y0 = _randint(generator, 0, h, b)
+    x0 = _randint(generator, 0, w, b)
+    grey = _randint(generator, 0, 256, b)
     side, y0, x0, grey = (v.to(images.device) for v in (side, y0, x0, grey))
     ys, xs = torch.arange(h, device=images.device)[None, :], torch.arange(w, device=images.device)[None, :]  # (1, H), (1, W)
     in_y = (ys >= (y0 - side // 2)[:, None]) & (ys < (y0 + (side + 1) // 2)[:, None])  # (B, H)
@@ -124,7 +158,7 @@ def cutout(images: torch.Tensor, generator: torch.Generator, max_fraction: float
     return torch.where(box, grey.to(images.dtype)[:, None, None, None], images)
 
 
-def augment_view(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator, view: str = "default") -> torch.Tensor:
+def augment_view(images: torch.Tensor, cfg: AugmentConfig, generator: Draws, view: str = "default") -> torch.Tensor:
     """(B, 3, H, W) uint8 -> uint8 in one of VIEWS."""
     if view == "default":
         return augment(images, cfg, generator)
