@@ -27,7 +27,7 @@ from udaflow import distributed
 from udaflow.auxiliary import RotationHead, rotation_loss
 from udaflow.config import AugmentConfig, TrainConfig
 from udaflow.data.datasets import LabelledImages, UnlabelledImages
-from udaflow.data.transforms import RowDraws, augment_view, to_device, to_input
+from udaflow.data.transforms import Draws, RowDraws, augment_view, to_device, to_input
 from udaflow.methods.base import Batch, Method, StepContext
 from udaflow.models.heads import Classifier
 from udaflow.validators import SOURCE_AWARE, dev_score, get_validator, score_all
@@ -271,8 +271,8 @@ class Checkpoint:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.record.flush()  # the step losses not yet read, into the sums the checkpoint carries
         saved = {f.name: getattr(self, f.name) for f in fields(self)}
-        self.record.flush()
         saved["record"] = {f.name: getattr(self.record, f.name) for f in fields(self.record)}
         tmp = path.with_name(path.name + ".tmp")
         torch.save({"format": self.FORMAT, **saved}, tmp)
@@ -332,7 +332,7 @@ class _Domain:
         """Normalised inputs of images[idx] in a view (weak | default | strong): (B, 3, H, W), or under
         torchrun this rank's rows of them, augmented with the numbers drawn for the whole batch (RowDraws):
         each rank augments and copies only its own rows, the pixels one process gives them."""
-        draws: torch.Generator | RowDraws = self.generator
+        draws: Draws = self.generator
         if distributed.active():
             rows = distributed.share(len(idx))
             idx, draws = idx[rows], RowDraws(self.generator, len(idx), rows)
