@@ -13,6 +13,9 @@ export HF_HUB_OFFLINE=1
 setup: $(BIN)/udaflow
 
 $(BIN)/udaflow: pyproject.toml
+	@# a new venv is ~6.7 GB (torch's CUDA build: nvidia 3.2 GB, triton 0.9 GB): say so before pip fills the disk
+	@test -x $(BIN)/python || [ "$$(df -Pk . | awk 'NR==2{print $$4}')" -ge 7500000 ] || \
+	  { echo "make setup: the venv needs about 7.5 GB free; $(CURDIR) has $$(df -Ph . | awk 'NR==2{print $$4}')" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[test]'
