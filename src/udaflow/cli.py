@@ -336,15 +336,27 @@ def data_ingest(
     """Import a user's image folder as a domain: validated (GX), then versioned (DVC); all or nothing."""
     from udaflow.data.ingest import ingest_domain
 
+    from udaflow.data.manifest import DataError
+
     cfg = _load(params, None, None)
-    result = ingest_domain(
-        path, name, Path(cfg.data.root), source=source, replace=replace, holdout_fraction=cfg.data.holdout_fraction,
-        seed=cfg.seed, min_per_class=cfg.data.min_per_class, report_dir=Path(cfg.work_dir) / "ingest" / name / "validation",
-        progress=lambda line: console.print(f"  {line}", highlight=False), val_fraction=val_fraction,
-    )
+    try:
+        result = ingest_domain(
+            path, name, Path(cfg.data.root), source=source, replace=replace, holdout_fraction=cfg.data.holdout_fraction,
+            seed=cfg.seed, min_per_class=cfg.data.min_per_class, report_dir=Path(cfg.work_dir) / "ingest" / name / "validation",
+            progress=lambda line: console.print(f"  {line}", highlight=False), val_fraction=val_fraction,
+        )
+    except DataError as exc:  # the message names the file or option; `data`'s general hint (how to build or ingest) is beside the point
+        exc.hint = exc.hint or "the ingest changed nothing: fix what the error names, then run the same command again"
+        raise
     kind = "labelled" if result.labelled else "unlabelled"
     checks = f"validated on its own and as a target of '{source}'" if source else "validated on its own"
     console.print(f"ingested [bold]{name}[/]: {result.images} {kind} images in {result.path}, {checks}")
+    if result.labelled:
+        console.print("  splits: " + ", ".join(f"{split} {n}" for split, n in result.splits.items()), highlight=False)
+    if result.classes_without_val:
+        missing = ", ".join(f"'{c}'" for c in result.classes_without_val[:8]) + (" ..." if len(result.classes_without_val) > 8 else "")
+        err_console.print(f"warning: no val image of class(es) {missing}: too few images for --val-fraction {val_fraction}; "
+                          "the gate's val accuracy leaves them out", highlight=False, soft_wrap=True)
     for overlap in result.overlaps:
         err_console.print(f"warning: {overlap.describe(name)}", highlight=False, soft_wrap=True)
     state = "new version" if result.changed else "unchanged"

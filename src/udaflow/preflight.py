@@ -7,7 +7,8 @@ value came from (`config.blame`: the params file, `--set` or the option), or Dat
 domain folder, for: an unknown method, a `methods.<name>` option of the
 wrong name, type or range (every entry, not only the chosen method's: each method's pydantic
 `Config` model), an unknown validator (`validator`, `promotion.validator`), an unknown backbone or
-backbone argument, and a source or target domain that is not under `data.root`. Building the
+backbone argument, a source or target domain that is not under `data.root`, a target that is the
+source, and a source without two labelled classes. Building the
 backbone once on CPU is the check for its arguments.
 """
 
@@ -21,7 +22,8 @@ import torch
 from pydantic import ValidationError
 
 from udaflow.config import Config, ConfigError, blame, error_key, explain
-from udaflow.data.manifest import MANIFEST_NAME, DataError
+from udaflow.data.domains import missing_domain_hint
+from udaflow.data.manifest import MANIFEST_NAME, DataError, read_manifest
 from udaflow.methods import get_method_class, list_methods
 from udaflow.methods.base import config_from_dict
 from udaflow.models import BackboneError, create_backbone
@@ -92,10 +94,26 @@ def validate_run(
     for key, name in (("source", cfg.source), ("target", cfg.target)) if domains is None else domains:
         folder = cfg.data.root / name
         if not folder.is_dir():
-            message = (f"{key}: domain '{name}' not found ({folder} is missing); "
-                       "build it (udaflow data build) or ingest it (udaflow data ingest)")
+            message = f"{key}: domain '{name}' not found ({folder} is missing); {missing_domain_hint(folder, name)}"
             raise refuse(key, message, DataError) if key in ("source", "target") else DataError(message)
         _check_built_size(cfg, name, folder)
+    if domains is None:
+        _check_shift(cfg, refuse)
+
+
+def _check_shift(cfg: Config, refuse) -> None:
+    """The pairing itself: two different domains, the source labelled with two classes or more. The GX
+    suites would refuse both later, in their own terms (a duplicate path, a table too short)."""
+    if cfg.source == cfg.target:
+        raise refuse("target", f"target: '{cfg.target}' is the source domain too; adaptation needs two different domains", DataError)
+    folder = cfg.data.root / cfg.source
+    if not (folder / MANIFEST_NAME).is_file():
+        return  # the suites name a folder without its manifest
+    classes = sorted({row.label for row in read_manifest(folder) if row.label})
+    if len(classes) < 2:
+        has = f"one class ('{classes[0]}')" if classes else "no labelled images (a flat folder)"
+        raise refuse("source", f"source: domain '{cfg.source}' ({folder}) has {has}; a source domain is labelled, "
+                               "a folder per class, with two classes or more", DataError)
 
 
 def _check_built_size(cfg: Config, name: str, folder: Path) -> None:

@@ -8,10 +8,11 @@ and the source validation split; when the target domain has a labelled `val` spl
   1. challenger is already the champion -> nothing to do;
   2. a collapsed challenger is refused: its predictions on the pool must spread over the classes
      (normalised entropy of the predicted-class histogram >= `min_diversity`);
-  3. no champion yet (first version) -> a sanity check instead of a comparison: the challenger's
-     validator must beat its own source-only model's, both scored at evaluation on the pool it
-     adapted on, and its source val accuracy may not fall more than `source_tolerance` points
-     below that source-only model's;
+  3. no champion yet (first version) -> a sanity check instead of a comparison against its own
+     source-only model, both scored at evaluation: when the target has a labelled `val` split, the
+     challenger's accuracy there must be at least the source-only model's; without one, its
+     validator must beat the source-only model's on the pool it adapted on. Either way its source
+     val accuracy may not fall more than `source_tolerance` points below that source-only model's;
   4. otherwise score = target `val` accuracy when that split exists, else the validator on the
      current pool (higher is better for every validator here); promote when challenger >= champion
      AND the challenger's source val accuracy is no more than `source_tolerance` points below the
@@ -42,6 +43,8 @@ class Recorded:
     validator: float | None  # the registered (selected) weights
     source_only_validator: float | None  # its own source-only model, same pool
     source_only_source_val_acc: float | None
+    target_val_acc: float | None = None  # the registered weights on the target's labelled `val` split, when it has one
+    source_only_target_val_acc: float | None = None  # its source-only model on that split
 
 
 @dataclass(frozen=True)
@@ -102,18 +105,26 @@ def decide(
 
 
 def _first(challenger: Measurement, recorded: Recorded | None, key: str, source_tolerance: float, rows: list, data: str) -> Decision:
-    """No champion yet: the version must beat its own source-only model (recorded at evaluation)."""
-    if recorded is None or recorded.validator is None or recorded.source_only_validator is None:
+    """No champion yet: the version must do at least as well as its own source-only model (recorded at
+    evaluation): on the target's labelled `val` split when it has one, else on the validator."""
+    if recorded is not None and recorded.target_val_acc is not None and recorded.source_only_target_val_acc is not None:
+        label, new, old, on_val = "target_val_acc", recorded.target_val_acc, recorded.source_only_target_val_acc, True
+    elif recorded is not None and recorded.validator is not None and recorded.source_only_validator is not None:
+        label, new, old, on_val = key, recorded.validator, recorded.source_only_validator, False
+    else:
         return Decision(False, f"first version: no recorded {key} of it and of its source-only model to check it against", "first", rows, data)
-    rows = [*rows, (f"{key} at evaluation (source-only | adapted)", _fmt(recorded.source_only_validator), _fmt(recorded.validator)),
+    if challenger.target_val_acc is not None and not on_val:  # a val split now, none when it was evaluated
+        data = f"{data}; but this first version recorded no val accuracy at its evaluation: its {key} against its source-only model's decided"
+    rows = [*rows, (f"{label} at evaluation (source-only | adapted)", _fmt(old), _fmt(new)),
             ("source_val_acc (source-only | adapted)", _fmt(recorded.source_only_source_val_acc), _fmt(challenger.source_val_acc))]
-    if recorded.validator <= recorded.source_only_validator:
-        return Decision(False, f"first version: {key} {recorded.validator:.4g} does not beat its source-only model's "
-                               f"{recorded.source_only_validator:.4g} on the pool it adapted on", "first", rows, data)
+    # accuracy on a small labelled split ties often: as good as the source model passes; a validator must beat it
+    verb, verbs, where = ("reach", "reaches", "on the target's val split") if on_val else ("beat", "beats", "on the pool it adapted on")
+    if (new < old) if on_val else (new <= old):
+        return Decision(False, f"first version: {label} {new:.4g} does not {verb} its source-only model's {old:.4g} {where}", "first", rows, data)
     if recorded.source_only_source_val_acc is not None:
         drop = recorded.source_only_source_val_acc - challenger.source_val_acc
         if drop > source_tolerance:
             return Decision(False, f"first version: source val accuracy {drop:.2f} points below its source-only model's "
                                    f"(> tolerance {source_tolerance})", "first", rows, data)
-    return Decision(True, f"first version: {key} {recorded.validator:.4g} beats its source-only model's {recorded.source_only_validator:.4g}, "
+    return Decision(True, f"first version: {label} {new:.4g} {verbs} its source-only model's {old:.4g} {where}, "
                           f"predictions not collapsed, source val within {source_tolerance} points: it becomes the first champion", "first", rows, data)

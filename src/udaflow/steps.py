@@ -293,6 +293,14 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
     )
 
     adapted.classifier.load_state_dict(adapted.train.selected_state)
+    target = Domain.open(cfg.data.root, cfg.target)
+    if target.has_labels("val"):  # the user's labelled `val` split, the gate's: the first version is checked there (promotion.py)
+        val = target.labelled("val", data.classes, image_spec(cfg), cfg.image_cache)
+        metrics.update(
+            target_val_acc_selected=accuracy(predict(adapted.classifier, val.images, device)[1], val.labels),
+            source_only_target_val_acc=accuracy(predict(source.classifier, val.images, device)[1], val.labels),
+            target_val_images=len(val),
+        )
     feats_before = (predict(source.classifier, data.source_val.images, device)[0], predict(source.classifier, data.target_adapt.images, device)[0])
     feats_after = (predict(adapted.classifier, data.source_val.images, device)[0], predict(adapted.classifier, data.target_adapt.images, device)[0])
     metrics["shift"] = {

@@ -110,6 +110,29 @@ def test_too_few_images_per_source_class_fails(root: Path, tmp_path: Path):
     report = validate_shift(root, "synth", "target", tmp_path / "out", min_per_class=50)
     assert _failed(report) == {"expect_column_values_to_be_between"}
     assert report.failures[0].suite == "udaflow.classes"
+    # in the source's terms, naming its folder (the count per class: 100 images over 10 classes, 80% train)
+    assert report.error().startswith(f"data validation failed: source 'synth' ({root / 'synth'}) has too few images of a class: '0' has ")
+    assert "each source class needs at least 50 (data.min_per_class)" in report.error()
+
+
+def test_a_source_with_one_class_fails_in_words(root: Path, tmp_path: Path):
+    from udaflow.data.manifest import read_manifest, write_manifest
+
+    write_manifest(root / "synth", [dataclasses.replace(r, label="0") for r in read_manifest(root / "synth")])
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    summaries = [f.summary for f in report.failures if f.suite == "udaflow.classes"]
+    assert summaries == [f"source 'synth' ({root / 'synth'}) has one class ('0'): a source domain is labelled, a folder per class, "
+                         "with two classes or more"]
+
+
+def test_a_file_gone_since_the_manifest_names_the_file_and_the_way_back(root: Path, tmp_path: Path):
+    victim = _rows(root / "target")[5]["path"]
+    (root / "target" / victim).unlink()
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    first = report.failures[0]
+    assert first.expectation == "expect_column_pair_values_to_be_equal"
+    assert first.summary == (f"{root / 'target' / victim} is missing since domain 'target' was built or ingested: its checksum is not the "
+                             f"manifest's; `dvc checkout {root / 'target'}` restores the versioned files, or ingest the folder again")
 
 
 def test_wrong_image_size_and_mode_fail(root: Path, tmp_path: Path):

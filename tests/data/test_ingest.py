@@ -17,7 +17,7 @@ from udaflow.data.domains import build_domain
 from udaflow.data.ingest import ingest_domain
 from udaflow.data.manifest import DataError, read_manifest
 
-from ingest_project import REPO, leftovers, make_project, snapshot
+from ingest_project import REPO, image_folder, leftovers, make_project, snapshot
 
 
 @pytest.fixture
@@ -156,6 +156,22 @@ def test_val_fraction_keeps_a_labelled_val_split_the_adaptation_pool_never_sees(
     assert Domain.open(project / "data/raw", "tgt-v").has_labels("val")
     with pytest.raises(DataError, match="a val split needs labels"):
         ingest(project, folders["flat"], "flat-v", val_fraction=0.2)
+    assert result.splits == {"train": 30, "val": 20, "test": 10} and result.classes_without_val == []
+
+
+def test_val_fraction_too_small_for_the_classes_is_refused_or_named(project: Path, tmp_path: Path):
+    """round(images x fraction) is 0 for a small class: no val split at all is refused (the user asked for
+    one), a class without val images is named in the result (the CLI warns)."""
+    small = tmp_path / "small"
+    image_folder(small, classes=("a", "b"), per_class=3)
+    before = snapshot(project)
+    with pytest.raises(DataError, match=r"--val-fraction 0.1 keeps no image in a val split: .* \(the smallest has 3\)") as err:
+        ingest(project, small, "vf3", val_fraction=0.1)
+    assert err.value.hint == "raise --val-fraction to 0.17 or more, or add images to each class"
+    assert snapshot(project) == before
+    image_folder(small, classes=("c",), per_class=10, offset=100)
+    result = ingest(project, small, "vf3", val_fraction=0.1)
+    assert result.classes_without_val == ["a", "b"] and result.splits["val"] == 1
 
 
 KILLED_INGEST = """

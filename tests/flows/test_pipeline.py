@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from udaflow import tracking, versioning
 from udaflow.config import load_config
@@ -140,6 +141,31 @@ def test_one_name_per_figure_in_metrics_mlflow_registry_and_bench(project: Path,
     for name, value in metrics["validators_selected"].items():
         assert row["validators_selected"][name] == pytest.approx(value, abs=1e-6), name
         assert logged[f"validator_selected.{name}"] == pytest.approx(value, abs=1e-6)
+
+
+def test_a_target_with_a_labelled_val_split_judges_its_first_version_there(project: Path, first_run, tmp_path):
+    """`data ingest --val-fraction`: evaluation scores the registered weights and their source-only model on
+    the user's `val` split, and the first version's gate compares those two, not the label-free validator."""
+    from flows.pipeline import adaptation_pipeline
+    from udaflow.data.ingest import ingest_domain
+
+    folder = tmp_path / "fonts-v"
+    shutil.copytree(project / "data/raw/fonts-b", folder, ignore=shutil.ignore_patterns("manifest.csv"))
+    ingest_domain(folder, "fonts-v", project / "data/raw", source="synth", val_fraction=0.25, report_dir=tmp_path / "report")
+    cfg = _cfg(project, method="dann", target="fonts-v")
+    result = adaptation_pipeline(cfg, str(project / "params.yaml"))
+    metrics = json.loads((Path(cfg.work_dir) / "synth-to-fonts-v/dann/metrics.json").read_text())
+    assert metrics["target_val_images"] == 20  # round(8 per class x 0.25) x 10 classes
+    client = mlflow.MlflowClient()
+    tags = client.get_model_version("udaflow-synth-to-fonts-v", result["version"]).tags
+    new, old = metrics["target_val_acc_selected"], metrics["source_only_target_val_acc"]
+    assert float(tags["target_val_acc_selected"]) == pytest.approx(new) and float(tags["source_only_target_val_acc"]) == pytest.approx(old)
+    assert tags["gate.criterion"] == "first" and "accuracy on target 'fonts-v' val split (20 labelled images)" in tags["gate.data"]
+    rows = {r[0]: r[1:] for r in yaml.safe_load(tags["gate.table"])}
+    assert rows["target_val_acc at evaluation (source-only | adapted)"] == [f"{old:.4g}", f"{new:.4g}"]
+    assert "validator.im at evaluation (source-only | adapted)" not in rows  # the val split decided, not the validator
+    if new < old:
+        assert tags["gate.reason"] == f"first version: target_val_acc {new:.4g} does not reach its source-only model's {old:.4g} on the target's val split"
 
 
 def test_second_method_reuses_the_cached_source_model_and_registers_version_2(project: Path, first_run):

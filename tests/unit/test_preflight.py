@@ -80,8 +80,40 @@ def test_more_ranks_than_gpus_is_refused_before_any_process_starts(tmp_path, mon
 
 
 def test_a_missing_domain_names_the_folder(tmp_path):
-    with pytest.raises(DataError, match=r"target: domain 'nosuch' not found"):
+    with pytest.raises(DataError, match=r"target: domain 'nosuch' not found .*; ingest your images with `udaflow data ingest PATH --name nosuch`"):
         check_run_config(_cfg(tmp_path, target="nosuch"))
+    (tmp_path / "gone.dvc").write_text("outs:\n- path: gone\n")  # an ingested domain whose folder is not checked out
+    with pytest.raises(DataError, match=rf"target: domain 'gone' not found .*; restore it from DVC with `dvc checkout {tmp_path / 'gone.dvc'}`"):
+        check_run_config(_cfg(tmp_path, target="gone"))
+    with pytest.raises(DataError, match=r"source: domain 'mnistm' not found .*; build it with `udaflow data build --domains mnistm`"):
+        check_run_config(_cfg(tmp_path, source="mnistm"))
+
+
+def _domain(root: Path, name: str, labels: list[str]) -> None:
+    from udaflow.data.manifest import ManifestRow, write_manifest
+
+    (root / name).mkdir(parents=True, exist_ok=True)
+    write_manifest(root / name, [ManifestRow(f"{i}.png", label, "train", f"{i:064x}", 32, 32, "RGB", True) for i, label in enumerate(labels)])
+
+
+@pytest.mark.parametrize("labels, has", [
+    (["", "", ""], "no labelled images (a flat folder)"),
+    (["cat", "cat", "cat"], "one class ('cat')"),
+])
+def test_a_source_without_two_labelled_classes_is_refused_naming_it(tmp_path, labels, has):
+    """Before GX would refuse it as 'expect_table_row_count_to_be_between' (or blame the target's labels)."""
+    _domain(tmp_path, "mine", labels)
+    with pytest.raises(DataError) as caught:
+        check_run_config(_cfg(tmp_path, source="mine"))
+    assert str(caught.value) == (f"source: domain 'mine' ({tmp_path / 'mine'}) has {has}; a source domain is labelled, a folder per class, "
+                                 "with two classes or more")
+    _domain(tmp_path, "mine", ["cat", "dog"])
+    check_run_config(_cfg(tmp_path, source="mine"))
+
+
+def test_a_target_that_is_the_source_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"^target: 'synth' is the source domain too; adaptation needs two different domains$"):
+        check_run_config(_cfg(tmp_path, target="synth"))
 
 
 def test_a_built_in_synth_of_another_size_is_refused_and_a_user_s_folder_is_not(tmp_path, new_project):
@@ -248,6 +280,9 @@ def test_a_lookup_in_a_store_that_does_not_exist_is_one_line_and_creates_nothing
 
 @pytest.mark.parametrize("args, line, hint", [
     (["data", "build", "--domains", "nope"], "error: unknown built-in domain(s) ['nope']", "hint: built-in domains: `udaflow data build`"),
+    # an ingest's refusal names what to fix; `data`'s hint on how to build or ingest was noise beside it
+    (["data", "ingest", ".", "--name", "My Data"], "error: domain name 'My Data': use lower-case letters",
+     "hint: the ingest changed nothing: fix what the error names, then run the same command again"),
     (["bench", "--protocol", "sometimes"], "error: --protocol 'sometimes': use transductive or holdout", "hint: e.g. `udaflow bench --shifts"),
     (["bench", "--shifts", "synth-mnist"], "error: --shifts: 'synth-mnist' is not SOURCE:TARGET", "hint: e.g. `udaflow bench --shifts"),
     (["schedule", "--source", "synth", "--target", "mnist", "--cron", "0 3 * * *"], "error: no Prefect server", "hint: schedules need a running Prefect server"),

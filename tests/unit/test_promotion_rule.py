@@ -29,6 +29,27 @@ def test_first_version_must_beat_its_own_source_only_model():
     assert not d.promote and "no recorded validator.im" in d.reason
 
 
+def test_first_version_with_a_labelled_val_split_is_checked_there_not_on_the_validator():
+    """A user who labelled a target `val` split: the first version must be at least as accurate there as
+    its own source-only model (both recorded at evaluation), whatever the validator says."""
+    worse = Recorded(validator=0.9, source_only_validator=0.3, source_only_source_val_acc=99.0, target_val_acc=0.0, source_only_target_val_acc=5.56)
+    d = gate(m("1", target_val=0.0), recorded=worse)
+    assert not d.promote and d.criterion == "first"
+    assert d.reason == "first version: target_val_acc 0 does not reach its source-only model's 5.56 on the target's val split"
+    assert ("target_val_acc at evaluation (source-only | adapted)", "5.56", "0") in d.rows
+    tie = Recorded(0.1, 0.9, 99.0, target_val_acc=80.0, source_only_target_val_acc=80.0)  # a worse validator, the same val accuracy
+    d = gate(m("1", target_val=80.0), recorded=tie)
+    assert d.promote and "target_val_acc 80 reaches its source-only model's 80 on the target's val split" in d.reason
+    d = gate(m("1", source=97.0, target_val=90.0), recorded=Recorded(0.1, 0.9, 99.5, 90.0, 60.0))  # source val still guarded
+    assert not d.promote and "2.50 points below its source-only" in d.reason
+
+
+def test_first_version_evaluated_before_its_val_split_existed_falls_back_to_the_validator_and_says_so():
+    d = gate(m("1", target_val=70.0), recorded=GOOD_FIRST)
+    assert d.promote and "validator.im 0.8 beats its source-only model's 0.6 on the pool it adapted on" in d.reason
+    assert d.data == "the pool; but this first version recorded no val accuracy at its evaluation: its validator.im against its source-only model's decided"
+
+
 def test_collapsed_challenger_is_refused_first_or_not():
     d = gate(m("1", diversity=0.2), recorded=GOOD_FIRST)
     assert not d.promote and d.criterion == "collapse" and "0.200 < 0.5" in d.reason

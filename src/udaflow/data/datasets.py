@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from udaflow.data.domains import missing_domain_hint
 from udaflow.data.manifest import DataError, ManifestRow, read_manifest
 from udaflow.data.store import ImageFile, Images, content_key
 from udaflow.models.preprocess import ImageSpec
@@ -107,7 +108,7 @@ class Domain:
     def open(cls, data_root: Path, name: str) -> "Domain":
         root = Path(data_root) / name
         if not root.is_dir():
-            raise DataError(f"{root}: domain '{name}' not found; build it with `udaflow data build --domains {name}`")
+            raise DataError(f"{root}: domain '{name}' not found; {missing_domain_hint(root, name)}")
         return cls(name, root, tuple(read_manifest(root)))
 
     @property

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from udaflow.data.domains import missing_domain_hint
 from udaflow.data.manifest import COLUMNS, DataError, describe_image, read_manifest
 
 ALLOWED_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"]
@@ -76,7 +77,7 @@ def image_frame(data_root: Path, source: str, target: str | None = None):
     for role, name in (("source", source), ("target", target)) if target else (("domain", source),):
         root = Path(data_root) / name
         if not root.is_dir():
-            raise DataError(f"{root}: domain '{name}' not found; build it with `udaflow data build` or `udaflow data ingest`")
+            raise DataError(f"{root}: domain '{name}' not found; {missing_domain_hint(root, name)}")
         for row in read_manifest(root):
             file = root / row.path
             rec = {"domain": name, "role": role, **row.__dict__}
@@ -151,7 +152,36 @@ def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min
     for failure in report.failures:
         if (failure.suite, failure.expectation, failure.column) == ("udaflow.images", "expect_column_values_to_be_in_set", "label"):
             failure.summary = unknown_classes(images, source, target, source_classes)
+        elif failure.suite == "udaflow.classes":
+            failure.summary = source_classes_summary(failure, Path(data_root) / source, source_classes, min_per_class)
+        elif failure.expectation == "expect_column_pair_values_to_be_equal":
+            failure.summary = changed_files(failure, Path(data_root))
     return report
+
+
+def source_classes_summary(failure: Failure, root: Path, source_classes: list[str], min_per_class: int) -> str | None:
+    """The source's class checks in words: too few classes, or too few images of some class. They are
+    about the source alone, so they name its folder (an ingest checking a folder against it too)."""
+    if failure.expectation == "expect_table_row_count_to_be_between":
+        has = "no labelled images" if not source_classes else f"one class ('{source_classes[0]}')" if len(source_classes) == 1 else None
+        if has:
+            return f"source '{root.name}' ({root}) has {has}: a source domain is labelled, a folder per class, with two classes or more"
+    if failure.column == "count" and failure.examples:
+        few = ", ".join(f"'{e['label']}' has {e['count']}" for e in failure.examples[:3])
+        return (f"source '{root.name}' ({root}) has too few images of a class: {few}; each source class needs at least "
+                f"{min_per_class} (data.min_per_class)")
+    return None
+
+
+def changed_files(failure: Failure, data_root: Path) -> str | None:
+    """A checksum mismatch in words: which file is gone or was rewritten since its domain's manifest was written."""
+    if not failure.examples:
+        return None
+    e = failure.examples[0]
+    state = "is missing" if not e.get("disk_sha256") else "has changed"
+    more = f" ({len(failure.examples) - 1} more at least)" if len(failure.examples) > 1 else ""
+    return (f"{data_root / e['domain'] / e['path']} {state} since domain '{e['domain']}' was built or ingested{more}: its checksum is not "
+            f"the manifest's; `dvc checkout {data_root / e['domain']}` restores the versioned files, or ingest the folder again")
 
 
 def unknown_classes(images, source: str, target: str, source_classes: list[str]) -> str | None:

@@ -12,10 +12,12 @@ and the DVC cache as they were.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import unicodedata
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 from udaflow.data.manifest import IMAGE_SUFFIXES, MANIFEST_NAME, MAX_SIDE, DataError, describe_image, read_manifest, stratified_split, write_manifest
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+SPLIT_ORDER = ("train", "val", "test")
 LAYOUT_HINT = "an ImageFolder has one sub-folder per class (<class>/<image>); a flat folder of images is an unlabelled target"
 
 
@@ -100,9 +103,12 @@ def _images_under(folder: Path, root: Path, recursive: bool = False, seen: dict[
 
 
 def _refusal_hint(folder: Path, staged: Path, rows: list, report, source: str | None) -> str | None:
-    """What to do about a refused folder: the unreadable file, or class folders the source lacks."""
+    """What to do about a refused folder: the unreadable file, class folders the source lacks, or a source too thin to check against."""
     unreadable = _unreadable_hint(folder, staged, rows)
-    if unreadable is None and report.failures[0].summary is not None:  # the class folders the source lacks
+    first = report.failures[0]
+    if unreadable is None and first.suite == "udaflow.classes":  # the source's own classes
+        return "name another --source, or leave --source out to ingest the folder alone"
+    if unreadable is None and (first.column, first.summary is not None) == ("label", True):  # the class folders the source lacks
         return (
             f"rename (or merge) the class folders under {shown(folder)} to the classes of source '{source}', "
             "or leave --source out to ingest the folder alone (a run pairing it with that source is refused the same way)"
@@ -175,6 +181,11 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
     if holdout_fraction + val_fraction >= 1:
         raise DataError(f"{source}: test fraction {holdout_fraction} + val fraction {val_fraction} leave no train images")
     splits = stratified_split([label for _, label, _ in entries], holdout_fraction, seed, val_fraction) if labelled else ["train"] * len(entries)
+    if val_fraction and "val" not in splits:  # each class keeps round(n x fraction) images for val: none for small classes
+        smallest = min(Counter(label for _, label, _ in entries).values())
+        raise DataError(f"{shown(source)}: --val-fraction {val_fraction} keeps no image in a val split: round(images x {val_fraction}) "
+                        f"is 0 for every class (the smallest has {smallest})",
+                        f"raise --val-fraction to {math.ceil(51 / smallest) / 100:g} or more, or add images to each class")
     staged = Path(data_root) / f".{name}.ingesting"
     shutil.rmtree(staged, ignore_errors=True)
     try:
@@ -247,6 +258,8 @@ class IngestResult:
     replaced: str | None = None  # DVC hash of the content this ingest replaced
     replaced_in_git: bool = False  # git's HEAD holds the pointer to the replaced content
     overlaps: list[Overlap] = field(default_factory=list)
+    splits: dict[str, int] = field(default_factory=dict)  # images per split (train, val, test)
+    classes_without_val: list[str] = field(default_factory=list)  # asked for a val split, too few images of these for one
 
 
 def ingest_domain(
@@ -296,7 +309,9 @@ def ingest_domain(
         if report.success and source is not None:
             report = validate_shift(data_root, source, staged.name, Path(report_dir) / f"against-{source}", min_per_class)
         if not report.success:  # a file PIL cannot decode: the hint names it and says why
-            raise DataError(f"{folder}: {report.error().replace(staged.name, name)}", _refusal_hint(Path(folder), staged, rows, report, source))
+            about_source = report.failures[0].suite == "udaflow.classes"  # the source's own classes: its folder is named, not this one
+            raise DataError(f"{'' if about_source else f'{folder}: '}{report.error().replace(staged.name, name)}",
+                            _refusal_hint(Path(folder), staged, rows, report, source))
         overlaps = find_overlaps(staged, data_root, name)
 
         same = out.is_dir() and (out / MANIFEST_NAME).is_file() and (out / MANIFEST_NAME).read_bytes() == (staged / MANIFEST_NAME).read_bytes()
@@ -314,6 +329,8 @@ def ingest_domain(
             recorded = versioning.version_dataset(out)
         replaced = previous.md5 if previous is not None and recorded.changed else None
         in_git = replaced is not None and versioning.committed_in_git(previous.pointer, replaced, versioning.find_root(out))
-        return IngestResult(out, len(rows), labelled, source, recorded.md5, recorded.pointer, recorded.changed, replaced, in_git, overlaps)
+        no_val = sorted({r.label for r in rows} - {r.label for r in rows if r.split == "val"}) if val_fraction else []
+        return IngestResult(out, len(rows), labelled, source, recorded.md5, recorded.pointer, recorded.changed, replaced, in_git, overlaps,
+                            dict(sorted(Counter(r.split for r in rows).items(), key=lambda kv: SPLIT_ORDER.index(kv[0]))), no_val)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
