@@ -34,7 +34,11 @@ def adaptation_pipeline(cfg: Config, params_file: str = "params.yaml") -> dict[s
         try:
             return _pipeline(cfg, run, seconds)
         except BaseException as exc:  # the run and any child still open end FAILED, or KILLED when a user stopped it
-            close_tracking_run(run, seconds, failed=True, killed=isinstance(exc, (KeyboardInterrupt, TerminationSignal)))
+            try:
+                close_tracking_run(run, seconds, failed=True, killed=isinstance(exc, (KeyboardInterrupt, TerminationSignal)))
+            except Exception as closing:  # noqa: BLE001 - the store refused (locked, unreachable): what stopped the run is the error to report
+                print(f"warning: MLflow run {run.run_id} could not be ended ({type(closing).__name__}: {str(closing).splitlines()[0][:200]}); "
+                      "the next `udaflow run` on this host ends it KILLED")
             raise
 
 

@@ -732,9 +732,14 @@ def reproduce(
 
     workspace = Path(cfg.work_dir) / "reproduce" / run_id
     result = reproduce_run(run_id, cfg.tracking.uri, str(cfg.tracking.artifact_root), str(project), str(workspace), device)
-    now = tracking.git_state().get("git.commit")  # the code's commit, as `udaflow run` records it
+    state = tracking.git_state()  # the code's commit, as `udaflow run` records it
+    now = state.get("git.commit")
     if result["commit"] != now:
         err_console.print(f"warning: run {run_id} was made at commit {result['commit']}; this checkout is {now}", highlight=False)
+    for whose, dirty in ((f"run {run_id} was made from", result["tags"].get("git.dirty")), ("this re-run is made from", state.get("git.dirty"))):
+        if dirty == "true":  # code the commit does not hold: the same commit is not the same code
+            err_console.print(f"warning: {whose} a checkout with uncommitted code changes (git.dirty); the commit alone does not say "
+                              "what trained", highlight=False)
     from udaflow import costs
     from udaflow.engine import resolve_device
     from udaflow.steps import machine_differences

@@ -91,13 +91,17 @@ def is_server(uri: str) -> bool:
 
 
 def git_state(cwd: Path | None = None) -> dict[str, str]:
-    """Commit and dirty flag of the code this run used ('unknown' outside a git checkout)."""
+    """Commit and dirty flag of the code this run used ('unknown' outside a git checkout): dirty when a
+    tracked file differs from the commit or an untracked Python file is there (ignored files never count)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        # a tracked file changed, or an untracked .py (a new method in src/udaflow/methods/ trains, and
+        # run_fingerprint hashes it, before it is committed); untracked data pointers and notes are not code
+        status = git("status", "--porcelain", "--untracked-files=all").splitlines()
+        dirty = any(not line.startswith("??") or line.rstrip('"').endswith(".py") for line in status)
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git.commit": "unknown", "git.dirty": "unknown"}
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
@@ -252,8 +256,11 @@ def register_model(
     in run `run_id` and register it as a new version of `name`.
 
     Order, so that a kill between any two calls leaves nothing a later run or the gate misreads:
-    model logged -> version created -> its tags -> the `complete` mark -> the alias. A version
-    without the mark never gets an alias; `incomplete_versions` lists it.
+    model logged -> version created with all its tags and the `complete` mark (one registry
+    transaction: a kill right after MLflow printed "Created version" left a version without even
+    its weights tag until 2026-12-04, which no later run could adopt) -> the alias. A version
+    without the mark (cut short by an older udaflow, or made by hand) never gets an alias;
+    `incomplete_versions` lists it.
     """
     import mlflow
     import mlflow.pyfunc
@@ -269,10 +276,8 @@ def register_model(
             artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id, loader_module="udaflow.models.packaged", data_path=str(package),
             input_example=input_example, signature=_signature(), pip_requirements=requirements,
         )
-        version = mlflow.register_model(info.model_uri, name, await_registration_for=60)
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version.version, key, str(value))
-        client.set_model_version_tag(name, version.version, COMPLETE_TAG, "true")
+        version = mlflow.register_model(info.model_uri, name, await_registration_for=60,
+                                        tags={**{key: str(value) for key, value in tags.items()}, COMPLETE_TAG: "true"})
         client.set_registered_model_alias(name, alias, version.version)
     return Registered(name, str(version.version), alias, f"models:/{name}@{alias}", info.model_id or "")
 
@@ -839,6 +844,14 @@ class RunRecord:
     datasets: dict[str, dict[str, str]]  # role -> {name, md5}
 
 
+def _evaluated(client, run) -> bool:
+    """Whether a pipeline run's `evaluate` child finished: it ends after every metric is on the parent too,
+    so a run killed later (registering, inside its gate: its version adopted by the next run) holds a
+    whole record to reproduce."""
+    done = f"tags.mlflow.parentRunId = '{run.info.run_id}' and tags.`udaflow.stage` = 'evaluate' and attributes.status = 'FINISHED'"
+    return bool(client.search_runs([run.info.experiment_id], done, max_results=1))
+
+
 def run_record(run_id: str) -> RunRecord:
     """Everything needed to re-run `run_id`: resolved params, tags, metrics, dataset hashes."""
     import yaml
@@ -850,9 +863,9 @@ def run_record(run_id: str) -> RunRecord:
     except MlflowException:
         raise LookupError(f"MLflow run '{run_id}' does not exist in {os.environ.get('MLFLOW_TRACKING_URI') or 'the configured store'}") from None
     tags = dict(run.data.tags)
-    if "dvc.source.md5" in tags and run.info.status != "FINISHED":  # a pipeline run that failed or was killed
-        raise LookupError(f"run '{run_id}' ended {run.info.status}, not FINISHED: it recorded no complete metrics to "
-                          "compare a re-run with; reproduce a run that finished")
+    if "dvc.source.md5" in tags and run.info.status != "FINISHED" and not _evaluated(client, run):  # failed or killed before its metrics
+        raise LookupError(f"run '{run_id}' ended {run.info.status}, not FINISHED, before its evaluation did: it recorded no complete "
+                          "metrics to compare a re-run with; reproduce a run that finished")
     with _tempdir() as tmp:
         try:
             path = client.download_artifacts(run_id, "params/params.resolved.yaml", tmp)

@@ -311,6 +311,12 @@ def test_reproduce_on_other_hardware_names_both_machines(project: Path, first_ru
     monkeypatch.setattr(flows.reproduce, "reproduce_run", lambda *a, **k: {**replayed(), "tags": recorded})
     out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--params", str(project / "params.yaml")])
     assert out.exit_code == 1 and "other hardware" not in out.output  # differing on the same machine: no excuse offered
+    assert "uncommitted code changes" not in out.output or recorded["git.dirty"] == "true"
+
+    # a run made from a checkout with uncommitted code: its commit alone does not say what trained
+    monkeypatch.setattr(flows.reproduce, "reproduce_run", lambda *a, **k: {**replayed(), "tags": {**recorded, "git.dirty": "true"}})
+    out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--params", str(project / "params.yaml")])
+    assert f"warning: run {result['run_id']} was made from a checkout with uncommitted code changes (git.dirty)" in " ".join(out.output.split())
 
 
 def test_a_flow_that_fails_after_validation_ends_its_runs_failed(project: Path, first_run, monkeypatch):
@@ -396,3 +402,48 @@ def test_a_retrain_fired_by_another_model_s_shift_skips_when_its_own_model_is_un
     monkeypatch.setattr(retrain_flow, "data_unchanged_since_champion", lambda cfg: seen.append(cfg.target) or "unchanged (test)")
     out = retrain_flow.retrain(str(project / "params.yaml"), "synth", "fonts-b", drift={"udaflow-synth-to-fonts-b": "shifted"})
     assert seen == ["fonts-b"] and out == {"skipped": True, "reason": "unchanged (test)"}  # on to the next check
+
+
+def test_a_run_that_died_after_its_evaluation_can_be_reproduced(project: Path, first_run, monkeypatch):
+    """Its metrics are whole once its `evaluate` child finished: a run killed while it registered or
+    inside its gate (its version adopted by the next run) is reproducible, where one that died before
+    evaluating is refused (above). Until 2026-12-04 every run not FINISHED was refused."""
+    import flows.pipeline
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed inside the gate")
+
+    monkeypatch.setattr(flows.pipeline, "promotion_gate", dies)
+    cfg = _cfg(project, method="dann", seed=3)
+    with pytest.raises(RuntimeError, match="killed inside the gate"):
+        flows.pipeline.adaptation_pipeline(cfg, str(project / "params.yaml"))
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("udaflow/synth-to-fonts-b").experiment_id
+    parent = next(r for r in client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20)
+                  if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED"
+    record = tracking.run_record(parent.info.run_id)
+    assert record.metrics["target_acc_selected"] == parent.data.metrics["target_acc_selected"] and record.config["seed"] == 3
+
+
+def test_a_store_that_refuses_to_end_a_stopped_run_does_not_hide_the_stop(project: Path, first_run, monkeypatch, caplog):
+    """Ctrl-C while SQLite was locked: ending the MLflow run failed too, and its error replaced the
+    interrupt (a traceback and exit 1, not `interrupted` and 130). The stop is what is raised; a warning
+    says the run is left for the next one to end."""
+    import sqlite3
+
+    import flows.pipeline
+    from udaflow import steps
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(steps, "adapt", stopped)
+    monkeypatch.setattr(tracking, "close_pipeline_run", locked)
+    with pytest.raises(KeyboardInterrupt):
+        flows.pipeline.adaptation_pipeline(_cfg(project, method="dann", seed=4), str(project / "params.yaml"))
+    out = " ".join(caplog.text.split())  # the flow's prints are Prefect's log lines
+    assert "could not be ended (OperationalError: database is locked); the next `udaflow run` on this host ends it KILLED" in out

@@ -495,24 +495,45 @@ def test_a_retrain_on_unchanged_data_skips_only_past_a_gate_that_decided(registr
     assert "equal the challenger's" in data_unchanged_since_champion.fn(cfg)
 
 
-def test_a_run_killed_inside_its_registration_has_that_version_completed_not_copied(registry: Path, trained, monkeypatch):
-    """Killed while it tagged its new version: the version holds the weights (its first tag says which)
-    but no `complete` mark. The next run, with the same weights, finishes that registration instead of
-    leaving it incomplete beside a copy (until 2026-12-03 it registered another). A version cut short
-    before its weights tag cannot say what it holds: it stays incomplete, and a new one is registered."""
+def test_a_run_killed_right_after_its_version_was_created_has_it_adopted_not_copied(registry: Path, trained, monkeypatch):
+    """The version is created with every tag and the `complete` mark in one registry call: a kill right
+    after it (MLflow has printed "Created version") leaves a whole version without an alias, and the next
+    run with the same weights adopts it. Until 2026-12-04 the tags came one call at a time after it, and
+    a kill in that gap left a version without even its weights tag, which no run could adopt."""
     client = mlflow.MlflowClient()
-    real, calls = mlflow.MlflowClient.set_model_version_tag, []
 
-    def killed_at_the_third_tag(self, *args, **kwargs):
-        calls.append(args)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # what a kill leaves in the registry: the tags written so far
-        return real(self, *args, **kwargs)
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a kill leaves in the registry: everything written before it
 
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", killed_at_the_third_tag)
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", killed)
     with pytest.raises(KeyboardInterrupt):
         add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
-    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", real)
+    monkeypatch.undo()
+    cut = client.get_model_version(NAME, "1")
+    assert cut.tags[tracking.COMPLETE_TAG] == "true" and cut.tags["validator_selected.im"] == "0.6" and cut.tags[tracking.WEIGHTS_TAG]
+    assert tracking._alias_version(NAME, "challenger") is None
+    client.set_terminated(cut.run_id, "KILLED")
+    assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
+    assert client.get_model_version(NAME, "1").tags["adopted_by_run"] != cut.run_id
+
+
+def test_a_version_an_older_udaflow_cut_short_inside_its_tags_is_completed_not_copied(registry: Path, trained, monkeypatch):
+    """What the tag-by-tag registration before 2026-12-04 could leave: the version holds the weights (its
+    first tag says which) but no `complete` mark. The next run, with the same weights, finishes that
+    registration instead of leaving it incomplete beside a copy. A version without its weights tag
+    cannot say what it holds: it stays incomplete, and a new one is registered."""
+    client = mlflow.MlflowClient()
+    real = mlflow.register_model
+
+    def cut_short(uri, name, *args, tags, **kwargs):  # the first two tags written, then killed
+        real(uri, name, *args, tags=dict(list(tags.items())[:2]), **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow, "register_model", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    monkeypatch.undo()
     cut = client.get_model_version(NAME, "1")
     assert cut.tags[tracking.WEIGHTS_TAG] and tracking.COMPLETE_TAG not in cut.tags and tracking.incomplete_versions(NAME) == ["1"]
     client.set_terminated(cut.run_id, "KILLED")
