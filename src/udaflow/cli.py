@@ -676,7 +676,8 @@ def promote(
 
     The data: the label-free validator on the target's current unlabelled pool (or accuracy on
     the target's labelled `val` split when it has one; never `test`) and source val accuracy. A
-    collapsed challenger is refused; a first version must beat its own source-only model."""
+    collapsed challenger is refused; a first version must do at least as well as its own source-only
+    model (on the val split when the target has one)."""
     cfg = _load(params, None, None)
     _require_model(cfg, model)
     from udaflow import tracking

@@ -22,8 +22,7 @@ import torch
 from pydantic import ValidationError
 
 from udaflow.config import Config, ConfigError, blame, error_key, explain
-from udaflow.data.domains import missing_domain_hint
-from udaflow.data.manifest import MANIFEST_NAME, DataError, read_manifest
+from udaflow.data.manifest import MANIFEST_NAME, DataError, missing_domain_hint, read_manifest
 from udaflow.methods import get_method_class, list_methods
 from udaflow.methods.base import config_from_dict
 from udaflow.models import BackboneError, create_backbone

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from udaflow.data.domains import missing_domain_hint
-from udaflow.data.manifest import DataError, ManifestRow, read_manifest
+from udaflow.data.manifest import DataError, ManifestRow, missing_domain_hint, read_manifest
 from udaflow.data.store import ImageFile, Images, content_key
 from udaflow.models.preprocess import ImageSpec
 

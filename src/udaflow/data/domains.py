@@ -24,17 +24,6 @@ CLASSES = [str(d) for d in range(10)]
 BUILTIN_DOMAINS = ("synth", "mnist", "mnistm")
 
 
-def missing_domain_hint(root: Path, name: str) -> str:
-    """What brings a missing domain folder back: a built-in one is rendered again, an ingested one
-    checked out from DVC (its pointer file sits beside the folder), anything else ingested."""
-    if name in BUILTIN_DOMAINS:
-        return f"build it with `udaflow data build --domains {name}`"
-    pointer = root.with_name(f"{root.name}.dvc")
-    if pointer.is_file():
-        return f"restore it from DVC with `dvc checkout {pointer}` (`dvc pull {pointer}` when the cache lacks it)"
-    return f"ingest your images with `udaflow data ingest PATH --name {name}` (built-in domains: {', '.join(BUILTIN_DOMAINS)})"
-
-
 # --------------------------------------------------------------------------------------- synth
 def usable_fonts() -> list[Path]:
     """matplotlib's fonts that map '0'..'9' to digit glyphs that are drawn and all different.

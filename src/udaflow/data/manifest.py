@@ -117,3 +117,16 @@ def stratified_split(labels: list[str], holdout_fraction: float, seed: int, val_
         for i in idx[n_test : n_test + n_val]:
             splits[i] = "val"
     return splits
+
+
+def missing_domain_hint(root: Path, name: str) -> str:
+    """What brings a missing domain folder back: a built-in one is rendered again, an ingested one
+    checked out from DVC (its pointer file sits beside the folder), anything else ingested."""
+    from udaflow.data.domains import BUILTIN_DOMAINS  # domains imports this module
+
+    if name in BUILTIN_DOMAINS:
+        return f"build it with `udaflow data build --domains {name}`"
+    pointer = root.with_name(f"{root.name}.dvc")
+    if pointer.is_file():
+        return f"restore it from DVC with `dvc checkout {pointer}` (`dvc pull {pointer}` when the cache lacks it)"
+    return f"ingest your images with `udaflow data ingest PATH --name {name}` (built-in domains: {', '.join(BUILTIN_DOMAINS)})"
