@@ -8,6 +8,7 @@ with artifacts under `mlflow/artifacts` (both set in params.yaml `tracking:`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -295,10 +296,28 @@ def _signature():
 
 def bad_request(message: str) -> Exception:
     """An error the MLflow scoring server answers with 400 and this message (not a 500)."""
-    from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+    return _bad_request_type()(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+@functools.cache
+def _bad_request_type() -> type:
+    """An MlflowException that keeps the message it was made with. The scoring server rewrites a
+    predict error's message to `Failed to predict data '<the whole request>'. Error: ...`: it sent a
+    client every pixel it posted back (12 MB for a 12 MB request), udaflow's line at the very end."""
+    from mlflow.exceptions import MlflowException
+
+    class BadRequest(MlflowException):
+        @property
+        def message(self) -> str:
+            return self.__dict__["_message"]
+
+        @message.setter
+        def message(self, value: str) -> None:
+            self.__dict__.setdefault("_message", value)  # the first: MlflowException.__init__'s
+
+    return BadRequest
 
 
 def load_model(uri: str):

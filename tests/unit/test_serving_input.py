@@ -64,6 +64,7 @@ def test_files_and_pixels_of_any_size_give_the_same_answer(model):
     ("@@@", "base64"),
     (b"GIF89a but not really", "decode"),
     (np.zeros((9000, 2)), "1-8192"),
+    (_png(np.zeros((2, 9000), np.uint8)), "a 9000x2 image file; each side must be 1-8192"),  # refused from its header, undecoded
 ])
 def test_out_of_range_or_malformed_images_are_refused_by_index(model, value, needle):
     with pytest.raises(InputError) as err:
@@ -90,3 +91,25 @@ def test_the_scaled_float_layout_of_earlier_versions_is_checked_not_trusted(mode
         model.predict(scaled * 255.0)
     with pytest.raises(InputError, match="NaN"):
         model.predict(np.full((1, 3, 32, 32), np.nan, np.float32))
+
+
+def test_a_refused_request_is_answered_with_its_reason_not_the_request(model):
+    """MLflow's scoring server rewrote a predict error's message to `Failed to predict data '<the whole
+    request>'...`: a client got every pixel it sent back, the reason at the end. The served model's
+    error keeps its own message."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+    from mlflow.pyfunc import PyFuncModel, scoring_server
+
+    from udaflow.models.packaged import _Served
+
+    served = PyFuncModel(model_meta=Model(), model_impl=_Served(model.model, model.config))
+    pixels = np.full((600, 600), 300).tolist()  # about 2 MB of JSON
+    body = json.dumps({"inputs": [{"image": np.zeros((4, 4), int).tolist()}, {"image": pixels}]})
+    with pytest.raises(MlflowException) as err:
+        scoring_server.invocations(body, "application/json", served, None)
+    answer = json.loads(err.value.serialize_as_json())
+    assert answer["message"] == "image 1: pixel values from 300 to 300; uint8 pixels are 0-255", answer["message"][:300]
+    assert err.value.get_http_status_code() == 400

@@ -114,7 +114,7 @@ class InputError(ValueError):
 
 
 IMAGE = "image"  # the one input column: an encoded image (base64 text or bytes) or uint8 pixels
-MAX_SIDE = 8192  # px; a larger array is refused (an encoded file is bounded by PIL's decompression-bomb check)
+MAX_SIDE = 8192  # px; a larger array or image file is refused before it is decoded
 
 
 def _pixels_of_array(value: Any, where: str) -> Image.Image:
@@ -168,8 +168,12 @@ def _decode(value: Any, where: str, spec) -> np.ndarray:
             raise InputError(f"{where}: a string that is not base64; send the image file's bytes base64-encoded") from None
     if isinstance(value, (bytes, bytearray)):
         try:
-            with Image.open(io.BytesIO(value)) as img:
+            with Image.open(io.BytesIO(value)) as img:  # lazy: the header only
+                if min(img.size) < 1 or max(img.size) > MAX_SIDE:  # PIL itself refuses only over 179M pixels, after a 9 s decode at 144M
+                    raise InputError(f"{where}: a {img.width}x{img.height} image file; each side must be 1-{MAX_SIDE}")
                 return to_model_pixels(img, spec)
+        except InputError:
+            raise
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"{where}: not an image file PIL can decode ({type(exc).__name__}: {str(exc)[:200]})") from None
     if value is None:
