@@ -694,14 +694,14 @@ def promote(
     for row in decision.rows:
         table.add_row(*row)
     console.print(table)
-    console.print(f"decided on: {decision.data}")
+    console.print(f"decided on: {decision.data}", markup=False, highlight=False)  # domain names, not markup
     from udaflow import tracking
 
     incomplete = tracking.incomplete_versions(model)
     if incomplete:
         console.print(f"incomplete: v{', v'.join(incomplete)} (registration cut short; never aliased)")
     verb = "would promote" if dry_run and decision.promote else "promoted" if decision.promote else "not promoted"
-    console.print(f"{'[dry run] ' if dry_run else ''}{verb}: {decision.reason}")
+    console.print(f"{'[dry run] ' if dry_run else ''}{verb}: {decision.reason}", markup=False, highlight=False)  # rich read "[dry run]" as a style
 
 
 @app.command("rollback")
@@ -817,7 +817,7 @@ def stage_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
 def serve(
     model: ModelOpt,
     alias: Annotated[str, typer.Option("--alias", help="registry alias (or a version number)")] = "champion",
-    port: Annotated[int, typer.Option("--port")] = 5001,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 5001,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
     params: ParamsOpt = Path("params.yaml"),
@@ -838,6 +838,7 @@ def serve(
                        "`udaflow promote` makes a challenger the champion once it passes the gate; "
                        "`--alias challenger` or `--alias N` serves another version")
     uri = f"models:/{model}/{alias}" if alias.isdigit() else f"models:/{model}@{alias}"
+    _require_port(host, port)
     bindir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -852,9 +853,23 @@ def serve(
     os.execve(sys.executable, cmd, env)
 
 
+def _require_port(host: str, port: int) -> None:
+    """Fail here when the server could not listen on host:port: after `execve`, MLflow loads the model
+    for a minute, then uvicorn's "address already in use" ends in MLflow's traceback."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        err = RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        err.hint = "another server holds that port (`ss -ltnp` names it): pass a free one with --port, or stop it"
+        raise err from None
+
+
 @app.command("ui")
 def ui(
-    port: Annotated[int, typer.Option("--port")] = 5000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 5000,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Start the MLflow UI on 127.0.0.1 for the local store (a tracking server serves its own)."""

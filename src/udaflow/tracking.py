@@ -340,9 +340,14 @@ def incomplete_versions(name: str) -> list[str]:
 def model_shift(name: str) -> tuple[str, str]:
     """(source, target) a registered model adapts between: the tags of the run behind its newest
     version (a domain name may itself contain '-to-', so the model's name alone can be ambiguous)."""
+    from mlflow.exceptions import MlflowException
+
     for version in reversed(latest_versions(name)):
         if version.run_id:
-            tags = _client().get_run(version.run_id).data.tags
+            try:
+                tags = _client().get_run(version.run_id).data.tags
+            except MlflowException:  # its run deleted for good (`mlflow gc`): an older version's run, else the name
+                continue
             if tags.get("udaflow.source") and tags.get("udaflow.target"):
                 return tags["udaflow.source"], tags["udaflow.target"]
     source, _, target = name.removeprefix("udaflow-").partition("-to-")

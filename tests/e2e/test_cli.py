@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -151,6 +152,13 @@ def test_serve_refuses_an_alias_or_version_the_model_lacks(workspace: Path):
         lines = result.output.splitlines()
         assert lines[0].startswith(f"error: registered model 'udaflow-synth-to-fonts-b' has no {missing} (its versions: 1, 2")
         assert "@challenger (v2)" in lines[0] and lines[1].startswith("hint: `udaflow promote`"), result.output
+    # a port the server could not listen on: one line before MLflow loads the model (it was its traceback a minute later)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = invoke(["serve", "--model", "udaflow-synth-to-fonts-b", "--alias", "challenger", "--port", str(port)], workspace)
+    assert result.exit_code == 2 and result.output.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), result.output
+    result = invoke(["serve", "--model", "udaflow-synth-to-fonts-b", "--port", "70000"], workspace)
+    assert result.exit_code == 2 and "65535" in result.output, result.output
 
 
 def _spawned_workers(pid: int) -> set[int]:

@@ -110,7 +110,7 @@ def test_first_version_needs_a_sanity_check_then_the_gate_measures_both_now(regi
 
     add_version(registry, variant(trained, 1), recorded_im=0.6, source_only_im=0.5)
     result = cli(["promote", "--model", NAME, "--dry-run"], registry)
-    assert "would promote" in result.output and champion() is None  # a dry run changes nothing
+    assert "[dry run] would promote" in result.output and champion() is None  # a dry run changes nothing, and says so
     result = cli(["promote", "--model", NAME], registry)
     assert result.exit_code == 0 and "first version" in result.output and champion() == "2"
 

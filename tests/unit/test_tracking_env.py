@@ -77,3 +77,26 @@ def test_git_dirty_counts_changed_tracked_files_and_new_code_not_ignored_or_data
     (tmp_path / "data/my method.py").unlink()
     (tmp_path / "train.py").write_text("x = 2\n")
     assert state() == "true"
+
+
+def test_a_models_shift_skips_a_version_whose_run_was_deleted_for_good(monkeypatch):
+    """`udaflow promote` read the newest version's run tags and crashed with a traceback once that run
+    had been removed (`mlflow gc`); an older version's run tells the shift, else the model's name."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+
+    from udaflow import tracking
+
+    runs = {"a": SimpleNamespace(data=SimpleNamespace(tags={"udaflow.source": "synth", "udaflow.target": "shelf-to-cam"}))}
+
+    def get_run(run_id):
+        if run_id not in runs:
+            raise MlflowException(f"Run with id={run_id} not found")
+        return runs[run_id]
+
+    monkeypatch.setattr(tracking, "latest_versions", lambda name: [SimpleNamespace(version="1", run_id="a"), SimpleNamespace(version="2", run_id="b")])
+    monkeypatch.setattr(tracking, "_client", lambda: SimpleNamespace(get_run=get_run))
+    assert tracking.model_shift("udaflow-synth-to-shelf-to-cam") == ("synth", "shelf-to-cam")
+    runs.clear()
+    assert tracking.model_shift("udaflow-synth-to-mnist") == ("synth", "mnist")
