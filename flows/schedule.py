@@ -67,13 +67,40 @@ def deploy_retrain(
     return str(deployment_id)
 
 
+def reach_server() -> None:
+    """Raise the client's connection error when the Prefect server named (PREFECT_API_URL, or the
+    profile's) does not answer: before an ingest measures drift and promises a retrain."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.hello().raise_for_status()
+
+
 def emit_dataset_updated(name: str, md5: str, drift: str = "no-champion", figures: dict | None = None,
-                         verdicts: dict[str, str] | None = None) -> bool:
+                         verdicts: dict[str, str] | None = None) -> None:
     """Tell the Prefect server a domain has a new DVC version. `drift` (shifted | unshifted |
     unmeasured | no-champion, from `udaflow data ingest`) is a resource label the retrain triggers match on; the
-    per-model drift figures and each model's own verdict ({model name: verdict}) ride in the payload."""
-    from prefect.events import emit_event
+    per-model drift figures and each model's own verdict ({model name: verdict}) ride in the payload.
+
+    Sent on its own connection, closed before this returns, and any failure raised: Prefect's
+    `emit_event` only queues an event for a background worker, which drops it (a warning in the log)
+    when the server does not answer, so an ingest said "emitted" and recorded a trigger that never
+    reached a deployment."""
+    import asyncio
+
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
 
     resource = {"prefect.resource.id": dataset_resource(name), "udaflow.md5": md5, "udaflow.drift": drift}
-    event = emit_event(event=DATASET_UPDATED, resource=resource, payload={"drift": figures or {}, "verdicts": verdicts or {}})
-    return event is not None
+    event = Event(event=DATASET_UPDATED, resource=resource, payload={"drift": figures or {}, "verdicts": verdicts or {}})
+
+    async def send() -> None:
+        # the websocket's closing handshake comes after the server has read every frame sent before it
+        async with get_events_client(reconnection_attempts=2) as client:
+            await client.emit(event)
+
+    try:
+        asyncio.run(send())
+    except Exception as exc:
+        raise RuntimeError(f"the Prefect server did not take the event {DATASET_UPDATED} for '{name}': "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc

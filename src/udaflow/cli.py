@@ -164,7 +164,7 @@ class _Commands(TyperGroup):
             if not _STATE["debug"] and (down := _unreachable(exc)) is not None:
                 what = str(down[1]).strip().splitlines()[0][:200] if str(down[1]).strip() else type(down[1]).__name__
                 err_console.print(Text.assemble(("error:", "bold red"), f" cannot reach {down[0]}: {what}"), highlight=False, soft_wrap=True)
-                err_console.print(Text(f"hint: {_UNREACHABLE_HINT}"), highlight=False, soft_wrap=True)
+                err_console.print(Text(f"hint: {getattr(exc, 'hint', None) or _UNREACHABLE_HINT}"), highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2) from None
             if _STATE["debug"] or not _is_known(exc):
                 raise
@@ -306,20 +306,36 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict], dict[str, st
     return verdict, figures, per_model
 
 
+_ANNOUNCE_HINT = ("the new version is recorded, its announcement (drift, retrain trigger) is not: once the server "
+                  "answers (PREFECT_API_URL names Prefect's, MLFLOW_TRACKING_URI or params.yaml's tracking.uri MLflow's; "
+                  "unset PREFECT_API_URL to go without Prefect), run the same `udaflow data ingest` again: it announces "
+                  "the recorded version")
+
+
 def _announce_new_data(cfg, name: str, md5: str) -> None:
     """A new DVC version of a domain: measure its drift, then a Prefect event carrying the figures;
-    deployments whose target it is retrain when it is shifted (or nothing can be compared)."""
-    verdict, figures, per_model = _drift(cfg, name, md5)
+    deployments whose target it is retrain when it is shifted (or nothing can be compared). A named
+    server that does not answer, or does not take the event, is an error: the caller records the
+    announcement only when this returns."""
     from tasks import named_prefect_api
 
-    if named_prefect_api() is None:
-        console.print("  no Prefect server (PREFECT_API_URL unset): no retrain triggered")
-        return
-    from flows.schedule import emit_dataset_updated
+    try:
+        if named_prefect_api() is not None:
+            from flows.schedule import reach_server
 
-    if emit_dataset_updated(name, md5, verdict, figures, per_model):
-        what = "its scheduled retrains will run" if verdict != "unshifted" else "no shift: its scheduled retrains stay idle"
-        console.print(f"  event udaflow.dataset.updated (drift: {verdict}) emitted for '{name}': {what}")
+            reach_server()  # before the drift run is measured and logged, not after
+        verdict, figures, per_model = _drift(cfg, name, md5)
+        if named_prefect_api() is None:
+            console.print("  no Prefect server (PREFECT_API_URL unset): no retrain triggered")
+            return
+        from flows.schedule import emit_dataset_updated
+
+        emit_dataset_updated(name, md5, verdict, figures, per_model)
+    except Exception as exc:
+        exc.hint = _ANNOUNCE_HINT
+        raise
+    what = "its scheduled retrains will run" if verdict != "unshifted" else "no shift: its scheduled retrains stay idle"
+    console.print(f"  event udaflow.dataset.updated (drift: {verdict}) emitted for '{name}': {what}")
 
 
 @data_app.command("ingest")

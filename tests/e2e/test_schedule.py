@@ -188,3 +188,41 @@ def test_a_server_that_is_down_is_one_line_however_it_was_named(project: Path, t
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert lines[0].startswith(f"error: cannot reach {dead.removesuffix('/api')}: ") and lines[1].startswith("hint: is it running"), out.stderr
+
+
+def _dataset_events(api: str, name: str) -> list[dict]:
+    body = {"filter": {"event": {"name": ["udaflow.dataset.updated"]}, "resource": {"id": [f"udaflow.dataset.{name}"]}}, "limit": 50}
+    return httpx.post(f"{api}/events/filter", json=body, timeout=10).json()["events"]
+
+
+def test_an_ingest_that_cannot_reach_its_server_says_so_and_the_next_one_announces(server, project: Path, tmp_path: Path):
+    """Prefect's `emit_event` queues an event for a background worker that drops it when the server does
+    not answer: an ingest printed "emitted", exited 0 and recorded the announcement, so the shifted
+    data never started a retrain and the same ingest again said "no retrain triggered". Now it is an
+    error, nothing is recorded as announced, and the same command announces the version once the
+    server answers."""
+    folder = tmp_path / "fonts-d"
+    build_domain("synth", folder, seed=13, synth_size=60)
+    (folder / "synth/manifest.csv").unlink()
+    down = {**server, "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}
+    args = ("data", "ingest", str(folder / "synth"), "--name", "fonts-d", "--source", "synth")
+    out = udaflow(down, project, *args)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout + out.stderr[-3000:]
+    assert lines[0].startswith(f"error: cannot reach {down['PREFECT_API_URL'].removesuffix('/api')}"), out.stderr
+    assert lines[1].startswith("hint: the new version is recorded, its announcement (drift, retrain trigger) is not"), out.stderr
+    assert "(new version;" in out.stdout and "emitted" not in out.stdout, out.stdout
+    work_dir = Path(yaml.safe_load((project / "params.yaml").read_text())["work_dir"])
+    assert not (work_dir / "ingest/fonts-d/announced.json").exists()
+
+    out = udaflow(server, project, *args)  # the server answers: the recorded version is announced now
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert "announcing it now" in out.stdout and "(drift: no-champion) emitted for 'fonts-d'" in out.stdout, out.stdout
+    for _ in range(30):  # the server stores events shortly after it takes them
+        if events := _dataset_events(server["PREFECT_API_URL"], "fonts-d"):
+            break
+        time.sleep(1)
+    assert [e["resource"]["udaflow.drift"] for e in events] == ["no-champion"], events
+    assert (work_dir / "ingest/fonts-d/announced.json").exists()
+    out = udaflow(server, project, *args)
+    assert out.returncode == 0 and "same content as the recorded version: no retrain triggered" in out.stdout, out.stdout
