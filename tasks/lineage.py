@@ -16,7 +16,16 @@ def read_run_record(tracking_uri: str, artifact_root: str, run_id: str) -> track
     return tracking.run_record(run_id)
 
 
-@task(name="restore-dataset", cache_policy=NO_CACHE, retries=1)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a failed restore once (a remote's hiccup), not when DVC answered that the version is in
+    neither the cache nor the remote: the same answer again, after restoring everything else twice."""
+    try:
+        return not isinstance(state.result(raise_on_failure=False), versioning.VersioningError)
+    except Exception:  # noqa: BLE001 - an unreadable result: the retry policy as before
+        return True
+
+
+@task(name="restore-dataset", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_worth_retrying)
 def restore_dataset(md5: str, dest: str, project: str) -> str:
     """Check out exactly the recorded dataset version (cache or remote) into the isolated workspace."""
     return str(versioning.restore_dataset(md5, Path(dest), Path(project)))

@@ -438,7 +438,8 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
         try:
             tree = Tree.load(odb, hash_info)
         except Exception as exc:  # noqa: BLE001
-            raise VersioningError(f"{what} is missing from the DVC cache ({odb.path}): {exc}", hint) from exc
+            # the pull above found it in neither (DVC only warns when the remote lacks it)
+            raise VersioningError(f"{what} is in neither the DVC cache ({odb.path}) nor the default remote: {exc}", hint) from exc
         missing = {entry for _, _, entry in tree if not odb.exists(entry.value)}
         if missing:
             try:

@@ -63,8 +63,19 @@ def test_restore_an_old_version_into_another_folder_and_missing_objects(repo: Pa
 
     shutil.rmtree(repo / ".dvc/cache")
     shutil.rmtree(repo / "dvc-remote")
-    with pytest.raises(versioning.VersioningError, match="0123456789abcdef0123456789abcdef"):
+    with pytest.raises(versioning.VersioningError, match="0123456789abcdef0123456789abcdef.dir is in neither the DVC cache .*nor the"):
         versioning.restore_dataset("0123456789abcdef0123456789abcdef.dir", tmp_path_factory.mktemp("x") / "dom", repo)
+
+
+def test_a_restore_is_retried_after_a_hiccup_not_after_dvc_said_the_version_is_gone():
+    """`reproduce` restored every other dataset twice before it said a version was gone (retries=1)."""
+    from prefect.states import Failed
+
+    from tasks.lineage import _worth_retrying, restore_dataset
+
+    assert restore_dataset.retries == 1 and restore_dataset.retry_condition_fn is _worth_retrying
+    assert not _worth_retrying(None, None, Failed(data=versioning.VersioningError("gone", "hint")))
+    assert _worth_retrying(None, None, Failed(data=OSError("connection reset by peer")))
 
 
 def test_outside_a_dvc_project_is_a_clear_error(tmp_path: Path):
