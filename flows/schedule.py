@@ -61,6 +61,7 @@ def deploy_retrain(
         build=False,
         push=False,
         print_next_steps=False,
+        ignore_warnings=True,  # Prefect's advice to use `.serve` for a process pool: the worker is the design
         tags=["udaflow", f"target:{target}"],
         concurrency_limit=1,
     )
