@@ -709,8 +709,9 @@ def promote(
         table.add_column(col, justify="left" if col == "metric" else "right")
     for row in decision.rows:
         table.add_row(*row)
-    console.print(table)
-    console.print(f"decided on: {decision.data}", markup=False, highlight=False)  # domain names, not markup
+    if decision.rows:  # none when nothing was measured (the challenger is the champion already, or was rolled back)
+        console.print(table)
+        console.print(f"decided on: {decision.data}", markup=False, highlight=False)  # domain names, not markup
     from udaflow import tracking
 
     incomplete = tracking.incomplete_versions(model)

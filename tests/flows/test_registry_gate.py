@@ -456,6 +456,7 @@ def test_a_rollback_or_a_rejection_killed_half_way_leaves_no_false_tag(registry:
     assert champion() == "2" and "gate.rolled_back_at" in client.get_model_version(NAME, "2").tags  # the mark, not the move
     result = cli(["promote", "--model", NAME], registry)  # v2 is the challenger and the champion
     assert result.exit_code == 0 and "version 2 is already the champion" in result.output, result.output
+    assert "decided on" not in result.output  # nothing was measured: no empty table, no data it did not decide on
     assert "gate.rolled_back_at" not in client.get_model_version(NAME, "2").tags  # it was never rolled back
 
     # a promotion killed after its alias, before its last write; then a rollback
