@@ -63,6 +63,7 @@ def test_files_and_pixels_of_any_size_give_the_same_answer(model):
     ([[1, 2], [3]], "array"),
     ("@@@", "base64"),
     (b"GIF89a but not really", "decode"),
+    (b"", "0 bytes of no image format it knows"),
     (np.zeros((9000, 2)), "1-8192"),
     (_png(np.zeros((2, 9000), np.uint8)), "a 9000x2 image file; each side must be 1-8192"),  # refused from its header, undecoded
 ])

@@ -174,7 +174,9 @@ def _decode(value: Any, where: str, spec) -> np.ndarray:
                 return to_model_pixels(img, spec)
         except InputError:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except UnidentifiedImageError:  # its message names a BytesIO object's address
+            raise InputError(f"{where}: not an image file PIL can decode ({len(value)} bytes of no image format it knows)") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"{where}: not an image file PIL can decode ({type(exc).__name__}: {str(exc)[:200]})") from None
     if value is None:
         raise InputError(f"{where}: empty")
