@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -332,7 +333,9 @@ def _announce_new_data(cfg, name: str, md5: str) -> None:
 
         emit_dataset_updated(name, md5, verdict, figures, per_model)
     except Exception as exc:
-        exc.hint = _ANNOUNCE_HINT
+        if not getattr(exc, "hint", None):  # an error's own hint says more than the general one
+            with contextlib.suppress(AttributeError):
+                exc.hint = _ANNOUNCE_HINT
         raise
     what = "its scheduled retrains will run" if verdict != "unshifted" else "no shift: its scheduled retrains stay idle"
     console.print(f"  event udaflow.dataset.updated (drift: {verdict}) emitted for '{name}': {what}")
