@@ -888,7 +888,7 @@ def run_record(run_id: str) -> RunRecord:
         raise LookupError(f"MLflow run '{run_id}' does not exist in {os.environ.get('MLFLOW_TRACKING_URI') or 'the configured store'}") from None
     tags = dict(run.data.tags)
     if parent := tags.get("mlflow.parentRunId"):  # a stage's child run (pretrain, adapt, evaluate, ...)
-        raise LookupError(f"run '{run_id}' is the '{run.info.run_name}' stage of run '{parent}': reproduce `udaflow reproduce {parent}`")
+        raise LookupError(f"run '{run_id}' is the '{run.info.run_name}' stage of run '{parent}': run `udaflow reproduce {parent}`")
     if "dvc.source.md5" in tags and run.info.status == "RUNNING" and not _evaluated(client, run):
         raise LookupError(f"run '{run_id}' is still RUNNING (or its process died without ending it; the next `udaflow run` on "
                           "its host ends it KILLED): it has no complete metrics to compare a re-run with yet")

@@ -352,7 +352,7 @@ def test_a_flow_that_fails_after_validation_ends_its_runs_failed(project: Path, 
     # a stage's own run id (copied from the MLflow UI) names the run to reproduce, not "not made by udaflow run"
     child = next(r for r in client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"))
     out = CliRunner().invoke(app, ["reproduce", child.info.run_id, "--params", str(project / "params.yaml")])
-    assert out.exit_code == 2 and f"stage of run '{parent.info.run_id}': reproduce `udaflow reproduce {parent.info.run_id}`" in out.output, out.output
+    assert out.exit_code == 2 and f"stage of run '{parent.info.run_id}': run `udaflow reproduce {parent.info.run_id}`" in out.output, out.output
 
 
 def test_reproduce_refuses_a_record_it_cannot_use_before_restoring_anything(project: Path, first_run, tmp_path):
