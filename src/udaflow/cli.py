@@ -320,13 +320,14 @@ def _announce_new_data(cfg, name: str, md5: str) -> None:
     announcement only when this returns."""
     from tasks import named_prefect_api
 
+    server = named_prefect_api()
     try:
-        if named_prefect_api() is not None:
+        if server is not None:
             from flows.schedule import reach_server
 
             reach_server()  # before the drift run is measured and logged, not after
         verdict, figures, per_model = _drift(cfg, name, md5)
-        if named_prefect_api() is None:
+        if server is None:
             console.print("  no Prefect server (PREFECT_API_URL unset): no retrain triggered")
             return
         from flows.schedule import emit_dataset_updated

@@ -889,10 +889,10 @@ def run_record(run_id: str) -> RunRecord:
     tags = dict(run.data.tags)
     if parent := tags.get("mlflow.parentRunId"):  # a stage's child run (pretrain, adapt, evaluate, ...)
         raise LookupError(f"run '{run_id}' is the '{run.info.run_name}' stage of run '{parent}': run `udaflow reproduce {parent}`")
-    if "dvc.source.md5" in tags and run.info.status == "RUNNING" and not _evaluated(client, run):
-        raise LookupError(f"run '{run_id}' is still RUNNING (or its process died without ending it; the next `udaflow run` on "
-                          "its host ends it KILLED): it has no complete metrics to compare a re-run with yet")
-    if "dvc.source.md5" in tags and run.info.status != "FINISHED" and not _evaluated(client, run):  # failed or killed before its metrics
+    if "dvc.source.md5" in tags and run.info.status != "FINISHED" and not _evaluated(client, run):  # no complete metrics yet
+        if run.info.status == "RUNNING":
+            raise LookupError(f"run '{run_id}' is still RUNNING (or its process died without ending it; the next `udaflow run` on "
+                              "its host ends it KILLED): it has no complete metrics to compare a re-run with yet")
         raise LookupError(f"run '{run_id}' ended {run.info.status}, not FINISHED, before its evaluation did: it recorded no complete "
                           "metrics to compare a re-run with; reproduce a run that finished")
     with _tempdir() as tmp:
