@@ -114,3 +114,49 @@ def test_a_refused_request_is_answered_with_its_reason_not_the_request(model):
     answer = json.loads(err.value.serialize_as_json())
     assert answer["message"] == "image 1: pixel values from 300 to 300; uint8 pixels are 0-255", answer["message"][:300]
     assert err.value.get_http_status_code() == 400
+
+
+def _served_with_signature(model):
+    """The served model as `mlflow models serve` loads a registered version: its signature enforced."""
+    from mlflow.models import Model
+    from mlflow.pyfunc import PyFuncModel
+
+    from udaflow.models.packaged import _Served
+    from udaflow.tracking import _signature
+
+    return PyFuncModel(model_meta=Model(signature=_signature()), model_impl=_Served(model.model, model.config))
+
+
+def test_a_column_of_files_is_read_in_python_and_over_http(model):
+    """MLflow's schema check turns a dict whose values are lists of strings into one row holding the
+    list: `mlflow.pyfunc.load_model(...).predict({"image": [<b64>, <b64>]})` was refused ("pixels must
+    be numbers 0-255 (got str... values)"), and an empty column was "an array of shape [0]". Each form
+    now gets the records form's answer, and an empty one "no images"."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    served = _served_with_signature(model)
+    rng = np.random.default_rng(2)
+    files = [base64.b64encode(_png(rng.integers(0, 256, (28, 28), dtype=np.uint8))).decode() for _ in range(3)]
+
+    def answer(body: dict) -> list:
+        response = scoring_server.invocations(json.dumps(body), "application/json", served, None)
+        assert response.status == 200, response.response
+        return json.loads(response.response)["predictions"]
+
+    records = answer({"inputs": [{"image": f} for f in files]})
+    assert len(records) == 3
+    for body in ({"inputs": {"image": files}}, {"dataframe_split": {"columns": ["image"], "data": [[f] for f in files]}},
+                 {"dataframe_records": [{"image": f} for f in files]}, {"instances": [{"image": f} for f in files]}):
+        assert answer(body) == records, body
+    for column in (files, files[:1], [base64.b64decode(f) for f in files]):
+        out = served.predict({"image": column})
+        assert list(out["class"]) == [r["class"] for r in records[: len(column)]]
+    for empty in ({"inputs": {"image": []}}, {"inputs": [{"image": []}]}):
+        with pytest.raises(MlflowException) as err:
+            scoring_server.invocations(json.dumps(empty), "application/json", served, None)
+        assert err.value.get_http_status_code() == 400 and "no images" in err.value.message, err.value.message
+    with pytest.raises(MlflowException, match="no images"):
+        served.predict({"image": []})

@@ -183,6 +183,13 @@ def _decode(value: Any, where: str, spec) -> np.ndarray:
     return to_model_pixels(_pixels_of_array(value, where), spec)
 
 
+def _encoded_column(value: Any) -> bool:
+    """A list of encoded images (base64 text or bytes), or an empty list: a column, never one image's pixels."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (str, bytes, bytearray)) for v in value)
+
+
 def _image_values(model_input: Any) -> list[Any]:
     """The per-image values of any form the scoring server or a caller passes."""
     import pandas as pd
@@ -191,7 +198,11 @@ def _image_values(model_input: Any) -> list[Any]:
         if IMAGE not in model_input.columns:
             raise InputError(f"no '{IMAGE}' column (got columns {list(map(str, model_input.columns))}); "
                              f'send {{"inputs": [{{"{IMAGE}": <base64 image file or uint8 pixels>}}, ...]}}')
-        return list(model_input[IMAGE])
+        values = list(model_input[IMAGE])
+        if len(values) == 1 and _encoded_column(values[0]):
+            # MLflow's schema check turns the column form {"image": [<b64>, <b64>]} into one row holding the list
+            return list(values[0])
+        return values
     if isinstance(model_input, dict):
         if IMAGE not in model_input:
             raise InputError(f"no '{IMAGE}' key (got {sorted(map(str, model_input))})")
