@@ -72,6 +72,22 @@ def _repo(root: Path):
         repo.close()
 
 
+@contextmanager
+def _dvc_logs_off():
+    """Where the caller raises one error of its own for an object missing from cache and remote: DVC logs
+    it first ("Some of the cache files do not exist neither locally nor on remote", "failed to transfer"),
+    on its own loggers and again through whatever handles the root logger (Prefect's, in a flow)."""
+    loggers = [logging.getLogger(name) for name in ("dvc", "dvc_data")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def init_repo(root: Path, remote_url: str = "dvc-remote") -> Path:
     """`dvc init` (in a git repo) plus a default local remote, unless already set up."""
     from dvc.repo import Repo
@@ -425,7 +441,8 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
         hash_info = HashInfo("md5", md5 if md5.endswith(".dir") else f"{md5}.dir")
         try:
             # fetch what the cache lacks from the default remote (the .dir object and its files)
-            result = repo.cloud.pull({hash_info})
+            with _dvc_logs_off():
+                result = repo.cloud.pull({hash_info})
             if result.failed:
                 raise VersioningError(f"{what} is in neither the DVC cache nor the default remote", hint)
         except VersioningError:
@@ -443,7 +460,8 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
         missing = {entry for _, _, entry in tree if not odb.exists(entry.value)}
         if missing:
             try:
-                repo.cloud.pull(missing)
+                with _dvc_logs_off():
+                    repo.cloud.pull(missing)
             except Exception:  # noqa: BLE001 - reported per file below
                 pass
         tmp = dest.with_name(dest.name + ".restoring")

@@ -46,7 +46,7 @@ def test_stage_outputs_are_committed_through_their_stage(repo: Path):
     assert not (repo / "data/raw/dom.dvc").exists()
 
 
-def test_restore_an_old_version_into_another_folder_and_missing_objects(repo: Path, tmp_path_factory):
+def test_restore_an_old_version_into_another_folder_and_missing_objects(repo: Path, tmp_path_factory, caplog):
     folder = repo / "data/raw/dom"
     old = versioning.version_dataset(folder).md5
     (folder / "a/1.png").write_bytes(b"changed")
@@ -61,10 +61,22 @@ def test_restore_an_old_version_into_another_folder_and_missing_objects(repo: Pa
     versioning.restore_dataset(old, dest2, repo)
     assert (dest2 / "a/2.png").read_bytes() == b"two"
 
+    # one file's object gone from both: that file is named, in one error, with no DVC warnings before it
+    import hashlib
+    import logging
+
+    two = hashlib.md5(b"two").hexdigest()
+    for store in (repo / ".dvc/cache", repo / "dvc-remote"):
+        (store / "files/md5" / two[:2] / two[2:]).unlink()
+    with caplog.at_level(logging.WARNING), pytest.raises(versioning.VersioningError, match=f"its file a/2.png \\({two}\\) is in neither"):
+        versioning.restore_dataset(old, tmp_path_factory.mktemp("x") / "dom", repo)
+    assert not [r for r in caplog.records if r.name.startswith("dvc")], [r.getMessage() for r in caplog.records]
+
     shutil.rmtree(repo / ".dvc/cache")
     shutil.rmtree(repo / "dvc-remote")
-    with pytest.raises(versioning.VersioningError, match="0123456789abcdef0123456789abcdef.dir is in neither the DVC cache .*nor the"):
+    with caplog.at_level(logging.WARNING), pytest.raises(versioning.VersioningError, match="0123456789abcdef0123456789abcdef.dir is in neither the DVC cache .*nor the"):
         versioning.restore_dataset("0123456789abcdef0123456789abcdef.dir", tmp_path_factory.mktemp("x") / "dom", repo)
+    assert not [r for r in caplog.records if r.name.startswith("dvc")], [r.getMessage() for r in caplog.records]
 
 
 def test_a_restore_is_retried_after_a_hiccup_not_after_dvc_said_the_version_is_gone():
