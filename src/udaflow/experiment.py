@@ -156,7 +156,9 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
     cache = Path(cache_dir or cfg.work_dir / "cache") / f"source-{source}-{key}.pt"
     if cache.exists():
         try:
-            result, wall, _ = load_stage(cache)
+            result, wall, classes = load_stage(cache)
+            if classes != tuple(data.classes):  # the key counts classes; their order is the output units' meaning
+                raise ValueError(f"{cache}: its classes {list(classes)} are not the source's {list(data.classes)} in order")
         except ValueError as exc:  # an older pickled cache entry, or a tampered one: never unpickled, retrained
             print(f"pretrain {source}: {exc}; training the source model again", file=sys.stderr)
         else:

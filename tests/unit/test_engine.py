@@ -514,3 +514,49 @@ def test_the_oracle_trains_with_the_rotation_task_on_its_own_target_train_images
     assert 0.0 < on.loss_history[-1]["rotation"] < 3.0
     assert on.train_images == 2 * off.train_images == 20 * 2 * 16  # B labelled + B rotated images a step
     assert all(isinstance(pool, UnlabelledImages) and pool.images is labelled.images for pool in pools)
+
+
+def test_class_order_is_one_order_in_every_process():
+    """"1" and "01" are equal as numbers: sorting the set of class names by a key with ties followed the
+    set's order, which is the per-process string hash's, so one process's class 0 was another's class 1."""
+    import os
+    import subprocess
+    import sys
+
+    names = "{'1', '01', '2', '02', '007', '7', 'b', 'a', '\\u00b2', '10'}"
+    code = f"from udaflow.data.datasets import _class_key; print(sorted({names}, key=_class_key))"
+    orders = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert orders == {"['01', '1', '02', '2', '007', '7', '10', 'a', 'b', '²']\n"}, orders  # '²' is a digit int() refuses
+
+
+def test_a_cached_source_model_of_other_class_order_is_trained_again(tmp_path, tiny_shift, make_train_config, monkeypatch, capsys):
+    """The source cache's key counts the classes, not their order: a stage whose output units mean other
+    classes is never handed on, whatever its key says."""
+    from types import SimpleNamespace
+
+    from udaflow import experiment
+    from udaflow.config import Config, ModelConfig
+    from udaflow.data.manifest import MANIFEST_NAME
+
+    source, target, _ = tiny_shift
+    (tmp_path / "data/src").mkdir(parents=True)
+    (tmp_path / "data/src" / MANIFEST_NAME).write_text("path,label\n")
+    cfg = Config(model=ModelConfig(backbone="udaflow_vit_micro"), train=make_train_config(pretrain_steps=4), work_dir=tmp_path / "runs")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": tmp_path / "data"})})
+    val = LabelledImages(source.images[:12], source.labels[:12], source.classes, "src-val")
+    data = SimpleNamespace(classes=source.classes, source_train=source, target_adapt=target, source_val=val)
+    trained = []
+    real_train = experiment.train
+    monkeypatch.setattr(experiment, "train", lambda *a, **kw: trained.append(1) or real_train(*a, **kw))
+
+    first = experiment.pretrain_source(cfg, data, "src")
+    assert trained == [1] and not first.cached
+    assert experiment.pretrain_source(cfg, data, "src").cached and trained == [1]  # the same classes: reused
+    [cache] = (tmp_path / "runs/cache").glob("source-src-*.pt")
+    result, wall, classes = experiment.load_stage(cache)
+    experiment.save_stage(cache, result, wall, tuple(reversed(classes)))
+    again = experiment.pretrain_source(cfg, data, "src")
+    assert trained == [1, 1] and not again.cached
+    assert "are not the source's" in capsys.readouterr().err
+    assert experiment.load_stage(cache)[2] == tuple(source.classes)

@@ -166,7 +166,10 @@ class Domain:
 
 
 def _class_key(name: str):
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+    """Numbers in numeric order, then names; a total order, so "1" and "01" (equal as numbers) keep one
+    order in every process: sorting a set by a key with ties follows the set's per-process hash order.
+    isdecimal, not isdigit: int() refuses digits such as '²'."""
+    return (0, int(name), name) if name.isdecimal() else (1, 0, name)
 
 
 @dataclass(frozen=True)
