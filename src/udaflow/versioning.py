@@ -224,6 +224,9 @@ def _ingest_lock(path: Path, root: Path | None):
         yield
         return
     lock = root / ".dvc" / "tmp" / "udaflow-ingest" / f"{path.name}.lock"
+    if str(lock) in _HELD:  # this process holds it already (an ingest's whole span, then its versioning step)
+        yield
+        return
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as fh:
         try:
@@ -231,10 +234,25 @@ def _ingest_lock(path: Path, root: Path | None):
         except BlockingIOError:
             raise VersioningError(f"{path}: an ingest of '{path.name}' is under way; wait for it to finish",
                                   f"`udaflow data ingest` holds {lock} while it runs") from None
+        _HELD.add(str(lock))
         try:
             yield
         finally:
+            _HELD.discard(str(lock))
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+_HELD: set[str] = set()  # the ingest locks this process holds: flock conflicts with itself on a second open
+
+
+@contextmanager
+def ingest_lock(path: Path, root: Path | None = None):
+    """The domain name's ingest lock (`_ingest_lock`) for a whole ingest: from before its copy is staged
+    under the name until it is versioned. Taken only at versioning, two ingests of one name both staged
+    into the same `.<name>.ingesting` folder, and one committed the other's images under its own summary."""
+    path, root = _locate(path, root)
+    with _ingest_lock(path, root):
+        yield
 
 
 def _ignore_line(path: Path, present: bool) -> None:

@@ -272,6 +272,28 @@ def test_a_killed_ingest_is_rolled_back_by_the_next_run_and_a_live_one_is_left_a
     assert not journal.exists() and not (project / "data/raw/.tgt.previous").exists()
 
 
+def test_a_second_ingest_of_a_name_stops_before_it_touches_the_first_one_s_copy(project: Path, folders):
+    """Two ingests of one name both staged into `.<name>.ingesting`, the lock taken only at versioning:
+    the second deleted and rewrote the first's copy, and the first committed the second's images under
+    its own summary. The name's lock is now held from before anything is staged."""
+    import fcntl
+
+    lock = project / ".dvc/tmp/udaflow-ingest/race.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    staging = project / "data/raw/.race.ingesting"
+    (staging / "7").mkdir(parents=True)
+    (staging / "7/the-first-ingest-s.png").write_bytes(b"staged by the live ingest")
+    with lock.open("a") as held:  # as the first ingest, still copying, holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(versioning.VersioningError, match=r"an ingest of 'race' is under way; wait for it to finish"):
+            ingest(project, folders["labelled"], "race")
+        assert (staging / "7/the-first-ingest-s.png").read_bytes() == b"staged by the live ingest"
+        assert not (project / "data/raw/race").exists() and not (project / "data/raw/race.dvc").exists()
+    shutil.rmtree(staging)
+    done = ingest(project, folders["labelled"], "race")  # the lock is released with its holder; taken again inside: no self-conflict
+    assert done.changed and done.images == 60 and not staging.exists()
+
+
 def test_the_bench_rolls_back_a_killed_ingest_of_its_domains_before_it_checks_them(project: Path, folders, tmp_path: Path):
     """`udaflow bench` reads the domains of its --shifts without the pipeline's validation step: it
     rolls back a half-done ingest of them first (until 2026-12-03 it read the half-done version)."""

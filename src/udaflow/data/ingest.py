@@ -276,10 +276,17 @@ def ingest_domain(
     - Overlap with any other domain of the project is reported in `overlaps` (a warning, not an error).
     """
     from udaflow import versioning
-    from udaflow.data.expectations import validate_domain, validate_shift
 
     check_domain_name(name)
     data_root = Path(data_root)
+    with versioning.ingest_lock(data_root / name):  # a second ingest of the name stops here, before it stages anything
+        return _ingest_locked(folder, name, data_root, source, replace, holdout_fraction, seed, val_fraction, report_dir, min_per_class, progress)
+
+
+def _ingest_locked(folder, name, data_root, source, replace, holdout_fraction, seed, val_fraction, report_dir, min_per_class, progress):
+    from udaflow import versioning
+    from udaflow.data.expectations import validate_domain, validate_shift
+
     out = data_root / name
     for domain in (name, *([source] if source is not None and source != name else [])):
         recovered = versioning.recover_interrupted_ingest(data_root / domain)  # an ingest of it killed outright
