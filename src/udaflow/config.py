@@ -22,6 +22,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from udaflow.data.manifest import DOMAIN_NAME, DOMAIN_NAME_RULE
+
 
 class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the file and key, `hint`
@@ -157,7 +159,6 @@ class DriftConfig(_Strict):
         return self
 
 
-DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a folder under data.root, as `udaflow data ingest --name` makes
 
 
 class Config(_Strict):
@@ -193,7 +194,7 @@ class Config(_Strict):
     @classmethod
     def _domain_name(cls, name: str) -> str:
         if not DOMAIN_NAME.match(name):
-            raise ValueError("not a domain name: lower-case letters, digits, '-' and '_' (a folder under data.root)")
+            raise ValueError(f"not a domain name: {DOMAIN_NAME_RULE} (a folder under data.root)")
         return name
 
 

@@ -174,6 +174,20 @@ def test_val_fraction_too_small_for_the_classes_is_refused_or_named(project: Pat
     assert result.classes_without_val == ["a", "b"] and result.splits["val"] == 1
 
 
+def test_a_val_fraction_that_leaves_no_train_images_is_refused(project: Path, tmp_path: Path):
+    """Each class rounds its test and val shares: 30 images at 0.2 + 0.79 kept 6 + 24 and no train image,
+    the ingest succeeded, and the run failed later on 'no images in the requested split'."""
+    folder = tmp_path / "thirty"
+    image_folder(folder, classes=("a",), per_class=30)
+    image_folder(folder, classes=("b",), per_class=30, offset=40)  # distinct images: 20 apart a class otherwise
+    before = snapshot(project)
+    with pytest.raises(DataError, match=r"--val-fraction 0.79 with test fraction 0.2 leaves no train images: .*smallest class has 30") as err:
+        ingest(project, folder, "vf79", val_fraction=0.79)
+    assert err.value.hint == "lower --val-fraction, or add images to each class"
+    assert snapshot(project) == before
+    assert ingest(project, folder, "vf79", val_fraction=0.5).splits == {"train": 18, "val": 30, "test": 12}
+
+
 KILLED_INGEST = """
 import os, signal, sys
 from pathlib import Path

@@ -128,7 +128,7 @@ def test_unknown_nested_key_from_override(params):
     ("train.amp=null", "train.amp: expected true or false (got null)"),
     ("bench.protocol=sometimes", "bench.protocol: must be 'transductive' or 'holdout' (got 'sometimes')"),
     ("methods.dann=5", "methods.dann: expected a mapping (got 5)"),
-    ("target=Factory/B", "target: not a domain name: lower-case letters, digits, '-' and '_' (a folder under data.root) (got 'Factory/B')"),
+    ("target=Factory/B", "target: not a domain name: lower-case letters, digits, '-' and '_', at most 64 characters (a folder under data.root) (got 'Factory/B')"),
     ("source=..", "source: not a domain name"),
 ])
 def test_wrong_type_or_range_names_where_it_came_from_key_and_value(params, override, message):

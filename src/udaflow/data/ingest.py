@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import unicodedata
 from collections import Counter
@@ -22,16 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from udaflow.data.manifest import IMAGE_SUFFIXES, MANIFEST_NAME, MAX_SIDE, DataError, describe_image, read_manifest, stratified_split, write_manifest
+from udaflow.data.manifest import DOMAIN_NAME, DOMAIN_NAME_RULE, IMAGE_SUFFIXES, MANIFEST_NAME, MAX_SIDE, DataError, describe_image, read_manifest, stratified_split, write_manifest
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 SPLIT_ORDER = ("train", "val", "test")
 LAYOUT_HINT = "an ImageFolder has one sub-folder per class (<class>/<image>); a flat folder of images is an unlabelled target"
 
 
 def check_domain_name(name: str) -> None:
-    if not _NAME.match(name):
-        raise DataError(f"domain name '{name}': use lower-case letters, digits, '-' and '_' (e.g. 'factory-b')")
+    if not DOMAIN_NAME.match(name):
+        raise DataError(f"domain name '{name[:80]}{'...' if len(name) > 80 else ''}': use {DOMAIN_NAME_RULE} (e.g. 'factory-b')")
 
 
 def shown(path: Path) -> str:
@@ -181,6 +179,11 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
     if holdout_fraction + val_fraction >= 1:
         raise DataError(f"{source}: test fraction {holdout_fraction} + val fraction {val_fraction} leave no train images")
     splits = stratified_split([label for _, label, _ in entries], holdout_fraction, seed, val_fraction) if labelled else ["train"] * len(entries)
+    if "train" not in splits:  # each class rounds its test and val shares up: small classes keep nothing for train
+        smallest = min(Counter(label for _, label, _ in entries).values())
+        raise DataError(f"{shown(source)}: --val-fraction {val_fraction} with test fraction {holdout_fraction} leaves no train images: "
+                        f"each class keeps round(images x fraction) of each (the smallest class has {smallest})",
+                        "lower --val-fraction, or add images to each class")
     if val_fraction and "val" not in splits:  # each class keeps round(n x fraction) images for val: none for small classes
         smallest = min(Counter(label for _, label, _ in entries).values())
         raise DataError(f"{shown(source)}: --val-fraction {val_fraction} keeps no image in a val split: round(images x {val_fraction}) "

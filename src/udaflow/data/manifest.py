@@ -10,11 +10,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+# a domain: a folder under data.root, as `udaflow data ingest --name` makes and params' source / target name it;
+# its name goes into file names beside it and into the registered model's (udaflow-<source>-to-<target>)
+DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DOMAIN_NAME_RULE = "lower-case letters, digits, '-' and '_', at most 64 characters"
 
 MANIFEST_NAME = "manifest.csv"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
