@@ -345,6 +345,20 @@ def test_rgba_palette_16bit_and_mixed_modes_are_accepted_and_decode_right(projec
         levels = [int(px[0, x, 0]) for x in (0, 4, 8, 12)]  # 16-bit values 0, 1000, 2000, 4000
         assert levels[0] == 0 and levels == sorted(set(levels)) and levels[-1] > 128  # kept apart, not clipped to white
     assert (rgb("b/la.png") == 120).all() and (rgb("b/gray.jpg") == 77).all() and (rgb("b/bits.bmp") == 255).all()
+    # a 32-bit "I" image with negative values wrapped around uint8 (-5 became 251 / 255 of its maximum): negatives are black
+    signed = np.zeros((16, 16), dtype=np.int32)
+    signed[:, :8], signed[:, 8:] = -100, 100
+    grey = decode_image(_as_file(Image.fromarray(signed, "I")), 16)[0]
+    assert (grey[:, :8] == 0).all() and (grey[:, 8:] == 255).all()
+
+
+def _as_file(img) -> "io.BytesIO":
+    import io
+
+    out = io.BytesIO()
+    img.save(out, "TIFF")
+    out.seek(0)
+    return out
 
 
 def test_nested_folders_are_read_and_hidden_files_skipped(project: Path, tmp_path: Path):

@@ -74,8 +74,8 @@ def to_model_pixels(img: Image.Image, size: int | ImageSpec) -> np.ndarray:
     spec = size if isinstance(size, ImageSpec) else ImageSpec(size)
     size = spec.size
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8), "L")
+        arr = np.clip(np.asarray(img, dtype=np.float32), 0, None)  # a 32-bit "I" image may hold negatives: black, not wrapped around uint8
+        img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8), "L")  # stretched by its own maximum: a 12-bit sensor's range in 16 bits
     if img.mode in ("RGBA", "LA", "P"):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
