@@ -38,6 +38,18 @@ class ConfigError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _true_false_and_numbers_apart(cls, value: Any, info) -> Any:
+        """true / false are not numbers, nor 0 / 1 booleans: pydantic's lax mode read `train.adapt_steps=true`
+        as 1 (method options are strict throughout, MethodConfig)."""
+        types = _types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in types and {int, float} & types:
+            raise ValueError("expected a number")
+        if types == {bool} and not isinstance(value, bool) and value is not None:
+            raise ValueError("expected true or false")
+        return value
+
 
 class MethodConfig(BaseModel):
     """Base of every method's `Config` (params.yaml `methods.<name>`): an unknown key, a wrong type
@@ -109,7 +121,7 @@ class TrainConfig(_Strict):
     deterministic: bool = True  # torch deterministic algorithms + fixed seeds (CPU runs are bit-identical)
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     compile: bool = False  # torch.compile the backbone in place (same state_dict keys); measured on CPU: no gain (637 -> 630 img/s)
-    num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    num_threads: int | None = Field(None, gt=0)  # torch intra-op threads on CPU; None = torch's default
     nproc: int = Field(1, ge=1)  # training processes (torchrun data parallel; gloo on CPU, nccl on GPU); batch_size stays the global batch
     progress: bool = True  # progress: a bar on a terminal, a line every 5% in a log file
     rotation_weight: float = Field(0.0, ge=0)  # adaptation only: self-supervised rotation prediction on target images (0 = off)
@@ -162,7 +174,7 @@ class DriftConfig(_Strict):
 
 
 class Config(_Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     source: str = "synth"
     target: str = "mnist"
     method: str = "cdtrans"
@@ -196,6 +208,12 @@ class Config(_Strict):
         if not DOMAIN_NAME.match(name):
             raise ValueError(f"not a domain name: {DOMAIN_NAME_RULE} (a folder under data.root)")
         return name
+
+
+def _types(annotation) -> set:
+    """The plain types an annotation admits: int | None -> {int, NoneType}."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return {get_origin(a) or a for a in args}
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -322,12 +340,15 @@ def load_config(
     An invalid value names where it came from: the params file, or `--set` for an override (`flags`
     maps an override's key to the option a CLI took it from instead, e.g. train.device -> --device)."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such params file (run from the repository root or pass --params)")
+    if not path.is_file():
+        raise ConfigError(f"{path}: {'a folder, not a params file' if path.is_dir() else 'no such params file'} "
+                          "(run from the repository root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:  # the code's defaults are not params.yaml's (another method, learning rate, ...)
+        raise ConfigError(f"{path}: the params file is empty", "every run parameter lives in params.yaml: copy it and change what you need")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     profiles = raw.pop("profiles", {}) or {}

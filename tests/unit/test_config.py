@@ -130,6 +130,11 @@ def test_unknown_nested_key_from_override(params):
     ("methods.dann=5", "methods.dann: expected a mapping (got 5)"),
     ("target=Factory/B", "target: not a domain name: lower-case letters, digits, '-' and '_', at most 64 characters (a folder under data.root) (got 'Factory/B')"),
     ("source=..", "source: not a domain name"),
+    # pydantic's lax mode read these as 1, 0 and True, and a negative seed or thread count failed mid-run
+    ("train.adapt_steps=true", "train.adapt_steps: expected a number (got true)"),
+    ("data.synth_size=false", "data.synth_size: expected a number (got false)"),
+    ("train.deterministic=1", "train.deterministic: expected true or false (got 1)"),
+    ("train.num_threads=-2", "train.num_threads: must be > 0 (got -2)"),
 ])
 def test_wrong_type_or_range_names_where_it_came_from_key_and_value(params, override, message):
     """A value given with --set is named as --set's (as the option a CLI took it from, when `flags` says
@@ -144,6 +149,14 @@ def test_wrong_type_or_range_names_where_it_came_from_key_and_value(params, over
     with pytest.raises(ConfigError) as info:  # another key's override does not take the blame
         load_config(params, overrides=[override, "seed=3"], flags={"seed": "--seed"})
     assert str(info.value).startswith(f"--set {message}")
+
+
+def test_a_negative_seed_is_refused_before_anything_runs(params):
+    """numpy's generators refuse it: a run trained all its steps, then failed at evaluation."""
+    for value, message in (("-1", "--set seed: must be >= 0 (got -1)"), ("false", "--set seed: expected a number (got false)")):
+        with pytest.raises(ConfigError) as info:
+            load_config(params, overrides=[f"seed={value}"])
+        assert str(info.value).startswith(message)
 
 
 def test_a_section_s_own_check_and_the_winning_override_take_the_blame(params):
@@ -188,6 +201,12 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("method: 017\n")
     with pytest.raises(ConfigError, match=r'method: expected a string \(got 15: YAML read it as a number; quote it: method: "..."\)$'):
         load_config(bad)
+    with pytest.raises(ConfigError, match="a folder, not a params file"):  # read_text's IsADirectoryError came as a traceback
+        load_config(tmp_path)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")  # it ran cdtrans at 1e-3 and other code defaults, not params.yaml's recipe
+    with pytest.raises(ConfigError, match="the params file is empty"):
+        load_config(empty)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
