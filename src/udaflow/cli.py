@@ -427,10 +427,11 @@ def run(
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run the pipeline flow: validate, version, pretrain (cached), adapt, evaluate, register."""
-    from udaflow.preflight import validate_run
+    from udaflow.preflight import check_device, validate_run
 
     cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device, "train.nproc": nproc})
     validate_run(cfg)  # before anything is validated, versioned or trained (the oracle included: it is never registered)
+    check_device(cfg)
     _say_input(cfg)
     _quiet_prefect()
     from flows.pipeline import adaptation_pipeline
@@ -547,10 +548,13 @@ def _prefect_server() -> None:
 
 
 def _is_params_default(cfg, params: Path) -> bool:
-    """A run with exactly params.yaml's settings is what dvc.yaml's stages describe."""
+    """A run with exactly the project's params.yaml settings is what dvc.yaml's stages describe: they read
+    params.yaml, whatever file --params named. (Compared with --params' own file, a run of another file
+    wrote its model into dvc.lock under params.yaml's values, and `dvc status` called it up to date.)"""
     from udaflow.config import load_config
 
-    return cfg == load_config(params)
+    project = Path.cwd() / "params.yaml"
+    return project.is_file() and cfg == load_config(project)
 
 
 def _record_pipeline_outputs() -> None:
@@ -794,10 +798,11 @@ def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Great Expectations suites on the source and target."""
     from udaflow import steps
     from udaflow.data.manifest import DataError
-    from udaflow.preflight import validate_run
+    from udaflow.preflight import check_device, validate_run
 
     cfg = _load(params, None, None)
     validate_run(cfg)  # the first stage of `dvc repro`: every setting, before anything trains
+    check_device(cfg)
     report = steps.validate_datasets(cfg)
     if not report.success:
         raise DataError(report.error())

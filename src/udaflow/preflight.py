@@ -8,7 +8,8 @@ domain folder, for: an unknown method, a `methods.<name>` option of the
 wrong name, type or range (every entry, not only the chosen method's: each method's pydantic
 `Config` model), an unknown validator (`validator`, `promotion.validator`), an unknown backbone or
 backbone argument, a source or target domain that is not under `data.root`, a target that is the
-source, and a source without two labelled classes. Building the
+source, and a source without two labelled classes. `check_device` adds, for a command that trains
+on this machine, a CUDA device it does not have. Building the
 backbone once on CPU is the check for its arguments.
 """
 
@@ -137,6 +138,18 @@ def _check_built_size(cfg: Config, name: str, folder: Path) -> None:
         hint=f"set data.synth_size: {cfg.data.synth_size} in params.yaml, then `udaflow data build --domains synth` "
              f"(or `dvc repro {owner}`); or run with --set data.synth_size={built}",
     )
+
+
+def check_device(cfg: Config) -> None:
+    """A CUDA device this machine does not have, refused before a run's flow logs, versions or trains
+    anything (it was found at pretraining, after a FAILED MLflow run and the data's versioning). Not for
+    `schedule`: its retrains train on a worker, which may have the GPU."""
+    device = cfg.train.device
+    if device.startswith("cuda"):
+        visible, index = torch.cuda.device_count(), int(device.partition(":")[2] or 0)
+        if index >= visible:
+            raise ConfigError(blame(cfg, "train.device", f"train.device: '{device}' but {f'{visible} CUDA GPU(s) are' if visible else 'no CUDA GPU is'} "
+                                                         "visible; use cpu, or auto (a GPU when there is one)"))
 
 
 def check_run_config(cfg: Config, *, domains: bool = True) -> None:

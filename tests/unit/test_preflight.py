@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 import yaml
 from typer.testing import CliRunner
@@ -330,3 +331,35 @@ def test_the_bench_protocol_comes_from_params_unless_the_option_names_one(monkey
     result = CliRunner().invoke(cli.app, ["bench", "--shifts", "synth:mnist", "--methods", "dann", "--out", str(tmp_path / "b.json"),
                                           *args, "--params", str(REPO_PARAMS)])
     assert result.exit_code == 0 and seen == [protocol], result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_a_gpu_this_machine_lacks_is_refused_before_the_flow_starts(monkeypatch, device):
+    """It was found at pretraining: after the flow had started, versioned the data and left a FAILED
+    MLflow run per attempt, with a message that named neither --device nor train.device."""
+    from udaflow import preflight
+
+    monkeypatch.setattr(preflight, "validate_run", lambda *a, **k: None)  # no domain folders needed
+    monkeypatch.setattr(cli, "_quiet_prefect", lambda: pytest.fail("the flow was started"))
+    result = CliRunner().invoke(cli.app, ["run", "--device", device, "--params", str(REPO_PARAMS)])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[0] == f"error: --device: train.device: '{device}' but no CUDA GPU is visible; use cpu, or auto (a GPU when there is one)"
+
+
+def test_only_params_yaml_s_own_settings_are_recorded_as_dvc_yaml_s_stages(tmp_path, monkeypatch):
+    """dvc.yaml's stages read params.yaml: a run of `--params other.yaml` was compared with other.yaml,
+    recorded its model in dvc.lock under params.yaml's values, and `dvc status` called it up to date."""
+    from udaflow.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    text = REPO_PARAMS.read_text()
+    (tmp_path / "params.yaml").write_text(text)
+    (tmp_path / "other.yaml").write_text(text.replace("adapt_steps: 2000", "adapt_steps: 40", 1))
+    (tmp_path / "copy.yaml").write_text(text)
+    assert "adapt_steps: 40" in (tmp_path / "other.yaml").read_text()
+    assert cli._is_params_default(load_config(tmp_path / "params.yaml"), tmp_path / "params.yaml")
+    assert not cli._is_params_default(load_config(tmp_path / "other.yaml"), tmp_path / "other.yaml")
+    assert cli._is_params_default(load_config(tmp_path / "copy.yaml"), tmp_path / "copy.yaml")  # the same settings: the same stages
+    (tmp_path / "params.yaml").unlink()
+    assert not cli._is_params_default(load_config(tmp_path / "copy.yaml"), tmp_path / "copy.yaml")  # no params.yaml here: no stages
