@@ -171,8 +171,6 @@ class DriftConfig(_Strict):
         return self
 
 
-
-
 class Config(_Strict):
     seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     source: str = "synth"
