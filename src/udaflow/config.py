@@ -232,6 +232,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.001")
     key, raw = item.split("=", 1)
     keys = key.strip().split(".")
+    if not all(keys):  # `=5`, `train..lr=1`, `train.=1`: it said "unknown key" with the blank part unnamed
+        raise ConfigError(f"--set {item!r}: {'no key before =' if not key.strip() else 'an empty part in the key'}; expected key=value, e.g. train.lr=0.001")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:

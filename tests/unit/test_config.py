@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,9 @@ def test_parse_override():
         parse_override("train.lr")
     with pytest.raises(ConfigError, match=r"^--set 'train.lr=\[0.1': the value is not valid YAML \(expected ',' or '\]'"):
         parse_override("train.lr=[0.1")
+    for item, message in (("=5", "no key before ="), ("train..lr=1", "an empty part in the key"), ("train.=1", "an empty part in the key")):
+        with pytest.raises(ConfigError, match=f"--set '{re.escape(item)}': {message}; expected key=value"):
+            parse_override(item)
 
 
 @pytest.mark.parametrize("text", ["2024-06-01", "017", "0x1f", "2024", "on", "no", "true"])
