@@ -25,6 +25,19 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from udaflow.data.manifest import DOMAIN_NAME, DOMAIN_NAME_RULE
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml (1.2): `3e-3` is a number. PyYAML's 1.1 floats need a dot (`3.0e-3`),
+    so `--set methods.adamatch.tau=5e-1` was the text '5e-1', which the strict method options refused."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader with one more float form
+
+
 class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the file and key, `hint`
     (when one fits better than the CLI's general one) what to do."""
@@ -235,7 +248,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(keys):  # `=5`, `train..lr=1`, `train.=1`: it said "unknown key" with the blank part unnamed
         raise ConfigError(f"--set {item!r}: {'no key before =' if not key.strip() else 'an empty part in the key'}; expected key=value, e.g. train.lr=0.001")
     try:
-        value = yaml.safe_load(raw)
+        value = read_yaml(raw)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({where})") from None
@@ -344,7 +357,7 @@ def load_config(
         raise ConfigError(f"{path}: {'a folder, not a params file' if path.is_dir() else 'no such params file'} "
                           "(run from the repository root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if raw is None:  # the code's defaults are not params.yaml's (another method, learning rate, ...)

@@ -81,6 +81,9 @@ def test_parse_override():
     assert parse_override("a.b=true") == (["a", "b"], True)
     assert parse_override("x=[1, 2]") == (["x"], [1, 2])
     assert parse_override("s=a=b") == (["s"], "a=b")  # split on the first '=' only
+    # YAML 1.2 floats, as DVC reads params.yaml: PyYAML's 1.1 made '5e-1' text, which method options refused
+    assert parse_override("methods.adamatch.tau=5e-1") == (["methods", "adamatch", "tau"], 0.5)
+    assert parse_override("train.lr=-3E-3") == (["train", "lr"], -0.003) and parse_override("x=1e") == (["x"], "1e")
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_override("train.lr")
     with pytest.raises(ConfigError, match=r"^--set 'train.lr=\[0.1': the value is not valid YAML \(expected ',' or '\]'"):
@@ -379,3 +382,11 @@ def test_every_param_dvc_yaml_lists_is_in_params_yaml_for_every_method():
             for key in entry.get("params", []):
                 key = str(key).replace("${method}", method)
                 assert present(key), f"dvc.yaml stage '{stage}' lists {key}, which params.yaml lacks"
+
+
+def test_a_number_in_e_notation_is_a_number_in_the_params_file_too(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {lr: 3e-3}\nmethods:\n  adamatch: {tau: 9e-1}\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.003 and cfg.methods["adamatch"]["tau"] == 0.9
+    create_method("adamatch", build_classifier("udaflow_vit_micro", 3), cfg.methods["adamatch"])  # the strict options take it
