@@ -368,6 +368,9 @@ def test_nested_folders_are_read_and_hidden_files_skipped(project: Path, tmp_pat
     write_png(f / "b/.thumbs/0.png", 2102)
     (f / "a/.DS_Store").write_bytes(b"\0\0")
     (f / ".git").mkdir()
+    (f / "b/Thumbs.db").write_bytes(b"\0\0")  # the operating systems' litter: skipped as hidden files are
+    (f / "desktop.ini").write_bytes(b"[.ShellClassInfo]")
+    write_png(f / "__MACOSX/a/._0.png", 2103)  # a zip made on a Mac: not a class folder
     result = ingest_domain(f, "nested", project / "data/raw", report_dir=tmp_path / "report")
     rows = read_manifest(project / "data/raw/nested")
     assert result.images == 14 == len(rows)

@@ -44,6 +44,14 @@ def _breaks_lines(c: str) -> bool:
 
 
 _RESERVED = {MANIFEST_NAME, MANIFEST_NAME + ".tmp"}  # what write_manifest puts at the domain's top
+# what file managers and archivers leave in a folder the user never put there: Windows' thumbnail caches and
+# folder settings, macOS's zip resource forks (`__MACOSX/`); skipped as hidden names are, compared case-blind
+_OS_LITTER = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "__macosx"}
+
+
+def _skipped(path: Path) -> bool:
+    """A hidden name (starting with '.') or one of the operating systems' litter: not the user's data."""
+    return path.name.startswith(".") or path.name.lower() in _OS_LITTER
 
 
 def _check_entry(path: Path, root: Path) -> Path:
@@ -79,12 +87,13 @@ def _images_under(folder: Path, root: Path, recursive: bool = False, seen: dict[
     Anything that cannot be copied as it is read is refused, naming it: a non-image file, a pipe or
     device, a name that is not valid UTF-8 or holds a control character, a symlink escaping `root`,
     a broken symlink, a folder reached twice through a symlink (a loop, or a class read twice).
-    Hidden names (starting with '.') are skipped.
+    Hidden names (starting with '.') and the operating systems' litter (`Thumbs.db`, `desktop.ini`,
+    `__MACOSX/`) are skipped.
     """
     seen = {} if seen is None else seen
     files = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
+        if _skipped(path):
             continue
         resolved = _check_entry(path, root)
         if path.is_file():
@@ -151,7 +160,7 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
     seen = {source.resolve(): source}
     class_dirs = []
     for d in sorted(source.iterdir()):
-        if d.name.startswith(".") or not d.is_dir():
+        if _skipped(d) or not d.is_dir():
             continue
         resolved = _check_entry(d, source)
         if d.name in _RESERVED:
