@@ -27,7 +27,22 @@ from udaflow.data.manifest import DOMAIN_NAME, DOMAIN_NAME_RULE
 
 class _Loader(yaml.SafeLoader):
     """YAML as DVC reads params.yaml (1.2): `3e-3` is a number. PyYAML's 1.1 floats need a dot (`3.0e-3`),
-    so `--set methods.adamatch.tau=5e-1` was the text '5e-1', which the strict method options refused."""
+    so `--set methods.adamatch.tau=5e-1` was the text '5e-1', which the strict method options refused.
+    A key given twice in one mapping is refused, as DVC's parser refuses it: PyYAML kept the last, so a
+    second `train:` block silently dropped the first one's keys while `dvc repro` stopped on the file."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges
+                continue
+            key = self.construct_object(key_node)
+            if (type(key), key) in first_line:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"the key {key!r} is given twice (first at line {first_line[type(key), key]})", key_node.start_mark)
+            first_line[type(key), key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -36,6 +51,18 @@ _Loader.add_implicit_resolver(
 
 def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader with one more float form
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A parser error as `line:column: not valid YAML: problem (context)`, where the parser stopped."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        context = f"{context} at line {context_mark.line + 1}"
+    return f"{where} not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 class ConfigError(ValueError):
@@ -358,8 +385,8 @@ def load_config(
                           "(run from the repository root or pass --params)")
     try:
         raw = read_yaml(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except yaml.YAMLError as exc:  # one line, as every other error: the parser's own spans five with carets
+        raise ConfigError(f"{path}:{_yaml_problem(exc)}") from None
     if raw is None:  # the code's defaults are not params.yaml's (another method, learning rate, ...)
         raise ConfigError(f"{path}: the params file is empty", "every run parameter lives in params.yaml: copy it and change what you need")
     if not isinstance(raw, dict):

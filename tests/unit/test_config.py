@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from udaflow.config import Config, ConfigError, deep_merge, load_config, parse_override
+from udaflow.config import Config, ConfigError, deep_merge, load_config, parse_override, read_yaml
 from udaflow.methods import create_method
 from udaflow.models import build_classifier
 
@@ -390,3 +390,25 @@ def test_a_number_in_e_notation_is_a_number_in_the_params_file_too(tmp_path):
     cfg = load_config(path)
     assert cfg.train.lr == 0.003 and cfg.methods["adamatch"]["tau"] == 0.9
     create_method("adamatch", build_classifier("udaflow_vit_micro", 3), cfg.methods["adamatch"])  # the strict options take it
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_line_and_column(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: 0\ntrain:\n  adapt_steps: [1, 2\n  lr: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value) == (f"{bad}:4:5: not valid YAML: expected ',' or ']', but got ':' "
+                              "(while parsing a flow sequence at line 3)")
+
+
+def test_a_key_given_twice_is_refused_as_dvc_refuses_it(tmp_path):
+    """PyYAML kept the last of two `train:` blocks: the first one's keys were dropped without a word."""
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0\ntrain:\n  lr: 0.5\n\ntrain:\n  adapt_steps: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}:5:1: not valid YAML: the key 'train' is given twice (first at line 2) "
+                              "(while reading a mapping at line 1)")
+    with pytest.raises(ConfigError, match=r"the key 'depth' is given twice"):
+        parse_override("model.backbone_args={depth: 1, depth: 2}")
+    assert read_yaml("a: &x {b: 1}\nc:\n  <<: *x\n  b: 2\n") == {"a": {"b": 1}, "c": {"b": 2}}  # a merge key overrides
