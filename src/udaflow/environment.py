@@ -12,10 +12,10 @@ SETTINGS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per small artifact read: noise before the output that matters
     # deterministic cuBLAS (train.deterministic on a GPU) needs this before the process's first cuBLAS call,
     # and the bench's GEMM measurement comes before any training
-    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # a bar per small artifact read: noise before the output that matters
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }
 
 

@@ -389,3 +389,14 @@ def test_an_unlabelled_source_is_refused_before_staging(project: Path, tmp_path:
     assert str(err.value) == "--source 'tgt' has no labelled images: a source domain is one with classes"
     assert err.value.hint.startswith("name a labelled domain")
     assert snapshot(project) == before and leftovers(project) == []
+
+
+def test_an_image_pil_only_warns_about_is_refused_in_one_line_without_its_warning(project: Path, tmp_path: Path, recwarn):
+    """100M pixels: PIL warns (DecompressionBombWarning, from 89M) rather than refuses (from 179M); the
+    warning printed before udaflow's own error line."""
+    f = image_folder(tmp_path / "user")
+    _png_header(f / "a/pano.png", 10000, 10000)
+    with pytest.raises(DataError) as err:
+        ingest_domain(f, "tgt", project / "data/raw", replace=True, report_dir=tmp_path / "report")
+    assert str(err.value) == f"{f}/a/pano.png: 10000x10000 px, over the 4096 px limit; refused from its header, not decoded"
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

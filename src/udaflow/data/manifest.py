@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def describe_image(file: Path, root: Path, label: str, split: str, shown: Path |
     data = file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as img:  # parses the header only
+        with warnings.catch_warnings():  # PIL warns from 89M pixels; the MAX_SIDE check refuses the image in our words
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # parses the header only
+        with img:
             width, height, mode, ok = img.width, img.height, img.mode, False
             if max(width, height) <= MAX_SIDE:
                 img.load()
