@@ -261,7 +261,7 @@ def image_too_small(base: Path):
     return f, (
         f"{f}: data validation failed: expect_column_values_to_be_between on 'width' failed "
         "(e.g. domain=tgt, path=a/thumb.png, label=a, split=train, width=4, mode=RGB) (+1 more failed expectations)"
-    ), {}
+    ), {}, f"{f}/a/thumb.png is 4x4 px: each side must be 8-4096 px; remove or enlarge the 1 image(s) under 8 px and ingest again"
 
 
 def float_mode_image(base: Path):

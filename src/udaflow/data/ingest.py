@@ -120,6 +120,13 @@ def _refusal_hint(folder: Path, staged: Path, rows: list, report, source: str | 
             f"rename (or merge) the class folders under {shown(folder)} to the classes of source '{source}', "
             "or leave --source out to ingest the folder alone (a run pairing it with that source is refused the same way)"
         )
+    if unreadable is None and first.column in ("width", "height"):  # GX names the expectation, not the limits
+        from udaflow.data.expectations import MIN_SIDE
+
+        small = [r for r in rows if min(r.width, r.height) < MIN_SIDE]
+        if small:
+            return (f"{shown(folder / small[0].path)} is {small[0].width}x{small[0].height} px: each side must be {MIN_SIDE}-{MAX_SIDE} px; "
+                    f"remove or enlarge the {len(small)} image(s) under {MIN_SIDE} px and ingest again")
     return unreadable
 
 
