@@ -386,8 +386,10 @@ def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: st
         **git_state(project), **package_versions(),
         "prefect.flow_run_id": flow_run_id, "udaflow.method": method, "udaflow.source": source, "udaflow.target": target,
     }
-    end_runs_of_dead_processes(exp)
+    ended = end_runs_of_dead_processes(exp)
     run_id = start_run(exp, f"{method}:{source}-to-{target}", {**tags, **_beat_tags()})
+    for killed in ended:  # which run found it dead (and, under the same settings, resumed its checkpoint)
+        _client().set_tag(killed, ENDED_BY_TAG, run_id)
     _start_heartbeat(run_id)
     try:  # the caller gets no run to close until this returns: a failure here ends it (and its heartbeat)
         config = redacted(config)
@@ -417,6 +419,9 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
     host = parts.hostname or ""
     netloc = host + (f":{parts.port}" if parts.port else "")
     return {**config, "tracking": {**config["tracking"], "uri": urlunsplit(parts._replace(netloc=netloc))}}
+
+
+ENDED_BY_TAG = "udaflow.ended_by"  # on a run ended KILLED by the next run: that run's id
 
 
 def end_runs_of_dead_processes(experiment: str) -> list[str]:

@@ -174,7 +174,12 @@ def test_kill_and_resume_ends_where_an_uninterrupted_run_ends(tmp_path: Path, us
     # the MLflow runs the two kills left RUNNING were marked KILLED by the next run on this host
     with sqlite3.connect(clone / "mlflow/mlflow.db") as db:
         statuses = [row[0] for row in db.execute("select status from runs where name like 'adamatch:%'")]
+        runs = db.execute("select run_uuid, status from runs where name like 'adamatch:%' order by start_time").fetchall()
+        ended_by = dict(db.execute("select run_uuid, value from tags where key = 'udaflow.ended_by'").fetchall())
     assert statuses.count("KILLED") == 2 and statuses.count("FINISHED") == 2 and "RUNNING" not in statuses, statuses
+    # each killed run names the run that ended it: the next one, which resumed (or, under other settings, restarted) it
+    assert [status for _, status in runs] == ["KILLED", "FINISHED", "KILLED", "FINISHED"], runs
+    assert ended_by == {runs[0][0]: runs[1][0], runs[2][0]: runs[3][0]}
 
 
 def ranks_of(clone: Path) -> list[int]:
