@@ -58,7 +58,9 @@ def embed_2d(source: torch.Tensor, target: torch.Tensor, max_per_domain: int = 3
     s = source[rng.choice(len(source), min(len(source), max_per_domain), replace=False)]
     t = target[rng.choice(len(target), min(len(target), max_per_domain), replace=False)]
     x = torch.cat([s, t]).numpy()
-    points = TSNE(n_components=2, init="pca", perplexity=30, max_iter=300, random_state=seed).fit_transform(x)
+    # t-SNE needs fewer neighbours than points: a small user domain (30 points or fewer) failed the run at evaluation
+    perplexity = min(30.0, max(1.0, (len(x) - 1) / 3))
+    points = TSNE(n_components=2, init="pca", perplexity=perplexity, max_iter=300, random_state=seed).fit_transform(x)
     return points, len(s)
 
 
