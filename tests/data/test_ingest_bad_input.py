@@ -255,6 +255,11 @@ def target_class_unknown_to_source(base: Path):
     )
 
 
+def one_class_in_two_unicode_forms(base: Path):
+    f = image_folder(base, classes=("zwei-\u00fc", "zwei-u\u0308"), offset=1100)  # NFC and NFD: one name on screen
+    return f, f"{f}/zwei-\u00fc: the same class name as {f}/zwei-u\u0308, written in another Unicode form; merge the two folders", {}
+
+
 def image_too_small(base: Path):
     f = image_folder(base)
     write_png(f / "a/thumb.png", 950, size=4)
@@ -278,7 +283,7 @@ CASES: list[Case] = [
     symlink_file_outside, symlink_class_outside, dotdot_escape, dotdot_to_root, class_read_twice, broken_symlink,
     symlink_loop, named_pipe, empty_class, empty_target, target_of_hidden_files_only, image_outside_any_class,
     not_a_folder, class_named_like_the_manifest, line_break_in_a_name, carriage_return_in_a_class, name_not_utf8,
-    duplicate_image, target_class_unknown_to_source, image_too_small, float_mode_image,
+    duplicate_image, target_class_unknown_to_source, image_too_small, float_mode_image, one_class_in_two_unicode_forms,
 ]
 
 
@@ -400,3 +405,17 @@ def test_an_image_pil_only_warns_about_is_refused_in_one_line_without_its_warnin
         ingest_domain(f, "tgt", project / "data/raw", replace=True, report_dir=tmp_path / "report")
     assert str(err.value) == f"{f}/a/pano.png: 10000x10000 px, over the 4096 px limit; refused from its header, not decoded"
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_class_name_in_macos_unicode_form_is_the_source_s_class(project: Path, tmp_path: Path):
+    """'zwei-ü' from macOS or a zip is 'u' + a combining mark (NFD): it printed as the source's own class yet was
+    refused as one the source lacks. Labels are kept in one form (NFC), and so is the copy's class folder."""
+    nfc, nfd = "zwei-\u00fc", "zwei-u\u0308"
+    ingest_domain(image_folder(tmp_path / "studio", classes=(nfc, "b"), offset=1200), "studio", project / "data/raw",
+                  report_dir=tmp_path / "report")
+    result = ingest_domain(image_folder(tmp_path / "mac", classes=(nfd, "b"), offset=1300), "mac", project / "data/raw",
+                           source="studio", report_dir=tmp_path / "report")
+    assert result.images == 12
+    rows = read_manifest(project / "data/raw/mac")
+    assert {r.label for r in rows} == {nfc, "b"}
+    assert all((project / "data/raw/mac" / r.path).is_file() for r in rows) and (project / "data/raw/mac" / nfc).is_dir()

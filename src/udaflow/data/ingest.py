@@ -179,11 +179,19 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
         stray = _images_under(source, source)
         if stray:
             raise DataError(f"{shown(stray[0])}: image outside any class folder in an ImageFolder layout", LAYOUT_HINT)
+        labels: dict[str, Path] = {}
         for d in class_dirs:
             files = _images_under(d, source, recursive=True, seen=seen)
             if not files:
                 raise DataError(f"{shown(d)}: class '{d.name}' has no images", LAYOUT_HINT)
-            entries += [(f, d.name, f.relative_to(d)) for f in files]
+            # the class is the name as read, in one Unicode form (NFC): macOS and zip tools write 'ü' as 'u' + a combining
+            # mark (NFD), which printed the same as the source's class yet was refused as another
+            label = unicodedata.normalize("NFC", d.name)
+            if label in labels:
+                raise DataError(f"{shown(d)}: the same class name as {shown(labels[label])}, written in another Unicode form; "
+                                "merge the two folders", LAYOUT_HINT)
+            labels[label] = d
+            entries += [(f, label, f.relative_to(d)) for f in files]
     else:
         entries = [(f, "", Path(f.name)) for f in _images_under(source, source)]
     if not entries:
