@@ -451,8 +451,7 @@ def _say_input(cfg) -> None:
     spec = image_spec(cfg)
     if spec.crop_pct is not None:
         unused = f"; data.image_size {cfg.data.image_size} not used" if cfg.data.image_size != spec.size else ""
-        console.print(f"input: {spec.size} px ({spec.interpolation} resize of the shorter side to {int(spec.size / spec.crop_pct)} px, "
-                      f"centre crop), mean {spec.mean}, std {spec.std}, from {spec.origin}{unused}")
+        console.print(f"input: {spec.size} px ({spec.describe()}), mean {spec.mean}, std {spec.std}, from {spec.origin}{unused}")
 
 
 class _BelowCritical(logging.Filter):

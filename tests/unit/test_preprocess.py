@@ -19,21 +19,29 @@ def test_the_spec_comes_from_timm_when_the_backbone_has_a_pretrained_config():
     assert resolve("vit_tiny_patch16_224", {"img_size": 64}, 32).size == 64  # the built model's size beats the config's 224
     resnet = resolve("resnet18", {}, 32)
     assert resnet.mean == pytest.approx((0.485, 0.456, 0.406)) and resnet.crop_pct == 0.95
+    squash = resolve("dm_nfnet_f0", {}, 32)  # a squash model: its crop in the decoded file's name and the run's input line
+    assert squash.crop_mode == "squash" and squash.variant.endswith("-squash") and "aspect ratio not kept" in squash.describe()
+    assert vit.crop_mode == "center" and vit.variant == "bicubic-crop0.9"  # unchanged: decoded files cached before are reused
     own = resolve("udaflow_vit_tiny", {}, 48)
     assert own == ImageSpec(48) and own.variant == ""  # params.yaml decides; decoded as before
 
 
-def test_decoding_with_a_crop_matches_timms_eval_transform(tmp_path):
+@pytest.mark.parametrize("crop_mode, crop_pct", [("center", 0.9), ("squash", 0.9), ("squash", 1.0), ("border", 1.0), ("border", 0.9)])
+def test_decoding_with_a_crop_matches_timms_eval_transform(tmp_path, crop_mode, crop_pct):
+    """Pixel for pixel, in each of timm's crop modes (until 2026-12-05 squash and border models, 131 + 6 of timm's
+    pretrained configs, were decoded as centre crops: up to 121/255 off)."""
     from timm.data import create_transform
 
     rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate([(120, 80), (50, 90), (64, 64), (300, 301)]):
+    mean = (0.485, 0.456, 0.406)  # border pads with the mean colour
+    for i, (w, h) in enumerate([(120, 80), (50, 90), (64, 64), (300, 301), (283, 221), (20, 200)]):
         path = tmp_path / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-        spec = ImageSpec(64, "bicubic", 0.9, (0.5,) * 3, (0.5,) * 3)
+        spec = ImageSpec(64, "bicubic", crop_pct, mean, (0.5,) * 3, crop_mode=crop_mode)
         ours = decode_image(path, spec)
-        transform = create_transform(64, interpolation="bicubic", crop_pct=0.9, is_training=False, mean=(0.5,) * 3, std=(0.5,) * 3)
-        pil_steps = transform.transforms[:2]  # Resize, CenterCrop (then ToTensor, Normalize)
+        transform = create_transform(64, interpolation="bicubic", crop_pct=crop_pct, crop_mode=crop_mode, is_training=False,
+                                     mean=mean, std=(0.5,) * 3)
+        pil_steps = transform.transforms[:2]  # Resize (or ResizeKeepRatio), CenterCrop (or CenterCropOrPad); then ToTensor, Normalize
         with Image.open(path) as img:
             theirs = np.asarray(pil_steps[1](pil_steps[0](img.convert("RGB")))).transpose(2, 0, 1)
         assert ours.shape == (3, 64, 64) and np.array_equal(ours, theirs), (w, h)

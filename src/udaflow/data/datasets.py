@@ -62,8 +62,8 @@ def decode_image(path: Path | BinaryIO, size: int | ImageSpec) -> np.ndarray:
     """Any PIL-readable image (a path or an open binary file) -> (3, size, size) uint8 RGB (16-bit and
     alpha handled).
 
-    An ImageSpec with a crop fraction resizes the shorter side to size / crop_pct and centre-crops,
-    as timm's evaluation transform; otherwise the image is resized straight to a square."""
+    An ImageSpec with a crop fraction resizes to size / crop_pct and centre-crops as timm's evaluation
+    transform does in the spec's crop_mode; otherwise the image is resized straight to a square."""
     with Image.open(path) as img:
         return to_model_pixels(img, size)
 
@@ -83,11 +83,22 @@ def to_model_pixels(img: Image.Image, size: int | ImageSpec) -> np.ndarray:
     img = img.convert("RGB")
     resample = _RESAMPLE[spec.interpolation]
     if spec.crop_pct is not None:
-        scale = int(size / spec.crop_pct)  # timm: the shorter side to floor(size / crop_pct)
+        scale = int(size / spec.crop_pct)  # timm: floor(size / crop_pct)
         w, h = img.size
-        new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)  # torchvision's Resize(int)
+        if spec.crop_mode == "squash":  # torchvision's Resize((scale, scale))
+            new = (scale, scale)
+        elif spec.crop_mode == "border":  # timm's ResizeKeepRatio(longest=1): the longer side to scale
+            ratio = max(h / scale, w / scale)
+            new = (round(w / ratio), round(h / ratio))
+        else:  # the shorter side to scale: torchvision's Resize(int)
+            new = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
         if new != img.size:
             img = img.resize(new, resample)
+        if spec.crop_mode == "border" and min(new) < size:  # timm's CenterCropOrPad: the mean colour around it
+            fill = tuple(round(255 * v) for v in (spec.mean if isinstance(spec.mean, tuple) else (spec.mean,) * 3))
+            padded = Image.new("RGB", (max(new[0], size), max(new[1], size)), fill)
+            padded.paste(img, ((size - new[0]) // 2 if size > new[0] else 0, (size - new[1]) // 2 if size > new[1] else 0))
+            img, new = padded, padded.size
         left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))  # torchvision's CenterCrop
         img = img.crop((left, top, left + size, top + size))
     elif img.size != (size, size):

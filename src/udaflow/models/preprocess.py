@@ -5,7 +5,8 @@ preprocessing: `timm.data.resolve_data_config` gives the interpolation, centre-c
 per-channel mean/std it was trained with, and the input size is the one the built model takes (a
 ViT's patch embedding size, so `model.backbone_args.img_size` wins over the 224 of the config).
 Images are then resized on their shorter side to size / crop_pct and centre-cropped to size x
-size, as timm's evaluation transform does. udaflow's own backbones have no pretrained config:
+size, as timm's evaluation transform does (or, where the config's crop_mode says so, squashed to a
+square or resized on their longer side and padded before the crop). udaflow's own backbones have no pretrained config:
 they take `data.image_size` from params.yaml, a plain resize to a square and mean = std = 0.5.
 
 Example:
@@ -25,15 +26,30 @@ from typing import Any
 class ImageSpec:
     size: int  # square input side, px
     interpolation: str = "bilinear"  # PIL resampling: nearest | bilinear | bicubic | lanczos
-    crop_pct: float | None = None  # None: resize straight to size x size; else shorter side to size / crop_pct, centre crop
+    crop_pct: float | None = None  # None: resize straight to size x size; else a resize to size / crop_pct, then crop_mode
     mean: float | tuple[float, ...] = 0.5  # subtracted from pixels in [0, 1] (one value, or one per channel)
     std: float | tuple[float, ...] = 0.5
     origin: str = "params.yaml (data.image_size)"
+    # timm's eval crop: "center" the shorter side to size / crop_pct, a centre crop; "squash" both sides to it (the aspect
+    # ratio not kept), a centre crop; "border" the longer side to it, padded with the mean colour, a centre crop
+    crop_mode: str = "center"
 
     @property
     def variant(self) -> str:
         """What the decoded pixels depend on besides the size (part of a decoded-file's name)."""
-        return "" if self.crop_pct is None and self.interpolation == "bilinear" else f"{self.interpolation}-crop{self.crop_pct}"
+        if self.crop_pct is None and self.interpolation == "bilinear":
+            return ""
+        return f"{self.interpolation}-crop{self.crop_pct}" + ("" if self.crop_mode == "center" else f"-{self.crop_mode}")
+
+    def describe(self) -> str:
+        """The resize and crop in words (the `input:` line `udaflow run` prints)."""
+        if self.crop_pct is None:
+            return f"{self.interpolation} resize to {self.size}x{self.size}"
+        scale = int(self.size / self.crop_pct)
+        return {"center": f"{self.interpolation} resize of the shorter side to {scale} px, centre crop",
+                "squash": f"{self.interpolation} resize to {scale}x{scale} px (aspect ratio not kept), centre crop",
+                "border": f"{self.interpolation} resize of the longer side to {scale} px, padded with the mean colour, centre crop",
+                }[self.crop_mode]
 
 
 def resolve(backbone: str, backbone_args: dict[str, Any], image_size: int) -> ImageSpec:
@@ -65,5 +81,5 @@ def spec_of(model, image_size: int, name: str = "the backbone") -> ImageSpec:
     return ImageSpec(
         size=size, interpolation=str(cfg.get("interpolation", "bicubic")), crop_pct=float(cfg.get("crop_pct", 1.0)),
         mean=tuple(float(v) for v in cfg["mean"]), std=tuple(float(v) for v in cfg["std"]),
-        origin=f"timm's pretrained config of {name}",
+        origin=f"timm's pretrained config of {name}", crop_mode=str(cfg.get("crop_mode") or "center"),
     )
