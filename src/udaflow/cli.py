@@ -681,12 +681,23 @@ def _require_run(cfg, run_id: str, device: str | None = None) -> None:
     from udaflow.steps import rerun_config
 
     try:  # before a dataset is restored: the recorded params must still be ones this udaflow reads
-        resolve_device(rerun_config(record.config, device).train.device)
+        rerun = rerun_config(record.config, device)
+        resolve_device(rerun.train.device)
     except ValidationError as err:
         commit = record.tags.get("git.commit", "unknown")
         raise ConfigError(f"run '{run_id}' was made with params this udaflow no longer reads: {explain(err, model=Config)}",
                           hint=f"reproduce it with the code it ran: `git checkout {commit[:12]}`, `make setup`, then "
                                f"`udaflow reproduce {run_id}`") from None
+    weights, recorded = rerun.model.pretrained, record.tags.get(tracking.PRETRAINED_TAG)
+    if weights and weights != "timm":  # the run started from a local file: the same bytes, or the re-run trains another model
+        from udaflow.models.backbone import weights_digest
+
+        put_back = "put back the file that run started from (its sha256 is the run's udaflow.pretrained_sha256 tag)"
+        if not Path(weights).is_file():
+            raise ConfigError(f"run '{run_id}' started from the weights file {weights} (model.pretrained), which is not there", hint=put_back)
+        if recorded and weights_digest(weights) != recorded:
+            raise ConfigError(f"run '{run_id}' started from other weights than {weights} holds now (model.pretrained: sha256 "
+                              f"{recorded[:12]} then, {weights_digest(weights)[:12]} now)", hint=put_back)
 
 
 @app.command("promote")

@@ -27,6 +27,7 @@ from udaflow.data.store import digest
 from udaflow.engine import Record, TrainResult, peak_rss_mb, predict, resolve_device, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
+from udaflow.models.backbone import weights_digest
 from udaflow.models.preprocess import ImageSpec
 from udaflow.models.preprocess import resolve as resolve_preprocessing
 from udaflow.validators import dev_score, score_all
@@ -57,6 +58,8 @@ def source_params(cfg: Config, num_classes: int) -> dict:
         "train": train_cfg,
         "image_size": image_spec(cfg).size,
         **({"preprocess": image_spec(cfg).variant} if image_spec(cfg).variant else {}),
+        # the file's content, not only its path (in `model`): other weights saved under the same name train another model
+        **({"pretrained_sha256": digest} if (digest := weights_digest(cfg.model.pretrained)) else {}),
         "source_only": cfg.methods.get("source_only", {}),
         "num_classes": num_classes,
         "seed": cfg.seed,

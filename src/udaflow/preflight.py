@@ -43,9 +43,9 @@ def validate_run(
     `domains`: (key, domain name) pairs that must exist under `data.root` (default: `source` and
     `target`; `()` skips the check, e.g. before a workspace's data is restored).
     """
-    def refuse(key: str, message: str, kind: type[ValueError] = ConfigError) -> ValueError:
+    def refuse(key: str, message: str, kind: type[ValueError] = ConfigError, hint: str | None = None) -> ValueError:
         # `message` names `key`; read by load_config, the error also names where the value came from
-        return kind(blame(cfg, key, message))
+        return kind(blame(cfg, key, message), hint) if hint else kind(blame(cfg, key, message))
 
     try:  # again, for a config made in code (model_copy(update=...) skips validation)
         Config.model_validate(cfg.model_dump())
@@ -86,8 +86,12 @@ def validate_run(
         raise refuse("model.backbone", f"model.backbone: unknown backbone '{cfg.model.backbone}'; any name from timm.list_models() works")
     try:
         create_backbone(cfg.model.backbone, cfg.model.pretrained, **cfg.model.backbone_args)
-    except BackboneError as exc:  # its message names model.backbone_args.<key> where it can
+    except BackboneError as exc:  # its message names model.backbone_args.<key> where it can, or the weights file
         named = str(exc).split(":", 1)[0]
+        if cfg.model.pretrained and named == str(Path(cfg.model.pretrained)):
+            raise refuse("model.pretrained", f"model.pretrained: {exc}", hint=(
+                "save the state_dict of timm.create_model(model.backbone, num_classes=0, **model.backbone_args): the same "
+                "architecture and input size (img_size) as the run builds")) from None
         raise refuse(named if named.startswith("model.") else "model", f"model: {exc}") from None
     except TypeError as exc:  # an argument the timm model does not take
         raise refuse("model.backbone_args", f"model.backbone_args: {exc}") from None

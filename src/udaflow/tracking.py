@@ -380,12 +380,16 @@ class PipelineRun:
 
 def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: str, project: Path | None = None) -> PipelineRun:
     """The parent run: resolved params, the params file, code and package versions, flow-run id."""
+    from udaflow.models.backbone import weights_digest
+
     source, target, method = config["source"], config["target"], config["method"]
     exp = experiment_id(source, target)
     tags = {
         **git_state(project), **package_versions(),
         "prefect.flow_run_id": flow_run_id, "udaflow.method": method, "udaflow.source": source, "udaflow.target": target,
     }
+    if digest := weights_digest((config.get("model") or {}).get("pretrained")):  # params hold the path; this, what was in it
+        tags[PRETRAINED_TAG] = digest
     ended = end_runs_of_dead_processes(exp)
     run_id = start_run(exp, f"{method}:{source}-to-{target}", {**tags, **_beat_tags()})
     for killed in ended:  # which run found it dead (and, under the same settings, resumed its checkpoint)
@@ -421,6 +425,7 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "tracking": {**config["tracking"], "uri": urlunsplit(parts._replace(netloc=netloc))}}
 
 
+PRETRAINED_TAG = "udaflow.pretrained_sha256"  # the model.pretrained file's bytes, when the run started from one
 ENDED_BY_TAG = "udaflow.ended_by"  # on a run ended KILLED by the next run: that run's id
 
 

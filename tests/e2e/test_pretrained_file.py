@@ -59,6 +59,9 @@ def test_pretrained_vit_from_a_file_on_mixed_size_photos_at_64px(tmp_path: Path)
               str(weights))
     wrong = tmp_path / "vit_tiny_224.safetensors"  # the same model at 224 px: its position embedding does not fit 64 px
     save_file({k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict().items()}, str(wrong))
+    shallow = tmp_path / "vit_tiny_64_depth6.safetensors"  # half the blocks: the rest would have trained from random values
+    save_file({k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", img_size=64, depth=6, num_classes=0).state_dict().items()},
+              str(shallow))
 
     for name, style, extra in (("studio", 0, []), ("line-b", 1, ["--source", "studio"])):
         out = udaflow("data", "ingest", str(photos(tmp_path / name, style, seed=style)), "--name", name, *extra)
@@ -66,9 +69,12 @@ def test_pretrained_vit_from_a_file_on_mixed_size_photos_at_64px(tmp_path: Path)
 
     # absent or ill-fitting weights: one clear line, exit 2, before anything runs
     for path, message in ((tmp_path / "absent.safetensors", "pretrained weights file not found (model.pretrained)"),
-                          (wrong, "tensor 'pos_embed' has shape (1, 197, 192), backbone 'vit_tiny_patch16_224' expects (1, 17, 192)")):
+                          (wrong, "tensor 'pos_embed' has shape (1, 197, 192), backbone 'vit_tiny_patch16_224' expects (1, 17, 192)"),
+                          (shallow, "72 of backbone 'vit_tiny_patch16_224''s 150 tensors are not in the file (first: 'blocks.6.norm1.weight'")):
         out = udaflow(*RUN, "--set", f"model.pretrained={path}")
-        assert out.returncode == 2 and message in out.stderr + out.stdout and "Traceback" not in out.stderr, out.stdout + out.stderr
+        said = " ".join((out.stderr + out.stdout).split())
+        assert out.returncode == 2 and message in said and "Traceback" not in out.stderr, out.stdout + out.stderr
+        assert said.startswith(f"error: --set model.pretrained: {path}: ") and "hint: save the state_dict of timm.create_model" in said
     assert not (clone / "mlflow/mlflow.db").exists()  # nothing tracked or registered
 
     out = udaflow(*RUN, "--set", f"model.pretrained={weights}")
@@ -90,3 +96,19 @@ def test_pretrained_vit_from_a_file_on_mixed_size_photos_at_64px(tmp_path: Path)
     run = mlflow.MlflowClient().get_run(tracking.latest_versions("udaflow-studio-to-line-b")[0].run_id)
     assert run.data.params["model.pretrained"] == str(weights)
     assert any(f.name.startswith("line-b-64px-") for f in (clone / "runs/cache/images").glob("*.u8"))  # decoded once at 64 px
+
+    # the same file name, other weights: another source model, and the first run can no longer be reproduced from it
+    import hashlib
+
+    first = run.info.run_id
+    assert run.data.tags["udaflow.pretrained_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    torch.manual_seed(1)
+    save_file({k: v.contiguous() for k, v in timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0).state_dict().items()},
+              str(weights))
+    out = udaflow(*RUN, "--set", f"model.pretrained={weights}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "reused" not in out.stdout.split("source model", 1)[1].splitlines()[0], out.stdout  # trained anew, not the cached one
+    out = udaflow("reproduce", first)
+    said = " ".join((out.stderr + out.stdout).split())
+    assert out.returncode == 2 and said.startswith(f"error: run '{first}' started from other weights than {weights} holds now"), said
+    assert not (clone / "runs/reproduce" / first).exists()  # refused before a dataset was restored

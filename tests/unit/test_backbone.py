@@ -199,3 +199,17 @@ def test_foreign_weights_files_are_one_clear_error_and_never_run(tmp_path, monke
     with pytest.raises(BackboneError, match=str(path)):
         create_backbone("udaflow_vit_micro", pretrained=str(path))
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_weights_file_lacking_some_of_the_backbone_s_tensors_is_refused(tmp_path):
+    """strict=False alone loaded a file of half the blocks and left the rest at their random start, without a word."""
+    state = create_backbone("udaflow_vit_micro").state_dict()
+    path = tmp_path / "part.pt"
+    torch.save({k: v for k, v in state.items() if not k.startswith("blocks.1.")} | {"head.weight": torch.zeros(3, 32)}, path)
+    missing = [k for k in state if k.startswith("blocks.1.")]
+    with pytest.raises(BackboneError) as err:
+        create_backbone("udaflow_vit_micro", pretrained=str(path))
+    assert str(err.value).startswith(f"{path}: {len(missing)} of backbone 'udaflow_vit_micro''s {len(state)} tensors are not in the file "
+                                     f"(first: '{missing[0]}'")
+    torch.save(state | {"head.weight": torch.zeros(3, 32)}, path)  # a tensor the backbone lacks (a classifier head) is left out
+    assert create_backbone("udaflow_vit_micro", pretrained=str(path)).state_dict().keys() == state.keys()

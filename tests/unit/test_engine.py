@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -469,6 +471,19 @@ def test_source_cache_key_covers_what_changes_the_bits(tmp_path):
     augment = cfg.train.augment
     assert with_train(augment=augment.model_copy(update={"strong_rotate": 15.0, "strong_shear": 0.3})) == base
     assert with_train(augment=augment.model_copy(update={"invert": 0.0})) != base
+
+    # a weights file: its bytes, not only its path (other weights saved under the same name train another model)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"first")
+
+    def with_weights():
+        return source_cache_key(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(weights)})}), "src", 10)
+
+    first = with_weights()
+    assert first != base and with_weights() == first
+    weights.write_bytes(b"other")
+    os.utime(weights, ns=(1, 1))  # a new mtime, as any rewrite has
+    assert with_weights() != first
 
 
 @pytest.mark.slow

@@ -172,6 +172,28 @@ def udaflow_vit_micro(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return _own_vit("udaflow_vit_micro", pretrained, kwargs, embed_dim=32, depth=2, num_heads=2)
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def weights_digest(pretrained: str | None) -> str | None:
+    """sha256 of a `model.pretrained` weights file's bytes (None for no file, or "timm"): the source model's
+    cache key and a run's record hold it, since the same path can hold other weights tomorrow. Hashed once
+    per file version (path, size, mtime) in a process."""
+    if not pretrained or pretrained == "timm" or not Path(pretrained).is_file():
+        return None
+    stat = Path(pretrained).stat()
+    key = (str(Path(pretrained).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(pretrained, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a local file: safetensors, or a torch file of tensors (`{"state_dict": ...}`
     or the dict itself), loaded without unpickling objects. Anything else is a BackboneError."""
@@ -233,5 +255,11 @@ def create_backbone(name: str, pretrained: str | None = None, **kwargs) -> nn.Mo
             )
         if not matching:
             raise BackboneError(f"{path}: no tensor in this file matches backbone '{name}'")
-        model.load_state_dict(state, strict=False)
+        missing = [k for k in own if k not in state]  # strict=False alone left them at their random start, without a word
+        if missing:
+            raise BackboneError(
+                f"{path}: {len(missing)} of backbone '{name}''s {len(own)} tensors are not in the file (first: "
+                f"{', '.join(repr(k) for k in missing[:3])}); they would train from random values",
+            )
+        model.load_state_dict(state, strict=False)  # tensors the backbone lacks (a classifier head) are left out
     return model
