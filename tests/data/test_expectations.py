@@ -90,7 +90,8 @@ def test_image_shared_between_source_and_target_fails(root: Path, tmp_path: Path
     write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in _rows(root / "target")])
     report = validate_shift(root, "synth", "target", tmp_path / "out")
     assert _failed(report) == {"expect_column_values_to_be_unique"}
-    assert "domain=synth" in report.error() or "domain=target" in report.error()
+    assert report.error().startswith(f"data validation failed: 1 image(s) of target 'target' are also in source 'synth' (e.g. target/{tgt['path']} = synth/{src['path']}); "
+                                     "a target must be images the source does not hold (expect_column_values_to_be_unique on 'sha256')")
 
 
 def test_target_class_unknown_to_the_source_fails(root: Path, tmp_path: Path):

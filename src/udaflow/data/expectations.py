@@ -155,7 +155,21 @@ def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min
             failure.summary = source_classes_summary(failure, Path(data_root) / source, source_classes, min_per_class)
         elif failure.expectation == "expect_column_pair_values_to_be_equal":
             failure.summary = changed_files(failure, Path(data_root))
+        elif (failure.suite, failure.expectation, failure.column) == ("udaflow.images", "expect_column_values_to_be_unique", "sha256"):
+            failure.summary = shared_images(images, source, target)
     return report
+
+
+def shared_images(images, source: str, target: str) -> str | None:
+    """The checksum-uniqueness failure in words when the duplicates span the two domains: the target holds source images."""
+    by_role = {role: images[images.role == role] for role in ("source", "target")}
+    shared = by_role["target"][by_role["target"].sha256.isin(set(by_role["source"].sha256))]
+    if shared.empty:  # a duplicate inside one domain: GX's own example names it
+        return None
+    first = shared.iloc[0]
+    twin = by_role["source"][by_role["source"].sha256 == first.sha256].iloc[0]
+    return (f"{len(shared)} image(s) of target '{target}' are also in source '{source}' (e.g. {target}/{first.path} = {source}/{twin.path}); "
+            "a target must be images the source does not hold")
 
 
 def source_classes_summary(failure: Failure, root: Path, source_classes: list[str], min_per_class: int) -> str | None:
