@@ -46,6 +46,8 @@ def parse_shifts(text: str) -> list[tuple[str, str]]:
         parts = item.strip().split(":")
         if len(parts) != 2 or not all(parts):
             raise ValueError(f"--shifts: '{item}' is not SOURCE:TARGET (e.g. synth:mnist)")
+        if parts[0] == parts[1]:
+            raise ValueError(f"--shifts {item.strip()}: source and target are both '{parts[0]}'; pick two different domains")
         shifts.append((parts[0], parts[1]))
     return shifts
 
@@ -78,6 +80,15 @@ def run_bench(
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": max(1, (os.cpu_count() or 1) // jobs)})})
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    loaded = {shift: _labelled_shift(cfg, shift, protocol) for shift in shifts}  # a domain without labels fails here, before any training
+    if out is not None:  # --out is this bench's from now on: an earlier bench's rows there read as this one's when it stopped
+        if Path(out).is_dir():
+            raise ValueError(f"--out {out}: a folder; name a JSON file (e.g. {Path(out) / 'bench.json'})")
+        try:
+            write_rows([], out)
+        except OSError as exc:
+            raise ValueError(f"--out {out}: cannot be written ({exc.strerror or exc}); name a JSON file in a writable folder") from None
+        Path(out).with_suffix(".validators.json").unlink(missing_ok=True)
     # the training device's GEMM rate (fp32 on CPU at a cell's thread count, bf16 on a GPU under autocast):
     # speeds below are ratios of it
     from udaflow.engine import resolve_device
@@ -86,9 +97,6 @@ def run_bench(
     machine_gflops = round(matmul_gflops(device=gemm_device, dtype=gemm_dtype), 1)
     if on_machine:
         on_machine(machine_gflops, torch.get_num_threads())
-    if jobs > 1:
-        for shift in shifts:  # a domain without labels fails here, before any worker trains
-            _labelled_shift(cfg, shift, protocol)
     cells = [(shift, seed, method) for shift in shifts for seed in range(seeds) for method in methods]
     results: dict[tuple, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     rows: list[dict[str, Any]] = []
@@ -103,12 +111,13 @@ def run_bench(
 
     if jobs == 1:
         for shift in shifts:
-            data = _labelled_shift(cfg, shift, protocol)
+            data = loaded.pop(shift)
             for seed in range(seeds):
                 pretrained = pretrain_source(_seeded(cfg, seed), data, shift[0])
                 for method in methods:
                     done((shift, seed, method), bench_cell(_seeded(cfg, seed), shift, method, protocol, machine_gflops, data, pretrained))
     else:
+        loaded.clear()  # each worker loads its own
         _run_parallel(cfg, cells, protocol, machine_gflops, jobs, done)
     correlations: dict[str, Any] = {}
     for shift in shifts:
@@ -363,5 +372,8 @@ def write_rows(rows: list[dict[str, Any]] | dict[str, Any], out: Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    tmp.replace(out)
+    try:
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; left by a failed one

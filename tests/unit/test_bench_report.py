@@ -198,3 +198,34 @@ def test_a_cached_source_model_is_scored_and_selected_again_on_each_target_pool(
     assert all(torch.equal(moved.train.selected_state[k], on_b.train.selected_state[k]) for k in on_b.train.selected_state)
     assert all(torch.equal(p, q) for p, q in zip(moved.classifier.state_dict().values(), on_a.train.last_state.values()))  # left at the last iterate
     assert on_a.train.validator_history != moved.train.validator_history  # the cached stage itself is left as it was
+
+
+def test_out_is_this_bench_s_from_its_start_and_a_folder_is_refused_before_any_training(monkeypatch, tmp_path):
+    """A bench stopped before its first row said "the rows done so far are in --out" over an earlier bench's rows
+    (other methods, protocol, steps), and the .validators.json beside them stayed that bench's. A folder as --out
+    failed with a traceback after the first cell had trained, leaving a stray .tmp file."""
+    from udaflow import bench
+    from udaflow.config import Config
+
+    out = tmp_path / "bench.json"
+    out.write_text('[{"method": "an earlier bench"}]\n')
+    out.with_suffix(".validators.json").write_text("{}\n")
+    monkeypatch.setattr(bench, "_labelled_shift", lambda *a: None)
+    monkeypatch.setattr(bench, "matmul_gflops", lambda **k: 100.0)
+    trained = []
+
+    def stopped(*a, **k):
+        trained.append(a)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "pretrain_source", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(Config(), [("synth", "mnist")], ["dann"], out=out)
+    assert trained and bench.json.loads(out.read_text()) == [] and not out.with_suffix(".validators.json").exists()
+
+    trained.clear()
+    with pytest.raises(ValueError, match=rf"^--out {tmp_path}: a folder; name a JSON file"):
+        bench.run_bench(Config(), [("synth", "mnist")], ["dann"], out=tmp_path)
+    with pytest.raises(ValueError, match=r"^--out /proc/b.json: cannot be written \(No such file or directory\)"):
+        bench.run_bench(Config(), [("synth", "mnist")], ["dann"], out="/proc/b.json")
+    assert not trained and sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
