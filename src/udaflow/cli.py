@@ -131,7 +131,10 @@ _INTERRUPTED = {  # what a Ctrl-C leaves, per command
 def _report(exc: Exception, command: str | None) -> None:
     """One line for a known error, then the error's own hint (or its kind's, or its command's)."""
     from udaflow.config import ConfigError
+    from udaflow.data.manifest import DataError
 
+    if isinstance(exc, DataError) and command in ("schedule", "bench"):  # a domain's error, not the Prefect server's or the options'
+        command = "data"
     hint = getattr(exc, "hint", None) or (_CONFIG_HINT if isinstance(exc, ConfigError) else _HINTS.get(command or ""))
     err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)  # Text: no markup in messages
     if hint:
@@ -628,6 +631,9 @@ def schedule(
         CronSchedule(cron=cron)
     except ValueError:
         raise ValueError(f"--cron {cron!r} is not a valid cron expression (e.g. \"0 3 * * *\")") from None
+    if not cron.strip().startswith("@") and len(cron.split()) != 5:  # Prefect reads a sixth field as seconds: 60 retrains a night
+        raise ValueError(f"--cron {cron!r} has {len(cron.split())} fields, not five (minute hour day month weekday; "
+                         "Prefect would read a sixth as seconds)")
     cfg = _load(params, profile, None, **{"source": source, "target": target, "method": method})
     from udaflow.preflight import validate_run
 
@@ -948,7 +954,13 @@ def bench(
     cfg = _load(params, profile, overrides, **{"train.device": device})
     protocol = protocol or cfg.bench.protocol  # until 2026-12-03 the option's own default won over params.yaml
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    if not method_list:
+        raise ValueError(f"--methods {methods!r}: no method named (e.g. --methods source_only,adamatch)")
     shift_list = parse_shifts(shifts)
+    for option, items in (("--methods", method_list), ("--shifts", [f"{s}:{t}" for s, t in shift_list])):
+        twice = sorted({i for i in items if items.count(i) > 1})
+        if twice:  # each copy trained, then the rows repeated the last one and the validator study counted it N times
+            raise ValueError(f"{option}: {', '.join(repr(i) for i in twice)} given twice")
     from udaflow import steps
 
     steps.recover_ingests(cfg, [d for s, t in shift_list for d in (s, t)])  # an ingest killed outright: its folder put back first

@@ -228,7 +228,7 @@ def adapt_to_target(
     """Adapt a copy of the source model with `method_name` on labelled source + unlabelled target."""
     cls = get_method_class(method_name)
     if cls.uses_target_labels:
-        raise ValueError(f"method '{method_name}' trains on target labels: use train_oracle (benchmark only)")
+        raise ValueError(f"method '{method_name}' trains on target labels: benchmark only (`udaflow bench`), never registered")
     seed_everything(cfg.seed + 1, cfg.train.deterministic, cfg.train.num_threads)  # the method's own modules too
     classifier = new_classifier(cfg, len(source_train.classes))
     classifier.load_state_dict(source_model.train.last_state)

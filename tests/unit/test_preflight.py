@@ -289,6 +289,11 @@ def test_a_lookup_in_a_store_that_does_not_exist_is_one_line_and_creates_nothing
      "hint: the ingest changed nothing"),
     (["bench", "--protocol", "sometimes"], "error: --protocol 'sometimes': use transductive or holdout", "hint: e.g. `udaflow bench --shifts"),
     (["bench", "--shifts", "synth-mnist"], "error: --shifts: 'synth-mnist' is not SOURCE:TARGET", "hint: e.g. `udaflow bench --shifts"),
+    # each copy trained, then the rows repeated the last one's; an empty list printed "0 rows -> bench.json" and wrote none
+    (["bench", "--methods", "dann,dann"], "error: --methods: 'dann' given twice", "hint: e.g. `udaflow bench --shifts"),
+    (["bench", "--shifts", "synth:mnist,synth:mnist"], "error: --shifts: 'synth:mnist' given twice", "hint: e.g. `udaflow bench --shifts"),
+    (["bench", "--methods", ",,"], "error: --methods ',,': no method named", "hint: e.g. `udaflow bench --shifts"),
+    (["bench", "--shifts", "synth:synth"], "error: --shifts synth:synth: source and target are both 'synth'", "hint: e.g. `udaflow bench"),
     (["schedule", "--source", "synth", "--target", "mnist", "--cron", "0 3 * * *"], "error: no Prefect server", "hint: schedules need a running Prefect server"),
     (["run", "--set", "train.lr=[0.1"], "error: --set 'train.lr=[0.1': the value is not valid YAML", "hint: keys and defaults are in params.yaml"),
     # torch's own message for a device string it cannot parse came as a traceback; the error names the
