@@ -114,6 +114,12 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
     env, api = server, server["PREFECT_API_URL"]
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "every day")
     assert bad.returncode == 2 and "not a valid cron" in bad.stderr
+    # Prefect reads a sixth field as seconds: "0 3 * * * *" queued 60 retrains a night, 03:00:00 to 03:00:59
+    bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 3 * * * *")
+    assert bad.returncode == 2 and "--cron '0 3 * * * *' has 6 fields, not five" in bad.stderr, bad.stderr
+    # a domain's error gets the data hint, not the Prefect server's
+    bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "nosuch", "--cron", "0 3 * * *")
+    assert bad.returncode == 2 and "domain 'nosuch' not found" in bad.stderr and "hint: built-in domains" in bad.stderr, bad.stderr
 
     out = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 3 * * *")
     assert out.returncode == 0, out.stdout + out.stderr
