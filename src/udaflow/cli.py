@@ -701,9 +701,9 @@ def _require_run(cfg, run_id: str, device: str | None = None) -> None:
         put_back = "put back the file that run started from (its sha256 is the run's udaflow.pretrained_sha256 tag)"
         if not Path(weights).is_file():
             raise ConfigError(f"run '{run_id}' started from the weights file {weights} (model.pretrained), which is not there", hint=put_back)
-        if recorded and weights_digest(weights) != recorded:
+        if recorded and (now := weights_digest(weights)) != recorded:
             raise ConfigError(f"run '{run_id}' started from other weights than {weights} holds now (model.pretrained: sha256 "
-                              f"{recorded[:12]} then, {weights_digest(weights)[:12]} now)", hint=put_back)
+                              f"{recorded[:12]} then, {now[:12]} now)", hint=put_back)
 
 
 @app.command("promote")

@@ -45,7 +45,7 @@ def validate_run(
     """
     def refuse(key: str, message: str, kind: type[ValueError] = ConfigError, hint: str | None = None) -> ValueError:
         # `message` names `key`; read by load_config, the error also names where the value came from
-        return kind(blame(cfg, key, message), hint) if hint else kind(blame(cfg, key, message))
+        return kind(blame(cfg, key, message), hint)
 
     try:  # again, for a config made in code (model_copy(update=...) skips validation)
         Config.model_validate(cfg.model_dump())

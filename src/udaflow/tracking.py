@@ -392,10 +392,10 @@ def open_pipeline_run(config: dict[str, Any], params_file: Path, flow_run_id: st
         tags[PRETRAINED_TAG] = digest
     ended = end_runs_of_dead_processes(exp)
     run_id = start_run(exp, f"{method}:{source}-to-{target}", {**tags, **_beat_tags()})
-    for killed in ended:  # which run found it dead (and, under the same settings, resumed its checkpoint)
-        _client().set_tag(killed, ENDED_BY_TAG, run_id)
     _start_heartbeat(run_id)
     try:  # the caller gets no run to close until this returns: a failure here ends it (and its heartbeat)
+        for killed in ended:  # which run found it dead (and, under the same settings, resumed its checkpoint)
+            _client().set_tag(killed, ENDED_BY_TAG, run_id)
         config = redacted(config)
         log_params(run_id, config)
         with _tempdir() as tmp:
