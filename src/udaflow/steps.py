@@ -4,7 +4,7 @@ Prefect tasks (tasks/) and DVC stages (`udaflow stage ...` in dvc.yaml) call the
 so `udaflow run` and `dvc repro` run the same code and write the same files:
 
   runs/<source>-to-<target>/validation/        GX result JSON + Data Docs
-  runs/<source>-to-<target>/source_model.pt    the source model (a copy of the cached one)
+  runs/<source>-to-<target>/source_model.pt    the source model (the cached one, less what a target pool scored)
   runs/<source>-to-<target>/<method>/model.pt  the adapted model: last iterate + validator pick
   runs/<source>-to-<target>/<method>/metrics.json, *.png
 
@@ -14,8 +14,8 @@ in deterministic mode writes it byte for byte again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -92,13 +92,20 @@ def validate_datasets(cfg: Config) -> ValidationReport:
     return validate_shift(cfg.data.root, cfg.source, cfg.target, run_paths(cfg).validation, cfg.data.min_per_class)
 
 
-def _copy_stage(src: Path, dest: Path) -> None:
-    """Copy a saved stage (weights + timing file) atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for a, b in ((src, dest), (src.with_suffix(".timing.json"), dest.with_suffix(".timing.json"))):
-        if a.exists():
-            shutil.copyfile(a, b.with_suffix(".tmp"))
-            b.with_suffix(".tmp").replace(b)
+def _write_source_copy(cache: Path, dest: Path) -> None:
+    """This shift's copy of a cached source model: its weights, loss history and timings.
+
+    The cache serves every target of its source, and its validator history, kept checkpoints and
+    pick were scored on the target pool that first trained it (the bench's validator study reads
+    them again on its own pool: `experiment.rescore_on_pool`). Adaptation and evaluation read only
+    the last iterate, so the copy leaves the pool's part out: its bytes, the `pretrain` stage's
+    output in dvc.lock, are the same whichever shift trained the cache first."""
+    result, wall_seconds, classes = load_stage(cache)
+    result = dataclasses.replace(
+        result, selected_state=result.last_state, selected_step=result.steps, selected_by="last",
+        validator_history=[], checkpoint_states=[], checkpoint_logits=[],
+    )
+    save_stage(dest, result, wall_seconds, classes)
 
 
 def _load(cfg: Config, path: Path) -> tuple[StageResult, tuple[str, ...]]:
@@ -122,7 +129,7 @@ def pretrain(cfg: Config, data: ShiftData | None = None, cache_dir: Path | None 
     data = data or load_data(cfg)
     stage = pretrain_source(cfg, data, cfg.source, cache_dir)
     if distributed.is_main():
-        _copy_stage(Path(stage.info["cache"]), run_paths(cfg).source_model)
+        _write_source_copy(Path(stage.info["cache"]), run_paths(cfg).source_model)
     # the cache file is what later steps read: it outlives this shift's copy and is keyed on content
     return StepOutcome(stage.info["cache"], stage.wall_seconds, stage.cached, stage.info["key"], stage.train.images_per_s, steps=stage.train.steps)
 
@@ -140,7 +147,7 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
     source_model = Path(source_model or paths.source_model)
     if distributed.is_main() and source_model.resolve() != paths.source_model.resolve():
         # a cached source model from another shift: this shift's copy is what dvc.yaml's stages read
-        _copy_stage(source_model, paths.source_model)
+        _write_source_copy(source_model, paths.source_model)
     source, classes = _load(cfg, source_model)
     t0 = time.perf_counter()
     adapted = adapt_to_target(cfg, cfg.method, source, data.source_train, data.target_adapt, paths.checkpoint, data.source_val)
