@@ -610,6 +610,20 @@ def _print_run_summary(cfg, r: dict) -> None:
     console.print(f"load it: mlflow.pyfunc.load_model('models:/{r['model']}@{r['alias']}') (safetensors weights, nothing unpickled)")
 
 
+def _next_cron_run(cron: str):
+    """The first time `cron` fires from now, in UTC, as the Prefect server's scheduler computes it. A
+    cron no date matches (30 February) is refused: Prefect accepts it and its scheduler then fails on
+    it at every pass, and no retrain ever runs."""
+    import asyncio
+
+    from prefect.server.schemas.schedules import CronSchedule
+
+    try:
+        return asyncio.run(CronSchedule(cron=cron).get_dates(n=1))[0]
+    except Exception:  # noqa: BLE001 - the scheduler's croniter: CroniterBadDateError, or no date among its candidates
+        raise ValueError(f"--cron {cron!r} never fires: no date matches it (a day the month does not have?)") from None
+
+
 @app.command("schedule")
 def schedule(
     source: Annotated[str, typer.Option("--source", help="labelled source domain")],
@@ -634,6 +648,7 @@ def schedule(
     if not cron.strip().startswith("@") and len(cron.split()) != 5:  # Prefect reads a sixth field as seconds: 60 retrains a night
         raise ValueError(f"--cron {cron!r} has {len(cron.split())} fields, not five (minute hour day month weekday; "
                          "Prefect would read a sixth as seconds)")
+    next_run = _next_cron_run(cron)
     cfg = _load(params, profile, None, **{"source": source, "target": target, "method": method})
     from udaflow.preflight import validate_run
 
@@ -642,6 +657,7 @@ def schedule(
 
     deployment_id = deploy_retrain(params, source, target, cron, method, profile, pool)
     console.print(f"deployment udaflow-retrain/{source}-to-{target} ({deployment_id}): cron {cron!r}, and on new '{target}' data")
+    console.print(f"next scheduled retrain: {next_run:%Y-%m-%d %H:%M} UTC")
     console.print(f"run it with a worker: prefect worker start --pool {pool}")
 
 

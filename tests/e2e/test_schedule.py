@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -117,12 +118,17 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
     # Prefect reads a sixth field as seconds: "0 3 * * * *" queued 60 retrains a night, 03:00:00 to 03:00:59
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 3 * * * *")
     assert bad.returncode == 2 and "--cron '0 3 * * * *' has 6 fields, not five" in bad.stderr, bad.stderr
+    # 30 February: Prefect accepts it, and its scheduler then fails on it at every pass; no retrain ever runs
+    bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 4 30 2 *")
+    assert bad.returncode == 2 and "--cron '0 4 30 2 *' never fires" in bad.stderr, bad.stderr
+    assert httpx.get(f"{api}/deployments/name/udaflow-retrain/synth-to-fonts-b", timeout=10).status_code == 404
     # a domain's error gets the data hint, not the Prefect server's
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "nosuch", "--cron", "0 3 * * *")
     assert bad.returncode == 2 and "domain 'nosuch' not found" in bad.stderr and "hint: built-in domains" in bad.stderr, bad.stderr
 
     out = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 3 * * *")
     assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^next scheduled retrain: \d{4}-\d\d-\d\d 03:00 UTC$", out.stdout, re.M), out.stdout
     deployment = httpx.get(f"{api}/deployments/name/udaflow-retrain/synth-to-fonts-b", timeout=10).json()
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
     assert deployment["work_pool_name"] == "udaflow"
