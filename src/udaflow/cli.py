@@ -393,6 +393,8 @@ def data_ingest(
     if result.changed:
         console.print(f"  record it in git: git add {result.pointer} && git commit", highlight=False)
     announced = _announcement_record(cfg, name)
+    if result.changed:  # the record names a version only once its announcement completed: after a revert it may name this one
+        announced.unlink(missing_ok=True)
     if result.changed or _announced_md5(announced) != result.md5:
         if not result.changed:  # a Ctrl-C, a kill or an unreachable server after the version was recorded
             console.print("  same content as the recorded version, with no record here that it was announced (drift, "

@@ -369,3 +369,36 @@ def test_an_ingest_stopped_before_its_announcement_announces_on_the_same_command
     result = invoke(args, workspace)
     assert result.exit_code == 0 and "same content as the recorded version: no retrain triggered" in result.output
     assert len(announced) == 1
+
+
+def test_a_version_whose_announcement_failed_is_announced_again_after_a_revert(workspace: Path, monkeypatch):
+    """The record of the last announced version was left alone by a failed announcement: after going back
+    to an older version, a failed announcement of the newer one again found its own md5 in the record,
+    and the retry said "same content: no retrain triggered" (the hint had said it would announce)."""
+    import udaflow.cli as cli_module
+    from udaflow.data.domains import build_domain
+
+    folders = []
+    for seed in (31, 32):
+        build_domain("synth", workspace / f"yard-{seed}", seed=seed, synth_size=40)
+        (workspace / f"yard-{seed}/synth/manifest.csv").unlink()
+        folders.append(workspace / f"yard-{seed}/synth")
+    announced = []
+
+    def ingest(folder, fails=False):
+        def announce(cfg, name, md5):
+            if fails:
+                raise ConnectionError("cannot reach the Prefect server")
+            announced.append(md5)
+
+        monkeypatch.setattr(cli_module, "_announce_new_data", announce)
+        return invoke(["data", "ingest", str(folder), "--name", "yard-cam", "--replace"], workspace)
+
+    assert ingest(folders[0]).exit_code == 0 and ingest(folders[1]).exit_code == 0  # A, then B, both announced
+    version_b = announced[-1]
+    assert ingest(folders[0], fails=True).exit_code != 0  # back to A: recorded, not announced
+    result = ingest(folders[1], fails=True)  # B again: recorded, not announced
+    assert result.exit_code != 0 and "new version" in result.output, result.output
+    result = ingest(folders[1])  # the same command, as the hint says
+    assert result.exit_code == 0 and "with no record here that it was announced" in result.output, result.output
+    assert announced[2:] == [version_b]
