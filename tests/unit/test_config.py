@@ -135,8 +135,9 @@ def test_unknown_nested_key_from_override(params):
     ("train.amp=null", "train.amp: expected true or false (got null)"),
     ("bench.protocol=sometimes", "bench.protocol: must be 'transductive' or 'holdout' (got 'sometimes')"),
     ("methods.dann=5", "methods.dann: expected a mapping (got 5)"),
-    ("target=Factory/B", "target: not a domain name: lower-case letters, digits, '-' and '_', at most 64 characters (a folder under data.root) (got 'Factory/B')"),
+    ("target=Factory/B", "target: not a domain name: lower-case letters, digits, '-' and '_', starting with a letter or digit, at most 64 characters (a folder under data.root) (got 'Factory/B')"),
     ("source=..", "source: not a domain name"),
+    ("target=_cam", "target: not a domain name: lower-case letters, digits, '-' and '_', starting with a letter or digit"),
     # pydantic's lax mode read these as 1, 0 and True, and a negative seed or thread count failed mid-run
     ("train.adapt_steps=true", "train.adapt_steps: expected a number (got true)"),
     ("data.synth_size=false", "data.synth_size: expected a number (got false)"),

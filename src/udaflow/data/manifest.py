@@ -21,7 +21,7 @@ from PIL import Image
 # a domain: a folder under data.root, as `udaflow data ingest --name` makes and params' source / target name it;
 # its name goes into file names beside it and into the registered model's (udaflow-<source>-to-<target>)
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-DOMAIN_NAME_RULE = "lower-case letters, digits, '-' and '_', at most 64 characters"
+DOMAIN_NAME_RULE = "lower-case letters, digits, '-' and '_', starting with a letter or digit, at most 64 characters"
 
 MANIFEST_NAME = "manifest.csv"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
