@@ -133,7 +133,7 @@ def _report(exc: Exception, command: str | None) -> None:
     from udaflow.config import ConfigError
     from udaflow.data.manifest import DataError
 
-    if isinstance(exc, DataError) and command in ("schedule", "bench"):  # a domain's error, not the Prefect server's or the options'
+    if isinstance(exc, DataError) and command != "run":  # a domain's error: not the Prefect server's, the options' or the registry's
         command = "data"
     hint = getattr(exc, "hint", None) or (_CONFIG_HINT if isinstance(exc, ConfigError) else _HINTS.get(command or ""))
     err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), highlight=False, soft_wrap=True)  # Text: no markup in messages
@@ -609,7 +609,9 @@ def _print_run_summary(cfg, r: dict) -> None:
         table.add_row("promotion gate", ("promoted to champion: " if gate["promoted"] else "champion unchanged: ") + gate["reason"])
         table.add_row("gate decided on", gate.get("data", "-"))
     console.print(table)
-    console.print(f"load it: mlflow.pyfunc.load_model('models:/{r['model']}@{r['alias']}') (safetensors weights, nothing unpickled)")
+    # the registry is params.yaml's store, not MLflow's default (./mlflow.db, or ./mlruns): without the URI the call finds no model
+    console.print(f"load it: mlflow.set_tracking_uri('{cfg.tracking.uri}'); mlflow.pyfunc.load_model('models:/{r['model']}@{r['alias']}') "
+                  "(safetensors weights, nothing unpickled)", highlight=False, soft_wrap=True)
 
 
 def _next_cron_run(cron: str):
@@ -942,6 +944,11 @@ def ui(
     if is_server(cfg.tracking.uri):
         console.print(f"the tracking server serves the UI: {cfg.tracking.uri.rstrip('/')}/{view}")
         return
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():  # MLflow would make an empty one and show it
+        raise NotFound(f"no MLflow store at {uri.removeprefix('sqlite:///')} (tracking.uri {uri})",
+                       "run udaflow in the project folder, where `udaflow run` made the store (or fix tracking.uri in params.yaml)")
+    _require_port("127.0.0.1", port)  # else the URL printed below is another server's, and MLflow exits 0
     cmd = [
         sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking.uri,
         "--default-artifact-root", str(Path(cfg.tracking.artifact_root).resolve()), "--host", "127.0.0.1", "--port", str(port),

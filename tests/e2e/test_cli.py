@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +65,12 @@ def test_build_ingest_run_bench(workspace: Path):
     result = invoke(["run", "--source", "synth", "--target", "fonts-b", "--method", "dann"], ws)
     assert result.exit_code == 0, result.output
     assert "trained" in result.output and "v1 @challenger" in result.output
+    # the summary's "load it" line works as printed, from a plain Python (MLflow's default store is another, empty one)
+    load = re.search(r"load it: (mlflow\.set_tracking_uri\('[^']+'\)); (mlflow\.pyfunc\.load_model\('[^']+'\))", result.output)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING") and not k.startswith("MLFLOW_REGISTRY")}
+    loaded = subprocess.run([sys.executable, "-c", f"import mlflow; {load.group(1)}; print(type({load.group(2)}).__name__)"],
+                            cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "PyFuncModel", loaded.stderr[-2000:]
     metrics = json.loads((ws / "runs/synth-to-fonts-b/dann/metrics.json").read_text())
     assert 0.0 <= metrics["target_acc_selected"] <= 100.0 and 0.0 <= metrics["target_acc_last"] <= 100.0
     assert metrics["selected_by"] == "im"
@@ -274,6 +281,41 @@ def test_an_unknown_run_or_model_is_refused_before_any_flow_starts(workspace: Pa
     assert len(lines) <= 3 and lines[0].startswith(needle) and lines[-1].startswith("hint: "), output
     assert "Traceback" not in output
     assert not (workspace / "runs/reproduce/does-not-exist").exists()
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback", "reproduce", "schedule", "bench", "data"])
+def test_a_domain_error_gets_the_data_hint_whichever_command_met_it(command, capsys):
+    """`promote` with the target's folder gone said "data/raw/mnist: domain 'mnist' not found" and then
+    "hint: list registered models with udaflow ui"."""
+    from udaflow import cli
+    from udaflow.data.manifest import DataError
+
+    cli._report(DataError("data/raw/mnist: domain 'mnist' not found"), command)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["error: data/raw/mnist: domain 'mnist' not found", f"hint: {cli._HINTS['data']}"]
+
+
+def test_ui_refuses_a_missing_store_and_a_busy_port_before_starting(workspace: Path, tmp_path: Path):
+    """`udaflow ui` made an empty store where every other command refuses, and on a busy port printed
+    its URL (another server's), then MLflow's "Address already in use", and exited 0."""
+    import socket
+
+    import mlflow
+
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["tracking"]["uri"] = f"sqlite:///{tmp_path}/nostore/mlflow.db"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = runner.invoke(app, ["ui", "--port", "5391", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and f"error: no MLflow store at {tmp_path}/nostore/mlflow.db" in result.output, result.output
+    assert not (tmp_path / "nostore").exists()
+
+    uri = yaml.safe_load((workspace / "params.yaml").read_text())["tracking"]["uri"]
+    mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()  # the store exists, as after any run
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = invoke(["ui", "--port", str(port)], workspace)
+    assert result.exit_code == 2 and f"error: cannot listen on 127.0.0.1:{port}" in result.output, result.output
+    assert "MLflow UI on" not in result.output
 
 
 def _corrupt_folder(base: Path, kind: str) -> Path:
