@@ -186,6 +186,10 @@ def test_serving_the_champion_over_http(team, project: Path, first_run, tmp_path
             served = np.array([[p["probabilities"][c] for c in classes] for p in predictions])
             np.testing.assert_allclose(served, expected, atol=1e-5)
             print(f"served {len(files)} images in {seconds * 1000:.0f} ms: {seconds / len(files) * 1000:.1f} ms per image")
+        # a column named otherwise: one short line, not MLflow's echo of every image posted
+        wrong = httpx.post(url, json={"inputs": [{"Image": base64.b64encode(f).decode()} for f in files]}, timeout=60)
+        assert wrong.status_code == 400 and "no 'image' column (column names are case-sensitive)" in wrong.text, wrong.text[-500:]
+        assert len(wrong.text) < 500, len(wrong.text)
 
         # any size: a 45x70 photo-sized copy is resized by the model itself, the same whether sent as PNG or pixels
         big = Image.open(io.BytesIO(files[0])).resize((70, 45))

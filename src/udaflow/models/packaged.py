@@ -159,6 +159,8 @@ def _decode(value: Any, where: str, spec) -> np.ndarray:
 
     if isinstance(value, np.ndarray) and value.dtype.kind in "US" and value.ndim == 0:
         value = str(value)
+    if value is None or (isinstance(value, float) and np.isnan(value)):  # JSON null; pandas fills a missing cell with NaN
+        raise InputError(f"{where}: null, no image; send the image file's bytes base64-encoded, or uint8 pixels")
     if isinstance(value, str):
         if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,<...>
             value = value.split(",", 1)[1]
@@ -196,8 +198,9 @@ def _image_values(model_input: Any) -> list[Any]:
 
     if isinstance(model_input, pd.DataFrame):
         if IMAGE not in model_input.columns:
-            raise InputError(f"no '{IMAGE}' column (got columns {list(map(str, model_input.columns))}); "
-                             f'send {{"inputs": [{{"{IMAGE}": <base64 image file or uint8 pixels>}}, ...]}}')
+            # served, MLflow has already dropped every column the signature lacks: got none
+            got = f"got columns {list(map(str, model_input.columns))}" if len(model_input.columns) else "column names are case-sensitive"
+            raise InputError(f"no '{IMAGE}' column ({got}); send {{\"inputs\": [{{\"{IMAGE}\": <base64 image file or uint8 pixels>}}, ...]}}")
         values = list(model_input[IMAGE])
         if len(values) == 1 and _encoded_column(values[0]):
             # MLflow's schema check turns the column form {"image": [<b64>, <b64>]} into one row holding the list
