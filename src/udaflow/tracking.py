@@ -43,9 +43,9 @@ def configure(tracking_uri: str, artifact_root: Path) -> None:
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     Path(artifact_root).mkdir(parents=True, exist_ok=True)
+    if tracking_uri.startswith("sqlite:///"):
+        _create_sqlite_store(tracking_uri, artifact_root)
     # MLflow also exports both URIs to os.environ for child processes; udaflow passes its store
     # explicitly, and keeps MLFLOW_TRACKING_URI what the user set (it overrides params.yaml)
     before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
@@ -57,6 +57,27 @@ def configure(tracking_uri: str, artifact_root: Path) -> None:
         else:
             os.environ[key] = value
     os.environ["UDAFLOW_ARTIFACT_ROOT"] = str(Path(artifact_root).resolve())
+
+
+def _create_sqlite_store(uri: str, artifact_root: Path) -> None:
+    """Create a SQLite store's tables (MLflow's migrations) under a file lock beside it, once.
+
+    Two processes opening a store that does not exist yet (two `udaflow run`s on other shifts, the
+    first in a new project) both ran MLflow's migrations on it: one failed with `table
+    _alembic_tmp_latest_metrics already exists`, or both did, and the store was left half-migrated,
+    every later command failing the same way. The second now waits, then finds the tables made."""
+    import fcntl
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".init.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            SqlAlchemyStore(uri, str(Path(artifact_root).resolve())).engine.dispose()  # makes the tables when none exist
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _client():

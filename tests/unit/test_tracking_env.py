@@ -100,3 +100,36 @@ def test_a_models_shift_skips_a_version_whose_run_was_deleted_for_good(monkeypat
     assert tracking.model_shift("udaflow-synth-to-shelf-to-cam") == ("synth", "shelf-to-cam")
     runs.clear()
     assert tracking.model_shift("udaflow-synth-to-mnist") == ("synth", "mnist")
+
+
+def _open_new_store(uri: str, root: str, barrier) -> str:
+    """One `udaflow run` starting in a new project: configure the store, then use it."""
+    import mlflow
+
+    barrier.wait()  # every process at once, as two runs started together
+    try:
+        tracking.configure(uri, Path(root) / "artifacts")
+        mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - the test reports what each process met
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+def test_runs_that_start_together_on_a_new_store_create_it_once(tmp_path):
+    """Two runs on other shifts started together in a new project both ran MLflow's migrations on
+    the new SQLite store: `table _alembic_tmp_latest_metrics already exists`, and a store left
+    half-migrated that every later command failed on."""
+    import multiprocessing
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path}/mlflow/mlflow.db"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(3)
+        with ctx.Pool(3) as pool:
+            results = pool.starmap(_open_new_store, [(uri, str(tmp_path), barrier)] * 3)
+    assert results == ["ok"] * 3
+    with sqlite3.connect(tmp_path / "mlflow/mlflow.db") as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"experiments", "runs", "registered_models", "model_versions"} <= tables
+    assert not [t for t in tables if t.startswith("_alembic_tmp")]
