@@ -65,7 +65,10 @@ def _repo(root: Path):
     from dvc.repo import Repo
 
     logging.getLogger("dvc").setLevel(logging.WARNING)
-    repo = Repo(str(root))
+    # wait for the repository lock as `dvc --wait-for-lock` does: DVC gives up after 3 s, and a run
+    # versioning its data while another run or a `dvc push` held the lock failed ("Unable to acquire
+    # lock"). DVC's lock is an flock: a killed holder frees it, so the wait ends
+    repo = Repo(str(root), _wait_for_lock=True)
     try:
         yield repo
     finally:

@@ -94,3 +94,25 @@ def test_outside_a_dvc_project_is_a_clear_error(tmp_path: Path):
     (tmp_path / "d").mkdir()
     with pytest.raises(versioning.VersioningError, match="not inside a DVC project"):
         versioning.version_dataset(tmp_path / "d")
+
+
+def test_versioning_waits_for_another_dvc_command_holding_the_lock(repo: Path, capfd):
+    """DVC gives up on its repository lock after 3 s: a run versioning its data while another run (or a
+    `dvc push`) held it failed with "DVC could not version this dataset: Unable to acquire lock"."""
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, zc.lockfile; lock = zc.lockfile.LockFile(sys.argv[1]); "
+         "print('held', flush=True); time.sleep(6)", str(repo / ".dvc/tmp/lock")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        clock = time.perf_counter()
+        version = versioning.version_dataset(repo / "data/raw/dom")
+        assert version.changed and time.perf_counter() - clock > 3  # it waited, then versioned
+    finally:
+        holder.kill()
+        holder.wait()
