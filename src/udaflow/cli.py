@@ -122,7 +122,9 @@ _DISK_FULL_HINT = ("free space on that disk (`df -h` shows which): `dvc gc` drop
 
 
 _INTERRUPTED = {  # what a Ctrl-C leaves, per command
-    "run": "the same command resumes from the last checkpoint (nothing was registered unless the summary says so)",
+    # stopped inside registration, a complete version may exist without a summary to say so
+    "run": ("the same command resumes from the last checkpoint; a version registered before the stop (MLflow's "
+            "\"Created version\") is taken up by it for the gate, not registered again"),
     "reproduce": "the same command resumes from the last checkpoint",
     "bench": "the rows done so far are in --out",
 }
