@@ -121,16 +121,19 @@ def load_stage(path: Path) -> tuple[TrainResult, float, tuple[str, ...]]:
     return result, timing["wall_seconds"], tuple(saved["classes"])
 
 
-def run_fingerprint(cfg: Config, method_name: str, start: torch.nn.Module, *datasets: LabelledImages | UnlabelledImages) -> str:
-    """What produced a training run, hashed: the resolved params (all but the progress display), the
-    method, the content of every dataset it reads, the start weights and udaflow's own code.
+def run_fingerprint(cfg: Config, method_name: str, start: torch.nn.Module, *datasets: LabelledImages | UnlabelledImages,
+                    params: dict | None = None) -> str:
+    """What produced a training run, hashed: the resolved params (all but the progress display; or
+    `params`, those the run depends on), the method, the content of every dataset it reads, the start
+    weights and udaflow's own code.
 
     A checkpoint resumes only under the same fingerprint (engine.train), so a re-run with other
     params, new data or other code never continues old weights under new tags.
     """
     h = hashlib.sha256()
-    params = cfg.model_dump(mode="json")
-    params["train"].pop("progress", None)
+    if params is None:
+        params = cfg.model_dump(mode="json")
+        params["train"].pop("progress", None)
     h.update(json.dumps({"params": params, "method": method_name}, sort_keys=True, default=str).encode())
     for data in datasets:
         h.update(data.domain.encode())
@@ -175,13 +178,23 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
         checkpoint_path=cache.with_suffix(".ckpt"), description=f"pretrain {source}",
         # scored checkpoints are kept in the cache (a few MB) so any later bench can study the validators
         source_val=data.source_val, keep_checkpoints=True,
-        fingerprint=run_fingerprint(cfg, "source_only", classifier, data.source_train, data.target_adapt, data.source_val),
+        fingerprint=source_fingerprint(cfg, classifier, data),
     )
     wall = time.perf_counter() - t0
     if distributed.is_main():  # under torchrun rank 0 alone writes
         save_stage(cache, result, wall, data.classes)
         cache.with_suffix(".ckpt").unlink(missing_ok=True)
     return StageResult(classifier, result, wall, info={"cache": str(cache), "key": key})
+
+
+def source_fingerprint(cfg: Config, start: torch.nn.Module, data: ShiftData) -> str:
+    """The pretraining's resume fingerprint: the params the source model depends on (`source_params`)
+    and the validator that keeps its pick, not the whole config. A run killed while pretraining and
+    started again with another adaptation setting (adapt_steps, the method) resumes the pretraining;
+    it used to set the checkpoint aside and pretrain from step 0. The target pool stays in: it scores
+    the checkpoints."""
+    params = {**source_params(cfg, len(data.classes)), "validator": cfg.validator}
+    return run_fingerprint(cfg, "source_only", start, data.source_train, data.target_adapt, data.source_val, params=params)
 
 
 def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -428,6 +429,39 @@ def test_run_fingerprint_covers_params_data_and_start_weights(tiny_shift):
     changed["weights"] = run_fingerprint(cfg, "dann", clf, source, target)
     for what, value in changed.items():
         assert value != base, what
+
+
+def test_the_pretraining_fingerprint_covers_what_the_source_model_depends_on_only(tiny_shift):
+    """A run killed while pretraining and started again with another adapt_steps said the checkpoint
+    "was written by another run" and pretrained from step 0, though the source model is the same."""
+    from udaflow.config import Config
+    from udaflow.data.datasets import ShiftData, UnlabelledImages
+    from udaflow.experiment import source_fingerprint
+
+    source, target, labels = tiny_shift
+    shift = ShiftData(source, source, target, LabelledImages(target.images, labels, source.classes, "tgt"), "transductive")
+    cfg = Config()
+    clf, _ = _fresh("source_only", None)
+    base = source_fingerprint(cfg, clf, shift)
+
+    def with_(**train):
+        return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
+
+    same = {
+        "adapt_steps": with_(adapt_steps=cfg.train.adapt_steps + 500), "adapt_lr": with_(adapt_lr=1e-4),
+        "rotation_weight": with_(rotation_weight=0.0), "method": cfg.model_copy(update={"method": "dann"}),
+        "checkpoint_every": with_(checkpoint_every=50),
+    }
+    for what, other in same.items():
+        assert source_fingerprint(other, clf, shift) == base, what
+    changed = {
+        "pretrain_steps": with_(pretrain_steps=cfg.train.pretrain_steps + 1), "lr": with_(lr=1e-4), "seed": cfg.model_copy(update={"seed": 1}),
+        "validator": cfg.model_copy(update={"validator": "entropy"}),  # it keeps the pick
+    }
+    for what, other in changed.items():
+        assert source_fingerprint(other, clf, shift) != base, what
+    pool = dataclasses.replace(shift, target_adapt=UnlabelledImages(target.images.flip(0), target.domain))
+    assert source_fingerprint(cfg, clf, pool) != base  # the pool scores its checkpoints
 
 
 def test_stage_files_hold_no_pickled_objects(tmp_path, monkeypatch):
