@@ -123,9 +123,20 @@ def _under_torchrun(cfg: Config) -> bool:
 
 
 def pretrain(cfg: Config, data: ShiftData | None = None, cache_dir: Path | None = None) -> StepOutcome:
-    """Source pretraining, reused from the on-disk cache when source content and params match."""
-    if _under_torchrun(cfg):
-        return StepOutcome(**distributed.launch("pretrain", cfg, run_paths(cfg).shift_dir / "pretrain.outcome.json", cache_dir=cache_dir))
+    """Source pretraining, reused from the on-disk cache when source content and params match.
+
+    Runs of two shifts of one source pretrain in turn: the second waits, then reuses the first's
+    source model. Together, each set the other's live checkpoint aside and both trained it from 0."""
+    if distributed.active():  # a torchrun rank: the process that launched the ranks holds the lock
+        return _pretrain(cfg, data, cache_dir)
+    lock = Path(cache_dir or cfg.work_dir / "cache") / f".source-{cfg.source}.lock"
+    with _exclusive(lock, f"another udaflow run pretraining on source '{cfg.source}'"):
+        if _under_torchrun(cfg):
+            return StepOutcome(**distributed.launch("pretrain", cfg, run_paths(cfg).shift_dir / "pretrain.outcome.json", cache_dir=cache_dir))
+        return _pretrain(cfg, data, cache_dir)
+
+
+def _pretrain(cfg: Config, data: ShiftData | None, cache_dir: Path | None) -> StepOutcome:
     data = data or load_data(cfg)
     stage = pretrain_source(cfg, data, cfg.source, cache_dir)
     if distributed.is_main():
@@ -380,19 +391,26 @@ def machine_differences(recorded: dict[str, str], now: dict[str, str]) -> list[s
 def exclusive_shift(cfg: Config):
     """Hold runs/<source>-to-<target>/.lock for a whole pipeline run: two runs on one shift share its
     files (source model copy, checkpoints) and its registered model, so the second waits its turn."""
+    shift_dir = run_paths(cfg).shift_dir
+    with _exclusive(shift_dir / ".lock", f"another udaflow run on {shift_dir.name}"):
+        yield
+
+
+@contextmanager
+def _exclusive(path: Path, holder: str):
+    """An exclusive flock on `path`; a second process says it waits for `holder` (and its pid), then waits."""
     import fcntl
     import os
     import sys
 
-    shift_dir = run_paths(cfg).shift_dir
-    shift_dir.mkdir(parents=True, exist_ok=True)
-    with open(shift_dir / ".lock", "a+") as fh:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             # stderr itself, not print(): a flow with log_prints would route it to Prefect's (quietened) logger
-            sys.stderr.write(f"waiting for another udaflow run on {shift_dir.name} ({fh.read().strip() or 'lock held'}) to finish\n")
+            sys.stderr.write(f"waiting for {holder} ({fh.read().strip() or 'lock held'}) to finish\n")
             sys.stderr.flush()
             fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)

@@ -55,3 +55,38 @@ def test_a_shift_s_source_model_has_the_same_bytes_whichever_target_trained_the_
     assert shift_copy.loss_history == retrained.loss_history and shift_copy.steps == retrained.steps
     assert shift_copy.validator_history == [] and shift_copy.checkpoint_states == [] and shift_copy.selected_by == "last"
     assert copy_c.stat().st_size < Path(fresh.path).stat().st_size / 2  # the kept checkpoints stay in the cache only
+
+
+def _pretrain_at_once(root: str, target: str, barrier) -> tuple[bool, str]:
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = load_config(Path(root) / "params.yaml", None, [f"target={target}"])
+    barrier.wait()  # two runs of one source started together
+    outcome = steps.pretrain(cfg)
+    return outcome.cached, outcome.path
+
+
+def test_two_shifts_of_one_source_pretrain_in_turn(tmp_path, new_shift_project, capfd):
+    """Started together, two runs of one source on two targets each set the other's live pretraining
+    checkpoint aside ("written by another run") and both trained the same source model from step 0.
+    Now the second waits for the first, then reuses its source model."""
+    import multiprocessing
+
+    root = new_shift_project(tmp_path / "project", tmp_path / "scratch-b", 60)
+    build_domain("synth", tmp_path / "scratch-c", seed=9, synth_size=60)
+    (tmp_path / "scratch-c/synth/manifest.csv").unlink()
+    ingest_folder(tmp_path / "scratch-c/synth", "fonts-c", root / "data/raw", 0.25, 0)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["pretrain_steps"] = 60  # long enough to overlap
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(2)
+        with ctx.Pool(2) as pool:
+            outcomes = pool.starmap(_pretrain_at_once, [(str(root), "fonts-b", barrier), (str(root), "fonts-c", barrier)])
+    assert sorted(cached for cached, _ in outcomes) == [False, True]  # one trained it, the other reused it
+    assert outcomes[0][1] == outcomes[1][1]
+    cache = Path(outcomes[0][1]).parent
+    assert not list(cache.glob("*.stale")) and not list(cache.glob("*.ckpt"))
