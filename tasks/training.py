@@ -14,7 +14,7 @@ from prefect.context import TaskRunContext
 from udaflow import steps
 from udaflow.config import Config
 from udaflow.data.datasets import Domain
-from udaflow.experiment import load_stage, source_cache_key, source_params
+from udaflow.experiment import load_stage, source_cache_path, source_params
 
 
 TRAINING_TAG = "udaflow-training"  # on every training task; a Prefect tag concurrency limit on it bounds trainings
@@ -31,7 +31,7 @@ def host_training_tag() -> str:
 def source_model_path(cfg: Config) -> Path:
     """Where the library caches the source model for this source content and these params."""
     classes = Domain.open(cfg.data.root, cfg.source).classes
-    return Path(cfg.work_dir).resolve() / "cache" / f"source-{cfg.source}-{source_cache_key(cfg, cfg.source, len(classes))}.pt"
+    return source_cache_path(cfg, cfg.source, len(classes), Path(cfg.work_dir).resolve() / "cache")
 
 
 def source_model_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from udaflow.config import Config
 from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
 from udaflow.data.manifest import MANIFEST_NAME
 from udaflow.data.store import digest
+from udaflow.locks import exclusive
 from udaflow.engine import Record, TrainResult, peak_rss_mb, predict, resolve_device, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
@@ -155,11 +156,30 @@ def pretrain_source(cfg: Config, data: ShiftData, source: str, cache_dir: Path |
 
     The unlabelled target pool is passed only to score checkpoints with the label-free validator.
     """
+    cache = source_cache_path(cfg, source, len(data.classes), cache_dir)
+    if distributed.active():  # a torchrun rank: the process that launched the ranks holds the lock
+        return _pretrain_source(cfg, data, source, cache)
+    with source_lock(cache, source):
+        return _pretrain_source(cfg, data, source, cache)
+
+
+def source_cache_path(cfg: Config, source: str, num_classes: int, cache_dir: Path | None = None) -> Path:
+    """The cache file of the source model `cfg` trains on `source` (`source_cache_key`)."""
+    return Path(cache_dir or cfg.work_dir / "cache") / f"source-{source}-{source_cache_key(cfg, source, num_classes)}.pt"
+
+
+def source_lock(cache: Path, source: str):
+    """Held while a source model is trained or read from `cache`. Two runs needing it at once (two
+    shifts of one source, a bench's workers, a bench beside a run) each set the other's live
+    checkpoint aside and both trained it from step 0; now the second waits, then reuses it."""
+    return exclusive(cache.with_suffix(".lock"), f"another udaflow process training source model '{source}'")
+
+
+def _pretrain_source(cfg: Config, data: ShiftData, source: str, cache: Path) -> StageResult:
     # seeded before any module is built, so the initial weights never depend on what ran before
     seed_everything(cfg.seed, cfg.train.deterministic, cfg.train.num_threads)
     classifier = new_classifier(cfg, len(data.classes))
-    key = source_cache_key(cfg, source, len(data.classes))
-    cache = Path(cache_dir or cfg.work_dir / "cache") / f"source-{source}-{key}.pt"
+    key = cache.stem.rsplit("-", 1)[1]
     if cache.exists():
         try:
             result, wall, classes = load_stage(cache)

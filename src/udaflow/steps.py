@@ -28,9 +28,10 @@ from udaflow import distributed
 from udaflow.config import Config
 from udaflow.data.datasets import Domain, ShiftData, load_shift
 from udaflow.data.expectations import ValidationReport, validate_shift
+from udaflow.locks import exclusive
 from udaflow.engine import TrainResult, accuracy, predict, resolve_device
 from udaflow.experiment import (
-    StageResult, adapt_to_target, evaluate_stage, image_spec, load_stage, new_classifier, pretrain_source, save_stage, score_weights,
+    StageResult, adapt_to_target, source_cache_path, source_lock, evaluate_stage, image_spec, load_stage, new_classifier, pretrain_source, save_stage, score_weights,
 )
 from udaflow.models import ImageClassifier
 from udaflow.promotion import Measurement, prediction_diversity
@@ -123,20 +124,13 @@ def _under_torchrun(cfg: Config) -> bool:
 
 
 def pretrain(cfg: Config, data: ShiftData | None = None, cache_dir: Path | None = None) -> StepOutcome:
-    """Source pretraining, reused from the on-disk cache when source content and params match.
-
-    Runs of two shifts of one source pretrain in turn: the second waits, then reuses the first's
-    source model. Together, each set the other's live checkpoint aside and both trained it from 0."""
-    if distributed.active():  # a torchrun rank: the process that launched the ranks holds the lock
-        return _pretrain(cfg, data, cache_dir)
-    lock = Path(cache_dir or cfg.work_dir / "cache") / f".source-{cfg.source}.lock"
-    with _exclusive(lock, f"another udaflow run pretraining on source '{cfg.source}'"):
-        if _under_torchrun(cfg):
+    """Source pretraining, reused from the on-disk cache when source content and params match
+    (`experiment.pretrain_source`: two runs needing one source model train it in turn)."""
+    if _under_torchrun(cfg):
+        # the ranks' pretraining (a cache entry of its own: nproc is in its key) is held for them by this process
+        classes = Domain.open(cfg.data.root, cfg.source).classes
+        with source_lock(source_cache_path(cfg, cfg.source, len(classes), cache_dir), cfg.source):
             return StepOutcome(**distributed.launch("pretrain", cfg, run_paths(cfg).shift_dir / "pretrain.outcome.json", cache_dir=cache_dir))
-        return _pretrain(cfg, data, cache_dir)
-
-
-def _pretrain(cfg: Config, data: ShiftData | None, cache_dir: Path | None) -> StepOutcome:
     data = data or load_data(cfg)
     stage = pretrain_source(cfg, data, cfg.source, cache_dir)
     if distributed.is_main():
@@ -392,35 +386,8 @@ def exclusive_shift(cfg: Config):
     """Hold runs/<source>-to-<target>/.lock for a whole pipeline run: two runs on one shift share its
     files (source model copy, checkpoints) and its registered model, so the second waits its turn."""
     shift_dir = run_paths(cfg).shift_dir
-    with _exclusive(shift_dir / ".lock", f"another udaflow run on {shift_dir.name}"):
+    with exclusive(shift_dir / ".lock", f"another udaflow run on {shift_dir.name}"):
         yield
-
-
-@contextmanager
-def _exclusive(path: Path, holder: str):
-    """An exclusive flock on `path`; a second process says it waits for `holder` (and its pid), then waits."""
-    import fcntl
-    import os
-    import sys
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            # stderr itself, not print(): a flow with log_prints would route it to Prefect's (quietened) logger
-            sys.stderr.write(f"waiting for {holder} ({fh.read().strip() or 'lock held'}) to finish\n")
-            sys.stderr.flush()
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}\n")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sample_pixels(domain: Domain, spec, max_images: int, seed: int):
