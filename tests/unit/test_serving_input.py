@@ -162,6 +162,10 @@ def test_a_column_of_files_is_read_in_python_and_over_http(model):
         assert err.value.get_http_status_code() == 400 and "no images" in err.value.message, err.value.message
     with pytest.raises(MlflowException, match="no images"):
         served.predict({"image": []})
+    # a JSON null among the records reaches the model as a 0-d object array: it said "rows of different lengths"
+    with pytest.raises(MlflowException) as err:
+        scoring_server.invocations(json.dumps({"inputs": [{"image": files[0]}, {"image": None}]}), "application/json", served, None)
+    assert err.value.get_http_status_code() == 400 and err.value.message.startswith("image 1: null, no image"), err.value.message
 
 
 @pytest.mark.parametrize("body", [{"inputs": [{"Image": "x"}, {"Image": "y"}]}, {"inputs": {"images": ["x", "y"]}},

@@ -157,8 +157,8 @@ def _decode(value: Any, where: str, spec) -> np.ndarray:
 
     from udaflow.data.datasets import to_model_pixels
 
-    if isinstance(value, np.ndarray) and value.dtype.kind in "US" and value.ndim == 0:
-        value = str(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0:  # the scoring server hands each record's value over as a 0-d array
+        value = value.item()
     if value is None or (isinstance(value, float) and np.isnan(value)):  # JSON null; pandas fills a missing cell with NaN
         raise InputError(f"{where}: null, no image; send the image file's bytes base64-encoded, or uint8 pixels")
     if isinstance(value, str):
