@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,14 +66,30 @@ def _repo(root: Path):
     from dvc.repo import Repo
 
     logging.getLogger("dvc").setLevel(logging.WARNING)
+    _say_if_dvc_is_locked(Path(root))
     # wait for the repository lock as `dvc --wait-for-lock` does: DVC gives up after 3 s, and a run
     # versioning its data while another run or a `dvc push` held the lock failed ("Unable to acquire
-    # lock"). DVC's lock is an flock: a killed holder frees it, so the wait ends
+    # lock"). DVC's default lock is an flock, which a killed holder frees (with core.hardlink_lock,
+    # a killed holder's lock file stays until removed: the line above names it)
     repo = Repo(str(root), _wait_for_lock=True)
     try:
         yield repo
     finally:
         repo.close()
+
+
+def _say_if_dvc_is_locked(root: Path) -> None:
+    """One line on stderr when another process holds DVC's repository lock: the wait that follows is not a hang."""
+    import zc.lockfile
+
+    lockfile = root / ".dvc" / "tmp" / "lock"
+    if not lockfile.exists():
+        return
+    try:
+        zc.lockfile.LockFile(str(lockfile)).close()  # DVC's own lock: taken and given back at once
+    except zc.lockfile.LockError:
+        sys.stderr.write(f"waiting for DVC's repository lock ({lockfile}: another dvc command or udaflow run holds it)\n")
+        sys.stderr.flush()
 
 
 @contextmanager

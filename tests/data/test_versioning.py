@@ -96,7 +96,7 @@ def test_outside_a_dvc_project_is_a_clear_error(tmp_path: Path):
         versioning.version_dataset(tmp_path / "d")
 
 
-def test_versioning_waits_for_another_dvc_command_holding_the_lock(repo: Path, capfd):
+def test_versioning_waits_for_another_dvc_command_holding_the_lock(repo: Path, capsys):
     """DVC gives up on its repository lock after 3 s: a run versioning its data while another run (or a
     `dvc push`) held it failed with "DVC could not version this dataset: Unable to acquire lock"."""
     import subprocess
@@ -113,6 +113,7 @@ def test_versioning_waits_for_another_dvc_command_holding_the_lock(repo: Path, c
         clock = time.perf_counter()
         version = versioning.version_dataset(repo / "data/raw/dom")
         assert version.changed and time.perf_counter() - clock > 3  # it waited, then versioned
+        assert f"waiting for DVC's repository lock ({repo / '.dvc/tmp/lock'}" in capsys.readouterr().err  # said so, not a silent hang
     finally:
         holder.kill()
         holder.wait()
