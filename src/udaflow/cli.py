@@ -611,8 +611,13 @@ def _print_run_summary(cfg, r: dict) -> None:
         table.add_row("promotion gate", ("promoted to champion: " if gate["promoted"] else "champion unchanged: ") + gate["reason"])
         table.add_row("gate decided on", gate.get("data", "-"))
     console.print(table)
-    # the registry is params.yaml's store, not MLflow's default (./mlflow.db, or ./mlruns): without the URI the call finds no model
-    console.print(f"load it: mlflow.set_tracking_uri('{cfg.tracking.uri}'); mlflow.pyfunc.load_model('models:/{r['model']}@{r['alias']}') "
+    # the registry is params.yaml's store, not MLflow's default (./mlflow.db, or ./mlruns): without the URI the call finds no model.
+    # A SQLite path absolute, so the line works from any folder; a server's without credentials (logs keep this line)
+    from udaflow.tracking import redacted
+
+    uri = cfg.tracking.uri
+    uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}" if uri.startswith("sqlite:///") else redacted({"tracking": {"uri": uri}})["tracking"]["uri"]
+    console.print(f"load it: mlflow.set_tracking_uri('{uri}'); mlflow.pyfunc.load_model('models:/{r['model']}@{r['alias']}') "
                   "(safetensors weights, nothing unpickled)", highlight=False, soft_wrap=True)
 
 
@@ -626,6 +631,8 @@ def _next_cron_run(cron: str):
 
     try:
         return asyncio.run(CronSchedule(cron=cron).get_dates(n=1))[0]
+    except (ImportError, RuntimeError):  # a missing module, a running event loop: not the cron's fault
+        raise
     except Exception:  # noqa: BLE001 - the scheduler's croniter: CroniterBadDateError, or no date among its candidates
         raise ValueError(f"--cron {cron!r} never fires: no date matches it (a day the month does not have?)") from None
 

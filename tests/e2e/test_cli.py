@@ -295,12 +295,17 @@ def test_a_domain_error_gets_the_data_hint_whichever_command_met_it(command, cap
     assert lines == ["error: data/raw/mnist: domain 'mnist' not found", f"hint: {cli._HINTS['data']}"]
 
 
-def test_ui_refuses_a_missing_store_and_a_busy_port_before_starting(workspace: Path, tmp_path: Path):
+def test_ui_refuses_a_missing_store_and_a_busy_port_before_starting(workspace: Path, tmp_path: Path, monkeypatch):
     """`udaflow ui` made an empty store where every other command refuses, and on a busy port printed
     its URL (another server's), then MLflow's "Address already in use", and exited 0."""
     import socket
 
     import mlflow
+
+    def started(*args):  # reaching MLflow's server is the failure: not this test process replaced by it
+        raise AssertionError(f"mlflow ui started: {args}")
+
+    monkeypatch.setattr(os, "execv", started)
 
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["tracking"]["uri"] = f"sqlite:///{tmp_path}/nostore/mlflow.db"
