@@ -285,7 +285,7 @@ def test_a_lookup_in_a_store_that_does_not_exist_is_one_line_and_creates_nothing
     (["data", "ingest", ".", "--name", "My Data"], "error: domain name 'My Data': use lower-case letters",
      "hint: the ingest changed nothing: fix what the error names, then run the same command again"),
     # 240 characters went into GX's and DVC's file names: OSError "File name too long", as a traceback
-    (["data", "ingest", ".", "--name", "a" * 240], "error: domain name '" + "a" * 80 + "...': use lower-case letters, digits, '-' and '_', at most 64",
+    (["data", "ingest", ".", "--name", "a" * 240], "error: domain name '" + "a" * 80 + "...': use lower-case letters, digits, '-' and '_', starting with a letter or digit, at most 64",
      "hint: the ingest changed nothing"),
     (["bench", "--protocol", "sometimes"], "error: --protocol 'sometimes': use transductive or holdout", "hint: e.g. `udaflow bench --shifts"),
     (["bench", "--shifts", "synth-mnist"], "error: --shifts: 'synth-mnist' is not SOURCE:TARGET", "hint: e.g. `udaflow bench --shifts"),
