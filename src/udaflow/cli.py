@@ -682,11 +682,15 @@ def _lookup_store(cfg, missing: str) -> None:
     holds nothing: `missing` is the error, and no empty store is created by asking."""
     from udaflow import tracking
 
-    uri = cfg.tracking.uri
+    _require_store(cfg.tracking.uri, f"{missing}: ")
+    tracking.configure(cfg.tracking.uri, Path(cfg.tracking.artifact_root))
+
+
+def _require_store(uri: str, prefix: str = "") -> None:
+    """Refuse a SQLite store that is not there (MLflow would make an empty one and show or search it)."""
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise NotFound(f"{missing}: no MLflow store at {uri.removeprefix('sqlite:///')} (tracking.uri {uri})",
+        raise NotFound(f"{prefix}no MLflow store at {uri.removeprefix('sqlite:///')} (tracking.uri {uri})",
                        "run udaflow in the project folder, where `udaflow run` made the store (or fix tracking.uri in params.yaml)")
-    tracking.configure(uri, Path(cfg.tracking.artifact_root))
 
 
 def _require_model(cfg, name: str) -> None:
@@ -953,10 +957,7 @@ def ui(
     if is_server(cfg.tracking.uri):
         console.print(f"the tracking server serves the UI: {cfg.tracking.uri.rstrip('/')}/{view}")
         return
-    uri = cfg.tracking.uri
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():  # MLflow would make an empty one and show it
-        raise NotFound(f"no MLflow store at {uri.removeprefix('sqlite:///')} (tracking.uri {uri})",
-                       "run udaflow in the project folder, where `udaflow run` made the store (or fix tracking.uri in params.yaml)")
+    _require_store(cfg.tracking.uri)
     _require_port("127.0.0.1", port)  # else the URL printed below is another server's, and MLflow exits 0
     cmd = [
         sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.tracking.uri,
