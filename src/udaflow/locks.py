@@ -10,8 +10,9 @@ from pathlib import Path
 
 
 @contextmanager
-def exclusive(path: Path, holder: str):
-    """An exclusive flock on `path`; a second process says it waits for `holder` (and its pid), then waits.
+def exclusive(path: Path, holder: str | None = None):
+    """An exclusive flock on `path`; a second process says it waits for `holder` (and its pid), then waits
+    (silently when `holder` is None: a wait of seconds at most).
 
     flock conflicts with itself on a second open of the file: never nest two holds of one path in a process."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -19,10 +20,11 @@ def exclusive(path: Path, holder: str):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            # stderr itself, not print(): a flow with log_prints would route it to Prefect's (quietened) logger
-            sys.stderr.write(f"waiting for {holder} ({fh.read().strip() or 'lock held'}) to finish\n")
-            sys.stderr.flush()
+            if holder is not None:
+                fh.seek(0)
+                # stderr itself, not print(): a flow with log_prints would route it to Prefect's (quietened) logger
+                sys.stderr.write(f"waiting for {holder} ({fh.read().strip() or 'lock held'}) to finish\n")
+                sys.stderr.flush()
             fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
         fh.truncate()

@@ -66,18 +66,13 @@ def _create_sqlite_store(uri: str, artifact_root: Path) -> None:
     first in a new project) both ran MLflow's migrations on it: one failed with `table
     _alembic_tmp_latest_metrics already exists`, or both did, and the store was left half-migrated,
     every later command failing the same way. The second now waits, then finds the tables made."""
-    import fcntl
+    from udaflow.locks import exclusive
 
     db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".init.lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    with exclusive(db.with_name(db.name + ".init.lock")):
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-            SqlAlchemyStore(uri, str(Path(artifact_root).resolve())).engine.dispose()  # makes the tables when none exist
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        SqlAlchemyStore(uri, str(Path(artifact_root).resolve())).engine.dispose()  # makes the tables when none exist
 
 
 def _client():
@@ -705,16 +700,10 @@ HISTORY_TAG = "udaflow.champion_history"
 @contextmanager
 def registry_lock(name: str):
     """Serialise promotions of one model across processes: an exclusive lock file by the store."""
-    import fcntl
+    from udaflow.locks import exclusive
 
-    root = Path(os.environ.get("UDAFLOW_ARTIFACT_ROOT", "mlflow/artifacts"))
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.promotion.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with exclusive(Path(os.environ.get("UDAFLOW_ARTIFACT_ROOT", "mlflow/artifacts")) / f".{name}.promotion.lock"):
+        yield
 
 
 def _alias_version(name: str, alias: str):
