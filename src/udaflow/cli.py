@@ -50,7 +50,7 @@ _HINTS = {
     "run": "every parameter and its default is in params.yaml (`--set key=value` overrides one); "
            "the domains are the folders under data.root (`udaflow data build`, `udaflow data ingest`)",
     "schedule": "schedules need a running Prefect server: `prefect server start`, then "
-                "export PREFECT_API_URL=http://127.0.0.1:4200/api; cron has five fields: minute hour day month weekday",
+                "export PREFECT_API_URL=http://127.0.0.1:4200/api",
     "bench": "e.g. `udaflow bench --shifts synth:mnist,mnist:mnistm --methods source_only,adamatch`; "
              "the methods are the files in src/udaflow/methods/",
 }
@@ -446,8 +446,17 @@ def run(
     t0 = time.perf_counter()
     result = adaptation_pipeline(cfg, str(params))
     result["wall_seconds"] = time.perf_counter() - t0
-    if _is_params_default(cfg, params):
+    apart = _apart_from_project(cfg)
+    if apart == []:
         _record_pipeline_outputs()
+    elif apart:
+        keys = ", ".join(apart[:3]) + (f" and {len(apart) - 3} more" if len(apart) > 3 else "")
+        console.print(f"dvc: dvc.lock not updated: this run's settings are not params.yaml's ({keys}); "
+                      "dvc.yaml's stages describe params.yaml's own", highlight=False, markup=False, soft_wrap=True)
+    from udaflow import tracking
+
+    # the version's aliases now, after its gate: another run sharing the store may have moved either since
+    result["aliases"] = sorted(a for a, v in tracking.model_aliases(result["model"]).items() if str(v) == str(result["version"]))
     _print_run_summary(cfg, result)
 
 
@@ -557,10 +566,29 @@ def _is_params_default(cfg, params: Path) -> bool:
     """A run with exactly the project's params.yaml settings is what dvc.yaml's stages describe: they read
     params.yaml, whatever file --params named. (Compared with --params' own file, a run of another file
     wrote its model into dvc.lock under params.yaml's values, and `dvc status` called it up to date.)"""
-    from udaflow.config import load_config
+    return _apart_from_project(cfg) == []
+
+
+def _apart_from_project(cfg) -> list[str] | None:
+    """The dotted keys where `cfg` differs from the project's params.yaml (`target`, `train.adapt_steps`):
+    [] when none; None when this folder has no params.yaml that loads, so no stages to record either. Read
+    after training: a params.yaml broken meanwhile (a run of `--params other.yaml`) must not lose the summary."""
+    from udaflow.config import ConfigError, load_config
 
     project = Path.cwd() / "params.yaml"
-    return project.is_file() and cfg == load_config(project)
+    try:
+        theirs = load_config(project) if project.is_file() else None
+    except ConfigError:
+        theirs = None
+    if theirs is None:
+        return None
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    ours, theirs, missing = dict(flat(cfg.model_dump())), dict(flat(theirs.model_dump())), object()
+    return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k, missing) != theirs.get(k, missing))
 
 
 def _record_pipeline_outputs() -> None:
@@ -586,13 +614,20 @@ def _share(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.2g}%"
 
 
+def _model_uri(name: str, version: str, aliases: list[str]) -> str:
+    """`@champion` when the version is champion, `@challenger` when it is that, else the version itself."""
+    alias = next((a for a in ("champion", "challenger") if a in aliases), None)
+    return f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
+
+
 def _print_run_summary(cfg, r: dict) -> None:
     m = r["metrics"]
     table = Table(title=f"{cfg.source} -> {cfg.target} with {cfg.method}")
     table.add_column("", style="bold")
     table.add_column("value", justify="right")
     table.add_row("MLflow run id", r["run_id"])
-    table.add_row("model version", f"{r['model']} v{r['version']} @{r['alias']}")
+    aliases = r.get("aliases", [r["alias"]])  # read from the registry after the gate: champion too when it promoted this version
+    table.add_row("model version", " ".join([f"{r['model']} v{r['version']}", *(f"@{a}" for a in aliases)]))
     if r.get("adopted_from_run"):  # a run killed between registration and its gate registered these weights
         table.add_row("registered by", f"run {r['adopted_from_run']} (killed before its gate; the same weights: no copy registered)")
     table.add_row("source model", "reused (cached Prefect task)" if r["prefect_task_cached"] else ("reused cached checkpoint" if r["source_cached"] else "trained"))
@@ -617,8 +652,16 @@ def _print_run_summary(cfg, r: dict) -> None:
 
     uri = cfg.tracking.uri
     uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}" if uri.startswith("sqlite:///") else redacted({"tracking": {"uri": uri}})["tracking"]["uri"]
-    console.print(f"load it: mlflow.set_tracking_uri('{uri}'); mlflow.pyfunc.load_model('models:/{r['model']}@{r['alias']}') "
+    console.print(f"load it: mlflow.set_tracking_uri('{uri}'); mlflow.pyfunc.load_model('{_model_uri(r['model'], r['version'], aliases)}') "
                   "(safetensors weights, nothing unpickled)", highlight=False, soft_wrap=True)
+
+
+class BadCron(ValueError):
+    """A --cron Prefect cannot schedule: its own hint, not the server's (the server is up)."""
+
+    def __init__(self, message: str, hint: str = 'cron has five fields: minute hour day month weekday, e.g. "0 3 * * *" (03:00 every day)'):
+        super().__init__(message)
+        self.hint = hint
 
 
 def _next_cron_run(cron: str):
@@ -634,7 +677,8 @@ def _next_cron_run(cron: str):
     except (ImportError, RuntimeError):  # a missing module, a running event loop: not the cron's fault
         raise
     except Exception:  # noqa: BLE001 - the scheduler's croniter: CroniterBadDateError, or no date among its candidates
-        raise ValueError(f"--cron {cron!r} never fires: no date matches it (a day the month does not have?)") from None
+        raise BadCron(f"--cron {cron!r} never fires: no date matches it",
+                      "a day the month never has (30 or 31 February, 31 April, ...)? the day and month fields are the 3rd and 4th") from None
 
 
 @app.command("schedule")
@@ -657,9 +701,9 @@ def schedule(
     try:
         CronSchedule(cron=cron)
     except ValueError:
-        raise ValueError(f"--cron {cron!r} is not a valid cron expression (e.g. \"0 3 * * *\")") from None
+        raise BadCron(f"--cron {cron!r} is not a valid cron expression") from None
     if not cron.strip().startswith("@") and len(cron.split()) != 5:  # Prefect reads a sixth field as seconds: 60 retrains a night
-        raise ValueError(f"--cron {cron!r} has {len(cron.split())} fields, not five (minute hour day month weekday; "
+        raise BadCron(f"--cron {cron!r} has {len(cron.split())} fields, not five (minute hour day month weekday; "
                          "Prefect would read a sixth as seconds)")
     next_run = _next_cron_run(cron)
     cfg = _load(params, profile, None, **{"source": source, "target": target, "method": method})

@@ -12,7 +12,7 @@ from pathlib import Path
 @contextmanager
 def exclusive(path: Path, holder: str | None = None):
     """An exclusive flock on `path`; a second process says it waits for `holder` (and its pid), then waits
-    (silently when `holder` is None: a wait of seconds at most).
+    (silently when `holder` is None).
 
     flock conflicts with itself on a second open of the file: never nest two holds of one path in a process."""
     path.parent.mkdir(parents=True, exist_ok=True)

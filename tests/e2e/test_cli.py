@@ -65,6 +65,10 @@ def test_build_ingest_run_bench(workspace: Path):
     result = invoke(["run", "--source", "synth", "--target", "fonts-b", "--method", "dann"], ws)
     assert result.exit_code == 0, result.output
     assert "trained" in result.output and "v1 @challenger" in result.output
+    from udaflow import tracking
+
+    held = sorted(a for a, v in tracking.model_aliases("udaflow-synth-to-fonts-b").items() if str(v) == "1")
+    assert "challenger" in held and " ".join(["udaflow-synth-to-fonts-b v1", *(f"@{a}" for a in held)]) + " " in result.output, result.output
     # the summary's "load it" line works as printed, from a plain Python (MLflow's default store is another, empty one)
     load = re.search(r"load it: (mlflow\.set_tracking_uri\('[^']+'\)); (mlflow\.pyfunc\.load_model\('[^']+'\))", result.output)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING") and not k.startswith("MLFLOW_REGISTRY")}

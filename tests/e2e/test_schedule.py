@@ -115,12 +115,15 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
     env, api = server, server["PREFECT_API_URL"]
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "every day")
     assert bad.returncode == 2 and "not a valid cron" in bad.stderr
+    # the server is up: a bad cron's hint is about the cron, not about starting a server
+    assert 'hint: cron has five fields: minute hour day month weekday, e.g. "0 3 * * *"' in bad.stderr, bad.stderr
+    assert "prefect server start" not in bad.stderr, bad.stderr
     # Prefect reads a sixth field as seconds: "0 3 * * * *" queued 60 retrains a night, 03:00:00 to 03:00:59
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 3 * * * *")
     assert bad.returncode == 2 and "--cron '0 3 * * * *' has 6 fields, not five" in bad.stderr, bad.stderr
     # 30 February: Prefect accepts it, and its scheduler then fails on it at every pass; no retrain ever runs
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 4 30 2 *")
-    assert bad.returncode == 2 and "--cron '0 4 30 2 *' never fires" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "--cron '0 4 30 2 *' never fires" in bad.stderr and "hint: a day the month never has" in bad.stderr, bad.stderr
     assert httpx.get(f"{api}/deployments/name/udaflow-retrain/synth-to-fonts-b", timeout=10).status_code == 404
     # a domain's error gets the data hint, not the Prefect server's
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "nosuch", "--cron", "0 3 * * *")

@@ -368,3 +368,47 @@ def test_only_params_yaml_s_own_settings_are_recorded_as_dvc_yaml_s_stages(tmp_p
     assert cli._is_params_default(load_config(tmp_path / "copy.yaml"), tmp_path / "copy.yaml")  # the same settings: the same stages
     (tmp_path / "params.yaml").unlink()
     assert not cli._is_params_default(load_config(tmp_path / "copy.yaml"), tmp_path / "copy.yaml")  # no params.yaml here: no stages
+
+
+def test_make_run_s_profile_trains_what_params_yaml_says_and_a_run_apart_from_it_says_why_dvc_lock_waits(tmp_path, monkeypatch):
+    """The `quick` profile (`make run`, `make bench`, `udaflow schedule`) repeated pretrain_steps 1000 and
+    adapt_steps 2000: a user who set 30 / 30 in params.yaml got them from `dvc repro` and a plain `udaflow
+    run`, 1000 / 2000 from `make run` and every scheduled retrain, and `make run` then left dvc.lock
+    unrecorded without a word."""
+    from udaflow.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    edited = REPO_PARAMS.read_text().replace("pretrain_steps: 1000", "pretrain_steps: 30", 1).replace("adapt_steps: 2000", "adapt_steps: 30", 1)
+    (tmp_path / "params.yaml").write_text(edited)
+    quick = load_config(tmp_path / "params.yaml", "quick")
+    assert (quick.train.pretrain_steps, quick.train.adapt_steps) == (30, 30)
+    assert cli._is_params_default(quick, tmp_path / "params.yaml")  # so `make run` records its stages in dvc.lock
+    apart = load_config(tmp_path / "params.yaml", "quick", ["train.adapt_steps=40", "target=mnistm", "model.backbone_args.depth=4"])
+    assert cli._apart_from_project(apart) == ["model.backbone_args.depth", "target", "train.adapt_steps"]
+    full = load_config(tmp_path / "params.yaml", "full", ["seed=3"])
+    assert cli._apart_from_project(full) == ["seed", "train.adapt_steps", "train.checkpoint_every", "train.eval_every", "train.pretrain_steps"]
+    (tmp_path / "params.yaml").write_text("seed: [")  # broken after the run started: no stages to record, and no error that loses its summary
+    assert cli._apart_from_project(full) is None and not cli._is_params_default(full, tmp_path / "params.yaml")
+
+
+def _summary(aliases: list[str], capsys) -> str:
+    from udaflow.config import load_config
+
+    metrics = {"selected_by": "im", "selected_step": 400, "target_acc_selected": 97.0, "target_acc_last": 97.1, "source_only_target_acc": 68.1,
+               "source_val_acc_selected": 99.0, "validators_selected": {"im": 1.2}, "shift": {"pad_before": 1.5, "pad_after": 0.4}}
+    result = {"metrics": metrics, "run_id": "abc", "model": "udaflow-synth-to-mnist", "version": "3", "alias": "challenger",
+              "prefect_task_cached": False, "source_cached": False, "stage_seconds": {"adapt": 1.0}, "wall_seconds": 2.0,
+              "gate": {"promoted": "champion" in aliases, "reason": "because", "data": "the pool"}, "aliases": aliases}
+    cli._print_run_summary(load_config(REPO_PARAMS), result)
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_the_run_summary_names_the_aliases_the_version_holds_after_its_gate(capsys):
+    """A run whose gate promoted its version printed `v1 @challenger` and a load-it line for @challenger,
+    as if the version had not been promoted. The aliases are the registry's after the gate (`run`)."""
+    out = _summary(["challenger", "champion"], capsys)
+    assert "udaflow-synth-to-mnist v3 @challenger @champion" in out and "load_model('models:/udaflow-synth-to-mnist@champion')" in out
+    out = _summary(["challenger"], capsys)
+    assert "v3 @challenger │" in out and "@champion" not in out and "load_model('models:/udaflow-synth-to-mnist@challenger')" in out
+    out = _summary([], capsys)  # another run sharing the store has registered since: the version itself
+    assert "udaflow-synth-to-mnist v3 │" in out and "load_model('models:/udaflow-synth-to-mnist/3')" in out
