@@ -616,7 +616,9 @@ def _share(fraction: float | None) -> str:
 
 def _model_uri(name: str, version: str, aliases: list[str]) -> str:
     """`@champion` when the version is champion, `@challenger` when it is that, else the version itself."""
-    alias = next((a for a in ("champion", "challenger") if a in aliases), None)
+    from udaflow.tracking import CHALLENGER, CHAMPION
+
+    alias = next((a for a in (CHAMPION, CHALLENGER) if a in aliases), None)
     return f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"
 
 
