@@ -609,3 +609,35 @@ def test_a_cached_source_model_of_other_class_order_is_trained_again(tmp_path, t
     assert trained == [1, 1] and not again.cached
     assert "are not the source's" in capsys.readouterr().err
     assert experiment.load_stage(cache)[2] == tuple(source.classes)
+
+
+def test_a_cpu_training_loop_skips_the_nan_fill_of_new_tensors_and_keeps_its_bits(tiny_shift, make_train_config, monkeypatch):
+    """engine._cpu_allocation: inside the CPU loop torch's deterministic mode no longer fills every new
+    tensor (its flag is restored afterwards), and the trained weights are those of a loop that fills."""
+    import contextlib
+
+    import torch.utils.deterministic as deterministic
+
+    source, target, _ = tiny_shift
+    cfg = make_train_config()
+
+    def run():
+        clf, method = _fresh("adamatch", None)
+        forward, seen = method.forward, []
+
+        def spying_forward(*args, **kwargs):
+            seen.append(deterministic.fill_uninitialized_memory)
+            return forward(*args, **kwargs)
+
+        method.forward = spying_forward
+        result = engine.train(clf, method, source, target, cfg, steps=8, lr=3e-3, seed=0)
+        return result, seen
+
+    assert deterministic.fill_uninitialized_memory  # torch's default under use_deterministic_algorithms
+    kept, seen = run()
+    assert seen == [False] * 8 and deterministic.fill_uninitialized_memory
+    monkeypatch.setattr(engine, "_cpu_allocation", lambda device: contextlib.nullcontext())
+    filled, seen = run()
+    assert seen == [True] * 8
+    assert kept.last_state.keys() == filled.last_state.keys()
+    assert all(torch.equal(kept.last_state[k], filled.last_state[k]) for k in kept.last_state)
