@@ -123,7 +123,7 @@ def _cpu_allocation(device: torch.device):
     operation writes it (`torch.utils.deterministic.fill_uninitialized_memory`), in case a kernel reads
     what it did not write. The CPU kernels of udaflow's steps write every element of their outputs,
     so the fill changes no bit and cost 6-9% of a training step's time on a 2-core AMD EPYC, the page
-    faults of fresh memory most of the rest (adamatch, one thread: 884 -> 960 images/s, the same model
+    faults of fresh memory most of the rest (adamatch, one thread: 880 -> 955 images/s, the same model
     hash after 100 steps; README, "Speed"). A GPU keeps both as torch sets them."""
     if device.type != "cpu":
         yield
