@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import random
@@ -89,9 +90,9 @@ def _gpu_determinism(device: torch.device, deterministic: bool):
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-_heap_kept = False
 
 
+@functools.cache
 def _keep_heap() -> None:
     """Once per process: glibc keeps the memory a training step frees for the next step.
 
@@ -101,10 +102,6 @@ def _keep_heap() -> None:
     An mmap threshold at glibc's own maximum (32 MiB) and a trim threshold of 1 GiB keep them in the
     heap. Memory addresses are all it changes: the same bits (tests/unit/test_engine.py). Not glibc
     (musl, macOS): nothing to do."""
-    global _heap_kept
-    if _heap_kept:
-        return
-    _heap_kept = True
     try:
         import ctypes
 
