@@ -699,10 +699,12 @@ HISTORY_TAG = "udaflow.champion_history"
 
 @contextmanager
 def registry_lock(name: str):
-    """Serialise promotions of one model across processes: an exclusive lock file by the store."""
+    """Serialise promotions of one model across processes: an exclusive lock file by the store. A second
+    process says whom it waits for (a registration, promote or rollback of the same model), not a silent hang."""
     from udaflow.locks import exclusive
 
-    with exclusive(Path(os.environ.get("UDAFLOW_ARTIFACT_ROOT", "mlflow/artifacts")) / f".{name}.promotion.lock"):
+    lock = Path(os.environ.get("UDAFLOW_ARTIFACT_ROOT", "mlflow/artifacts")) / f".{name}.promotion.lock"
+    with exclusive(lock, f"another udaflow process registering, promoting or rolling back '{name}'"):
         yield
 
 

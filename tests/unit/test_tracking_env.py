@@ -133,3 +133,27 @@ def test_runs_that_start_together_on_a_new_store_create_it_once(tmp_path):
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"experiments", "runs", "registered_models", "model_versions"} <= tables
     assert not [t for t in tables if t.startswith("_alembic_tmp")]
+
+
+def test_a_second_process_waiting_on_a_models_promotion_lock_says_whom_it_waits_for(tmp_path, monkeypatch, capsys):
+    """`udaflow promote` or `rollback` while a run registered the same model waited without a word."""
+    import threading
+
+    from udaflow.locks import exclusive
+
+    monkeypatch.setenv("UDAFLOW_ARTIFACT_ROOT", str(tmp_path))
+    entered = threading.Event()
+
+    def second():
+        with tracking.registry_lock("udaflow-synth-to-mnist"):
+            entered.set()
+
+    with exclusive(tmp_path / ".udaflow-synth-to-mnist.promotion.lock"):  # the holder, as another process's run
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not entered.wait(1.0)  # it waits ...
+    waiter.join(10)
+    assert entered.is_set()  # ... until the holder is done
+    err = capsys.readouterr().err
+    assert err.count("waiting for another udaflow process registering, promoting or rolling back 'udaflow-synth-to-mnist'") == 1
+    assert f"(pid {os.getpid()})" in err
