@@ -188,7 +188,7 @@ def test_serving_the_champion_over_http(team, project: Path, first_run, tmp_path
             print(f"served {len(files)} images in {seconds * 1000:.0f} ms: {seconds / len(files) * 1000:.1f} ms per image")
         # a column named otherwise: one short line, not MLflow's echo of every image posted
         wrong = httpx.post(url, json={"inputs": [{"Image": base64.b64encode(f).decode()} for f in files]}, timeout=60)
-        assert wrong.status_code == 400 and "no 'image' column (column names are case-sensitive)" in wrong.text, wrong.text[-500:]
+        assert wrong.status_code == 400 and "no 'image' column (column names are case-sensitive; or the request held no images)" in wrong.text, wrong.text[-500:]
         assert len(wrong.text) < 500, len(wrong.text)
 
         # any size: a 45x70 photo-sized copy is resized by the model itself, the same whether sent as PNG or pixels

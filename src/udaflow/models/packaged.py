@@ -198,8 +198,10 @@ def _image_values(model_input: Any) -> list[Any]:
 
     if isinstance(model_input, pd.DataFrame):
         if IMAGE not in model_input.columns:
-            # served, MLflow has already dropped every column the signature lacks: got none
-            got = f"got columns {list(map(str, model_input.columns))}" if len(model_input.columns) else "column names are case-sensitive"
+            # served, MLflow has already dropped every column the signature lacks, and the rows with them: a misnamed
+            # column and an empty request ({"inputs": []}) both arrive as an empty frame, so the line names both
+            got = (f"got columns {list(map(str, model_input.columns))}" if len(model_input.columns)
+                   else "column names are case-sensitive; or the request held no images")
             raise InputError(f"no '{IMAGE}' column ({got}); send {{\"inputs\": [{{\"{IMAGE}\": <base64 image file or uint8 pixels>}}, ...]}}")
         values = list(model_input[IMAGE])
         if len(values) == 1 and _encoded_column(values[0]):
