@@ -562,17 +562,14 @@ def _prefect_server() -> None:
     _SERVER.append(settings)  # held: a dropped generator context would be closed, and the setting undone
 
 
-def _is_params_default(cfg, params: Path) -> bool:
-    """A run with exactly the project's params.yaml settings is what dvc.yaml's stages describe: they read
-    params.yaml, whatever file --params named. (Compared with --params' own file, a run of another file
-    wrote its model into dvc.lock under params.yaml's values, and `dvc status` called it up to date.)"""
-    return _apart_from_project(cfg) == []
-
-
 def _apart_from_project(cfg) -> list[str] | None:
     """The dotted keys where `cfg` differs from the project's params.yaml (`target`, `train.adapt_steps`):
     [] when none; None when this folder has no params.yaml that loads, so no stages to record either. Read
-    after training: a params.yaml broken meanwhile (a run of `--params other.yaml`) must not lose the summary."""
+    after training: a params.yaml broken meanwhile (a run of `--params other.yaml`) must not lose the summary.
+
+    [] is what dvc.yaml's stages describe: they read params.yaml, whatever file --params named. (Compared
+    with --params' own file, a run of another file wrote its model into dvc.lock under params.yaml's values,
+    and `dvc status` called it up to date.)"""
     from udaflow.config import ConfigError, load_config
 
     project = Path.cwd() / "params.yaml"

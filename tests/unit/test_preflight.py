@@ -363,11 +363,11 @@ def test_only_params_yaml_s_own_settings_are_recorded_as_dvc_yaml_s_stages(tmp_p
     (tmp_path / "other.yaml").write_text(text.replace("adapt_steps: 2000", "adapt_steps: 40", 1))
     (tmp_path / "copy.yaml").write_text(text)
     assert "adapt_steps: 40" in (tmp_path / "other.yaml").read_text()
-    assert cli._is_params_default(load_config(tmp_path / "params.yaml"), tmp_path / "params.yaml")
-    assert not cli._is_params_default(load_config(tmp_path / "other.yaml"), tmp_path / "other.yaml")
-    assert cli._is_params_default(load_config(tmp_path / "copy.yaml"), tmp_path / "copy.yaml")  # the same settings: the same stages
+    assert cli._apart_from_project(load_config(tmp_path / "params.yaml")) == []
+    assert cli._apart_from_project(load_config(tmp_path / "other.yaml")) == ["train.adapt_steps"]
+    assert cli._apart_from_project(load_config(tmp_path / "copy.yaml")) == []  # the same settings: the same stages
     (tmp_path / "params.yaml").unlink()
-    assert not cli._is_params_default(load_config(tmp_path / "copy.yaml"), tmp_path / "copy.yaml")  # no params.yaml here: no stages
+    assert cli._apart_from_project(load_config(tmp_path / "copy.yaml")) is None  # no params.yaml here: no stages
 
 
 def test_make_run_s_profile_trains_what_params_yaml_says_and_a_run_apart_from_it_says_why_dvc_lock_waits(tmp_path, monkeypatch):
@@ -382,13 +382,13 @@ def test_make_run_s_profile_trains_what_params_yaml_says_and_a_run_apart_from_it
     (tmp_path / "params.yaml").write_text(edited)
     quick = load_config(tmp_path / "params.yaml", "quick")
     assert (quick.train.pretrain_steps, quick.train.adapt_steps) == (30, 30)
-    assert cli._is_params_default(quick, tmp_path / "params.yaml")  # so `make run` records its stages in dvc.lock
+    assert cli._apart_from_project(quick) == []  # so `make run` records its stages in dvc.lock
     apart = load_config(tmp_path / "params.yaml", "quick", ["train.adapt_steps=40", "target=mnistm", "model.backbone_args.depth=4"])
     assert cli._apart_from_project(apart) == ["model.backbone_args.depth", "target", "train.adapt_steps"]
     full = load_config(tmp_path / "params.yaml", "full", ["seed=3"])
     assert cli._apart_from_project(full) == ["seed", "train.adapt_steps", "train.checkpoint_every", "train.eval_every", "train.pretrain_steps"]
     (tmp_path / "params.yaml").write_text("seed: [")  # broken after the run started: no stages to record, and no error that loses its summary
-    assert cli._apart_from_project(full) is None and not cli._is_params_default(full, tmp_path / "params.yaml")
+    assert cli._apart_from_project(full) is None
 
 
 def _summary(aliases: list[str], capsys) -> str:
