@@ -14,5 +14,5 @@ def promote_model(cfg: Config, model: str, dry_run: bool = False):
 
 
 @flow(name="udaflow-rollback")
-def rollback_model(cfg: Config, model: str):
-    return rollback_champion(cfg, model)
+def rollback_model(cfg: Config, model: str, dry_run: bool = False):
+    return rollback_champion(cfg, model, dry_run)

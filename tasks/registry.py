@@ -56,7 +56,7 @@ def promotion_gate(cfg: Config, model: str, dry_run: bool = False) -> tuple[Deci
 
 
 @task(name="rollback-champion", cache_policy=NO_CACHE, tags=["udaflow-promotion"])
-def rollback_champion(cfg: Config, model: str) -> tuple[str, str]:
+def rollback_champion(cfg: Config, model: str, dry_run: bool = False) -> tuple[str, str]:
     tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
     with registry_slot(model):
-        return tracking.rollback(model)
+        return tracking.rollback(model, dry_run)

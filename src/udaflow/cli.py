@@ -822,15 +822,20 @@ def promote(
 
 
 @app.command("rollback")
-def rollback(model: ModelOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+def rollback(
+    model: ModelOpt,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the versions the champion would move between; change nothing")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
     """Move `champion` back to the previous champion version."""
     cfg = _load(params, None, None)
     _require_model(cfg, model)
     _quiet_prefect()
     from flows.promote import rollback_model
 
-    current, previous = rollback_model(cfg, model)
-    console.print(f"{model}: champion rolled back from v{current} to v{previous}")
+    current, previous = rollback_model(cfg, model, dry_run)
+    verb = "[dry run] would roll back" if dry_run else "rolled back"  # markup=False: rich read "[dry run]" as a style
+    console.print(f"{model}: champion {verb} from v{current} to v{previous}", markup=False, highlight=False)
 
 
 @app.command("reproduce")

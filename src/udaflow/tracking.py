@@ -856,8 +856,9 @@ def _history(name: str, champion=None) -> list[str]:
     return [v for v in history if v in existing]
 
 
-def rollback(name: str) -> tuple[str, str]:
-    """Move `champion` back to the previous champion; returns (from_version, to_version).
+def rollback(name: str, dry_run: bool = False) -> tuple[str, str]:
+    """Move `champion` back to the previous champion; returns (from_version, to_version). `dry_run`: the
+    same answer (or the same refusal), nothing written, not even what a kill left to settle.
 
     The rolled-back mark first (the next gate must not promote that version again, even after a kill
     right after the alias moved), the alias second, the history third: a kill before the alias leaves
@@ -866,7 +867,8 @@ def rollback(name: str) -> tuple[str, str]:
     """
     client = _client()
     with registry_lock(name):
-        _settle_cut_short_writes(name)
+        if not dry_run:
+            _settle_cut_short_writes(name)  # tags only: neither the alias nor the history it reads below
         champion = _alias_version(name, CHAMPION)
         history = _history(name, champion)
         if champion is None:
@@ -876,6 +878,8 @@ def rollback(name: str) -> tuple[str, str]:
         if len(history) < 2:
             raise LookupError(f"model '{name}' has no previous champion to roll back to (history: {history or 'empty'})")
         current, previous = history[-1], history[-2]
+        if dry_run:
+            return current, previous
         client.set_model_version_tag(name, current, "gate.rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         client.set_registered_model_alias(name, CHAMPION, previous)
         client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))

@@ -184,12 +184,20 @@ def test_rollback_and_a_promotion_cut_short_between_its_two_writes(registry: Pat
 
     # a promote killed after writing the history but before moving the alias: history is ahead
     client.set_registered_model_tag(NAME, tracking.HISTORY_TAG, "1,2,3,4")
+    client.set_model_version_tag(NAME, "2", "gate.decision", "promoting")  # and a decision it left pending
+    result = cli(["rollback", "--model", NAME, "--dry-run"], registry)  # says where it would go, writes nothing
+    assert result.exit_code == 0 and f"{NAME}: champion [dry run] would roll back from v3 to v2" in result.output, result.output
+    assert champion() == "3" and client.get_registered_model(NAME).tags[tracking.HISTORY_TAG] == "1,2,3,4"
+    assert "gate.rolled_back_at" not in client.get_model_version(NAME, "3").tags
+    assert client.get_model_version(NAME, "2").tags["gate.decision"] == "promoting"  # left for the real one to settle
     result = cli(["rollback", "--model", NAME], registry)
-    assert result.exit_code == 0 and "from v3 to v2" in result.output and champion() == "2"
+    assert result.exit_code == 0 and f"{NAME}: champion rolled back from v3 to v2" in result.output and champion() == "2"
+    assert client.get_model_version(NAME, "2").tags["gate.decision"] == "interrupted"  # settled first, v3 still champion then
     # a rollback killed after moving the alias but before trimming the history
     client.set_registered_model_alias(NAME, "champion", "1")
-    result = cli(["rollback", "--model", NAME], registry)
-    assert result.exit_code == 2 and "no previous champion" in result.output and champion() == "1"
+    for dry in (["--dry-run"], []):  # the dry run refuses as the rollback does
+        result = cli(["rollback", "--model", NAME, *dry], registry)
+        assert result.exit_code == 2 and "no previous champion" in result.output and champion() == "1"
     assert tracking._history(NAME, tracking._alias_version(NAME, "champion")) == ["1"]
 
 
