@@ -86,7 +86,7 @@ def _flow_runs(api: str, deployment_id: str) -> list[dict]:
     return [r for r in httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json() if not r.get("auto_scheduled")]
 
 
-def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 420) -> list[dict]:
+def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 420, created_ids: tuple[str, ...] = ()) -> list[dict]:
     deadline = time.time() + timeout
     runs: list[dict] = []
     while time.time() < deadline:
@@ -97,7 +97,16 @@ def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 4
         if len(runs) >= count and all(s == "COMPLETED" for s in states):
             return runs
         time.sleep(3)
-    pytest.fail(f"retrains did not complete in time: {[(r['name'], r['state']['type']) for r in runs]}")
+    created = [httpx.get(f"{api}/flow_runs/{i}", timeout=10) for i in created_ids]  # a run the deployment's filter missed
+    pytest.fail(f"retrains did not complete in time: {[(r['name'], r['state']['type']) for r in runs]}; "
+                f"created: {[(r.status_code, r.text[:500]) for r in created]}")
+
+
+def _create_run(api: str, deployment_id: str) -> dict:
+    """A run of the deployment, started now (as the UI's "Quick run"); the server's own answer if it refuses."""
+    response = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, timeout=30)
+    assert response.is_success, f"create_flow_run: {response.status_code} {response.text[:2000]}"
+    return response.json()
 
 
 def _describe(api: str, deployment_id: str) -> str:
@@ -143,13 +152,13 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
     )
     try:
         # a scheduled run, started now instead of at 03:00
-        httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).raise_for_status()
+        _create_run(api, deployment["id"])
         _wait_completed(api, deployment["id"], 1)
         assert _versions(project) == 1, _describe(api, deployment["id"])  # the gate then ran its first-version check
 
         # a retrain on unchanged data (same hashes as the champion's or the challenger's run) is skipped with a message
-        run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
-        _wait_completed(api, deployment["id"], 2)
+        run = _create_run(api, deployment["id"])
+        _wait_completed(api, deployment["id"], 2, created_ids=(run["id"],))
         assert _versions(project) == 1
         skipped = False
         for _ in range(20):  # run logs reach the API in batches, shortly after the run ends
