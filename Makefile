@@ -27,8 +27,12 @@ data: setup
 run: data
 	$(BIN)/udaflow run --profile quick
 
+# two pytest workers, a test file each at a time (its module fixtures and servers stay in one process):
+# most of the suite waits on subprocesses, servers and locks, so two cores run it in about two thirds of
+# the time of one worker (README); TEST_JOBS=1 runs it in this process alone
+TEST_JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 repro: setup  # dvc.yaml's stages call `udaflow`, so the venv goes first on PATH
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

@@ -18,6 +18,7 @@ from udaflow import tracking
 
 BIN = Path(sys.executable).parent
 NAME = "udaflow-synth-to-fonts-b"
+pytestmark = pytest.mark.slow
 
 
 def test_two_runs_on_one_shift_at_once(tmp_path: Path, new_shift_project):
