@@ -28,7 +28,7 @@ run: data
 	$(BIN)/udaflow run --profile quick
 
 # two pytest workers, a test file each at a time (its module fixtures and servers stay in one process):
-# most of the suite waits on subprocesses, servers and locks, so two cores run it in about two thirds of
+# most of the suite waits on subprocesses, servers and locks, so two cores run it in 60-64% of
 # the time of one worker (README); TEST_JOBS=1 runs it in this process alone
 TEST_JOBS ?= 2
 test: setup
