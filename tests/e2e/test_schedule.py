@@ -83,7 +83,18 @@ def udaflow(env, project: Path, *args: str) -> subprocess.CompletedProcess:
 def _flow_runs(api: str, deployment_id: str) -> list[dict]:
     """Runs of the deployment other than the cron's own future ones (auto_scheduled)."""
     body = {"deployments": {"id": {"any_": [deployment_id]}}}
-    return [r for r in httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json() if not r.get("auto_scheduled")]
+    return [r for r in _post(f"{api}/flow_runs/filter", body).json() if not r.get("auto_scheduled")]
+
+
+def _post(url: str, body: dict) -> httpx.Response:
+    """POST as Prefect's own client does: a 503 (what the server answers when its SQLite database is
+    locked by another writer, "errors clients can retry on") or a 429 / 502 is tried again, up to 30 s."""
+    for _ in range(30):
+        response = httpx.post(url, json=body, timeout=30)
+        if response.status_code not in (429, 502, 503):
+            return response
+        time.sleep(1)
+    return response
 
 
 def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 420, created_ids: tuple[str, ...] = ()) -> list[dict]:
@@ -104,7 +115,7 @@ def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 4
 
 def _create_run(api: str, deployment_id: str) -> dict:
     """A run of the deployment, started now (as the UI's "Quick run"); the server's own answer if it refuses."""
-    response = httpx.post(f"{api}/deployments/{deployment_id}/create_flow_run", json={}, timeout=30)
+    response = _post(f"{api}/deployments/{deployment_id}/create_flow_run", {})
     assert response.is_success, f"create_flow_run: {response.status_code} {response.text[:2000]}"
     return response.json()
 
@@ -162,7 +173,7 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
         assert _versions(project) == 1
         skipped = False
         for _ in range(20):  # run logs reach the API in batches, shortly after the run ends
-            logs = httpx.post(f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}}, timeout=10).json()
+            logs = _post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}}).json()
             skipped = any("retrain skipped" in log["message"] for log in logs)
             if skipped:
                 break
@@ -216,7 +227,7 @@ def test_a_server_that_is_down_is_one_line_however_it_was_named(project: Path, t
 
 def _dataset_events(api: str, name: str) -> list[dict]:
     body = {"filter": {"event": {"name": ["udaflow.dataset.updated"]}, "resource": {"id": [f"udaflow.dataset.{name}"]}}, "limit": 50}
-    return httpx.post(f"{api}/events/filter", json=body, timeout=10).json()["events"]
+    return _post(f"{api}/events/filter", body).json()["events"]
 
 
 def test_an_ingest_that_cannot_reach_its_server_says_so_and_the_next_one_announces(server, project: Path, tmp_path: Path):
