@@ -97,7 +97,7 @@ def _post(url: str, body: dict) -> httpx.Response:
     return response
 
 
-def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 420, created_ids: tuple[str, ...] = ()) -> list[dict]:
+def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 420) -> list[dict]:
     deadline = time.time() + timeout
     runs: list[dict] = []
     while time.time() < deadline:
@@ -108,9 +108,7 @@ def _wait_completed(api: str, deployment_id: str, count: int, timeout: float = 4
         if len(runs) >= count and all(s == "COMPLETED" for s in states):
             return runs
         time.sleep(3)
-    created = [httpx.get(f"{api}/flow_runs/{i}", timeout=10) for i in created_ids]  # a run the deployment's filter missed
-    pytest.fail(f"retrains did not complete in time: {[(r['name'], r['state']['type']) for r in runs]}; "
-                f"created: {[(r.status_code, r.text[:500]) for r in created]}")
+    pytest.fail(f"retrains did not complete in time: {[(r['name'], r['state']['type']) for r in runs]}")
 
 
 def _create_run(api: str, deployment_id: str) -> dict:
@@ -169,7 +167,7 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
 
         # a retrain on unchanged data (same hashes as the champion's or the challenger's run) is skipped with a message
         run = _create_run(api, deployment["id"])
-        _wait_completed(api, deployment["id"], 2, created_ids=(run["id"],))
+        _wait_completed(api, deployment["id"], 2)
         assert _versions(project) == 1
         skipped = False
         for _ in range(20):  # run logs reach the API in batches, shortly after the run ends
