@@ -181,6 +181,21 @@ def test_strided_stem_rejects_other_strides():
         ConvStem(patch_size=8, stem_first_stride=4)
 
 
+def test_stem_activation_is_an_option_with_the_same_weights():
+    """`stem_act` swaps the stem's activation (no weights either way): the state dict keeps its keys and
+    shapes, so a ReLU stem loads a GELU stem's weights; the default stays GELU, the registered models unchanged."""
+    gelu = create_backbone("udaflow_vit_tiny3")
+    relu = create_backbone("udaflow_vit_tiny3", stem_act="relu")
+    acts = lambda m: [type(a) for a in m.patch_embed.stem if isinstance(a, (torch.nn.GELU, torch.nn.ReLU))]
+    assert acts(gelu) == [torch.nn.GELU] * 3 and acts(relu) == [torch.nn.ReLU] * 3
+    assert {k: v.shape for k, v in gelu.state_dict().items()} == {k: v.shape for k, v in relu.state_dict().items()}
+    relu.load_state_dict(gelu.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(relu.eval()(x), gelu.eval()(x))  # another function of the same weights
+    with pytest.raises(BackboneError, match="stem_act: 'tanh' is not one of gelu, relu"):
+        ConvStem(patch_size=8, stem_act="tanh")
+
+
 class _Payload:
     def __reduce__(self):
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))

@@ -27,6 +27,7 @@ class BackboneError(ValueError):
 
 
 INPUT_NORMS = ("none", "image", "channel", "gray")
+STEM_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}  # the stem's activation between its convolutions (no weights either way)
 
 
 class ConvStem(nn.Module):
@@ -39,8 +40,10 @@ class ConvStem(nn.Module):
     """
 
     def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=128, bias=True, dynamic_img_pad=False, input_norm="none", stem_width=None,
-                 stem_first_stride=1, **_):
+                 stem_first_stride=1, stem_act="gelu", **_):
         super().__init__()
+        if stem_act not in STEM_ACTS:
+            raise BackboneError(f"model.backbone_args.stem_act: '{stem_act}' is not one of {', '.join(STEM_ACTS)}")
         if input_norm not in INPUT_NORMS:
             raise BackboneError(f"model.backbone_args.input_norm: '{input_norm}' is not one of {', '.join(INPUT_NORMS)}")
         self.input_norm = input_norm
@@ -62,7 +65,7 @@ class ConvStem(nn.Module):
             widths = [max(8, embed_dim >> (convs - 1 - i)) for i in range(convs - 1)] + [embed_dim]  # e.g. D/8, D/4, D/2, D
         layers: list[nn.Module] = [nn.Conv2d(in_chans, widths[0], 3, stem_first_stride, 1, bias=False)]  # (B, w0, H/s, W/s)
         for i in range(convs - 1):
-            layers += [nn.BatchNorm2d(widths[i]), nn.GELU()]
+            layers += [nn.BatchNorm2d(widths[i]), STEM_ACTS[stem_act]()]
             layers.append(nn.Conv2d(widths[i], widths[i + 1], 3, 2, 1, bias=bias and i == convs - 2))  # halves H, W
         self.stem = nn.Sequential(*layers)
 
@@ -94,7 +97,7 @@ def _hybrid_vit(embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionT
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
     stem = partial(ConvStem, input_norm=kwargs.pop("input_norm", "none"), stem_width=kwargs.pop("stem_width", None),
-                   stem_first_stride=kwargs.pop("stem_first_stride", 1))
+                   stem_first_stride=kwargs.pop("stem_first_stride", 1), stem_act=kwargs.pop("stem_act", "gelu"))
     seq_pool = kwargs.pop("seq_pool", False)
     if seq_pool and kwargs["global_pool"] != "avg":
         raise BackboneError(f"seq_pool pools the tokens itself: global_pool must stay 'avg', not {kwargs['global_pool']!r}")
