@@ -1,4 +1,4 @@
-"""The third shift udaflow's defaults are checked on (README, "Toward the CNN baseline"), built as a user
+"""The third shift udaflow's defaults are checked on (docs/measurements.md, "Toward the CNN baseline"), built as a user
 would bring one: `python scripts/mnist_tint.py DIR`, then `udaflow data ingest DIR --name mnist-tint
 --source synth` and `udaflow bench --shifts synth:mnist-tint`.
 

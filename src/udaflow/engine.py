@@ -119,7 +119,7 @@ def _cpu_allocation(device: torch.device):
     torch's deterministic mode (train.deterministic) fills each uninitialised tensor before an
     operation writes it (`torch.utils.deterministic.fill_uninitialized_memory`), in case a kernel reads
     what it did not write. The CPU kernels of udaflow's steps write every element of their outputs:
-    every method's weights hash the same with and without the fill (README, "Speed"; a test). On a
+    every method's weights hash the same with and without the fill (docs/measurements.md, "Speed"; a test). On a
     2-core AMD EPYC the fill took 9% of a profiled step's CPU time; without it and without the page
     faults the kept heap avoids, adamatch trains 6.8-8.5% more images a second. A GPU keeps both as
     torch sets them."""

@@ -286,7 +286,7 @@ def train_oracle(cfg: Config, source_model: StageResult, target_train_labelled: 
     target-train images, without their labels: the oracle never sees a target test image, not even
     unlabelled. Until 2026-12-01 it trained without the task that every other row trains with; with
     it (`udaflow_vit_tiny2`, seed 0) mnistm 96.40 -> 97.00 and mnist 98.10 -> 98.60; 3 seeds 96.90 +- 0.26
-    and 98.53 +- 0.06 (README, "Backbone ceiling").
+    and 98.53 +- 0.06 (docs/measurements.md, "Backbone ceiling").
     """
     seed_everything(cfg.seed + 1, cfg.train.deterministic, cfg.train.num_threads)
     classifier = new_classifier(cfg, len(target_train_labelled.classes))

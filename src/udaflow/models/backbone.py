@@ -151,7 +151,7 @@ def udaflow_vit_tiny2(pretrained: bool = False, **kwargs) -> VisionTransformer:
     and 3 blocks, not 4 (~0.31M params): the same training FLOPs (0.0425 GFLOP an image, 0.0416 before).
 
     Measured with adamatch, quick profile, seed 0, one thread: synth->mnist 97.46 -> 97.94, mnist->mnistm
-    96.86 -> 97.72, adaptation 404 -> 369 s beside each other (README, "A wider stem, one block fewer").
+    96.86 -> 97.72, adaptation 404 -> 369 s beside each other (docs/measurements.md, "A wider stem, one block fewer").
     The stem's width alone (4 blocks) read 97.82 / 97.52 at 1.10x the seconds.
     """
     return _own_vit("udaflow_vit_tiny2", pretrained, kwargs, embed_dim=96, depth=3, num_heads=4, stem_width=16)
@@ -162,7 +162,7 @@ def udaflow_vit_tiny3(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """Default since 2026-12-01 (late night): udaflow_vit_tiny2 pooled by SeqPool (CCT's learned token weighting) instead of
     the token mean; 289 parameters more, the same FLOPs to within 0.1%.
 
-    Measured (quick profile, one thread, 3 seeds; README, "Backbone ceiling"): the oracle (the supervised
+    Measured (quick profile, one thread, 3 seeds; docs/measurements.md, "Backbone ceiling"): the oracle (the supervised
     ceiling) mnist->mnistm 96.90 -> 97.13, synth->mnist 98.53 -> 98.87; adamatch level: synth->mnist 97.59 ->
     97.61, mnist->mnistm 97.50 -> 97.47, synth->mnist-tint (third shift) 96.83 (2 seeds) -> 96.81.
     """
