@@ -33,7 +33,7 @@ STEM_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}  # the stem's activation between 
 class ConvStem(nn.Module):
     """Conv stem: (B, C, H, W) -> (B, (H/p) * (W/p), D) tokens, p = patch_size (4 or 8).
 
-    A stride-1 3x3 conv, then log2(p) stride-2 3x3 convs with BatchNorm + GELU between them;
+    A stride-1 3x3 conv, then log2(p) stride-2 3x3 convs with BatchNorm + GELU (`stem_act`) between them;
     `stem_first_stride=2` drops the full-resolution conv (the first conv halves H, W): its
     activations were most of the stem's memory traffic, so the channels can widen at the same cost.
     Signature matches timm's PatchEmbed so VisionTransformer(embed_layer=ConvStem) works.
