@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from udaflow.models import BackboneError, build_classifier, create_backbone
 from udaflow.costs import training_gflop_per_image
-from udaflow.models.backbone import ConvStem, SeqPool
+from udaflow.models.backbone import STEM_ACTS, ConvStem, SeqPool
 
 
 @pytest.mark.parametrize("name", ["udaflow_vit_tiny3", "udaflow_vit_tiny2", "udaflow_vit_tiny"])
@@ -192,8 +192,37 @@ def test_stem_activation_is_an_option_with_the_same_weights():
     relu.load_state_dict(gelu.state_dict())
     x = torch.randn(2, 3, 32, 32)
     assert not torch.equal(relu.eval()(x), gelu.eval()(x))  # another function of the same weights
-    with pytest.raises(BackboneError, match="stem_act: 'tanh' is not one of gelu, relu"):
+    with pytest.raises(BackboneError, match="stem_act: 'tanh' is not one of gelu, relu, gelu_nhwc"):
         ConvStem(patch_size=8, stem_act="tanh")
+
+
+def test_gelu_on_the_nhwc_view_is_gelu_to_float_rounding_and_keeps_channels_last():
+    """`stem_act: gelu_nhwc` is GELU computed on a channels-last activation's NHWC-contiguous view: the
+    same function (to erf's float rounding), the same layout out, the same gradient."""
+    x = torch.randn(4, 16, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    y, y_ref = STEM_ACTS["gelu_nhwc"]()(x), torch.nn.GELU()(ref)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g), y_ref.backward(g)
+    torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=1e-5)
+    plain = torch.randn(3, 5)  # not channels-last: plain GELU
+    assert torch.equal(STEM_ACTS["gelu_nhwc"]()(plain), torch.nn.GELU()(plain))
+
+
+def test_stem_widths_sets_each_conv_and_is_checked():
+    """`stem_widths` gives every stem conv its width (the last one the embedding width): the full-resolution
+    conv's width alone, which `stem_width`'s doubling cannot."""
+    net = create_backbone("udaflow_vit_tiny3", stem_widths=[8, 32, 64, 96])
+    convs = [m for m in net.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 8), (8, 32), (32, 64), (64, 96)]
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 96)
+    default = create_backbone("udaflow_vit_tiny3", stem_widths=[16, 32, 64, 96])  # the registered widths, spelled out
+    assert {k: v.shape for k, v in default.state_dict().items()} == {k: v.shape for k, v in create_backbone("udaflow_vit_tiny3").state_dict().items()}
+    for bad in ([8, 32, 96], [8, 32, 64, 128], [0, 32, 64, 96]):
+        with pytest.raises(BackboneError, match=r"stem_widths: 4 widths ending in embed_dim 96"):
+            create_backbone("udaflow_vit_tiny3", stem_widths=bad)
 
 
 class _Payload:

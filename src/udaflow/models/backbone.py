@@ -27,7 +27,19 @@ class BackboneError(ValueError):
 
 
 INPUT_NORMS = ("none", "image", "channel", "gray")
-STEM_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}  # the stem's activation between its convolutions (no weights either way)
+class GELUNHWC(nn.GELU):
+    """GELU computed on the NHWC-contiguous view of a channels-last activation: the same function, with
+    PyTorch's vectorised CPU kernel where a channels-last input takes a slower path (erf differs by up to
+    5e-7, so other bits)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
+# the stem's activation between its convolutions (no weights either way)
+STEM_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU, "gelu_nhwc": GELUNHWC}
 
 
 class ConvStem(nn.Module):
@@ -36,11 +48,13 @@ class ConvStem(nn.Module):
     A stride-1 3x3 conv, then log2(p) stride-2 3x3 convs with BatchNorm + GELU (`stem_act`) between them;
     `stem_first_stride=2` drops the full-resolution conv (the first conv halves H, W): its
     activations were most of the stem's memory traffic, so the channels can widen at the same cost.
+    Widths: `stem_width` (the first conv's, doubling at each conv) or `stem_widths` (each conv's, the
+    last one D); neither: D/8, D/4, D/2, D.
     Signature matches timm's PatchEmbed so VisionTransformer(embed_layer=ConvStem) works.
     """
 
     def __init__(self, img_size=32, patch_size=4, in_chans=3, embed_dim=128, bias=True, dynamic_img_pad=False, input_norm="none", stem_width=None,
-                 stem_first_stride=1, stem_act="gelu", **_):
+                 stem_first_stride=1, stem_act="gelu", stem_widths=None, **_):
         super().__init__()
         if stem_act not in STEM_ACTS:
             raise BackboneError(f"model.backbone_args.stem_act: '{stem_act}' is not one of {', '.join(STEM_ACTS)}")
@@ -59,7 +73,11 @@ class ConvStem(nn.Module):
             raise BackboneError(f"model.backbone_args.stem_first_stride: 1 (a full-resolution conv first) or 2, not {stem_first_stride}")
         downs = int(math.log2(patch_size))
         convs = downs if stem_first_stride == 2 else downs + 1  # stride 2: the first conv already halves H, W
-        if stem_width:  # first conv's width, doubling at each conv, capped at D
+        if stem_widths:  # every conv's width, the last one D
+            widths = [int(w) for w in stem_widths]
+            if len(widths) != convs or widths[-1] != embed_dim or min(widths) < 1:
+                raise BackboneError(f"model.backbone_args.stem_widths: {convs} widths ending in embed_dim {embed_dim}, not {list(stem_widths)}")
+        elif stem_width:  # first conv's width, doubling at each conv, capped at D
             widths = [min(embed_dim, int(stem_width) << i) for i in range(convs - 1)] + [embed_dim]
         else:
             widths = [max(8, embed_dim >> (convs - 1 - i)) for i in range(convs - 1)] + [embed_dim]  # e.g. D/8, D/4, D/2, D
@@ -97,7 +115,8 @@ def _hybrid_vit(embed_dim: int, depth: int, num_heads: int, **kwargs) -> VisionT
     kwargs.pop("pretrained_cfg_overlay", None)
     kwargs.pop("cache_dir", None)
     stem = partial(ConvStem, input_norm=kwargs.pop("input_norm", "none"), stem_width=kwargs.pop("stem_width", None),
-                   stem_first_stride=kwargs.pop("stem_first_stride", 1), stem_act=kwargs.pop("stem_act", "gelu"))
+                   stem_first_stride=kwargs.pop("stem_first_stride", 1), stem_act=kwargs.pop("stem_act", "gelu"),
+                   stem_widths=kwargs.pop("stem_widths", None))
     seq_pool = kwargs.pop("seq_pool", False)
     if seq_pool and kwargs["global_pool"] != "avg":
         raise BackboneError(f"seq_pool pools the tokens itself: global_pool must stay 'avg', not {kwargs['global_pool']!r}")
