@@ -70,8 +70,9 @@ def source_params(cfg: Config, num_classes: int) -> dict:
 def source_cache_key(cfg: Config, source: str, num_classes: int) -> str:
     """Content hash of the source manifest + every parameter the source model depends on."""
     manifest = (cfg.data.root / source / MANIFEST_NAME).read_bytes()
-    # format 4: tensors-only stage files, device / threads / amp / eval_every in the key (older caches are not reused)
-    shaping = {"format": 4, "manifest": hashlib.sha256(manifest).hexdigest(), **source_params(cfg, num_classes)}
+    # format 4: tensors-only stage files, device / threads / amp / eval_every in the key (older caches are not reused);
+    # 5: images decoded upright by their EXIF orientation (a source model trained on turned photos is not reused)
+    shaping = {"format": 5, "manifest": hashlib.sha256(manifest).hexdigest(), **source_params(cfg, num_classes)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 

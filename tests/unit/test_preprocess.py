@@ -49,6 +49,35 @@ def test_decoding_with_a_crop_matches_timms_eval_transform(tmp_path, crop_mode, 
     assert decode_image(tmp_path / "0.png", 32).shape == (3, 32, 32)
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+@pytest.mark.parametrize("orientation, stored_as", [(2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180),
+                                                    (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)])
+def test_a_cameras_exif_orientation_is_applied_before_resizing(tmp_path, fmt, orientation, stored_as):
+    """A phone stores a portrait photo as landscape pixels plus an EXIF Orientation tag: training, evaluation
+    and the served model see it upright, as a viewer shows it (until 2026-12-06 they saw the stored pixels)."""
+    from PIL import ExifTags
+
+    from udaflow.data.datasets import to_model_pixels
+
+    yy, xx = np.mgrid[0:60, 0:36]  # a smooth, asymmetric portrait: 36 wide, 60 high
+    upright = Image.fromarray(np.stack([xx * 7, yy * 4, (xx + yy) * 2], -1).astype(np.uint8))
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    tagged, plain = tmp_path / f"tagged.{fmt}", tmp_path / f"plain.{fmt}"
+    stored = upright.transpose(stored_as)
+    stored.save(tagged, exif=exif, **({"quality": 100} if fmt == "jpeg" else {}))
+    upright.save(plain, **({"quality": 100} if fmt == "jpeg" else {}))
+    ours, expected = decode_image(tagged, 32).astype(int), decode_image(plain, 32).astype(int)
+    as_stored = to_model_pixels(stored, 32).astype(int)  # the pixels as stored, no tag: what was decoded before
+    if fmt == "png":  # lossless: the same pixels
+        assert np.array_equal(ours, expected)
+    else:  # JPEG re-encodes a turned image differently: close, not equal
+        assert np.abs(ours - expected).mean() < 2
+    assert np.abs(as_stored - expected).mean() > 20
+    with Image.open(tagged) as img:  # the served model's bytes take the same conversion
+        assert np.array_equal(to_model_pixels(img, 32), decode_image(tagged, 32))
+
+
 def test_per_channel_normalisation_travels_with_the_registered_model(tmp_path):
     clf = build_classifier("resnet18", 3)
     assert clf.input_mean == pytest.approx((0.485, 0.456, 0.406))

@@ -18,7 +18,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from udaflow.data.manifest import DataError, ManifestRow, missing_domain_hint, read_manifest
 from udaflow.data.store import ImageFile, Images, content_key
@@ -68,10 +68,19 @@ def decode_image(path: Path | BinaryIO, size: int | ImageSpec) -> np.ndarray:
         return to_model_pixels(img, size)
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """`img` as a viewer shows it: turned or mirrored by its EXIF Orientation tag (2-8); itself without one."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+        return ImageOps.exif_transpose(img)
+    return img
+
+
 def to_model_pixels(img: Image.Image, size: int | ImageSpec) -> np.ndarray:
     """A PIL image -> (3, size, size) uint8 RGB, the one conversion every decoded image goes through
-    (training, evaluation and the served model)."""
+    (training, evaluation and the served model). A camera's EXIF orientation is applied first: a phone
+    stores a portrait photo as landscape pixels plus a tag saying how to turn them."""
     spec = size if isinstance(size, ImageSpec) else ImageSpec(size)
+    img = upright(img)
     size = spec.size
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.clip(np.asarray(img, dtype=np.float32), 0, None)  # a 32-bit "I" image may hold negatives: black, not wrapped around uint8

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-FORMAT = "udaflow-rows-v1"  # bump when decoding changes: old files are then never read
+FORMAT = "udaflow-rows-v2"  # bump when decoding changes: old files are then never read (v2: EXIF orientation applied)
 
 
 def content_key(items: Sequence[tuple[str, str]], size: int, variant: str = "") -> str:
