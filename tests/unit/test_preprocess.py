@@ -78,6 +78,20 @@ def test_a_cameras_exif_orientation_is_applied_before_resizing(tmp_path, fmt, or
         assert np.array_equal(to_model_pixels(img, 32), decode_image(tagged, 32))
 
 
+def test_unreadable_exif_decodes_the_pixels_as_stored(tmp_path, monkeypatch):
+    """A truncated EXIF block, or one PIL cannot parse at all, decodes as stored: the image passed ingest's
+    decode check, so training must not stop on it."""
+    path, plain = tmp_path / "truncated.jpeg", tmp_path / "plain.jpeg"
+    img = Image.new("RGB", (20, 10), (200, 10, 10))
+    img.save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\xff\xff")
+    img.save(plain)
+    expected = decode_image(plain, 8)
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):  # PIL's own, as it opens the file
+        assert np.array_equal(decode_image(path, 8), expected)
+    monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(SyntaxError("not a TIFF file")))
+    assert np.array_equal(decode_image(path, 8), expected)
+
+
 def test_per_channel_normalisation_travels_with_the_registered_model(tmp_path):
     clf = build_classifier("resnet18", 3)
     assert clf.input_mean == pytest.approx((0.485, 0.456, 0.406))

@@ -12,6 +12,7 @@ field at all, so no training code can read target labels by accident. Labelled t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -69,10 +70,15 @@ def decode_image(path: Path | BinaryIO, size: int | ImageSpec) -> np.ndarray:
 
 
 def upright(img: Image.Image) -> Image.Image:
-    """`img` as a viewer shows it: turned or mirrored by its EXIF Orientation tag (2-8); itself without one."""
-    if img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
-        return ImageOps.exif_transpose(img)
-    return img
+    """`img` as a viewer shows it: turned or mirrored by its EXIF Orientation tag (2-8); itself without one,
+    or with EXIF that cannot be read (the pixels decode all the same, as viewers show them)."""
+    with warnings.catch_warnings():  # PIL warns per image on a truncated EXIF block
+        warnings.simplefilter("ignore")
+        try:
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: no orientation to apply
+            return img
+    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
 
 
 def to_model_pixels(img: Image.Image, size: int | ImageSpec) -> np.ndarray:
