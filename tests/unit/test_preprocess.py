@@ -49,23 +49,33 @@ def test_decoding_with_a_crop_matches_timms_eval_transform(tmp_path, crop_mode, 
     assert decode_image(tmp_path / "0.png", 32).shape == (3, 32, 32)
 
 
+def _portrait() -> Image.Image:
+    yy, xx = np.mgrid[0:60, 0:36]  # a smooth, asymmetric portrait: 36 wide, 60 high
+    return Image.fromarray(np.stack([xx * 7, yy * 4, (xx + yy) * 2], -1).astype(np.uint8))
+
+
+def _exif(orientation: int):
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    return exif
+
+
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
-@pytest.mark.parametrize("orientation, stored_as", [(2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180),
-                                                    (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)])
+@pytest.mark.parametrize("orientation, stored_as", [
+    (2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180), (4, Image.Transpose.FLIP_TOP_BOTTOM),
+    (5, Image.Transpose.TRANSPOSE), (6, Image.Transpose.ROTATE_90), (7, Image.Transpose.TRANSVERSE), (8, Image.Transpose.ROTATE_270),
+])
 def test_a_cameras_exif_orientation_is_applied_before_resizing(tmp_path, fmt, orientation, stored_as):
     """A phone stores a portrait photo as landscape pixels plus an EXIF Orientation tag: training, evaluation
     and the served model see it upright, as a viewer shows it (until 2026-12-06 they saw the stored pixels)."""
-    from PIL import ExifTags
-
     from udaflow.data.datasets import to_model_pixels
 
-    yy, xx = np.mgrid[0:60, 0:36]  # a smooth, asymmetric portrait: 36 wide, 60 high
-    upright = Image.fromarray(np.stack([xx * 7, yy * 4, (xx + yy) * 2], -1).astype(np.uint8))
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = orientation
+    upright = _portrait()
     tagged, plain = tmp_path / f"tagged.{fmt}", tmp_path / f"plain.{fmt}"
     stored = upright.transpose(stored_as)
-    stored.save(tagged, exif=exif, **({"quality": 100} if fmt == "jpeg" else {}))
+    stored.save(tagged, exif=_exif(orientation), **({"quality": 100} if fmt == "jpeg" else {}))
     upright.save(plain, **({"quality": 100} if fmt == "jpeg" else {}))
     ours, expected = decode_image(tagged, 32).astype(int), decode_image(plain, 32).astype(int)
     as_stored = to_model_pixels(stored, 32).astype(int)  # the pixels as stored, no tag: what was decoded before
@@ -74,22 +84,41 @@ def test_a_cameras_exif_orientation_is_applied_before_resizing(tmp_path, fmt, or
     else:  # JPEG re-encodes a turned image differently: close, not equal
         assert np.abs(ours - expected).mean() < 2
     assert np.abs(as_stored - expected).mean() > 20
-    with Image.open(tagged) as img:  # the served model's bytes take the same conversion
-        assert np.array_equal(to_model_pixels(img, 32), decode_image(tagged, 32))
+    served = packaged._decode(tagged.read_bytes(), "row 0", ImageSpec(32))  # the file's bytes, as a client sends them
+    assert np.array_equal(served, decode_image(tagged, 32))
 
 
 def test_unreadable_exif_decodes_the_pixels_as_stored(tmp_path, monkeypatch):
     """A truncated EXIF block, or one PIL cannot parse at all, decodes as stored: the image passed ingest's
     decode check, so training must not stop on it."""
-    path, plain = tmp_path / "truncated.jpeg", tmp_path / "plain.jpeg"
-    img = Image.new("RGB", (20, 10), (200, 10, 10))
-    img.save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\xff\xff")
-    img.save(plain)
-    expected = decode_image(plain, 8)
+    from udaflow.data.datasets import to_model_pixels
+
+    img = _portrait()
+    truncated, tagged = tmp_path / "truncated.jpeg", tmp_path / "tagged.png"
+    img.save(truncated, quality=100, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00\x03\xff\xff")
+    img.save(tagged, exif=_exif(6))
     with pytest.warns(UserWarning, match="Corrupt EXIF"):  # PIL's own, as it opens the file
-        assert np.array_equal(decode_image(path, 8), expected)
+        with Image.open(truncated) as opened:
+            expected = to_model_pixels(opened.copy(), 32)  # copy() carries no EXIF: the stored pixels
+        assert np.array_equal(decode_image(truncated, 32), expected)
+    assert not np.array_equal(decode_image(tagged, 32), to_model_pixels(img, 32))  # a readable tag turns it
     monkeypatch.setattr(Image.Image, "getexif", lambda self: (_ for _ in ()).throw(SyntaxError("not a TIFF file")))
-    assert np.array_equal(decode_image(path, 8), expected)
+    assert np.array_equal(decode_image(tagged, 32), to_model_pixels(img, 32))  # an unreadable one: as stored
+
+
+def test_a_broken_image_still_fails_to_decode(tmp_path):
+    """Reading the orientation decodes a PNG's pixels first (its EXIF may follow them): a broken pixel stream
+    is still an error, for training (decode_image) and for the served model (InputError naming the row)."""
+    path = tmp_path / "broken.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    data = bytearray(path.read_bytes())
+    idat = data.index(b"IDAT")
+    data[idat + 200: idat + 240] = bytes(40)
+    path.write_bytes(bytes(data))
+    with pytest.raises((OSError, SyntaxError, ValueError)):
+        decode_image(path, 32)
+    with pytest.raises(packaged.InputError, match="row 3: not an image file PIL can decode"):
+        packaged._decode(bytes(data), "row 3", ImageSpec(32))
 
 
 def test_per_channel_normalisation_travels_with_the_registered_model(tmp_path):

@@ -19,7 +19,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
 from udaflow.data.manifest import DataError, ManifestRow, missing_domain_hint, read_manifest
 from udaflow.data.store import ImageFile, Images, content_key
@@ -69,16 +69,25 @@ def decode_image(path: Path | BinaryIO, size: int | ImageSpec) -> np.ndarray:
         return to_model_pixels(img, size)
 
 
+_ORIENTATIONS = {  # EXIF Orientation -> the transpose that shows the stored pixels as a viewer does
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+
+
 def upright(img: Image.Image) -> Image.Image:
     """`img` as a viewer shows it: turned or mirrored by its EXIF Orientation tag (2-8); itself without one,
-    or with EXIF that cannot be read (the pixels decode all the same, as viewers show them)."""
+    or with EXIF that cannot be read (the pixels decode all the same, as viewers show them). The pixels are
+    decoded first, outside that leniency: a broken image still fails here as it did before."""
+    img.load()  # a PNG's getexif() decodes the pixels to reach an eXIf chunk after them: its errors are not EXIF's
     with warnings.catch_warnings():  # PIL warns per image on a truncated EXIF block
         warnings.simplefilter("ignore")
         try:
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         except Exception:  # noqa: BLE001 - unreadable EXIF: no orientation to apply
             return img
-    return ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
+    turn = _ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(turn) if turn is not None else img
 
 
 def to_model_pixels(img: Image.Image, size: int | ImageSpec) -> np.ndarray:
