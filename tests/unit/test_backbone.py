@@ -196,7 +196,7 @@ def test_stem_activation_is_an_option_with_the_same_weights():
         ConvStem(patch_size=8, stem_act="tanh")
 
 
-def test_gelu_on_the_nhwc_view_is_gelu_to_float_rounding_and_keeps_channels_last():
+def test_gelu_on_the_nhwc_view_is_gelu_to_float_rounding_and_keeps_channels_last(monkeypatch):
     """`stem_act: gelu_nhwc` is GELU computed on a channels-last activation's NHWC-contiguous view: the
     same function (to erf's float rounding), the same layout out, the same gradient."""
     x = torch.randn(4, 16, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -209,6 +209,10 @@ def test_gelu_on_the_nhwc_view_is_gelu_to_float_rounding_and_keeps_channels_last
     torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=1e-5)
     plain = torch.randn(3, 5)  # not channels-last: plain GELU
     assert torch.equal(STEM_ACTS["gelu_nhwc"]()(plain), torch.nn.GELU()(plain))
+    seen = []  # the kernel gets the dense NHWC view (plain GELU hands it the channels-last, non-contiguous tensor)
+    monkeypatch.setattr(torch.nn.functional, "gelu", lambda t, approximate="none": seen.append(t.is_contiguous()) or t)
+    STEM_ACTS["gelu_nhwc"]()(x.detach()), torch.nn.GELU()(x.detach())
+    assert seen == [True, False]
 
 
 def test_stem_widths_sets_each_conv_and_is_checked():
@@ -220,9 +224,11 @@ def test_stem_widths_sets_each_conv_and_is_checked():
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 96)
     default = create_backbone("udaflow_vit_tiny3", stem_widths=[16, 32, 64, 96])  # the registered widths, spelled out
     assert {k: v.shape for k, v in default.state_dict().items()} == {k: v.shape for k, v in create_backbone("udaflow_vit_tiny3").state_dict().items()}
-    for bad in ([8, 32, 96], [8, 32, 64, 128], [0, 32, 64, 96]):
-        with pytest.raises(BackboneError, match=r"stem_widths: 4 widths ending in embed_dim 96"):
+    for bad in ([8, 32, 96], [8, 32, 64, 128], [0, 32, 64, 96], [], 96, [8.5, 32, 64, 96], [True, 32, 64, 96]):
+        with pytest.raises(BackboneError, match=r"stem_widths: a list of 4 whole widths ending in embed_dim 96, not "):
             create_backbone("udaflow_vit_tiny3", stem_widths=bad)
+    with pytest.raises(BackboneError, match="stem_width or stem_widths, not both"):  # the name's own stem_width yields; a user's does not
+        create_backbone("udaflow_vit_tiny3", stem_widths=[8, 32, 64, 96], stem_width=12)
 
 
 class _Payload:

@@ -73,10 +73,14 @@ class ConvStem(nn.Module):
             raise BackboneError(f"model.backbone_args.stem_first_stride: 1 (a full-resolution conv first) or 2, not {stem_first_stride}")
         downs = int(math.log2(patch_size))
         convs = downs if stem_first_stride == 2 else downs + 1  # stride 2: the first conv already halves H, W
-        if stem_widths:  # every conv's width, the last one D
-            widths = [int(w) for w in stem_widths]
-            if len(widths) != convs or widths[-1] != embed_dim or min(widths) < 1:
-                raise BackboneError(f"model.backbone_args.stem_widths: {convs} widths ending in embed_dim {embed_dim}, not {list(stem_widths)}")
+        if stem_widths is not None:  # every conv's width, the last one D
+            ok = isinstance(stem_widths, (list, tuple)) and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in stem_widths)
+            if not ok or len(stem_widths) != convs or stem_widths[-1] != embed_dim:
+                raise BackboneError(f"model.backbone_args.stem_widths: a list of {convs} whole widths ending in embed_dim {embed_dim}, "
+                                    f"not {stem_widths!r}")
+            if stem_width:
+                raise BackboneError("model.backbone_args: stem_width or stem_widths, not both")
+            widths = list(stem_widths)
         elif stem_width:  # first conv's width, doubling at each conv, capped at D
             widths = [min(embed_dim, int(stem_width) << i) for i in range(convs - 1)] + [embed_dim]
         else:
@@ -150,6 +154,8 @@ def _own_vit(name: str, pretrained: bool, kwargs: dict, **defaults) -> VisionTra
     """udaflow's hybrid ViT `name`: an 8x stem and `defaults` (embed_dim, depth, ...), each unless kwargs sets it."""
     if pretrained:
         raise BackboneError(f"{name} has no published weights: pass model.pretrained=<path to a .pt file>")
+    if kwargs.get("stem_widths") is not None and "stem_width" not in kwargs:
+        defaults.pop("stem_width", None)  # each conv's width given: the name's own first width yields to it
     return _hybrid_vit(**{"patch_size": 8, **defaults, **kwargs})
 
 
