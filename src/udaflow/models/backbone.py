@@ -27,6 +27,8 @@ class BackboneError(ValueError):
 
 
 INPUT_NORMS = ("none", "image", "channel", "gray")
+
+
 class GELUNHWC(nn.GELU):
     """GELU computed on the NHWC-contiguous view of a channels-last activation: the same function, with
     PyTorch's vectorised CPU kernel where a channels-last input takes a slower path (erf differs by up to
