@@ -340,22 +340,59 @@ def test_dvc_yaml_s_training_stages_list_no_param_they_do_not_depend_on():
     assert "methods.${method}" in stages["adapt"]["params"] and "methods" not in stages["adapt"]["params"]
 
 
-def test_dvc_lock_records_the_code_files_the_stages_depend_on_as_they_are():
-    """A stage's code dependency (src/udaflow/data/expectations.py, domains.py) changed without dvc.lock:
-    `dvc status` calls the stage changed on a fresh clone, and the README's `make run` rewrites the
-    committed dvc.lock (a dirty `git status`). Record it with `dvc commit <stage>` in the same commit."""
-    import hashlib
-
+def test_dvc_lock_records_the_code_the_stages_depend_on_as_it_is():
+    """A stage's code dependency (src/udaflow for pretrain / adapt / evaluate, expectations.py, domains.py)
+    changed without dvc.lock: `dvc status` calls the stage changed on a fresh clone, and the README's
+    `make run` rewrites the committed dvc.lock (a dirty `git status`). Record it in the same commit:
+    `python scripts/lock_code.py`."""
     import yaml
+
+    from udaflow.versioning import code_dependencies
 
     root = REPO_PARAMS.parent
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    stale = [
-        f"{stage}: {dep['path']}"
-        for stage, entry in lock.items() for dep in entry.get("deps", [])
-        if dep["path"].startswith("src/") and hashlib.md5((root / dep["path"]).read_bytes()).hexdigest() != dep["md5"]
-    ]
-    assert stale == []
+    recorded = {stage: {dep["path"]: dep["md5"] for dep in entry.get("deps", []) if dep["path"].startswith("src/")}
+                for stage, entry in lock.items()}
+    now = code_dependencies(root)
+    assert {stage: recorded.get(stage) for stage in now} == now, "dvc.lock's code hashes are stale: python scripts/lock_code.py"
+
+
+def test_the_training_stages_depend_on_udaflow_s_code():
+    """A change to how udaflow decodes images or trains (the EXIF fix of c14392e) left `dvc repro` keeping
+    the model trained before it, `dvc status` saying up to date."""
+    import yaml
+
+    stages = yaml.safe_load((REPO_PARAMS.parent / "dvc.yaml").read_text())["stages"]
+    for name in ("pretrain", "adapt", "evaluate"):
+        assert "src/udaflow" in stages[name]["deps"], name
+
+
+def test_a_code_change_shows_in_dvc_status_and_bytecode_does_not(tmp_path, monkeypatch):
+    """The code hash ignores `__pycache__` (.dvcignore: every import writes it) and sees a changed .py;
+    `record_code_dependencies` records the change in dvc.lock without the stage's outputs present."""
+    import shutil
+
+    from udaflow.versioning import code_dependencies, init_repo, record_code_dependencies, record_stages, status
+
+    monkeypatch.chdir(tmp_path)  # as the CLI runs: in the project
+    init_repo(tmp_path)
+    shutil.copy(REPO_PARAMS.parent / ".dvcignore", tmp_path / ".dvcignore")
+    package = tmp_path / "src" / "pkg"
+    package.mkdir(parents=True)
+    (package / "train.py").write_text("STEPS = 1\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  fit:\n    cmd: 'true'\n    deps:\n      - src/pkg\n")
+    assert record_stages(tmp_path, ["fit"]) == ["fit"] and status(tmp_path) == {}
+    before = code_dependencies(tmp_path)["fit"]["src/pkg"]
+
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    assert code_dependencies(tmp_path)["fit"]["src/pkg"] == before and status(tmp_path) == {}
+
+    (package / "train.py").write_text("STEPS = 2\n")
+    assert code_dependencies(tmp_path)["fit"]["src/pkg"] != before
+    assert status(tmp_path) == {"fit": [{"changed deps": {"src/pkg": "modified"}}]}
+    assert record_code_dependencies(tmp_path) == ["fit"]
+    assert status(tmp_path) == {} and record_code_dependencies(tmp_path) == []
 
 
 def test_every_param_dvc_yaml_lists_is_in_params_yaml_for_every_method():
