@@ -9,6 +9,7 @@ that shapes the source model, so methods of one shift share it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import sys
@@ -68,12 +69,23 @@ def source_params(cfg: Config, num_classes: int) -> dict:
 
 
 def source_cache_key(cfg: Config, source: str, num_classes: int) -> str:
-    """Content hash of the source manifest + every parameter the source model depends on."""
+    """Content hash of the source manifest + every parameter the source model depends on + udaflow's code."""
     manifest = (cfg.data.root / source / MANIFEST_NAME).read_bytes()
     # format 4: tensors-only stage files, device / threads / amp / eval_every in the key (older caches are not reused);
-    # 5: images decoded upright by their EXIF orientation (a source model trained on turned photos is not reused)
-    shaping = {"format": 5, "manifest": hashlib.sha256(manifest).hexdigest(), **source_params(cfg, num_classes)}
+    # 5: images decoded upright by their EXIF orientation (a source model trained on turned photos is not reused).
+    # The code too: `dvc repro` re-runs pretraining after a code change (dvc.yaml), and must not get the old code's model back
+    shaping = {"format": 5, "manifest": hashlib.sha256(manifest).hexdigest(), "code": code_digest(), **source_params(cfg, num_classes)}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 of udaflow's own code (every .py file under src/udaflow, with its path), as this process loaded it."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -146,9 +158,7 @@ def run_fingerprint(cfg: Config, method_name: str, start: torch.nn.Module, *data
     for name, value in sorted(start.state_dict().items()):
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    for path in sorted(Path(__file__).parent.rglob("*.py")):  # the code that trains
-        h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
-        h.update(path.read_bytes())
+    h.update(code_digest().encode())  # the code that trains
     return h.hexdigest()[:16]
 
 

@@ -462,7 +462,8 @@ def record_stages(root: Path, stages: list[str]) -> list[str]:
 
 def code_dependencies(root: Path) -> dict[str, dict[str, str]]:
     """{stage: {code path: DVC hash as the files are now}} for each dvc.yaml stage's dependencies under
-    src/ (a file's md5, a folder's `<md5>.dir`, .dvcignore applied: no `__pycache__`)."""
+    src/ (a file's md5, a folder's `<md5>.dir`, .dvcignore applied: no `__pycache__`): what `dvc status`
+    compares with dvc.lock's. Read-only; only running the stages (`make run`, `dvc repro`) records them."""
     root = Path(root).resolve()
     found: dict[str, dict[str, str]] = {}
     with _repo(root) as repo:
@@ -471,31 +472,6 @@ def code_dependencies(root: Path) -> dict[str, dict[str, str]]:
                 if dep.def_path.startswith("src/"):
                     found.setdefault(stage.name, {})[dep.def_path] = dep.get_hash().value
     return found
-
-
-def record_code_dependencies(root: Path) -> list[str]:
-    """Rewrite dvc.lock's hashes of the stages' code dependencies (under src/) as the code is now, every
-    other recorded hash kept: what `dvc commit` does for a code change, without needing the stages'
-    outputs present (a checkout that has not run them). For the commit that changes the code; stages
-    not in dvc.lock yet are left to their first run. Returns the stages rewritten."""
-    import yaml
-
-    root = Path(root).resolve()
-    lock = root / "dvc.lock"
-    locked = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
-    done = []
-    with _repo(root) as repo:
-        for stage in repo.index.stages:
-            code = [dep for dep in stage.deps if dep.def_path.startswith("src/")]
-            if not code or stage.name not in locked:
-                continue
-            before = {dep.def_path: (dep.hash_info.value if dep.hash_info else None) for dep in code}
-            for dep in code:
-                dep.save()
-            if {dep.def_path: dep.hash_info.value for dep in code} != before:
-                stage.dump(update_pipeline=False)
-                done.append(stage.name)
-    return done
 
 
 def status(root: Path) -> dict:

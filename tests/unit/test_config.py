@@ -341,10 +341,10 @@ def test_dvc_yaml_s_training_stages_list_no_param_they_do_not_depend_on():
 
 
 def test_dvc_lock_records_the_code_the_stages_depend_on_as_it_is():
-    """A stage's code dependency (src/udaflow for pretrain / adapt / evaluate, expectations.py, domains.py)
-    changed without dvc.lock: `dvc status` calls the stage changed on a fresh clone, and the README's
-    `make run` rewrites the committed dvc.lock (a dirty `git status`). Record it in the same commit:
-    `python scripts/lock_code.py`."""
+    """dvc.lock says which code made its outputs (src/udaflow for pretrain / adapt / evaluate, expectations.py,
+    domains.py). Committed with other code, a fresh clone's `dvc status` calls the stages changed and the
+    README's `make run` rewrites dvc.lock (a dirty `git status`). A commit that changes src/udaflow runs
+    `make run` (it records these stages with the code as it is) and commits its dvc.lock."""
     import yaml
 
     from udaflow.versioning import code_dependencies
@@ -354,7 +354,8 @@ def test_dvc_lock_records_the_code_the_stages_depend_on_as_it_is():
     recorded = {stage: {dep["path"]: dep["md5"] for dep in entry.get("deps", []) if dep["path"].startswith("src/")}
                 for stage, entry in lock.items()}
     now = code_dependencies(root)
-    assert {stage: recorded.get(stage) for stage in now} == now, "dvc.lock's code hashes are stale: python scripts/lock_code.py"
+    assert {stage: recorded.get(stage) for stage in now} == now, (
+        "dvc.lock records other code than src/ holds: `make run` records the stages with this code; commit its dvc.lock")
 
 
 def test_the_training_stages_depend_on_udaflow_s_code():
@@ -368,11 +369,11 @@ def test_the_training_stages_depend_on_udaflow_s_code():
 
 
 def test_a_code_change_shows_in_dvc_status_and_bytecode_does_not(tmp_path, monkeypatch):
-    """The code hash ignores `__pycache__` (.dvcignore: every import writes it) and sees a changed .py;
-    `record_code_dependencies` records the change in dvc.lock without the stage's outputs present."""
+    """The code's hash ignores `__pycache__` (.dvcignore: every import writes it) and an editor's swap
+    file, and sees a changed .py until the stage runs again and is recorded."""
     import shutil
 
-    from udaflow.versioning import code_dependencies, init_repo, record_code_dependencies, record_stages, status
+    from udaflow.versioning import code_dependencies, init_repo, record_stages, status
 
     monkeypatch.chdir(tmp_path)  # as the CLI runs: in the project
     init_repo(tmp_path)
@@ -386,13 +387,13 @@ def test_a_code_change_shows_in_dvc_status_and_bytecode_does_not(tmp_path, monke
 
     (package / "__pycache__").mkdir()
     (package / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    (package / ".train.py.swp").write_bytes(b"\x00vim")
     assert code_dependencies(tmp_path)["fit"]["src/pkg"] == before and status(tmp_path) == {}
 
     (package / "train.py").write_text("STEPS = 2\n")
     assert code_dependencies(tmp_path)["fit"]["src/pkg"] != before
     assert status(tmp_path) == {"fit": [{"changed deps": {"src/pkg": "modified"}}]}
-    assert record_code_dependencies(tmp_path) == ["fit"]
-    assert status(tmp_path) == {} and record_code_dependencies(tmp_path) == []
+    assert record_stages(tmp_path, ["fit"]) == ["fit"] and status(tmp_path) == {}  # run again: recorded
 
 
 def test_every_param_dvc_yaml_lists_is_in_params_yaml_for_every_method():

@@ -484,7 +484,8 @@ def test_stage_files_hold_no_pickled_objects(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_source_cache_key_covers_what_changes_the_bits(tmp_path):
+def test_source_cache_key_covers_what_changes_the_bits(tmp_path, monkeypatch):
+    from udaflow import experiment
     from udaflow.config import Config
     from udaflow.data.manifest import MANIFEST_NAME
     from udaflow.experiment import source_cache_key
@@ -518,6 +519,11 @@ def test_source_cache_key_covers_what_changes_the_bits(tmp_path):
     weights.write_bytes(b"other")
     os.utime(weights, ns=(1, 1))  # a new mtime, as any rewrite has
     assert with_weights() != first
+
+    # udaflow's code: `dvc repro` re-runs pretraining after a code change and must not read the old code's model
+    assert experiment.code_digest() == experiment.code_digest.__wrapped__() and len(experiment.code_digest()) == 64
+    monkeypatch.setattr(experiment, "code_digest", lambda: "0" * 64)
+    assert source_cache_key(cfg, "src", 10) != base
 
 
 @pytest.mark.slow
