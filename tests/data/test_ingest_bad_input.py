@@ -269,12 +269,14 @@ def image_too_small(base: Path):
     ), {}, f"{f}/a/thumb.png is 4x4 px: each side must be 8-4096 px; remove or enlarge the 1 image(s) under 8 px and ingest again"
 
 
-def float_mode_image(base: Path):
+def lab_mode_image(base: Path):
+    """A CIELAB TIFF: a mode outside the allowed set (a float grey image, the example until 2026-12-06, is
+    now scaled as 32-bit grey images are)."""
     f = image_folder(base)
-    Image.new("F", (16, 16), 0.5).save(f / "b/float.tif")
+    Image.new("LAB", (16, 16), (50, 0, 0)).save(f / "b/lab.tif")
     return f, (
         f"{f}: data validation failed: expect_column_values_to_be_in_set on 'mode' failed "
-        "(e.g. domain=tgt, path=b/float.tif, label=b, split=train, width=16, mode=F)"
+        "(e.g. domain=tgt, path=b/lab.tif, label=b, split=train, width=16, mode=LAB)"
     ), {}
 
 
@@ -283,7 +285,7 @@ CASES: list[Case] = [
     symlink_file_outside, symlink_class_outside, dotdot_escape, dotdot_to_root, class_read_twice, broken_symlink,
     symlink_loop, named_pipe, empty_class, empty_target, target_of_hidden_files_only, image_outside_any_class,
     not_a_folder, class_named_like_the_manifest, line_break_in_a_name, carriage_return_in_a_class, name_not_utf8,
-    duplicate_image, target_class_unknown_to_source, image_too_small, float_mode_image, one_class_in_two_unicode_forms,
+    duplicate_image, target_class_unknown_to_source, image_too_small, lab_mode_image, one_class_in_two_unicode_forms,
 ]
 
 
@@ -366,6 +368,47 @@ def _as_file(img) -> "io.BytesIO":
     return out
 
 
+def test_a_transparent_colour_decodes_as_alpha_does_in_every_mode(tmp_path: Path):
+    """The same picture, a bar over a transparent background, stored five ways (PNG optimisers switch
+    between them): RGBA, LA and a palette's transparent index decoded the background black, a grey or
+    RGB image's transparent colour (tRNS) left it white. Now every way decodes to the same pixels."""
+    alpha = np.zeros((16, 16), dtype=np.uint8)
+    alpha[:, 6:10] = 255  # the bar
+    grey = np.where(alpha == 255, 40, 255).astype(np.uint8)  # the bar 40 on a background 255, which is transparent
+    stored = {
+        "rgba.png": (Image.fromarray(np.dstack([grey] * 3 + [alpha]), "RGBA"), {}),
+        "la.png": (Image.fromarray(np.dstack([grey, alpha]), "LA"), {}),
+        "grey-trns.png": (Image.fromarray(grey, "L"), {"transparency": 255}),
+        "rgb-trns.png": (Image.fromarray(np.dstack([grey] * 3), "RGB"), {"transparency": (255, 255, 255)}),
+        "deep-trns.png": (Image.fromarray(grey.astype(np.uint16) * 257), {"transparency": 65535}),
+        "palette-trns.png": (Image.fromarray(np.dstack([grey] * 3), "RGB").quantize(2), {}),
+    }
+    palette, _ = stored["palette-trns.png"]
+    stored["palette-trns.png"] = (palette, {"transparency": int(np.asarray(palette)[0, 0])})  # the background's index
+    decoded = {}
+    for name, (img, kw) in stored.items():
+        img.save(tmp_path / name, **kw)
+        decoded[name] = decode_image(tmp_path / name, 16)
+    assert Image.open(tmp_path / "grey-trns.png").info["transparency"] == 255  # stored as tRNS, not alpha
+    for name, px in decoded.items():
+        assert (px[:, :, 6:10] == 40).all() and (px[:, :, :6] == 0).all() and (px[:, :, 10:] == 0).all(), name
+
+
+def test_a_float_grey_image_is_scaled_as_the_readme_says(tmp_path: Path):
+    """A 32-bit float grey TIFF (mode F, as scientific cameras and numpy pipelines write them) was refused
+    by the mode check although 32-bit grey images are scaled: one in 0-1 is taken as it is, one beyond
+    by its own maximum, negatives and NaN are black."""
+    unit = np.zeros((16, 16), dtype=np.float32)
+    unit[:, 4:8], unit[:, 8:12], unit[:, 12:] = 0.25, 0.5, float("nan")
+    unit[:, :2] = -3.0
+    grey = decode_image(_as_file(Image.fromarray(unit, "F")), 16)[0]
+    assert (grey[:, :4] == 0).all() and (grey[:, 4:8] == 63).all() and (grey[:, 8:12] == 127).all() and (grey[:, 12:] == 0).all()
+    wide = np.full((16, 16), 1000.0, dtype=np.float32)
+    wide[:, 8:] = 4000.0
+    grey = decode_image(_as_file(Image.fromarray(wide, "F")), 16)[0]
+    assert (grey[:, :8] == 63).all() and (grey[:, 8:] == 255).all()
+
+
 def test_nested_folders_are_read_and_hidden_files_skipped(project: Path, tmp_path: Path):
     f = image_folder(tmp_path / "nested", offset=2000)
     write_png(f / "a/batch1/0.png", 2100)  # same file name as a/0.png, one level down
@@ -376,6 +419,12 @@ def test_nested_folders_are_read_and_hidden_files_skipped(project: Path, tmp_pat
     (f / "b/Thumbs.db").write_bytes(b"\0\0")  # the operating systems' litter: skipped as hidden files are
     (f / "desktop.ini").write_bytes(b"[.ShellClassInfo]")
     write_png(f / "__MACOSX/a/._0.png", 2103)  # a zip made on a Mac: not a class folder
+    # a Synology NAS's thumbnails of each photo (smaller copies: they leaked test images into training),
+    # the file Finder writes for a folder's icon, and a USB drive's Windows folders
+    write_png(f / "a/@eaDir/0.png/SYNOFILE_THUMB_M.png", 2104)
+    (f / "b/Icon\r").write_bytes(b"")
+    write_png(f / "$RECYCLE.BIN/a/0.png", 2105)
+    (f / "System Volume Information").mkdir()
     result = ingest_domain(f, "nested", project / "data/raw", report_dir=tmp_path / "report")
     rows = read_manifest(project / "data/raw/nested")
     assert result.images == 14 == len(rows)

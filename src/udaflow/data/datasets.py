@@ -97,10 +97,20 @@ def to_model_pixels(img: Image.Image, size: int | ImageSpec) -> np.ndarray:
     spec = size if isinstance(size, ImageSpec) else ImageSpec(size)
     img = upright(img)
     size = spec.size
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.clip(np.asarray(img, dtype=np.float32), 0, None)  # a 32-bit "I" image may hold negatives: black, not wrapped around uint8
-        img = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8), "L")  # stretched by its own maximum: a 12-bit sensor's range in 16 bits
-    if img.mode in ("RGBA", "LA", "P"):
+    # a transparent colour (PNG's tRNS chunk in a grey or RGB image, as optimisers write it) is transparency
+    # like an alpha channel's: the same picture decodes the same whichever way its file stores it
+    transparent = img.info.get("transparency") if img.mode in ("1", "L", "RGB", "I;16", "I;16B", "I;16L", "I") else None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        raw = np.asarray(img, dtype=np.float32)
+        arr = np.clip(np.nan_to_num(raw, nan=0.0, posinf=0.0), 0, None)  # a 32-bit "I" or float image may hold negatives: black, not wrapped around uint8
+        # stretched by its own maximum: a 12-bit sensor's range in 16 bits; a float image in 0-1 as it is
+        grey = Image.fromarray((arr / max(float(arr.max()), 1.0) * 255).astype(np.uint8), "L")
+        if isinstance(transparent, int):
+            grey.putalpha(Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8), "L"))
+        img = grey
+    elif transparent is not None:
+        img = img.convert("RGBA")  # PIL turns the transparent colour into alpha 0
+    if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(bg, img)

@@ -31,7 +31,7 @@ from typing import Any
 
 from udaflow.data.manifest import COLUMNS, DataError, describe_image, missing_domain_hint, read_manifest
 
-ALLOWED_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"]
+ALLOWED_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "F", "CMYK", "YCbCr"]
 MIN_SIDE, MAX_SIDE = 8, 4096  # decompression bombs and thumbnails are both refused
 
 

@@ -44,9 +44,13 @@ def _breaks_lines(c: str) -> bool:
 
 
 _RESERVED = {MANIFEST_NAME, MANIFEST_NAME + ".tmp"}  # what write_manifest puts at the domain's top
-# what file managers and archivers leave in a folder the user never put there: Windows' thumbnail caches and
-# folder settings, macOS's zip resource forks (`__MACOSX/`); skipped as hidden names are, compared case-blind
-_OS_LITTER = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "__macosx"}
+# what file managers, archivers and NAS boxes leave in a folder the user never put there: Windows' thumbnail
+# caches and folder settings, macOS's zip resource forks (`__MACOSX/`) and the file Finder writes for a folder's
+# custom icon ("Icon\r"), the thumbnails a Synology NAS keeps beside every photo (`@eaDir/`: smaller copies of
+# the images, which leaked test images into training), a USB drive's Windows folders; skipped as hidden names
+# are, compared case-blind
+_OS_LITTER = {"thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini", "__macosx", "@eadir",
+              "$recycle.bin", "system volume information", "icon\r"}
 
 
 def _skipped(path: Path) -> bool:
@@ -87,8 +91,8 @@ def _images_under(folder: Path, root: Path, recursive: bool = False, seen: dict[
     Anything that cannot be copied as it is read is refused, naming it: a non-image file, a pipe or
     device, a name that is not valid UTF-8 or holds a control character, a symlink escaping `root`,
     a broken symlink, a folder reached twice through a symlink (a loop, or a class read twice).
-    Hidden names (starting with '.') and the operating systems' litter (`Thumbs.db`, `desktop.ini`,
-    `__MACOSX/`) are skipped.
+    Hidden names (starting with '.') and the operating systems' and NAS's litter (`Thumbs.db`, `desktop.ini`,
+    `__MACOSX/`, `@eaDir/`, ...: `_OS_LITTER`) are skipped.
     """
     seen = {} if seen is None else seen
     files = []

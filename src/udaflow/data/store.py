@@ -25,7 +25,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-FORMAT = "udaflow-rows-v2"  # bump when decoding changes: old files are then never read (v2: EXIF orientation applied)
+FORMAT = "udaflow-rows-v3"  # bump when decoding changes: old files are then never read (v2: EXIF orientation applied;
+#                            v3: a transparent colour as alpha, float grey images)
 
 
 def content_key(items: Sequence[tuple[str, str]], size: int, variant: str = "") -> str:
