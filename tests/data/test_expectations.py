@@ -139,7 +139,7 @@ def test_a_file_gone_since_the_manifest_names_the_file_and_the_way_back(root: Pa
 def test_wrong_image_size_and_mode_fail(root: Path, tmp_path: Path):
     rows = _rows(root / "target")
     Image.new("CMYK", (4, 4)).save(root / "target" / rows[0]["path"].replace(".png", ".tif"))
-    Image.new("F", (32, 32)).save(root / "target" / "odd.tiff")
+    Image.new("LAB", (32, 32)).save(root / "target" / "odd.tiff")  # CIELAB: no allowed mode (a float grey image is, since 6c15b4c)
     from udaflow.data.manifest import describe_image, write_manifest
 
     extra = [describe_image(root / "target" / "odd.tiff", root / "target", "", "train")]
@@ -149,7 +149,7 @@ def test_wrong_image_size_and_mode_fail(root: Path, tmp_path: Path):
     report = validate_shift(root, "synth", "target", tmp_path / "out")
     failed = _failed(report)
     assert "expect_column_values_to_be_between" in failed  # 4x4 image
-    assert "expect_column_values_to_be_in_set" in failed  # mode F
+    assert "expect_column_values_to_be_in_set" in failed  # mode LAB
 
 
 def test_missing_domain_is_a_data_error(root: Path, tmp_path: Path):
