@@ -67,12 +67,32 @@ def test_files_and_pixels_of_any_size_give_the_same_answer(model):
     (None, "null, no image"),  # JSON null: it said "rows of different lengths"
     (float("nan"), "null, no image"),  # a record without the key, in a DataFrame with it
     (np.zeros((9000, 2)), "1-8192"),
+    (np.eye(8, dtype=np.float32), "only 0 and 1, an image scaled to 0-1"),  # a 0/1 mask: read as 0-255, black
+    ({"b64": "iVBORw0KGgo="}, "an object (keys ['b64']); send the base64 string itself"),  # TF Serving's wrapper
+    ("iVBORw0KGgo+_", "not base64"),  # the two alphabets mixed
+    ("a", "not base64"),  # one character: no byte
     (_png(np.zeros((2, 9000), np.uint8)), "a 9000x2 image file; each side must be 1-8192"),  # refused from its header, undecoded
 ])
 def test_out_of_range_or_malformed_images_are_refused_by_index(model, value, needle):
     with pytest.raises(InputError) as err:
         model.predict({"image": [np.zeros((4, 4), np.uint8), value]})
     assert str(err.value).startswith("image 1:") and needle in str(err.value)
+
+
+def test_base64_without_padding_url_safe_or_as_a_memoryview_is_the_same_image(model):
+    """Web clients send base64 without its '=' padding or in the URL-safe alphabet (- and _), and Python
+    clients a memoryview of the file: each was refused ("not base64", or "an array of shape [286]")."""
+    rng = np.random.default_rng(1)
+    files = {}  # one file per length mod 3: base64 pads them with 0, 2 and 1 '='
+    while len(files) < 3:
+        data = _png(rng.integers(0, 256, (int(rng.integers(20, 40)), 32, 3), dtype=np.uint8))
+        files.setdefault(len(data) % 3, data)
+    for data in files.values():
+        std, url = base64.b64encode(data).decode(), base64.urlsafe_b64encode(data).decode()
+        forms = [std, std.rstrip("="), url, url.rstrip("="), memoryview(data)]
+        out = model.predict({"image": forms})["probabilities"]
+        assert all(same(p, out[0]) for p in out[1:]), len(data) % 3
+    assert any(c in base64.b64encode(d).decode() for d in files.values() for c in "+/")  # the two alphabets differ here
 
 
 def test_a_request_without_images_is_refused(model):

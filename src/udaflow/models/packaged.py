@@ -19,6 +19,7 @@ PackagedModel) and returns the class and the probabilities per image.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +116,7 @@ class InputError(ValueError):
 
 IMAGE = "image"  # the one input column: an encoded image (base64 text or bytes) or uint8 pixels
 MAX_SIDE = 8192  # px; a larger array or image file is refused before it is decoded
+_B64_BARE, _URLSAFE_B64_BARE = re.compile(r"[A-Za-z0-9+/]*"), re.compile(r"[A-Za-z0-9_-]*")  # base64 without its padding
 
 
 def _pixels_of_array(value: Any, where: str) -> Image.Image:
@@ -141,6 +143,9 @@ def _pixels_of_array(value: Any, where: str) -> Image.Image:
         if not np.array_equal(arr, np.round(arr)):
             raise InputError(f"{where}: fractional pixel values (e.g. {arr.flat[np.argmax(arr != np.round(arr))]:g}); "
                              "send uint8 pixels 0-255, as the image file holds them, or the encoded file")
+        if arr.max() == 1 and arr.min() >= 0:  # a 0/1 mask or image scaled to 0-1: read as 0-255 it is black, silently
+            raise InputError(f"{where}: float pixels of only 0 and 1, an image scaled to 0-1; send uint8 pixels 0-255, "
+                             "as the image file holds them, or the encoded file")
     low, high = arr.min(), arr.max()
     if low < 0 or high > 255:
         raise InputError(f"{where}: pixel values from {low:g} to {high:g}; uint8 pixels are 0-255")
@@ -161,13 +166,30 @@ def _decode(value: Any, where: str, spec) -> np.ndarray:
         value = value.item()
     if value is None or (isinstance(value, float) and np.isnan(value)):  # JSON null; pandas fills a missing cell with NaN
         raise InputError(f"{where}: null, no image; send the image file's bytes base64-encoded, or uint8 pixels")
+    if isinstance(value, dict):  # e.g. TF Serving's {"b64": ...}: numpy made it a 0-d array, "rows of different lengths"
+        raise InputError(f"{where}: an object (keys {sorted(map(str, value))[:5]}); send the base64 string itself as "
+                         f"the '{IMAGE}' value, or uint8 pixels")
+    if isinstance(value, memoryview):
+        value = value.tobytes()
     if isinstance(value, str):
         if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,<...>
             value = value.split(",", 1)[1]
+        text = "".join(value.split())  # line breaks, as `base64` writes them
         try:
-            value = base64.b64decode("".join(value.split()), validate=True)  # line breaks, as `base64` writes them
+            value = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise InputError(f"{where}: a string that is not base64; send the image file's bytes base64-encoded") from None
+            # padding left off, or the URL-safe alphabet (- and _ for + and /), as web libraries write it
+            bare = text.rstrip("=")
+            padded = bare + "=" * (-len(bare) % 4)
+            try:
+                if _B64_BARE.fullmatch(bare):
+                    value = base64.b64decode(padded, validate=True)
+                elif _URLSAFE_B64_BARE.fullmatch(bare):
+                    value = base64.urlsafe_b64decode(padded)
+                else:
+                    raise ValueError(text[:20])
+            except (binascii.Error, ValueError):
+                raise InputError(f"{where}: a string that is not base64; send the image file's bytes base64-encoded") from None
     if isinstance(value, (bytes, bytearray)):
         try:
             with Image.open(io.BytesIO(value)) as img:  # lazy: the header only
