@@ -656,7 +656,7 @@ def _print_run_summary(cfg, r: dict) -> None:
 
 
 class BadCron(ValueError):
-    """A --cron Prefect cannot schedule: its own hint, not the server's (the server is up)."""
+    """A --cron (or --pool) Prefect cannot schedule: its own hint, not the server's (the server is up)."""
 
     def __init__(self, message: str, hint: str = 'cron has five fields: minute hour day month weekday, e.g. "0 3 * * *" (03:00 every day)'):
         super().__init__(message)
@@ -704,6 +704,14 @@ def schedule(
     if not cron.strip().startswith("@") and len(cron.split()) != 5:  # Prefect reads a sixth field as seconds: 60 retrains a night
         raise BadCron(f"--cron {cron!r} has {len(cron.split())} fields, not five (minute hour day month weekday; "
                          "Prefect would read a sixth as seconds)")
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    try:  # Prefect's own rule, checked before anything is deployed: it came as a pydantic traceback from the deploy
+        WorkPoolCreate(name=pool, type="process")
+    except ValueError as exc:
+        problem = exc.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(exc, "errors") else str(exc)
+        raise BadCron(f"--pool {pool!r}: not a work pool name ({problem})",
+                      "a Prefect work pool name: not empty, without '/', '%', '&', '<' or '>'") from None
     next_run = _next_cron_run(cron)
     cfg = _load(params, profile, None, **{"source": source, "target": target, "method": method})
     from udaflow.preflight import validate_run

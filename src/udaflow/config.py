@@ -76,7 +76,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: `--set train.lr=.inf` passed every gt=0 bound and trained to NaN losses, then a traceback
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -384,7 +385,10 @@ def load_config(
         raise ConfigError(f"{path}: {'a folder, not a params file' if path.is_dir() else 'no such params file'} "
                           "(run from the repository root or pass --params)")
     try:
-        raw = read_yaml(path.read_text())
+        raw = read_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # a Latin-1 byte, or a copy a Windows editor saved as UTF-16
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+                          "save the params file as UTF-8") from None
     except yaml.YAMLError as exc:  # one line, as every other error: the parser's own spans five with carets
         raise ConfigError(f"{path}:{_yaml_problem(exc)}") from None
     if raw is None:  # the code's defaults are not params.yaml's (another method, learning rate, ...)

@@ -15,6 +15,8 @@ backbone once on CPU is the check for its arguments.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -95,6 +97,15 @@ def validate_run(
         raise refuse(named if named.startswith("model.") else "model", f"model: {exc}") from None
     except TypeError as exc:  # an argument the timm model does not take
         raise refuse("model.backbone_args", f"model.backbone_args: {exc}") from None
+    work = Path(cfg.work_dir)  # checkpoints, caches, outputs: a run failed on it after Prefect had started, in a traceback
+    if work.exists() and not work.is_dir():
+        raise refuse("work_dir", f"work_dir: {work} is a file, not a folder")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        if not os.access(work, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as exc:
+        raise refuse("work_dir", f"work_dir: {work} cannot be a writable folder ({exc.strerror or exc})") from None
     for key, name in (("source", cfg.source), ("target", cfg.target)) if domains is None else domains:
         folder = cfg.data.root / name
         if not folder.is_dir():

@@ -142,6 +142,9 @@ def test_schedule_then_run_then_data_trigger(server, project: Path, tmp_path: Pa
     # 30 February: Prefect accepts it, and its scheduler then fails on it at every pass; no retrain ever runs
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 4 30 2 *")
     assert bad.returncode == 2 and "--cron '0 4 30 2 *' never fires" in bad.stderr and "hint: a day the month never has" in bad.stderr, bad.stderr
+    # a work pool name Prefect refuses: it came as a pydantic traceback (exit 1) from the deploy
+    bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "fonts-b", "--cron", "0 3 * * *", "--pool", "team/a")
+    assert bad.returncode == 2 and "--pool 'team/a': not a work pool name" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert httpx.get(f"{api}/deployments/name/udaflow-retrain/synth-to-fonts-b", timeout=10).status_code == 404
     # a domain's error gets the data hint, not the Prefect server's
     bad = udaflow(env, project, "schedule", "--source", "synth", "--target", "nosuch", "--cron", "0 3 * * *")

@@ -143,6 +143,9 @@ def test_unknown_nested_key_from_override(params):
     ("data.synth_size=false", "data.synth_size: expected a number (got false)"),
     ("train.deterministic=1", "train.deterministic: expected true or false (got 1)"),
     ("train.num_threads=-2", "train.num_threads: must be > 0 (got -2)"),
+    # an infinity passed every gt=0 bound: the run trained to NaN losses and ended in a traceback
+    ("train.lr=.inf", "train.lr: must be a finite number (got inf)"),
+    ("promotion.source_tolerance=.inf", "promotion.source_tolerance: must be a finite number (got inf)"),
 ])
 def test_wrong_type_or_range_names_where_it_came_from_key_and_value(params, override, message):
     """A value given with --set is named as --set's (as the option a CLI took it from, when `flags` says
@@ -219,6 +222,11 @@ def test_missing_and_malformed_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(listy)
+    latin = tmp_path / "latin.yaml"
+    for data, byte in ((b"seed: 0\n# caf\xe9\n", "0xe9 at offset 13"), ("seed: 0\n".encode("utf-16"), "0xff at offset 0")):
+        latin.write_bytes(data)  # a Latin-1 byte; a copy a Windows editor saved as UTF-16: UnicodeDecodeError tracebacks
+        with pytest.raises(ConfigError, match=f"latin.yaml: not UTF-8 text \\(byte {byte}\\)$"):
+            load_config(latin)
 
 
 def test_deep_merge_does_not_mutate_inputs():

@@ -61,6 +61,18 @@ def test_bad_settings_name_their_key(tmp_path, update, match):
         check_run_config(_cfg(tmp_path, **update))
 
 
+def test_a_work_dir_that_cannot_be_a_writable_folder_is_refused_naming_it(tmp_path):
+    """`--set work_dir=README.md` or a path under /proc failed after Prefect had started, in a traceback
+    (NotADirectoryError, FileNotFoundError from the run's lock)."""
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"^work_dir: .*notes\.txt is a file, not a folder$"):
+        check_run_config(_cfg(tmp_path, work_dir=tmp_path / "notes.txt"))
+    with pytest.raises(ConfigError, match=r"^work_dir: .*notes\.txt/runs cannot be a writable folder \(Not a directory\)$"):
+        check_run_config(_cfg(tmp_path, work_dir=tmp_path / "notes.txt" / "runs"))
+    check_run_config(_cfg(tmp_path, work_dir=tmp_path / "new" / "runs"))  # a folder to make is fine, and made
+    assert (tmp_path / "new" / "runs").is_dir()
+
+
 @pytest.mark.parametrize("device, gpus, nproc, refused", [
     ("cuda", 1, 2, True),  # nccl refuses two ranks on one GPU; rank 1 would ask for cuda:1
     ("auto", 2, 4, True),
