@@ -987,14 +987,25 @@ def serve(
 def _require_port(host: str, port: int) -> None:
     """Fail here when the server could not listen on host:port: after `execve`, MLflow loads the model
     for a minute, then uvicorn's "address already in use" ends in MLflow's traceback."""
+    import errno
     import socket
 
     try:
         with socket.create_server((host, port)):
             pass
     except OSError as exc:
-        err = RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-        err.hint = "another server holds that port (`ss -ltnp` names it): pass a free one with --port, or stop it"
+        # create_server re-raises bind's error as "<strerror> (while attempting to bind on address ...)"
+        why = str(exc.strerror or exc).split(" (while attempting", 1)[0]
+        err = RuntimeError(f"cannot listen on {host}:{port}: {why}")
+        if exc.errno == errno.EADDRINUSE:
+            err.hint = "another server holds that port (`ss -ltnp` names it): pass a free one with --port, or stop it"
+        elif isinstance(exc, socket.gaierror) or (exc.errno or 0) < 0 or exc.errno == errno.EADDRNOTAVAIL:  # getaddrinfo's codes are negative
+            # a typo'd or foreign address (999.1.1.1, another machine's IP, a name DNS does not know): not the port's fault
+            err.hint = "--host must be an address of this machine (`ip -brief address` lists them): 127.0.0.1 for this machine only, 0.0.0.0 for every interface"
+        elif exc.errno == errno.EACCES:
+            err.hint = "ports below 1024 need root: pass one above with --port"
+        else:
+            err.hint = "pass another --host or --port"
         raise err from None
 
 

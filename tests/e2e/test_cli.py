@@ -168,6 +168,12 @@ def test_serve_refuses_an_alias_or_version_the_model_lacks(workspace: Path):
         port = taken.getsockname()[1]
         result = invoke(["serve", "--model", "udaflow-synth-to-fonts-b", "--alias", "challenger", "--port", str(port)], workspace)
     assert result.exit_code == 2 and result.output.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), result.output
+    assert "while attempting" not in result.output and "another server holds that port" in result.output, result.output
+    # an address this machine lacks, or a name that resolves to none: the hint is about --host, not a busy port
+    for host in ("999.1.1.1", "192.0.2.1"):  # no IPv4 address; TEST-NET-1, never a local interface
+        result = invoke(["serve", "--model", "udaflow-synth-to-fonts-b", "--alias", "challenger", "--host", host], workspace)
+        assert result.exit_code == 2 and result.output.startswith(f"error: cannot listen on {host}:5001: "), result.output
+        assert "hint: --host must be an address of this machine" in result.output and "port" not in result.output.splitlines()[0], result.output
     result = invoke(["serve", "--model", "udaflow-synth-to-fonts-b", "--port", "70000"], workspace)
     assert result.exit_code == 2 and "65535" in result.output, result.output
 
