@@ -401,7 +401,8 @@ def load_config(
     if profile is not None:
         if profile not in profiles:
             known = ", ".join(sorted(map(str, profiles))) or "none"
-            raise ConfigError(f"{path}: unknown profile '{profile}' (known: {known})")
+            raise ConfigError(f"--profile {profile}: {path} has no such profile (known: {known})",
+                              f"a profile is a mapping under `profiles:` in {path}, merged over the rest of it")
         if not isinstance(profiles[profile] or {}, dict):
             raise ConfigError(f"{path}: profiles.{profile}: expected a mapping of parameters (got {_show(profiles[profile])})")
         raw = deep_merge(raw, profiles[profile] or {})

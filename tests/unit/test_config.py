@@ -190,7 +190,8 @@ def test_unknown_profile_lists_known(params):
     with pytest.raises(ConfigError) as info:
         load_config(params, profile="huge")
     message = str(info.value)
-    assert "unknown profile 'huge'" in message and "empty, quick" in message and str(params) in message
+    assert f"--profile huge: {params} has no such profile (known: empty, quick)" in message, message
+    assert "under `profiles:`" in info.value.hint, info.value.hint
 
 
 def test_missing_and_malformed_files(tmp_path):
