@@ -59,7 +59,7 @@ _CONFIG_HINT = "keys and defaults are in params.yaml; each method's options and 
 
 _ERROR_TYPES = (  # udaflow's error types, by module
     ("udaflow.config", "ConfigError"), ("udaflow.data.manifest", "DataError"), ("udaflow.methods", "UnknownMethodError"),
-    ("udaflow.models.backbone", "BackboneError"), ("udaflow.versioning", "VersioningError"),
+    ("udaflow.models.backbone", "BackboneError"), ("udaflow.versioning", "VersioningError"), ("udaflow.tracking", "ModelUnreadable"),
 )
 
 
@@ -439,6 +439,7 @@ def run(
     cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device, "train.nproc": nproc})
     validate_run(cfg)  # before anything is validated, versioned or trained (the oracle included: it is never registered)
     check_device(cfg)
+    _require_loadable_champion(cfg)
     _say_input(cfg)
     _quiet_prefect()
     from flows.pipeline import adaptation_pipeline
@@ -458,6 +459,18 @@ def run(
     # the version's aliases now, after its gate: another run sharing the store may have moved either since
     result["aliases"] = sorted(a for a, v in tracking.model_aliases(result["model"]).items() if str(v) == str(result["version"]))
     _print_run_summary(cfg, result)
+
+
+def _require_loadable_champion(cfg) -> None:
+    """Before training: the gate at the end compares the new version with the champion, so a champion whose
+    files are gone fails the run there, after the training; say so now. No store or no champion: nothing to check."""
+    uri = cfg.tracking.uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    from udaflow import tracking
+
+    tracking.configure(uri, Path(cfg.tracking.artifact_root))
+    tracking.check_champion(tracking.model_name(cfg.source, cfg.target))
 
 
 def _say_input(cfg) -> None:
@@ -969,6 +982,9 @@ def serve(
                        "`udaflow promote` makes a challenger the champion once it passes the gate; "
                        "`--alias challenger` or `--alias N` serves another version")
     uri = f"models:/{model}/{alias}" if alias.isdigit() else f"models:/{model}@{alias}"
+    version = str(int(alias)) if alias.isdigit() else aliases[alias]
+    # MLflow's scoring server would load it after execve and end in a traceback when its files are gone
+    tracking.check_loadable(model, version, f"v{version}" if alias.isdigit() else f"@{alias} (v{version})")
     _require_port(host, port)
     bindir = str(Path(sys.executable).parent)
     env = {

@@ -107,18 +107,29 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+CODE_DIRS = ("src/", "flows/", "tasks/")  # the package and the flows; with any .py file and pyproject.toml's pins: the code a run used
+
+
+def _is_code(path: str) -> bool:
+    """A path of `git status --porcelain` (from the repository root; quoted when odd; `old -> new` for a rename)."""
+    path = path.split(" -> ")[-1].strip('"')
+    return path.endswith(".py") or path.startswith(CODE_DIRS) or path == "pyproject.toml"
+
+
 def git_state(cwd: Path | None = None) -> dict[str, str]:
     """Commit and dirty flag of the code this run used ('unknown' outside a git checkout): dirty when a
-    tracked file differs from the commit or an untracked Python file is there (ignored files never count)."""
+    code file (any .py, anything under src/, flows/ or tasks/, pyproject.toml) differs from the commit or
+    is new and not ignored. A new method in src/udaflow/methods/ trains, and run_fingerprint hashes it, before
+    it is committed. What a run records otherwise is not code: params.yaml (the run logs its resolved
+    parameters), dvc.lock (runs write it) and data pointers (`data ingest` writes them; the run logs
+    their hashes). Counting those called nearly every run after an ingest "uncommitted code changes"."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        # a tracked file changed, or an untracked .py (a new method in src/udaflow/methods/ trains, and
-        # run_fingerprint hashes it, before it is committed); untracked data pointers and notes are not code
         status = git("status", "--porcelain", "--untracked-files=all").splitlines()
-        dirty = any(not line.startswith("??") or line.rstrip('"').endswith(".py") for line in status)
+        dirty = any(_is_code(line[3:]) for line in status)
     except (subprocess.CalledProcessError, FileNotFoundError):
         return {"git.commit": "unknown", "git.dirty": "unknown"}
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
@@ -168,8 +179,27 @@ STALE_S = 15 * 60.0
 _heartbeats: dict[str, tuple[threading.Event, threading.Thread]] = {}
 
 
+PROCESS_TAG = "udaflow.process"  # "<boot id>:<start time>" of the run's process (Linux): its pid alone may be another's by now
+
+
+def process_identity(pid: int) -> str | None:
+    """The boot id and the process's start time since boot (clock ticks, /proc/<pid>/stat field 22): one
+    process in the machine's life. None where /proc does not tell (not Linux) or no such process is running.
+
+    A pid is reused: after a reboot or a container restart, a killed run's pid 1 (a container whose entrypoint
+    is `udaflow run`) is the next run's own pid, and any pid may be another program's by then."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the command name may hold spaces
+        return f"{boot}:{fields[19]}"  # fields[0] is field 3 (state)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _beat_tags() -> dict[str, str]:
-    return {"udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid()), HEARTBEAT_TAG: str(int(time.time()))}
+    identity = process_identity(os.getpid())
+    return {"udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid()), HEARTBEAT_TAG: str(int(time.time())),
+            **({PROCESS_TAG: identity} if identity else {})}
 
 
 def _start_heartbeat(run_id: str) -> None:
@@ -340,16 +370,51 @@ def _bad_request_type() -> type:
     return BadRequest
 
 
+class ModelUnreadable(LookupError):
+    """A registered version whose model files cannot be read back from the artifact store (moved or
+    deleted by hand, a bucket emptied): the registry still lists it, nothing can load it."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint or ("restore the version's files in the artifact store (the MLflow UI's model page names where), "
+                             "or point its alias at a version that loads (`udaflow rollback`, or the MLflow UI)")
+
+
 def load_model(uri: str):
     """The registered ImageClassifier behind `uri` (models:/NAME@ALIAS or /VERSION), loaded from its
-    safetensors weights; a version logged in any other format is refused (nothing is unpickled)."""
+    safetensors weights; a version logged in any other format is refused (nothing is unpickled).
+    A version the registry lists whose files are gone or unreadable: ModelUnreadable, one line."""
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
-    loader = get_model_info(uri).flavors.get("python_function", {}).get("loader_module")  # reads MLmodel (YAML) only
-    if loader != "udaflow.models.packaged":
-        raise LookupError(f"{uri}: not a udaflow packaged model (pyfunc loader {loader!r}); refusing to load it")
-    return mlflow.pyfunc.load_model(uri).get_raw_model()
+    _registry_version(uri)  # a name, alias or version the registry lacks stays MLflow's own error
+    try:
+        loader = get_model_info(uri).flavors.get("python_function", {}).get("loader_module")  # reads MLmodel (YAML) only
+        if loader != "udaflow.models.packaged":
+            raise LookupError(f"{uri}: not a udaflow packaged model (pyfunc loader {loader!r}); refusing to load it")
+        return mlflow.pyfunc.load_model(uri).get_raw_model()
+    except (MlflowException, OSError) as exc:  # MLmodel or the weights missing ("No such artifact"), a file cut short
+        why = " ".join(str(getattr(exc, "message", None) or exc).split())[:200]
+        raise ModelUnreadable(f"{uri}: its model files cannot be read ({why})") from exc
+
+
+def _registry_version(uri: str):
+    """The registry's entry for models:/NAME/VERSION or models:/NAME@ALIAS (MLflow's error when it has none)."""
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return _client().get_model_version_by_alias(name, alias)
+    name, _, version = body.rpartition("/")
+    return _client().get_model_version(name, version) if name and version.isdigit() else None
+
+
+def check_loadable(name: str, version: str | int, role: str, hint: str | None = None) -> None:
+    """Raise ModelUnreadable naming `role` ("champion v3") when the version's model cannot be loaded."""
+    try:
+        load_model(f"models:/{name}/{version}")
+    except ModelUnreadable as exc:
+        raise ModelUnreadable(f"{name} {role}: {str(exc).split(': ', 1)[1]}", hint or exc.hint) from exc.__cause__
 
 
 def incomplete_versions(name: str) -> list[str]:
@@ -451,8 +516,10 @@ ENDED_BY_TAG = "udaflow.ended_by"  # on a run ended KILLED by the next run: that
 
 def end_runs_of_dead_processes(experiment: str) -> list[str]:
     """Mark KILLED the runs a killed `udaflow run` or drift check left RUNNING, with their child runs;
-    returns their ids. On this host: those whose process is gone. From another host: those whose
-    heartbeat is over STALE_S old (a run without one is left alone). A live run is left alone."""
+    returns their ids. On this host: those whose process is gone: no process has its pid, or the one that
+    has it started at another time or boot (`process_identity`; a run tagged before it: a heartbeat over
+    STALE_S old says the same). From another host: those whose heartbeat is over STALE_S old (a run without
+    one is left alone). A live run is left alone."""
     client = _client()
     host, ended, now = socket.gethostname(), [], time.time()
     for run in client.search_runs([experiment], "attributes.status = 'RUNNING' and tags.`udaflow.host` LIKE '%'"):
@@ -465,8 +532,18 @@ def end_runs_of_dead_processes(experiment: str) -> list[str]:
                 continue
         else:
             try:
-                os.kill(int(tags.get("udaflow.pid", "0")), 0)
-                continue  # still running
+                pid = int(tags.get("udaflow.pid", "0"))
+                os.kill(pid, 0)
+                recorded, now_there = tags.get(PROCESS_TAG), process_identity(pid)
+                if recorded and now_there:
+                    if recorded == now_there:
+                        continue  # that very process, still running
+                else:  # tagged before the process identity was: a live process beats its heartbeat
+                    try:
+                        if now - float(tags[HEARTBEAT_TAG]) < STALE_S:
+                            continue
+                    except (KeyError, ValueError):
+                        continue
             except ProcessLookupError:
                 pass
             except (PermissionError, ValueError):
@@ -614,8 +691,9 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
     registers no copy: it completes that version's tags when they were cut short, points `challenger`
     at it for the gate (which decides again, or finds it the champion already), and both the run and
     the version say so (`registry.adopted_from_run`, `adopted_by_run`)."""
-    child = start_run(run.experiment_id, "register", {"udaflow.stage": "register"}, run.run_id)
     name, weights = model_name(run.source, run.target), package_digest(package)
+    check_champion(name)  # else a version is registered, the gate fails on the champion, and the next run registers another
+    child = start_run(run.experiment_id, "register", {"udaflow.stage": "register"}, run.run_id)
 
     def version_tags(registered_by: str) -> dict[str, Any]:
         return {  # the weights first: a version cut short after this tag still says what it holds
@@ -653,6 +731,14 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
     set_tags(child, {"registry.model": registered.name, "registry.version": registered.version})
     end_run(child)
     return registered
+
+
+def check_champion(name: str) -> None:
+    """ModelUnreadable when `name` has a champion whose model files cannot be loaded (the gate could not
+    compare a challenger with it); nothing when there is no such model or champion."""
+    champion = _alias_version(name, CHAMPION)
+    if champion is not None:
+        check_loadable(name, champion.version, f"champion v{champion.version}", UNREADABLE_HINTS[CHAMPION])
 
 
 HEADLINE = ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "source_val_acc_last", "median_last5_target_acc")
@@ -772,8 +858,8 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
         if champion is not None and str(champion.version) == str(challenger.version):
             measured_champion = measured_challenger = None
         else:
-            measured_challenger = replace(measure(f"models:/{name}/{challenger.version}"), version=str(challenger.version))
-            measured_champion = None if champion is None else replace(measure(f"models:/{name}/{champion.version}"), version=str(champion.version))
+            measured_challenger = replace(_measure(measure, name, challenger, "challenger"), version=str(challenger.version))
+            measured_champion = None if champion is None else replace(_measure(measure, name, champion, "champion"), version=str(champion.version))
         if measured_challenger is None:
             from udaflow.promotion import Decision
 
@@ -807,6 +893,22 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
             client.set_registered_model_alias(name, CHAMPION, challenger.version)
         client.set_model_version_tag(name, challenger.version, "gate.decision", "promoted" if decision.promote else "rejected")
         return decision, str(challenger.version), previous
+
+
+# what to do when the gate cannot load a version: nothing was decided, no alias moved
+UNREADABLE_HINTS = {
+    CHAMPION: ("the gate compares the challenger with the champion: restore the champion's files in the artifact store, "
+               "or `udaflow rollback` to the previous champion (or delete the champion alias in the MLflow UI: the next gate "
+               "then judges the challenger as a first version)"),
+    CHALLENGER: "restore the challenger's files in the artifact store, or register a new version with `udaflow run`",
+}
+
+
+def _measure(measure: Callable[[str], Any], name: str, version, role: str):
+    try:
+        return measure(f"models:/{name}/{version.version}")
+    except ModelUnreadable as exc:
+        raise ModelUnreadable(f"{name} {role} v{version.version}: {str(exc).split(': ', 1)[1]}", UNREADABLE_HINTS[role]) from exc.__cause__
 
 
 PROMOTING, REJECTING = "promoting", "rejecting"
@@ -878,6 +980,9 @@ def rollback(name: str, dry_run: bool = False) -> tuple[str, str]:
         if len(history) < 2:
             raise LookupError(f"model '{name}' has no previous champion to roll back to (history: {history or 'empty'})")
         current, previous = history[-1], history[-2]
+        # a champion nothing can load is worse than the one rolled back from (and that one is then barred from the gate)
+        check_loadable(name, previous, f"v{previous} (the previous champion, the rollback's target)",
+                       f"nothing changed; restore v{previous}'s files in the artifact store, then roll back again")
         if dry_run:
             return current, previous
         client.set_model_version_tag(name, current, "gate.rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -610,3 +610,81 @@ def test_a_run_killed_on_another_machine_is_ended_once_its_heartbeat_stops_and_i
     # this machine's next run, with the same weights, adopts the orphan's version instead of a copy
     assert add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5) == first
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
+
+
+def _move_files_away(version: str, to: Path) -> tuple[Path, Path]:
+    """Move a version's logged-model folder out of the artifact store, as a person cleaning disk would."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    location = ModelsArtifactRepository.get_underlying_uri(f"models:/{NAME}/{version}")
+    folder = Path(location.removeprefix("file://"))
+    assert (folder / "MLmodel").is_file(), location
+    return Path(folder.rename(to / f"v{version}-files")), folder
+
+
+def test_a_version_whose_files_are_gone_is_one_line_and_moves_nothing(registry: Path, trained):
+    """A registered version whose model files were deleted: rollback to it, a gate against it as the champion,
+    a registration that the gate would then fail on, and serving it each end in one line, exit 2, with the
+    registry as it was (before, the gate and serve ended in MLflow's traceback, the next run registered a
+    copy, and rollback made an unloadable version the champion)."""
+    client = mlflow.MlflowClient()
+    add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    add_version(registry, variant(trained, 0), recorded_im=0.7, source_only_im=0.5)
+    client.set_registered_model_alias(NAME, "challenger", "1")
+    assert cli(["promote", "--model", NAME], registry).exit_code == 0 and champion() == "1"
+    client.set_registered_model_alias(NAME, "challenger", "2")
+    assert "promoted" in cli(["promote", "--model", NAME], registry).output and champion() == "2"  # the same weights: a tie
+
+    aside, home = _move_files_away("1", registry)
+    for dry in (["--dry-run"], []):
+        result = cli(["rollback", "--model", NAME, *dry], registry)
+        lines = result.output.splitlines()
+        assert result.exit_code == 2 and lines[0].startswith(
+            f"error: {NAME} v1 (the previous champion, the rollback's target): its model files cannot be read ("), result.output
+        assert "No such artifact" in lines[0] and lines[1].startswith("hint: nothing changed; restore v1's files"), result.output
+        assert champion() == "2" and "gate.rolled_back_at" not in client.get_model_version(NAME, "2").tags
+    assert client.get_registered_model(NAME).tags[tracking.HISTORY_TAG] == "1,2"
+
+    aside.rename(home)
+    _move_files_away("2", registry)
+    with pytest.raises(tracking.ModelUnreadable, match=f"^{NAME} champion v2: its model files cannot be read"):
+        add_version(registry, variant(trained, 5), recorded_im=0.8, source_only_im=0.5)  # a run's registration
+    assert [v.version for v in tracking.latest_versions(NAME)] and len(tracking.latest_versions(NAME)) == 2  # nothing registered
+
+    client.set_registered_model_alias(NAME, "challenger", "1")
+    decided = client.get_model_version(NAME, "1").tags["gate.decision"]
+    result = cli(["promote", "--model", NAME], registry)
+    lines = result.output.splitlines()
+    assert result.exit_code == 2 and lines[0].startswith(f"error: {NAME} champion v2: its model files cannot be read ("), result.output
+    assert "udaflow rollback" in lines[1] and "Traceback" not in result.output, result.output
+    assert champion() == "2" and client.get_model_version(NAME, "1").tags["gate.decision"] == decided  # nothing decided
+
+    result = cli(["serve", "--model", NAME], registry)  # refused before MLflow's scoring server starts
+    assert result.exit_code == 2 and result.output.startswith(f"error: {NAME} @champion (v2): its model files cannot be read ("), result.output
+
+
+def test_a_run_whose_pid_another_process_holds_now_is_ended(registry: Path):
+    """A killed run's pid, alive again as another process (a container's pid 1 after a restart, a reboot,
+    plain reuse): the process's start time and boot id tell it apart; without them (a run tagged before),
+    its stale heartbeat does. Before, `os.kill(pid, 0)` alone kept such a run RUNNING for good, and every
+    later run registered a copy of its version."""
+    import os
+    import socket
+    import time
+
+    client = mlflow.MlflowClient()
+    cfg = _cfg(registry)
+    exp = tracking.experiment_id(cfg.source, cfg.target)
+    me = tracking.process_identity(os.getpid())
+    assert me and me.count(":") == 1  # Linux: /proc says it
+    here = {"udaflow.host": socket.gethostname(), "udaflow.pid": str(os.getpid())}
+    fresh, stale = str(int(time.time())), str(int(time.time() - tracking.STALE_S - 1))
+    alive = tracking.start_run(exp, "alive", {**here, tracking.PROCESS_TAG: me, tracking.HEARTBEAT_TAG: stale})
+    reused = tracking.start_run(exp, "reused", {**here, tracking.PROCESS_TAG: "another-boot:12345", tracking.HEARTBEAT_TAG: fresh})
+    older_beating = tracking.start_run(exp, "older, beating", {**here, tracking.HEARTBEAT_TAG: fresh})
+    older_silent = tracking.start_run(exp, "older, silent", {**here, tracking.HEARTBEAT_TAG: stale})
+    assert sorted(tracking.end_runs_of_dead_processes(exp)) == sorted([reused, older_silent])
+    status = {r: client.get_run(r).info.status for r in (alive, reused, older_beating, older_silent)}
+    assert status == {alive: "RUNNING", reused: "KILLED", older_beating: "RUNNING", older_silent: "KILLED"}
+    for run_id in (alive, older_beating):
+        tracking.end_run(run_id)

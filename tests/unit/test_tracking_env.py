@@ -51,9 +51,9 @@ def test_a_worker_loading_the_retrain_flow_turns_telemetry_off_as_the_cli_does()
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {**SETTINGS, "HF_HUB_OFFLINE": "0"}
 
 
-def test_git_dirty_counts_changed_tracked_files_and_new_code_not_ignored_or_data_files(tmp_path):
+def test_git_dirty_counts_changed_or_new_code_not_params_lock_data_pointers_or_ignored_files(tmp_path):
     """A new method file, uncommitted, trains (run_fingerprint hashes it): the run is dirty. An ingested
-    domain's pointer not yet committed, or a note, is not code; an ignored file never counts."""
+    domain's pointer (new or changed), params.yaml, dvc.lock or a note is not code; an ignored file never counts."""
     import subprocess
 
     def git(*args):
@@ -62,15 +62,23 @@ def test_git_dirty_counts_changed_tracked_files_and_new_code_not_ignored_or_data
     git("init", "-q")
     (tmp_path / ".gitignore").write_text("runs/\n")
     (tmp_path / "train.py").write_text("x = 1\n")
+    for tracked in ("params.yaml", "dvc.lock", "data/raw/mnist.dvc", "src/udaflow/fonts/README"):
+        (tmp_path / tracked).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / tracked).write_text("a: 1\n")
     git("add", ".")
     git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "first")
     state = lambda: tracking.git_state(tmp_path)["git.dirty"]  # noqa: E731
     assert state() == "false"
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs/scratch.py").write_text("")
-    (tmp_path / "data").mkdir()
     (tmp_path / "data/line-b.dvc").write_text("outs: []\n")
     (tmp_path / "notes.txt").write_text("")
+    for tracked in ("params.yaml", "dvc.lock", "data/raw/mnist.dvc"):  # what `udaflow data ingest` and runs change
+        (tmp_path / tracked).write_text("a: 2\n")
+    assert state() == "false"
+    (tmp_path / "src/udaflow/fonts/README").write_text("b\n")  # anything in the package is code
+    assert state() == "true"
+    git("checkout", "-q", "src")
     assert state() == "false"
     (tmp_path / "data/my method.py").write_text("")  # a path git quotes
     assert state() == "true"
