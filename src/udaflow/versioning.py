@@ -11,6 +11,7 @@ identity everywhere else (MLflow dataset digests, cache keys, reproduction).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -222,6 +223,84 @@ def _tree(folder: Path) -> set[str]:
     return found
 
 
+def _restore_ignore(path: Path, saved: bytes | None, ignored: bool) -> None:
+    """The .gitignore beside `path` as it was when only this folder's `/<name>` line differs, else that line alone."""
+    ignore, line = path.parent / ".gitignore", f"/{path.name}"
+    now = ignore.read_bytes() if ignore.exists() else None
+    others = lambda b: [x for x in (b or b"").decode(errors="replace").splitlines() if x != line]  # noqa: E731
+    if now != saved and others(now) == others(saved):
+        if saved is None:
+            ignore.unlink(missing_ok=True)
+        else:
+            ignore.write_bytes(saved)
+    else:
+        _ignore_line(path, ignored)
+
+
+def _file_md5s(folder: Path) -> set[str]:
+    """The md5 of every file under `folder` (DVC 3 names a file's cache object by it)."""
+    import hashlib
+
+    found: set[str] = set()
+    for here, _, files in os.walk(folder):
+        for name in files:
+            digest = hashlib.md5()
+            with contextlib.suppress(OSError), open(os.path.join(here, name), "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+                found.add(digest.hexdigest())
+    return found
+
+
+def _remove_new_objects(cache: Path, before: set[str], ours: set[str]) -> None:
+    """Delete the cache objects added since `before` that hold this ingest's files (md5 in `ours`), and its
+    folder listings (`<md5>.dir` objects listing only such files). Objects other processes added stay."""
+    def md5_of(rel: str) -> str:
+        parts = Path(rel).parts  # files/md5/ab/cdef... (DVC 3) or ab/cdef... (DVC 2)
+        return (parts[-2] + parts[-1]) if len(parts) >= 2 else parts[-1]
+
+    for rel in sorted(_tree(cache) - before, key=lambda r: r.count(os.sep), reverse=True):
+        added = cache / rel
+        if added.is_dir() and not added.is_symlink():
+            with contextlib.suppress(OSError):
+                added.rmdir()  # a prefix folder this ingest's objects alone made
+            continue
+        md5 = md5_of(rel)
+        if md5.endswith(".dir"):
+            try:
+                listed = {entry["md5"] for entry in json.loads(added.read_text())}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not listed <= ours:
+                continue
+        elif md5 not in ours:
+            continue
+        added.unlink(missing_ok=True)
+
+
+def _restore_lock_entries(lock: Path, saved: bytes | None, rel: str) -> None:
+    """Put back dvc.lock's entries for the stage(s) whose output is the folder `rel` (a built-in domain's
+    build stage, which `repo.commit` rewrites), as they were on entry; every other stage as it is now."""
+    import yaml
+
+    now = lock.read_bytes() if lock.exists() else None
+    if now == saved:
+        return
+    old, new = (yaml.safe_load(b) or {} if b else {} for b in (saved, now))
+    stages = lambda d: d.get("stages") or {}  # noqa: E731
+    ours = {n for d in (old, new) for n, stage in stages(d).items()
+            if any(isinstance(o, dict) and o.get("path") == rel for o in (stage or {}).get("outs") or [])}
+    others = lambda d: {k: v for k, v in d.items() if k != "stages"} | {"stages": {n: v for n, v in stages(d).items() if n not in ours}}  # noqa: E731
+    if others(old) == others(new):  # only this folder's entries changed: the file's own bytes back
+        if saved is None:
+            lock.unlink(missing_ok=True)
+        else:
+            lock.write_bytes(saved)
+        return
+    restored = {n: v for n, v in stages(new).items() if n not in ours} | {n: stages(old)[n] for n in ours if n in stages(old)}
+    lock.write_text(yaml.safe_dump({**new, "stages": restored}, sort_keys=False))
+
+
 def _ingest_files(path: Path, root: Path) -> list[Path]:
     """The git-tracked files an ingest of the folder `path` may rewrite: its pointer, the .gitignore beside it, dvc.lock."""
     return [path.with_name(path.name + ".dvc"), path.parent / ".gitignore", root / "dvc.lock"]
@@ -366,10 +445,12 @@ def rollback_on_failure(path: Path, root: Path | None = None):
 
     On entry the current folder (if any) moves aside to `.<name>.previous`; the block puts the new
     one at `path` and versions it. If the block raises (a failed copy, validation, `dvc add`, a
-    push, Ctrl-C), everything DVC or the block touched is put back as it was: the folder, its
-    `<name>.dvc` pointer, the `.gitignore` beside it, `dvc.lock`, and the DVC cache (objects the
-    block added are removed). On success the moved-aside folder is deleted; its content stays in
-    the DVC cache and remote under its old hash.
+    push, Ctrl-C), what this ingest changed is put back as it was: the folder, its `<name>.dvc`
+    pointer, its line in the `.gitignore` beside it, its stage's entry in `dvc.lock` (a built-in
+    domain's), and the DVC cache objects holding its files. What other processes wrote to those
+    shared files and the cache meanwhile (another name's ingest, a run's or a hand-made `dvc commit`)
+    stays. On success the moved-aside folder is deleted; its content stays in the DVC cache and
+    remote under its old hash.
 
     A process killed outright inside the block cannot roll back: a journal written on entry
     (`.<name>.ingest.json`: the pointer's bytes, whether the folder existed and was git-ignored)
@@ -402,20 +483,21 @@ def rollback_on_failure(path: Path, root: Path | None = None):
         try:
             yield path
         except BaseException:
+            # undo what THIS ingest did, nothing more: other ingests (of other names: the lock is per name), a
+            # `udaflow run` or a hand-made `dvc commit` may have written the shared cache, the .gitignore and
+            # dvc.lock meanwhile (restoring their bytes, and deleting every object new since entry, undid theirs)
+            ours = _file_md5s(path)  # the new version's content, before it goes
             shutil.rmtree(path, ignore_errors=True)
             if backup.exists():
                 backup.replace(path)
-            for file, content in saved.items():
-                if content is None:
-                    file.unlink(missing_ok=True)
-                else:
-                    file.write_bytes(content)
-            for rel in sorted(_tree(cache) - cached, key=lambda r: r.count(os.sep), reverse=True):
-                added = cache / rel
-                if added.is_dir() and not added.is_symlink():
-                    shutil.rmtree(added, ignore_errors=True)
-                else:
-                    added.unlink(missing_ok=True)
+            file = path.with_name(path.name + ".dvc")  # this name's own: no other process writes it under the lock
+            if pointer is None:
+                file.unlink(missing_ok=True)
+            else:
+                file.write_bytes(pointer)
+            _restore_ignore(path, saved[path.parent / ".gitignore"], state["ignored"])  # this name's line only
+            _restore_lock_entries(root / "dvc.lock", saved[root / "dvc.lock"], os.path.relpath(path, root))
+            _remove_new_objects(cache, cached, ours)
             journal.unlink(missing_ok=True)
             raise
         if backup.exists():

@@ -133,6 +133,39 @@ def test_a_failed_push_after_the_copy_leaves_everything_as_it_was(project: Path,
     assert not [p for p in os.listdir(project / "data/raw") if p.startswith(".") and p != ".gitignore"]
 
 
+def test_a_failed_ingest_undoes_its_own_writes_and_not_another_process_s(project: Path, folders, monkeypatch):
+    """Another name's ingest (its lock is its own) and a hand-made `dvc commit` of a stage may finish while this
+    ingest is inside its all-or-nothing block. Its rollback deleted every cache object new since it began and
+    wrote back the .gitignore and dvc.lock it had read: the other version's objects (never pushed) were lost,
+    its .gitignore line and the lock's stage entry undone."""
+    real = versioning.version_dataset
+    theirs: dict[str, object] = {}
+
+    def racing(path, *args, **kwargs):
+        if Path(path).name != "mine":
+            return real(path, *args, **kwargs)
+        theirs["result"] = ingest(project, folders["flat-v2"], "theirs")  # another process's ingest, finishing meanwhile
+        (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  other:\n    cmd: 'true'\n")  # and a `dvc commit` of a stage
+        theirs["lock"] = (project / "dvc.lock").read_bytes()
+        theirs["snapshot"] = snapshot(project)
+        real(path, *args, **kwargs)  # this ingest's `dvc add`, then its push fails
+        raise versioning.VersioningError(f"{path}: could not push to the default DVC remote")
+
+    monkeypatch.setattr(versioning, "version_dataset", racing)
+    with pytest.raises(versioning.VersioningError, match="could not push"):
+        ingest(project, folders["labelled"], "mine")
+    monkeypatch.undo()
+    assert not (project / "data/raw/mine").exists() and not (project / "data/raw/mine.dvc").exists()
+    assert (project / "dvc.lock").read_bytes() == theirs["lock"]
+    after, during = snapshot(project), theirs["snapshot"]
+    assert after["cache"] == during["cache"]  # theirs all there, none of this ingest's own
+    assert after["data"] == {k: v for k, v in during["data"].items() if "/mine" not in k and "/.mine" not in k}
+    assert after["git"] == during["git"].replace("?? data/raw/mine.dvc\n", "")
+    assert not [k for k in versioning.status(project) if "theirs" in k]
+    assert versioning.dataset_version(project / "data/raw/theirs").md5 == theirs["result"].md5
+    assert ingest(project, folders["labelled"], "mine").changed  # and this one goes through on a retry
+
+
 def test_val_fraction_keeps_a_labelled_val_split_the_adaptation_pool_never_sees(project: Path, folders, tmp_path: Path):
     """`data ingest --val-fraction`: a stratified labelled `val` split (the promotion gate's), the same
     `test` split as without it, validated by the GX suites; the target's adaptation pool leaves it out."""
