@@ -28,7 +28,8 @@ class DataValidationError(DataError):
 
 @flow(name="udaflow-pipeline", log_prints=True)
 def adaptation_pipeline(cfg: Config, params_file: str = "params.yaml") -> dict[str, Any]:
-    with steps.exclusive_shift(cfg):  # a second run on this shift waits: they share files and the registry
+    # a second run on this shift waits: they share files and the registry; an ingest replacing its data waits for it
+    with steps.exclusive_shift(cfg), steps.domains_in_use(cfg):
         seconds: dict[str, float] = {}
         run = open_tracking_run(cfg, params_file, str(flow_run.get_id() or ""))
         try:

@@ -390,6 +390,15 @@ def exclusive_shift(cfg: Config):
         yield
 
 
+@contextmanager
+def domains_in_use(cfg: Config):
+    """The run's source and target folders held against a replacing ingest until it ends (`versioning.domains_in_use`)."""
+    from udaflow import versioning
+
+    with versioning.domains_in_use([Path(cfg.data.root) / cfg.source, Path(cfg.data.root) / cfg.target]):
+        yield
+
+
 def _sample_pixels(domain: Domain, spec, max_images: int, seed: int):
     """Up to `max_images` images of the whole domain (every split; labels never read), seeded."""
     import numpy as np

@@ -22,6 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 DEFAULT_REMOTE = "local"
 
@@ -439,6 +440,58 @@ def _recover(path: Path) -> str | None:
     return f"{path}: an ingest killed before it finished ({who}) was rolled back; the previous version is in place"
 
 
+def _in_use_lock(path: Path, root: Path) -> Path:
+    return root / ".dvc" / "tmp" / "udaflow-ingest" / f"{path.name}.in-use"
+
+
+@contextmanager
+def domains_in_use(paths: Iterable[Path]):
+    """Shared locks on the domain folders a run reads (`.dvc/tmp/udaflow-ingest/<name>.in-use`), held from
+    before it validates and versions them until its gate: an ingest replacing one of them waits for every
+    such run to end (`rollback_on_failure`). Before, a `--replace` finished under a running run: it trained
+    on the old images and was evaluated and gated on the new ones, its run recording the old DVC hash.
+    A replacing ingest already swapping the folder: VersioningError, as for one under way."""
+    import fcntl
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for folder in dict.fromkeys(Path(p).resolve() for p in paths):
+            folder, root = _locate(folder, None)
+            if root is None:
+                continue
+            lock = _in_use_lock(folder, root)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fh = stack.enter_context(open(lock, "a+"))
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VersioningError(f"{folder}: an ingest of '{folder.name}' is replacing it; wait for it to finish",
+                                      f"`udaflow data ingest --replace` holds {lock} while it swaps the folder") from None
+            stack.callback(fcntl.flock, fh, fcntl.LOCK_UN)
+        yield
+
+
+@contextmanager
+def _replacing(path: Path, root: Path):
+    """The domain's in-use lock, exclusive: waits (saying so) for the runs reading the folder to end."""
+    import fcntl
+
+    lock = _in_use_lock(path, root)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.stderr.write(f"waiting for the udaflow run(s) reading '{path.name}' to finish: replacing it under them would "
+                             "change the data they train, evaluate and gate on\n")
+            sys.stderr.flush()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @contextmanager
 def rollback_on_failure(path: Path, root: Path | None = None):
     """A new version of the dataset folder `path` goes in place inside this block, all or nothing.
@@ -460,7 +513,7 @@ def rollback_on_failure(path: Path, root: Path | None = None):
     path, root = _locate(path, root)
     if root is None:
         raise VersioningError(f"{path}: not inside a DVC project; run `dvc init` (or `make setup`) at the repository root")
-    with _ingest_lock(path, root):
+    with _ingest_lock(path, root), (_replacing(path, root) if path.exists() else contextlib.nullcontext()):
         _recover(path)
         backup, journal, discard = _aside(path, "previous"), _aside(path, "ingest.json"), _aside(path, "discard")
         with _repo(root) as repo:

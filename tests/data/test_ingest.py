@@ -166,6 +166,28 @@ def test_a_failed_ingest_undoes_its_own_writes_and_not_another_process_s(project
     assert ingest(project, folders["labelled"], "mine").changed  # and this one goes through on a retry
 
 
+def test_a_replacing_ingest_waits_for_the_runs_reading_the_domain(project: Path, folders, capfd):
+    """A run holds its domains from validation to its gate (`domains_in_use`): `--replace` waits for it,
+    saying so, instead of swapping the folder under it (it trained on the old images, then evaluated and
+    gated on the new ones). A run starting while an ingest swaps the folder is refused in one line."""
+    ingest(project, folders["flat"], "tgt")
+    folder = project / "data/raw/tgt"
+    reader = (f"import sys, time; from pathlib import Path; from udaflow import versioning\n"
+              f"folder = Path({str(folder)!r})\n"
+              "with versioning.domains_in_use([folder]):\n"
+              "    before = (folder / 'manifest.csv').read_bytes(); print('holding', flush=True); time.sleep(8)\n"
+              "    print('same' if (folder / 'manifest.csv').read_bytes() == before else 'changed', flush=True)\n")
+    run = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, text=True)
+    assert run.stdout.readline().strip() == "holding"
+    replaced = ingest(project, folders["flat-v2"], "tgt", replace=True)
+    assert run.stdout.read().strip() == "same" and run.wait() == 0  # the folder stayed as the run read it, to its end
+    assert replaced.changed and "waiting for the udaflow run(s) reading 'tgt' to finish" in capfd.readouterr().err
+    with versioning._replacing(folder, project):  # an ingest swapping the folder: a run starting now is refused
+        with pytest.raises(versioning.VersioningError, match="an ingest of 'tgt' is replacing it"):
+            with versioning.domains_in_use([folder]):
+                pass
+
+
 def test_val_fraction_keeps_a_labelled_val_split_the_adaptation_pool_never_sees(project: Path, folders, tmp_path: Path):
     """`data ingest --val-fraction`: a stratified labelled `val` split (the promotion gate's), the same
     `test` split as without it, validated by the GX suites; the target's adaptation pool leaves it out."""
