@@ -437,7 +437,8 @@ def _recover(path: Path) -> str | None:
         _ignore_line(path, ignored)
     _remove(discard)
     journal.unlink()
-    return f"{path}: an ingest killed before it finished ({who}) was rolled back; the previous version is in place"
+    left = "the previous version is in place" if had_previous else f"'{path.name}' did not exist before it, and does not now"
+    return f"{path}: an ingest killed before it finished ({who}) was rolled back; {left}"
 
 
 def _in_use_lock(path: Path, root: Path) -> Path:

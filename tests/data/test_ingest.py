@@ -297,7 +297,8 @@ def test_a_new_name_s_ingest_killed_after_dvc_add_leaves_no_folder_or_pointer(pr
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert (project / "data/raw/brand-new.dvc").exists()  # `dvc add` ran (the repository's .gitignore already hides the folder)
-    assert "rolled back" in versioning.recover_interrupted_ingest(project / "data/raw/brand-new")
+    note = versioning.recover_interrupted_ingest(project / "data/raw/brand-new")
+    assert "rolled back" in note and "'brand-new' did not exist before it, and does not now" in note, note  # not "the previous version"
     assert {k: v for k, v in snapshot(project).items() if k != "cache"} == before
 
 
