@@ -982,10 +982,10 @@ def serve(
                        "`udaflow promote` makes a challenger the champion once it passes the gate; "
                        "`--alias challenger` or `--alias N` serves another version")
     uri = f"models:/{model}/{alias}" if alias.isdigit() else f"models:/{model}@{alias}"
+    _require_port(host, port)
     version = str(int(alias)) if alias.isdigit() else aliases[alias]
     # MLflow's scoring server would load it after execve and end in a traceback when its files are gone
     tracking.check_loadable(model, version, f"v{version}" if alias.isdigit() else f"@{alias} (v{version})")
-    _require_port(host, port)
     bindir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -1007,7 +1007,7 @@ def _require_port(host: str, port: int) -> None:
     import socket
 
     try:
-        with socket.create_server((host, port)):
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):  # `::`, `::1` too
             pass
     except OSError as exc:
         # create_server re-raises bind's error as "<strerror> (while attempting to bind on address ...)"

@@ -388,13 +388,15 @@ def load_model(uri: str):
     from mlflow.exceptions import MlflowException
     from mlflow.models import get_model_info
 
+    from udaflow.models.packaged import PackageError
+
     _registry_version(uri)  # a name, alias or version the registry lacks stays MLflow's own error
     try:
         loader = get_model_info(uri).flavors.get("python_function", {}).get("loader_module")  # reads MLmodel (YAML) only
         if loader != "udaflow.models.packaged":
             raise LookupError(f"{uri}: not a udaflow packaged model (pyfunc loader {loader!r}); refusing to load it")
         return mlflow.pyfunc.load_model(uri).get_raw_model()
-    except (MlflowException, OSError) as exc:  # MLmodel or the weights missing ("No such artifact"), a file cut short
+    except (MlflowException, OSError, PackageError) as exc:  # MLmodel missing ("No such artifact"), the weights or config missing or cut short
         why = " ".join(str(getattr(exc, "message", None) or exc).split())[:200]
         raise ModelUnreadable(f"{uri}: its model files cannot be read ({why})") from exc
 

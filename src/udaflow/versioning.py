@@ -253,9 +253,44 @@ def _file_md5s(folder: Path) -> set[str]:
     return found
 
 
-def _remove_new_objects(cache: Path, before: set[str], ours: set[str]) -> None:
+def _dir_listing(cache: Path, md5: str) -> set[str]:
+    """The md5s a `<md5>.dir` object lists (DVC 3's layout, then DVC 2's); empty when it is not there."""
+    bare = md5.removesuffix(".dir")
+    for obj in (cache / "files" / "md5" / bare[:2] / (bare[2:] + ".dir"), cache / bare[:2] / (bare[2:] + ".dir")):
+        try:
+            return {entry["md5"] for entry in json.loads(obj.read_text())}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return set()
+
+
+def _protected_objects(root: Path, cache: Path, path: Path) -> set[str]:
+    """Object md5s another version references: the other `.dvc` pointers beside `path` and dvc.lock's outputs
+    (their `.dir` objects and what those list). A concurrent ingest of the same images under another name
+    shares them: they must stay when this ingest rolls back."""
+    import yaml
+
+    refs: set[str] = set()
+    sources = [(p, "outs") for p in path.parent.glob("*.dvc") if p.name != path.name + ".dvc"] + [(root / "dvc.lock", "stages")]
+    for file, kind in sources:
+        try:
+            doc = yaml.safe_load(file.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        outs = doc.get("outs") or [] if kind == "outs" else [o for st in (doc.get("stages") or {}).values() for o in (st or {}).get("outs") or []]
+        for out in outs:
+            md5 = out.get("md5") if isinstance(out, dict) else None
+            if isinstance(md5, str):
+                refs.add(md5)
+                if md5.endswith(".dir"):
+                    refs |= _dir_listing(cache, md5)
+    return refs
+
+
+def _remove_new_objects(cache: Path, before: set[str], ours: set[str], protected: set[str]) -> None:
     """Delete the cache objects added since `before` that hold this ingest's files (md5 in `ours`), and its
-    folder listings (`<md5>.dir` objects listing only such files). Objects other processes added stay."""
+    folder listings (`<md5>.dir` objects listing only such files), unless another version references them
+    (`protected`). Objects other processes added stay."""
     def md5_of(rel: str) -> str:
         parts = Path(rel).parts  # files/md5/ab/cdef... (DVC 3) or ab/cdef... (DVC 2)
         return (parts[-2] + parts[-1]) if len(parts) >= 2 else parts[-1]
@@ -267,6 +302,8 @@ def _remove_new_objects(cache: Path, before: set[str], ours: set[str]) -> None:
                 added.rmdir()  # a prefix folder this ingest's objects alone made
             continue
         md5 = md5_of(rel)
+        if md5 in protected:
+            continue
         if md5.endswith(".dir"):
             try:
                 listed = {entry["md5"] for entry in json.loads(added.read_text())}
@@ -277,29 +314,6 @@ def _remove_new_objects(cache: Path, before: set[str], ours: set[str]) -> None:
         elif md5 not in ours:
             continue
         added.unlink(missing_ok=True)
-
-
-def _restore_lock_entries(lock: Path, saved: bytes | None, rel: str) -> None:
-    """Put back dvc.lock's entries for the stage(s) whose output is the folder `rel` (a built-in domain's
-    build stage, which `repo.commit` rewrites), as they were on entry; every other stage as it is now."""
-    import yaml
-
-    now = lock.read_bytes() if lock.exists() else None
-    if now == saved:
-        return
-    old, new = (yaml.safe_load(b) or {} if b else {} for b in (saved, now))
-    stages = lambda d: d.get("stages") or {}  # noqa: E731
-    ours = {n for d in (old, new) for n, stage in stages(d).items()
-            if any(isinstance(o, dict) and o.get("path") == rel for o in (stage or {}).get("outs") or [])}
-    others = lambda d: {k: v for k, v in d.items() if k != "stages"} | {"stages": {n: v for n, v in stages(d).items() if n not in ours}}  # noqa: E731
-    if others(old) == others(new):  # only this folder's entries changed: the file's own bytes back
-        if saved is None:
-            lock.unlink(missing_ok=True)
-        else:
-            lock.write_bytes(saved)
-        return
-    restored = {n: v for n, v in stages(new).items() if n not in ours} | {n: stages(old)[n] for n in ours if n in stages(old)}
-    lock.write_text(yaml.safe_dump({**new, "stages": restored}, sort_keys=False))
 
 
 def _ingest_files(path: Path, root: Path) -> list[Path]:
@@ -462,8 +476,10 @@ def domains_in_use(paths: Iterable[Path]):
                 continue
             lock = _in_use_lock(folder, root)
             lock.parent.mkdir(parents=True, exist_ok=True)
-            fh = stack.enter_context(open(lock, "a+"))
+            marker, fh = (stack.enter_context(open(f, "a+")) for f in (lock.with_suffix(".replacing"), lock))
             try:
+                fcntl.flock(marker, fcntl.LOCK_SH | fcntl.LOCK_NB)  # an ingest waiting to replace it holds this
+                fcntl.flock(marker, fcntl.LOCK_UN)
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise VersioningError(f"{folder}: an ingest of '{folder.name}' is replacing it; wait for it to finish",
@@ -479,7 +495,10 @@ def _replacing(path: Path, root: Path):
 
     lock = _in_use_lock(path, root)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as fh:
+    # first the marker runs check without waiting: on Linux a waiting LOCK_EX lets new LOCK_SH holders in,
+    # so runs starting while this waits (scheduled retrains) would keep it waiting for good
+    with open(lock.with_suffix(".replacing"), "a+") as marker, open(lock, "a+") as fh:
+        fcntl.flock(marker, fcntl.LOCK_EX)  # the name's ingest lock is held: no other ingest of it contends
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -491,19 +510,19 @@ def _replacing(path: Path, root: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(marker, fcntl.LOCK_UN)
 
 
 @contextmanager
-def rollback_on_failure(path: Path, root: Path | None = None):
+def rollback_on_failure(path: Path, root: Path | None = None, changes_content: bool = True):
     """A new version of the dataset folder `path` goes in place inside this block, all or nothing.
 
     On entry the current folder (if any) moves aside to `.<name>.previous`; the block puts the new
     one at `path` and versions it. If the block raises (a failed copy, validation, `dvc add`, a
     push, Ctrl-C), what this ingest changed is put back as it was: the folder, its `<name>.dvc`
-    pointer, its line in the `.gitignore` beside it, its stage's entry in `dvc.lock` (a built-in
-    domain's), and the DVC cache objects holding its files. What other processes wrote to those
-    shared files and the cache meanwhile (another name's ingest, a run's or a hand-made `dvc commit`)
-    stays. On success the moved-aside folder is deleted; its content stays in the DVC cache and
+    pointer, its line in the `.gitignore` beside it, and the DVC cache objects holding its files that no
+    other pointer or stage output references. What other processes wrote meanwhile (another name's
+    ingest, a run's or a hand-made `dvc commit`, dvc.lock, which an ingest never writes) stays. On success the moved-aside folder is deleted; its content stays in the DVC cache and
     remote under its old hash.
 
     A process killed outright inside the block cannot roll back: a journal written on entry
@@ -514,7 +533,7 @@ def rollback_on_failure(path: Path, root: Path | None = None):
     path, root = _locate(path, root)
     if root is None:
         raise VersioningError(f"{path}: not inside a DVC project; run `dvc init` (or `make setup`) at the repository root")
-    with _ingest_lock(path, root), (_replacing(path, root) if path.exists() else contextlib.nullcontext()):
+    with _ingest_lock(path, root), (_replacing(path, root) if path.exists() and changes_content else contextlib.nullcontext()):
         _recover(path)
         backup, journal, discard = _aside(path, "previous"), _aside(path, "ingest.json"), _aside(path, "discard")
         with _repo(root) as repo:
@@ -550,8 +569,8 @@ def rollback_on_failure(path: Path, root: Path | None = None):
             else:
                 file.write_bytes(pointer)
             _restore_ignore(path, saved[path.parent / ".gitignore"], state["ignored"])  # this name's line only
-            _restore_lock_entries(root / "dvc.lock", saved[root / "dvc.lock"], os.path.relpath(path, root))
-            _remove_new_objects(cache, cached, ours)
+            # dvc.lock is left as it is: an ingest refuses a stage's output (data/ingest.py), so only others wrote it
+            _remove_new_objects(cache, cached, ours, _protected_objects(root, cache, path))
             journal.unlink(missing_ok=True)
             raise
         if backup.exists():

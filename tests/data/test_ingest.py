@@ -137,14 +137,15 @@ def test_a_failed_ingest_undoes_its_own_writes_and_not_another_process_s(project
     """Another name's ingest (its lock is its own) and a hand-made `dvc commit` of a stage may finish while this
     ingest is inside its all-or-nothing block. Its rollback deleted every cache object new since it began and
     wrote back the .gitignore and dvc.lock it had read: the other version's objects (never pushed) were lost,
-    its .gitignore line and the lock's stage entry undone."""
+    its .gitignore line and a stage's dvc.lock entry undone. The same images under two names share their objects."""
     real = versioning.version_dataset
     theirs: dict[str, object] = {}
 
     def racing(path, *args, **kwargs):
         if Path(path).name != "mine":
             return real(path, *args, **kwargs)
-        theirs["result"] = ingest(project, folders["flat-v2"], "theirs")  # another process's ingest, finishing meanwhile
+        # another process's ingest finishing meanwhile, of the same images: the cache objects are shared
+        theirs["result"] = ingest(project, folders["labelled"], "theirs")
         (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  other:\n    cmd: 'true'\n")  # and a `dvc commit` of a stage
         theirs["lock"] = (project / "dvc.lock").read_bytes()
         theirs["snapshot"] = snapshot(project)
@@ -166,26 +167,48 @@ def test_a_failed_ingest_undoes_its_own_writes_and_not_another_process_s(project
     assert ingest(project, folders["labelled"], "mine").changed  # and this one goes through on a retry
 
 
-def test_a_replacing_ingest_waits_for_the_runs_reading_the_domain(project: Path, folders, capfd):
+def test_a_replacing_ingest_waits_for_the_runs_reading_the_domain(project: Path, folders, capfd, tmp_path: Path):
     """A run holds its domains from validation to its gate (`domains_in_use`): `--replace` waits for it,
     saying so, instead of swapping the folder under it (it trained on the old images, then evaluated and
-    gated on the new ones). A run starting while an ingest swaps the folder is refused in one line."""
+    gated on the new ones). A run starting while an ingest waits to replace, or swaps, is refused in one line."""
+    import fcntl
+    import threading
+    import time
+
     ingest(project, folders["flat"], "tgt")
-    folder = project / "data/raw/tgt"
-    reader = (f"import sys, time; from pathlib import Path; from udaflow import versioning\n"
-              f"folder = Path({str(folder)!r})\n"
+    folder, release = project / "data/raw/tgt", tmp_path / "release"
+    reader = (f"import time; from pathlib import Path; from udaflow import versioning\n"
+              f"folder, release = Path({str(folder)!r}), Path({str(release)!r})\n"
               "with versioning.domains_in_use([folder]):\n"
-              "    before = (folder / 'manifest.csv').read_bytes(); print('holding', flush=True); time.sleep(8)\n"
+              "    before = (folder / 'manifest.csv').read_bytes(); print('holding', flush=True)\n"
+              "    while not release.exists(): time.sleep(0.05)\n"
               "    print('same' if (folder / 'manifest.csv').read_bytes() == before else 'changed', flush=True)\n")
     run = subprocess.Popen([sys.executable, "-c", reader], stdout=subprocess.PIPE, text=True)
     assert run.stdout.readline().strip() == "holding"
-    replaced = ingest(project, folders["flat-v2"], "tgt", replace=True)
+    done: dict[str, object] = {}
+    replacing = threading.Thread(target=lambda: done.update(result=ingest(project, folders["flat-v2"], "tgt", replace=True)))
+    replacing.start()
+    marker = project / ".dvc/tmp/udaflow-ingest/tgt.replacing"
+    for _ in range(1200):  # until the ingest holds its marker: it is waiting for the run
+        time.sleep(0.05)
+        if marker.exists():
+            with open(marker) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break
+    else:
+        raise AssertionError("the replacing ingest never reached its swap")
+    with pytest.raises(versioning.VersioningError, match="an ingest of 'tgt' is replacing it"):
+        with versioning.domains_in_use([folder]):  # a run starting now: refused, so it cannot keep the ingest waiting
+            pass
+    time.sleep(0.5)
+    assert replacing.is_alive()  # still waiting for the run
+    release.write_text("")
     assert run.stdout.read().strip() == "same" and run.wait() == 0  # the folder stayed as the run read it, to its end
-    assert replaced.changed and "waiting for the udaflow run(s) reading 'tgt' to finish" in capfd.readouterr().err
-    with versioning._replacing(folder, project):  # an ingest swapping the folder: a run starting now is refused
-        with pytest.raises(versioning.VersioningError, match="an ingest of 'tgt' is replacing it"):
-            with versioning.domains_in_use([folder]):
-                pass
+    replacing.join(120)
+    assert done["result"].changed and "waiting for the udaflow run(s) reading 'tgt' to finish" in capfd.readouterr().err
 
 
 def test_val_fraction_keeps_a_labelled_val_split_the_adaptation_pool_never_sees(project: Path, folders, tmp_path: Path):

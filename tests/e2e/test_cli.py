@@ -152,11 +152,16 @@ def test_bench_jobs_runs_cells_in_parallel_with_the_rows_of_one_process(workspac
     assert study == json.loads((ws / "bench-jobs1.validators.json").read_text())["synth:fonts-b"]
 
 
-def test_serve_refuses_an_alias_or_version_the_model_lacks(workspace: Path):
+def test_serve_refuses_an_alias_or_version_the_model_lacks(workspace: Path, monkeypatch):
     """`serve` checks the alias (or version) before it hands over to MLflow's scoring server, which
     would fail with a traceback: one line naming what the model has, and a hint."""
     if not (workspace / "data/raw/fonts-b").exists():
         pytest.skip("needs test_build_ingest_run_bench's models")
+
+    def started(*args):  # a host that lets any address bind (net.ipv4.ip_nonlocal_bind) must not replace pytest
+        raise AssertionError(f"mlflow models serve started: {args}")
+
+    monkeypatch.setattr(os, "execve", started)
     for alias, missing in (("nosuch", "alias @nosuch"), ("99", "version 99")):
         result = invoke(["serve", "--model", "udaflow-synth-to-fonts-b", "--alias", alias], workspace)
         assert result.exit_code == 2, result.output

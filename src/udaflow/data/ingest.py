@@ -361,7 +361,7 @@ def _ingest_locked(folder, name, data_root, source, replace, holdout_fraction, s
                 "pass --replace to make this folder its new version (the current one stays in the DVC cache and remote), or pick a new --name",
             )
         previous = versioning.dataset_version(out) if out.exists() else None
-        with versioning.rollback_on_failure(out):
+        with versioning.rollback_on_failure(out, changes_content=not same):  # the same images again: runs reading it need not end first
             os.replace(staged, out)  # identical content too: DVC then records no new version
             progress("versioning with DVC and pushing to the default remote")
             recorded = versioning.version_dataset(out)
