@@ -198,10 +198,10 @@ class DriftConfig(_Strict):
     """When new target data is ingested: is it shifted from the data the champion was adapted on?"""
 
     max_images: int = Field(500, ge=20)  # images per side (sampled, seeded) the champion's features are taken on
-    permutations: int = Field(500, ge=50)  # MMD permutation test
+    permutations: int = Field(500, ge=50)  # the MMD's and the validator drop's permutation tests
     alpha: float = Field(0.01, gt=0, lt=1)  # a p-value (PAD's or MMD's test) below alpha / 2 ...
     min_pad: float = Field(0.2, ge=0, le=2)  # ... and a proxy A-distance at least this: a significant shift
-    validator_drop: float = Field(0.05, ge=0)  # or the champion's validator fell by more than this on the new data
+    validator_drop: float = Field(0.05, ge=0)  # or the champion's validator fell by more than this on the new data, and by more than chance (p < alpha / 2)
 
     @model_validator(mode="after")
     def _enough_permutations(self) -> "DriftConfig":

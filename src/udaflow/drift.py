@@ -8,10 +8,14 @@ Three label-free figures, all on the champion model (features and predictions):
 - MMD^2 and its permutation p-value (udaflow.shift.mmd_test, multi-scale Gaussian kernel): a kernel
   two-sample test. With many images a tiny shift is significant, hence the PAD floor as well.
 - the champion's label-free validator (promotion.validator, e.g. IM) on both samples: a drop says
-  the champion got less sure of the new data even where the features barely moved.
+  the champion got less sure of the new data even where the features barely moved. A set score such
+  as IM moves by chance on a few hundred images (its marginal entropy alone by about (K - 1) / 2n
+  nats), so the drop is tested too: the same score on random halves of the pooled predictions,
+  `permutations` times.
 
 A retrain is worth it when the shift is significant (PAD >= min_pad and either test's p < alpha / 2)
-or the validator dropped by more than `validator_drop`. Thresholds are params.yaml `drift:`.
+or the validator dropped by more than `validator_drop` with its permutation p < alpha / 2.
+Thresholds are params.yaml `drift:`.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ class DriftReport:
     validator_reference: float
     validator_new: float
     significant: bool  # PAD >= min_pad and a p-value (PAD's or MMD's) < alpha / 2
-    validator_dropped: bool
+    validator_dropped: bool  # fell by more than validator_drop, and by more than chance (validator_p_value < alpha / 2)
     retrain: bool
     reason: str
+    validator_p_value: float = 1.0  # one-sided: the share of random splits of the pooled predictions that fall as far
 
     @property
     def validator_drop(self) -> float:
@@ -52,7 +57,8 @@ class DriftReport:
         return {
             "drift.pad": self.pad, "drift.pad_p_value": self.pad_p_value, "drift.mmd": self.mmd, "drift.mmd_p_value": self.mmd_p_value,
             "drift.validator_reference": self.validator_reference, "drift.validator_new": self.validator_new,
-            "drift.validator_drop": self.validator_drop, "drift.n_reference": float(self.n_reference),
+            "drift.validator_drop": self.validator_drop, "drift.validator_p_value": self.validator_p_value,
+            "drift.n_reference": float(self.n_reference),
             "drift.n_new": float(self.n_new), "drift.retrain": float(self.retrain),
         }
 
@@ -80,16 +86,39 @@ def measure(
     level = alpha / 2  # two tests of one question: Bonferroni
     p_min, test = min((pad_p, "PAD"), (p_value, "MMD"))
     significant = p_min < level and pad >= min_pad
-    dropped = v_ref - v_new > validator_drop
+    drop = v_ref - v_new
+    # the permutations only where they can decide: a drop under the threshold retrains on no p-value
+    drop_p = validator_drop_test(ref_l, new_l, score, permutations=permutations, seed=seed) if drop > validator_drop else 1.0
+    dropped = drop > validator_drop and drop_p < level
     if significant:
         reason = f"shift: PAD {pad:.3f} >= {min_pad:g} and {test} p = {p_min:.3g} < {level:g}"
     elif dropped:
-        reason = f"the champion's {validator} fell {v_ref - v_new:.3f} (> {validator_drop:g}): {v_ref:.3f} -> {v_new:.3f}"
+        reason = (f"the champion's {validator} fell {drop:.3f} (> {validator_drop:g}, p = {drop_p:.3g} < {level:g}): "
+                  f"{v_ref:.3f} -> {v_new:.3f}")
     else:
         why = f"PAD {pad:.3f}" + (f" < {min_pad:g}" if pad < min_pad else "") + f", p = {pad_p:.3g} (PAD), {p_value:.3g} (MMD)"
         why += "" if p_min < level else f" >= {level:g}"
-        reason = f"no shift: {why}; {validator} {v_ref:.3f} -> {v_new:.3f} (drop <= {validator_drop:g})"
+        fell = (f"drop {drop:.3f} > {validator_drop:g}, but within chance: p = {drop_p:.3g} >= {level:g}" if drop > validator_drop
+                else f"drop <= {validator_drop:g}")
+        reason = f"no shift: {why}; {validator} {v_ref:.3f} -> {v_new:.3f} ({fell})"
     return DriftReport(
         reference_name, len(ref_f), len(new_f), pad, pad_p, mmd2, p_value, validator, v_ref, v_new, significant, dropped,
-        significant or dropped, reason,
+        significant or dropped, reason, drop_p,
     )
+
+
+def validator_drop_test(
+    reference: torch.Tensor, new: torch.Tensor, score: Callable[[torch.Tensor], float], *, permutations: int, seed: int = 0,
+) -> float:
+    """One-sided permutation p-value of score(reference) - score(new): the pooled logits (2n, K) are split
+    at random into two samples of the same sizes `permutations` times; p = (1 + #{split's drop >= observed})
+    / (1 + permutations). The validators are set scores (IM's marginal entropy is a property of the whole
+    sample), so the split is re-scored whole, not per image."""
+    observed = score(reference) - score(new)
+    pooled, n = torch.cat([reference, new]), len(reference)
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    for _ in range(permutations):
+        order = torch.randperm(len(pooled), generator=generator)
+        count += int(score(pooled[order[:n]]) - score(pooled[order[n:]]) >= observed - 1e-12)
+    return (1 + count) / (1 + permutations)

@@ -67,7 +67,8 @@ def test_retrain_only_on_a_significant_shift_or_a_validator_drop():
 
     unsure = _decide(_features(200, 1), _logits(200, 1, False))  # same features, the champion lost its confidence
     assert unsure.retrain and not unsure.significant and unsure.validator_dropped
-    assert unsure.validator_drop > 0.05 and "fell" in unsure.reason
+    assert unsure.validator_drop > 0.05 and "fell" in unsure.reason and unsure.validator_p_value == 1 / 201
+    assert unsure.figures()["drift.validator_p_value"] == 1 / 201 and unshifted.validator_p_value == 1.0
     assert unsure.figures()["drift.retrain"] == 1.0 and unshifted.figures()["drift.retrain"] == 0.0
 
 
@@ -78,6 +79,46 @@ def test_samples_of_unequal_size_from_one_distribution_are_not_a_shift():
                                information_maximization, "im", alpha=0.01, min_pad=0.2, validator_drop=0.05, permutations=200)
         assert not report.retrain and report.n_reference == report.n_new == n_ref, report.reason
         assert report.pad_p_value > 0.005
+
+
+def _mixed_logits(n: int, seed: int, k: int = 4) -> torch.Tensor:
+    """A champion's logits on n images of one distribution: a random class each, confidence varying by image."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=g)
+    scale = 0.5 + 7.5 * torch.rand(n, 1, generator=g)
+    return torch.nn.functional.one_hot(labels, k).float() * scale + 0.3 * torch.randn(n, k, generator=g)
+
+
+def test_a_validator_drop_within_chance_on_small_samples_is_no_retrain():
+    """IM on 40 images moves by chance (its marginal entropy with the sample's class mix): new samples of
+    the same distribution fell by more than validator_drop in a third of these draws, each a retrain before
+    the drop was tested. Now none is; the reason says the drop was within chance."""
+    reference = (_features(40, 0), _mixed_logits(40, 0))
+    over_threshold = 0
+    for seed in range(1, 31):
+        # the same features on both sides: only the validator can call for a retrain here
+        report = drift.measure(reference, (_features(40, 0), _mixed_logits(40, seed)), information_maximization, "im",
+                               alpha=0.01, min_pad=0.2, validator_drop=0.05, permutations=200)
+        if report.validator_drop > 0.05:
+            over_threshold += 1
+            assert 0.005 <= report.validator_p_value <= 1 and "within chance" in report.reason, report.reason
+        assert not report.validator_dropped and not report.retrain, report.reason
+    assert over_threshold >= 6
+
+
+def test_the_validator_drop_test_on_known_samples():
+    same = _mixed_logits(60, 1)
+    # a sample against itself: the observed drop is 0, and about half the random splits fall at least as far
+    assert 0.3 < drift.validator_drop_test(same, same.clone(), information_maximization, permutations=200) < 0.7
+    # confident against unsure: no random split of the pool comes near, so p is the smallest a test of 200 gives
+    confident, unsure = _logits(200, 0, True), _logits(200, 1, False)
+    assert drift.validator_drop_test(confident, unsure, information_maximization, permutations=200) == 1 / 201
+    # one-sided: the new sample more confident than the reference is no drop
+    assert drift.validator_drop_test(unsure, confident, information_maximization, permutations=200) == 1.0
+    # seeded: the same splits each time
+    a, b = _mixed_logits(40, 2), _mixed_logits(40, 3)
+    assert drift.validator_drop_test(a, b, information_maximization, permutations=100, seed=4) == \
+        drift.validator_drop_test(a, b, information_maximization, permutations=100, seed=4)
 
 
 def test_too_few_permutations_for_alpha_is_a_config_error():
