@@ -921,7 +921,8 @@ def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
     cfg = _load(params, None, None)
     validate_run(cfg)  # the first stage of `dvc repro`: every setting, before anything trains
     check_device(cfg)
-    report = steps.validate_datasets(cfg)
+    with steps.domains_in_use(cfg):  # each stage, as a pipeline run: a `--replace` waits for it
+        report = steps.validate_datasets(cfg)
     if not report.success:
         raise DataError(report.error())
     console.print(f"validated: {report.statistics}")
@@ -932,7 +933,9 @@ def stage_pretrain(params: ParamsOpt = Path("params.yaml")) -> None:
     """Source pretraining (reuses the on-disk cache)."""
     from udaflow import steps
 
-    outcome = steps.pretrain(_load(params, None, None))
+    cfg = _load(params, None, None)
+    with steps.domains_in_use(cfg):
+        outcome = steps.pretrain(cfg)
     console.print(f"source model: {outcome.path} ({'cached' if outcome.cached else 'trained'})")
 
 
@@ -942,7 +945,8 @@ def stage_adapt(params: ParamsOpt = Path("params.yaml")) -> None:
     from udaflow import steps
 
     cfg = _load(params, None, None)
-    outcome = steps.adapt(cfg)
+    with steps.domains_in_use(cfg):
+        outcome = steps.adapt(cfg)
     steps.drop_checkpoint(cfg)  # model.pt is the stage's output: nothing left to resume
     console.print(f"adapted model: {outcome.path}")
 
@@ -953,7 +957,8 @@ def stage_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     from udaflow import steps
 
     cfg = _load(params, None, None)
-    metrics = steps.evaluate(cfg)
+    with steps.domains_in_use(cfg):
+        metrics = steps.evaluate(cfg)
     console.print(f"target_acc_selected {_fmt(metrics.get('target_acc_selected'))}, target_acc_last {_fmt(metrics.get('target_acc_last'))} -> {steps.run_paths(cfg).metrics}")
 
 
@@ -1102,9 +1107,12 @@ def bench(
                 if gpu.type == "cuda" else f"fp32 matmul (2048^2) {gflops:.0f} GFLOP/s on {threads} threads")
         console.print(f"machine: {cpu_name()}, {rate}; speeds below are shares of it", highlight=False)
 
-    rows = run_bench(
-        cfg, shift_list, method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine, jobs=jobs,
-    )
+    # every shift's domains held for the whole bench, as a run holds its own: a `--replace` of one waits for it
+    with steps.domains_in_use(cfg, [d for s, t in shift_list for d in (s, t)]):
+        rows = run_bench(
+            cfg, shift_list, method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine,
+            jobs=jobs,
+        )
     _print_bench_table(rows)
     if seeds > 1:
         _print_seed_summary(summarise(rows))

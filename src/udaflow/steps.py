@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,11 +392,13 @@ def exclusive_shift(cfg: Config):
 
 
 @contextmanager
-def domains_in_use(cfg: Config):
-    """The run's source and target folders held against a replacing ingest until it ends (`versioning.domains_in_use`)."""
+def domains_in_use(cfg: Config, names: Iterable[str] | None = None):
+    """The run's source and target folders (or the domains `names`: a bench's, every shift's) held against a
+    replacing ingest until it ends (`versioning.domains_in_use`)."""
     from udaflow import versioning
 
-    with versioning.domains_in_use([Path(cfg.data.root) / cfg.source, Path(cfg.data.root) / cfg.target]):
+    names = [cfg.source, cfg.target] if names is None else list(names)
+    with versioning.domains_in_use([Path(cfg.data.root) / name for name in names]):
         yield
 
 

@@ -211,6 +211,64 @@ def test_a_replacing_ingest_waits_for_the_runs_reading_the_domain(project: Path,
     assert done["result"].changed and "waiting for the udaflow run(s) reading 'tgt' to finish" in capfd.readouterr().err
 
 
+def test_dvc_repro_stages_and_the_bench_hold_their_domains_against_a_replace(project: Path, folders, tmp_path: Path, monkeypatch):
+    """`udaflow stage ...` (what `dvc repro` runs) and `udaflow bench` hold their domains' in-use locks
+    while they read them, as a pipeline run does: until 2026-12-06 a `--replace` swapped the folder under
+    them. Each step is replaced by a probe that tries the lock a replacing ingest takes."""
+    import fcntl
+
+    from typer.testing import CliRunner
+
+    from udaflow import bench, cli, steps
+
+    ingest(project, folders["labelled"], "src")
+    build_domain("synth", tmp_path / "other", seed=3, synth_size=60)
+    (tmp_path / "other/synth/manifest.csv").unlink()
+    ingest(project, tmp_path / "other/synth", "tgt", source="src")
+    locks = project / ".dvc/tmp/udaflow-ingest"
+    held: dict[str, list[str]] = {}
+
+    def probe(step, result=None):
+        def check(*args, **kwargs):
+            held[step] = []
+            for name in ("src", "tgt"):
+                with open(locks / f"{name}.in-use", "a+") as fh:  # the lock `--replace` waits on
+                    try:
+                        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fcntl.flock(fh, fcntl.LOCK_UN)
+                    except BlockingIOError:
+                        held[step].append(name)
+            return result
+        return check
+
+    class Report:
+        success, statistics = True, {}
+
+    class Outcome:
+        path, cached = Path("model.pt"), True
+
+    monkeypatch.setattr(steps, "validate_datasets", probe("validate", Report()))
+    monkeypatch.setattr(steps, "pretrain", probe("pretrain", Outcome()))
+    monkeypatch.setattr(steps, "adapt", probe("adapt", Outcome()))
+    monkeypatch.setattr(steps, "drop_checkpoint", lambda cfg: None)
+    monkeypatch.setattr(steps, "evaluate", probe("evaluate", {}))
+    monkeypatch.setattr(bench, "run_bench", probe("bench", []))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(source="src", target="tgt", work_dir=str(tmp_path / "runs"))
+    params["data"]["root"] = str(project / "data/raw")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("validate", "pretrain", "adapt", "evaluate"):
+        result = CliRunner().invoke(cli.app, ["stage", stage, "--params", str(tmp_path / "params.yaml")])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli.app, ["bench", "--shifts", "src:tgt", "--methods", "dann", "--out", str(tmp_path / "b.json"),
+                                          "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert held == {step: ["src", "tgt"] for step in ("validate", "pretrain", "adapt", "evaluate", "bench")}
+    for name in ("src", "tgt"):  # and let go after
+        with open(locks / f"{name}.in-use", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def test_val_fraction_keeps_a_labelled_val_split_the_adaptation_pool_never_sees(project: Path, folders, tmp_path: Path):
     """`data ingest --val-fraction`: a stratified labelled `val` split (the promotion gate's), the same
     `test` split as without it, validated by the GX suites; the target's adaptation pool leaves it out."""
