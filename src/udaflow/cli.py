@@ -286,6 +286,7 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict], dict[str, st
     for source in sources:
         shift_cfg = cfg.model_copy(update={"source": source, "target": name})
         model = tracking.model_name(source, name)
+        _warn_unknown_classes(cfg, source, name, model)
         try:
             report = steps.drift(shift_cfg)
             run_id = None if report is None else tracking.log_drift(source, name, md5, report.figures(), report.as_dict())
@@ -310,6 +311,24 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict], dict[str, st
         return "no-champion", figures, per_model
     verdict = next((v for v in ("shifted", "unmeasured", "no-champion") if v in verdicts), "unshifted")
     return verdict, figures, per_model
+
+
+def _warn_unknown_classes(cfg, source: str, name: str, model: str) -> None:
+    """A new version of a target ingested without --source is checked alone: a class its source lacks
+    passed, and the model's retrains (the one this ingest triggers included) then refused the target.
+    Say so now, once per model targeting it; the version stays (the user may be adding the class to the
+    source next)."""
+    from udaflow.data.datasets import Domain
+
+    try:
+        unknown = sorted(set(Domain.open(cfg.data.root, name).classes) - set(Domain.open(cfg.data.root, source).classes))
+    except Exception:  # noqa: BLE001 - a source that is gone: its retrain says so itself
+        return
+    if unknown:
+        shown = ", ".join(f"'{c}'" for c in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        err_console.print(f"warning: class(es) {shown} of '{name}' are not among source '{source}''s classes: {model}'s "
+                          f"retrains will refuse this version (check it with `--source {source}`; add the class(es) to "
+                          f"'{source}', or bring the previous version back)", highlight=False, soft_wrap=True)
 
 
 _ANNOUNCE_HINT = ("the new version is recorded, its announcement (drift, retrain trigger) is not: once the server "

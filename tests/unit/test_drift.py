@@ -195,6 +195,36 @@ def test_each_model_targeting_new_data_gets_its_own_verdict(tmp_path, monkeypatc
     assert per_model == {"udaflow-mnist-to-my-camera": "unshifted", "udaflow-synth-to-my-camera": "shifted"}
 
 
+def test_a_new_target_version_with_a_class_its_source_lacks_is_named_per_model(tmp_path, monkeypatch, capsys):
+    """A target replaced without --source is validated alone: a class the source lacks went through, and
+    the retrain this ingest triggers then refused the target. The ingest now warns, naming the class,
+    the source and the model, for each model targeting it (its version stays: the user may extend the source next)."""
+    from udaflow import cli, tracking
+    from udaflow.config import Config
+    from udaflow.data.manifest import ManifestRow, write_manifest
+
+    root = tmp_path / "raw"
+    for domain, classes in (("synth", "0123"), ("mnist", "012"), ("cam", "0123x")):
+        (root / domain).mkdir(parents=True)
+        write_manifest(root / domain, [ManifestRow(f"{c}/{i}.png", c, "train", f"{domain}{c}{i}", 8, 8, "L", True)
+                                       for c in classes for i in range(2)])
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"")
+    cfg = Config.model_validate({"data": {"root": str(root)},
+                                 "tracking": {"uri": f"sqlite:///{store}", "artifact_root": str(tmp_path / "artifacts")}})
+    monkeypatch.setattr(tracking, "configure", lambda *a, **k: None)
+    monkeypatch.setattr(tracking, "models_for_target", lambda target: ["mnist", "synth"])
+    monkeypatch.setattr("udaflow.steps.drift", lambda shift_cfg: None)
+    cli._drift(cfg, "cam", "0" * 32)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "class(es) '3', 'x' of 'cam' are not among source 'mnist''s classes: udaflow-mnist-to-cam's retrains will refuse" in err
+    assert "class(es) 'x' of 'cam' are not among source 'synth''s classes: udaflow-synth-to-cam's" in err
+    assert "--source synth" in err and err.count("warning:") == 2
+    write_manifest(root / "cam", [ManifestRow(f"{c}/0.png", c, "train", f"cam{c}", 8, 8, "L", True) for c in "012"])
+    cli._drift(cfg, "cam", "0" * 32)
+    assert "warning" not in capsys.readouterr().err  # every class known to both sources: nothing to say
+
+
 def test_a_drift_run_cut_short_claims_no_decision_and_can_be_ended_killed(tmp_path, monkeypatch):
     """log_drift writes the decision last and tags host and pid: a drift run killed while it logs its
     report says no decision, and the next run on the host ends it KILLED (until 2026-12-04 it held
