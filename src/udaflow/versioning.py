@@ -671,15 +671,21 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
                     repo.cloud.pull(missing)
             except Exception:  # noqa: BLE001 - reported per file below
                 pass
+        files = [(key, entry_hash.value, odb.oid_to_path(entry_hash.value)) for key, _, entry_hash in tree]
+        gone = [(key, oid) for key, oid, src in files if not os.path.exists(src)]
+        if gone:  # before a file is copied: a failed restore leaves no half-copied folder behind
+            (key, oid), more = gone[0], f" (and {len(gone) - 1} more)" if len(gone) > 1 else ""
+            raise VersioningError(f"{what}: its file {'/'.join(key)} ({oid}){more} is in neither the DVC cache nor the remote", hint)
         tmp = dest.with_name(dest.name + ".restoring")
         shutil.rmtree(tmp, ignore_errors=True)
-        for key, _, entry_hash in tree:
-            src = odb.oid_to_path(entry_hash.value)
-            if not os.path.exists(src):
-                raise VersioningError(f"{what}: its file {'/'.join(key)} ({entry_hash.value}) is in neither the DVC cache nor the remote", hint)
-            out = tmp.joinpath(*key)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, out)
+        try:
+            for key, _, src in files:
+                out = tmp.joinpath(*key)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, out)
+        except BaseException:  # a full disk, a Ctrl-C: nothing partial stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(dest, ignore_errors=True)
         tmp.replace(dest)
     return dest

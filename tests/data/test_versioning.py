@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -68,9 +69,11 @@ def test_restore_an_old_version_into_another_folder_and_missing_objects(repo: Pa
     two = hashlib.md5(b"two").hexdigest()
     for store in (repo / ".dvc/cache", repo / "dvc-remote"):
         (store / "files/md5" / two[:2] / two[2:]).unlink()
+    failed = tmp_path_factory.mktemp("x")
     with caplog.at_level(logging.WARNING), pytest.raises(versioning.VersioningError, match=f"its file a/2.png \\({two}\\) is in neither"):
-        versioning.restore_dataset(old, tmp_path_factory.mktemp("x") / "dom", repo)
+        versioning.restore_dataset(old, failed / "dom", repo)
     assert not [r for r in caplog.records if r.name.startswith("dvc")], [r.getMessage() for r in caplog.records]
+    assert os.listdir(failed) == []  # a/1.png was copied into dom.restoring before a/2.png was found missing, and left there
 
     shutil.rmtree(repo / ".dvc/cache")
     shutil.rmtree(repo / "dvc-remote")
