@@ -1026,7 +1026,9 @@ def run_record(run_id: str) -> RunRecord:
     tags = dict(run.data.tags)
     if parent := tags.get("mlflow.parentRunId"):  # a stage's child run (pretrain, adapt, evaluate, ...)
         raise LookupError(f"run '{run_id}' is the '{run.info.run_name}' stage of run '{parent}': run `udaflow reproduce {parent}`")
-    if "dvc.source.md5" in tags and run.info.status != "FINISHED" and not _evaluated(client, run):  # no complete metrics yet
+    # a pipeline run carries its method from its start, its data hashes only once its data was validated and versioned
+    pipeline = "dvc.source.md5" in tags or "udaflow.method" in tags
+    if pipeline and run.info.status != "FINISHED" and not _evaluated(client, run):  # no complete metrics yet
         if run.info.status == "RUNNING":
             raise LookupError(f"run '{run_id}' is still RUNNING (or its process died without ending it; the next `udaflow run` on "
                               "its host ends it KILLED): it has no complete metrics to compare a re-run with yet")
@@ -1036,7 +1038,7 @@ def run_record(run_id: str) -> RunRecord:
         try:
             path = client.download_artifacts(run_id, "params/params.resolved.yaml", tmp)
         except Exception as exc:  # noqa: BLE001 - any store error means the record is incomplete
-            if "dvc.source.md5" not in tags:
+            if not pipeline:
                 raise LookupError(f"run '{run_id}' has no params/params.resolved.yaml artifact: it was not made by `udaflow run`") from None
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise LookupError(f"run '{run_id}': its params/params.resolved.yaml could not be read from {run.info.artifact_uri} "

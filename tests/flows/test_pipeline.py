@@ -355,6 +355,32 @@ def test_a_flow_that_fails_after_validation_ends_its_runs_failed(project: Path, 
     assert out.exit_code == 2 and f"stage of run '{parent.info.run_id}': run `udaflow reproduce {parent.info.run_id}`" in out.output, out.output
 
 
+def test_reproduce_of_a_run_that_failed_its_validation_says_it_failed(project: Path, first_run, monkeypatch):
+    """A run that failed validation (a class its source lacks, in a retrain the data trigger started) has no DVC
+    hashes yet: `reproduce` said "no DVC hash for its source dataset" with the hint about run ids, not that it failed."""
+    from typer.testing import CliRunner
+
+    from flows.pipeline import adaptation_pipeline
+    from udaflow import steps
+    from udaflow.cli import app
+    from udaflow.data.manifest import DataError
+
+    def refused(*args, **kwargs):
+        raise DataError("fonts-b: class(es) ['Z'] unknown to the source")
+
+    monkeypatch.setattr(steps, "validate_datasets", refused)
+    with pytest.raises(DataError, match="unknown to the source"):
+        adaptation_pipeline(_cfg(project, method="dann"), str(project / "params.yaml"))
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("udaflow/synth-to-fonts-b").experiment_id
+    parent = next(r for r in client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=20)
+                  if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED" and "dvc.source.md5" not in parent.data.tags
+    out = CliRunner().invoke(app, ["reproduce", parent.info.run_id, "--params", str(project / "params.yaml")])
+    assert out.exit_code == 2 and f"run '{parent.info.run_id}' ended FAILED, not FINISHED, before its evaluation" in out.output, out.output
+    assert "no DVC hash" not in out.output
+
+
 def test_reproduce_refuses_a_record_it_cannot_use_before_restoring_anything(project: Path, first_run, tmp_path):
     """A finished run whose recorded params today's udaflow no longer reads (a key renamed since), and
     one whose artifacts were deleted: one error line each, naming the run and what is wrong."""
