@@ -804,7 +804,13 @@ def _require_run(cfg, run_id: str, device: str | None = None) -> None:
 
     try:  # before a dataset is restored: the recorded params must still be ones this udaflow reads
         rerun = rerun_config(record.config, device)
-        resolve_device(rerun.train.device)
+        try:
+            resolve_device(rerun.train.device)
+        except RuntimeError as exc:  # a GPU this machine lacks: the run ids hint of `reproduce`'s other errors is beside the point
+            flag = "--device" if device else f"the run's own train.device ({rerun.train.device})"
+            raise ConfigError(f"{exc}", hint=f"{flag} names a GPU this machine does not have: re-run on the CPU with "
+                                             f"`udaflow reproduce {run_id} --device cpu` (the metrics then may differ: other "
+                                             "kernels), or on a machine with the GPU") from None
     except ValidationError as err:
         commit = record.tags.get("git.commit", "unknown")
         raise ConfigError(f"run '{run_id}' was made with params this udaflow no longer reads: {explain(err, model=Config)}",

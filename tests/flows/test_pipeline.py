@@ -268,6 +268,8 @@ def test_reproduce_restores_the_old_data_revision_and_matches_exactly(project: P
     if not torch.cuda.is_available():  # a GPU asked for and absent: refused before any data is restored
         out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--device", "cuda", "--params", str(project / "params.yaml")])
         assert out.exit_code == 2 and "no CUDA GPU is visible" in out.output, out.output
+        assert f"hint: --device names a GPU this machine does not have: re-run on the CPU with `udaflow reproduce {result['run_id']} " \
+               "--device cpu`" in " ".join(out.output.split()), out.output  # not the hint about where run ids are
         assert not (project / "runs/reproduce" / result["run_id"]).exists()
     out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--device", "cpu", "--params", str(project / "params.yaml")])
     assert out.exit_code == 0, out.output
