@@ -36,4 +36,15 @@ def retrain(params_file: str, source: str, target: str, method: str | None = Non
         print(f"retrain skipped: {reason}")
         return {"skipped": True, "reason": reason}
     result = adaptation_pipeline(cfg, params_file)
+    print(retrain_summary(result))  # the worker's log: what `udaflow run` prints as its summary, in one line
     return {"skipped": False, **{k: result[k] for k in ("run_id", "model", "version", "gate")}}
+
+
+def retrain_summary(result: dict[str, Any]) -> str:
+    """One line: the version registered, its target accuracy where the target has labels, the gate's decision and why."""
+    gate, metrics = result["gate"], result["metrics"]
+    accuracy = metrics.get("target_acc_selected")
+    scored = f"target accuracy {accuracy:.2f}% (selected by {metrics.get('selected_by')}); " if accuracy is not None else ""
+    verdict = "promoted to @champion" if gate["promoted"] else "not promoted"
+    return (f"retrain registered {result['model']} v{result['version']} (@challenger, MLflow run {result['run_id']}); {scored}"
+            f"gate: {verdict}: {gate['reason']}")

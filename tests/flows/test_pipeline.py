@@ -436,6 +436,26 @@ def test_a_retrain_fired_by_another_model_s_shift_skips_when_its_own_model_is_un
     assert seen == ["fonts-b"] and out == {"skipped": True, "reason": "unchanged (test)"}  # on to the next check
 
 
+def test_a_retrain_says_in_its_log_what_it_registered_and_what_the_gate_decided(project: Path, monkeypatch):
+    """A worker's log showed MLflow's "Created version '2'" and "Completed()", never the version's alias,
+    accuracy or the gate's decision (a probe found a rejection only in the version's tags)."""
+    from flows import retrain as retrain_flow
+
+    _cfg(project)
+    result = {"run_id": "r1", "model": "udaflow-synth-to-fonts-b", "version": "2", "metrics": {"target_acc_selected": 91.25, "selected_by": "im"},
+              "gate": {"promoted": False, "reason": "collapsed: prediction diversity 0.126 < 0.5", "champion_before": "1"}}
+    monkeypatch.setattr(retrain_flow, "data_unchanged_since_champion", lambda cfg: None)
+    monkeypatch.setattr(retrain_flow, "adaptation_pipeline", lambda cfg, params_file: result)
+    summary, said = retrain_flow.retrain_summary, []
+    monkeypatch.setattr(retrain_flow, "retrain_summary", lambda r: said.append(summary(r)) or said[-1])
+    out = retrain_flow.retrain(str(project / "params.yaml"), "synth", "fonts-b", drift={"udaflow-synth-to-fonts-b": "shifted"})
+    assert not out["skipped"] and out["version"] == "2"
+    assert said == ["retrain registered udaflow-synth-to-fonts-b v2 (@challenger, MLflow run r1); target accuracy 91.25% (selected by im); "
+                    "gate: not promoted: collapsed: prediction diversity 0.126 < 0.5"]
+    unlabelled = {**result, "metrics": {"target_acc_selected": None}, "gate": {"promoted": True, "reason": "im 0.81 >= 0.79"}}
+    assert summary(unlabelled).endswith("(@challenger, MLflow run r1); gate: promoted to @champion: im 0.81 >= 0.79")
+
+
 def test_a_run_that_died_after_its_evaluation_can_be_reproduced(project: Path, first_run, monkeypatch):
     """Its metrics are whole once its `evaluate` child finished: a run killed while it registered or
     inside its gate (its version adopted by the next run) is reproducible, where one that died before
