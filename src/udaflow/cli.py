@@ -362,8 +362,20 @@ def _announce_new_data(cfg, name: str, md5: str) -> None:
             with contextlib.suppress(AttributeError):
                 exc.hint = _ANNOUNCE_HINT
         raise
-    what = "its scheduled retrains will run" if verdict != "unshifted" else "no shift: its scheduled retrains stay idle"
-    console.print(f"  event udaflow.dataset.updated (drift: {verdict}) emitted for '{name}': {what}")
+    console.print(f"  event udaflow.dataset.updated (drift: {verdict}) emitted for '{name}': {_retrain_outlook(verdict, per_model)}",
+                  highlight=False, soft_wrap=True)
+
+
+def _retrain_outlook(verdict: str, per_model: dict[str, str]) -> str:
+    """What the event's deployments will do: the retrain of a model whose own drift check saw no shift skips
+    (flows/retrain.py), whatever another model's verdict fired the event."""
+    if verdict == "unshifted":
+        return "no shift: its scheduled retrains stay idle"
+    idle = sorted(m for m, v in per_model.items() if v == "unshifted")
+    if not idle:
+        return "its scheduled retrains will run"
+    run = ", ".join(f"{m} ({v})" for m, v in sorted(per_model.items()) if v != "unshifted")
+    return f"the scheduled retrains of {run} will run; {', '.join(idle)} saw no shift: theirs skip"
 
 
 @data_app.command("ingest")

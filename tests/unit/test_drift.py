@@ -193,6 +193,13 @@ def test_each_model_targeting_new_data_gets_its_own_verdict(tmp_path, monkeypatc
     verdict, figures, per_model = cli._drift(cfg, "my-camera", "0" * 32)
     assert verdict == "shifted" and set(figures) == {"udaflow-mnist-to-my-camera", "udaflow-synth-to-my-camera"}
     assert per_model == {"udaflow-mnist-to-my-camera": "unshifted", "udaflow-synth-to-my-camera": "shifted"}
+    # what the ingest prints: not "its scheduled retrains will run" when one of them skips on its own verdict
+    assert cli._retrain_outlook(verdict, per_model) == ("the scheduled retrains of udaflow-synth-to-my-camera (shifted) will run; "
+                                                        "udaflow-mnist-to-my-camera saw no shift: theirs skip")
+    assert cli._retrain_outlook("no-champion", {"a": "no-champion", "b": "unshifted"}) == \
+        "the scheduled retrains of a (no-champion) will run; b saw no shift: theirs skip"
+    assert cli._retrain_outlook("shifted", {"a": "shifted"}) == "its scheduled retrains will run"
+    assert cli._retrain_outlook("unshifted", {"a": "unshifted"}) == "no shift: its scheduled retrains stay idle"
 
 
 def test_a_new_target_version_with_a_class_its_source_lacks_is_named_per_model(tmp_path, monkeypatch, capsys):
