@@ -210,3 +210,32 @@ def test_a_request_without_the_image_column_gets_one_short_line_over_http(model,
     assert err.value.get_http_status_code() == 400
     assert err.value.message.startswith("no 'image' column (column names are case-sensitive; or the request held no images); send ")
     assert len(err.value.message) < 200
+
+
+def test_the_registered_example_is_the_model_s_input_not_the_photo_as_stored(model, tmp_path):
+    """`steps.serving_example` (the input and serving examples MLflow stores with every version): two photos
+    as stored were two copies of each file, 98 MB apiece for 4096 x 3000 PNGs. Now each is a PNG of the
+    pixels the model reads, upright: answered as the photo itself is."""
+    from udaflow import steps
+    from udaflow.config import Config
+    from udaflow.data.manifest import ManifestRow, write_manifest
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "raw/cam"
+    (root / "a").mkdir(parents=True)
+    photos = []
+    for i, turn in enumerate((6, 1)):  # a phone's portrait shot (stored turned, EXIF 6) and a plain one
+        arr = rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)
+        exif = Image.Exif()
+        exif[0x0112] = turn
+        Image.fromarray(arr).save(root / f"a/{i}.png", exif=exif)
+        photos.append((root / f"a/{i}.png").read_bytes())
+    write_manifest(root, [ManifestRow(f"a/{i}.png", "a", "train", str(i), 800, 600, "RGB", True) for i in range(2)])
+    cfg = Config.model_validate({"data": {"root": str(tmp_path / "raw")}, "target": "cam", "model": {"backbone": "udaflow_vit_micro"}})
+    example = steps.serving_example(cfg)
+    assert len(example) == 2 and all(len(b64) < 8_000 for b64 in example["image"])  # 1.4 MB each as stored
+    for b64, photo in zip(example["image"], photos):
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
+            assert img.size == (32, 32) and img.mode == "RGB" and not img.getexif().get(0x0112)
+        assert same(model.predict(pd.DataFrame({"image": [b64]}))["probabilities"][0],
+                    model.predict(pd.DataFrame({"image": [base64.b64encode(photo).decode()]}))["probabilities"][0])
