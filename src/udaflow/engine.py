@@ -324,7 +324,18 @@ class Checkpoint:
         saved = {f.name: getattr(self, f.name) for f in fields(self)}
         saved["record"] = {f.name: getattr(self.record, f.name) for f in fields(self.record)}
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": self.FORMAT, **saved}, tmp)
+        try:  # through a Python file: torch's own writer turns a full disk into "unexpected pos 704 vs 598", naming no file
+            with open(tmp, "wb") as fh:
+                torch.save({"format": self.FORMAT, **saved}, fh)
+        except OSError as exc:
+            if tmp.is_file():
+                tmp.unlink()
+            # the CLI says a full disk in one line with the file (the OSError in the chain), anything else as this line
+            cause = OSError(exc.errno, exc.strerror or str(exc), str(tmp))
+            error = RuntimeError(f"{tmp}: the resume checkpoint could not be written ({exc.strerror or exc})")
+            error.hint = (f"make {tmp} writable (a file, not a directory, in a folder this user may write), or point "
+                          "work_dir elsewhere; then run the same command again: it resumes from the previous checkpoint")
+            raise error from cause
         os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
     @classmethod

@@ -241,6 +241,35 @@ def test_step_losses_are_read_when_an_interval_closes_or_a_checkpoint_is_written
     assert record.loss_history == [{"step": 4, "loss": 0.75, "cls": 0.375}] and record.loss_count == 0
 
 
+def test_a_checkpoint_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
+    """torch.save given a path turned a full disk into "unexpected pos 704 vs 598" and a directory in the
+    way into "open file failed", naming no file: the CLI printed a traceback. Now the error names the file,
+    a full disk keeps its OSError (errno, file) in the chain for the CLI's one line, and no partial file stays."""
+    import errno
+
+    from udaflow import cli
+
+    def checkpoint():
+        return engine.Checkpoint(step=4, fingerprint=None, weights={}, method_extra={}, optimiser={}, scheduler={}, rng={},
+                                 record=engine.Record())
+
+    (tmp_path / "a.pt.tmp").mkdir()
+    with pytest.raises(RuntimeError, match=r"a.pt.tmp: the resume checkpoint could not be written \(Is a directory\)") as err:
+        checkpoint().save(tmp_path / "a.pt")
+    assert "work_dir" in err.value.hint and not (tmp_path / "a.pt").exists()
+
+    def full(obj, fh):
+        fh.write(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.torch, "save", full)
+    with pytest.raises(RuntimeError, match="could not be written \\(No space left on device\\)") as err:
+        checkpoint().save(tmp_path / "b.pt")
+    disk = cli._disk_full(err.value)
+    assert disk is not None and disk.filename == str(tmp_path / "b.pt.tmp")
+    assert not (tmp_path / "b.pt.tmp").exists() and not (tmp_path / "b.pt").exists()
+
+
 def test_a_terminal_bar_reads_the_loss_at_most_twice_a_second(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
