@@ -261,17 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     cfg = Config.model_validate(json.loads(args.params.read_text()))
     init_from_env(cfg.train.device)
-    try:
-        if args.stage == "pretrain":
-            outcome = steps.pretrain(cfg, cache_dir=args.cache_dir)
-        else:
-            outcome = steps.adapt(cfg, source_model=args.source_model)
-        if is_main():
-            args.out.write_text(json.dumps(asdict(outcome)))
-    finally:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    # no barrier when this rank fails: the others wait in a collective it will never join (a gradient
+    # all-reduce), and a barrier here held both until gloo's 30-minute timeout, the error unprinted. Raising
+    # ends this process; torchrun then stops the other ranks and `launch` fails with its exit code.
+    if args.stage == "pretrain":
+        outcome = steps.pretrain(cfg, cache_dir=args.cache_dir)
+    else:
+        outcome = steps.adapt(cfg, source_model=args.source_model)
+    if is_main():
+        args.out.write_text(json.dumps(asdict(outcome)))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -103,3 +103,36 @@ def test_the_bench_refuses_more_than_one_process(tmp_path):
     cfg = load_config(repo / "params.yaml", None, ["train.nproc=2", f"data.root={tmp_path}"])
     with pytest.raises(ConfigError, match="train.nproc: the bench trains in one process"):
         run_bench(cfg, [("synth", "mnist")], ["dann"])
+
+
+FAILING_RANK = """
+import sys
+from pathlib import Path
+from udaflow import steps
+from udaflow.config import load_config
+root = Path(sys.argv[1])
+small = ["source=synth", "target=fonts-b", "model.backbone=udaflow_vit_micro", "train.pretrain_steps=4", "train.adapt_steps=40", "train.eval_every=5",
+         "train.checkpoint_every=5", "train.warmup_steps=1", "train.batch_size=8", "method=dann", "train.num_threads=1"]
+steps.pretrain(load_config(root / "params.yaml", None, small))
+cfg = load_config(root / "params.yaml", None, [*small, "train.nproc=2"])
+checkpoint = steps.run_paths(cfg).checkpoint
+checkpoint.with_name(checkpoint.name + ".tmp").mkdir(parents=True)  # rank 0 alone writes it: its first save fails
+steps.adapt(cfg)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_ends_the_run_instead_of_hanging_the_others(tmp_path, new_shift_project):
+    """Rank 0's checkpoint write failed (a directory in its way; a full disk fails the same way) while rank 1
+    waited in the next step's gradient all-reduce: rank 0's `finally` barrier held both until gloo's
+    30-minute timeout, the error unprinted. Now rank 0's error is printed and the launch fails within seconds."""
+    import time
+
+    root = new_shift_project(tmp_path / "project", tmp_path / "scratch", 40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", FAILING_RANK, str(root)], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and time.monotonic() - t0 < 200, output[-3000:]
+    assert "adapt under torchrun (2 processes) failed with exit code" in output, output[-3000:]
+    assert "checkpoint.pt.tmp: the resume checkpoint could not be written (Is a directory)" in output, output[-3000:]  # rank 0's, printed
