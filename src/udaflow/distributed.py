@@ -146,6 +146,8 @@ class _SyncedStatistics:
     equals BatchNorm over the global batch. Outside training or without torchrun it is plain BatchNorm.
     """
 
+    act_after = False  # True for a twin of timm's BatchNormAct2d
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and active()):
             return super().forward(x)
@@ -156,16 +158,20 @@ class _SyncedStatistics:
         c, n = self.num_features, stats[-1]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean**2).clamp_min(0)  # biased, as BatchNorm normalises with
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
         shape = (1, c) + (1,) * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        if self.act_after:  # timm's BatchNormAct2d: its dropout and activation after the normalisation
+            y = self.act(self.drop(y))
+        return y
 
 
 class SyncedBatchNorm1d(_SyncedStatistics, nn.BatchNorm1d):
@@ -180,11 +186,42 @@ _SYNCED = {nn.BatchNorm1d: SyncedBatchNorm1d, nn.BatchNorm2d: SyncedBatchNorm2d}
 
 
 def sync_batchnorm_(module: nn.Module) -> nn.Module:
-    """Turn every BatchNorm1d/2d of `module` into its synced twin in place (same parameters, buffers, state_dict keys)."""
+    """Turn every BatchNorm1d/2d of `module`, subclasses included (timm's BatchNormAct2d: BatchNorm, then
+    dropout and activation), into its synced twin in place (same parameters, buffers, state_dict keys).
+    Until 2026-12-06 only the two exact types were: mobilenetv3, efficientnet and regnet normalised each
+    rank's rows alone. A subclass with a forward of its own is refused, not left unsynced."""
     for m in module.modules():
-        if type(m) in _SYNCED:
-            m.__class__ = _SYNCED[type(m)]
+        twin = _synced_twin(type(m))
+        if twin is not None:
+            m.__class__ = twin
     return module
+
+
+def _synced_twin(cls: type) -> type | None:
+    """The synced class of a BatchNorm1d/2d class (made once per subclass); None for any other module."""
+    if cls in _SYNCED:
+        return _SYNCED[cls]
+    base = next((b for b in (nn.BatchNorm1d, nn.BatchNorm2d) if issubclass(cls, b)), None)
+    if base is None or issubclass(cls, _SyncedStatistics):
+        return None
+    if cls.forward is not base.forward and not _normalise_then_act(cls):
+        from udaflow.config import ConfigError
+
+        raise ConfigError(f"train.nproc: {cls.__module__}.{cls.__name__}, a BatchNorm layer of the backbone with a forward of its "
+                          "own, cannot be synchronised over processes: its statistics would be each process's rows alone",
+                          hint="train with one process (--nproc 1), or pick a backbone with plain BatchNorm layers")
+    act_after = cls.forward is not base.forward  # BatchNormAct2d's: normalise, then its dropout and activation
+    _SYNCED[cls] = type(f"Synced{cls.__name__}", (_SyncedStatistics, cls), {"__module__": __name__, "act_after": act_after})
+    return _SYNCED[cls]
+
+
+def _normalise_then_act(cls: type) -> bool:
+    """timm's BatchNormAct2d (its forward: BatchNorm2d's, then `self.drop`, then `self.act`)."""
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return issubclass(cls, BatchNormAct2d) and cls.forward is BatchNormAct2d.forward
 
 
 def unsync_batchnorm_(module: nn.Module) -> nn.Module:

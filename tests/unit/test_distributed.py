@@ -136,3 +136,37 @@ def test_a_rank_that_fails_ends_the_run_instead_of_hanging_the_others(tmp_path, 
     assert done.returncode != 0 and time.monotonic() - t0 < 200, output[-3000:]
     assert "adapt under torchrun (2 processes) failed with exit code" in output, output[-3000:]
     assert "checkpoint.pt.tmp: the resume checkpoint could not be written (Is a directory)" in output, output[-3000:]  # rank 0's, printed
+
+
+def test_timm_s_batchnorm_with_activation_is_synced_and_a_foreign_forward_refused(monkeypatch):
+    """timm's BatchNormAct2d (mobilenetv3, efficientnet, regnet) subclasses BatchNorm2d: it was left unsynced
+    under --nproc. Its synced twin normalises by the statistics of every rank's rows, then applies its dropout
+    and activation: with one rank (the all-reduce an identity) it equals the layer itself, output and buffers."""
+    from timm.layers import BatchNormAct2d
+
+    from udaflow.config import ConfigError
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 5) * 3 + 1
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act_layer=torch.nn.ReLU), torch.nn.BatchNorm2d(4))
+    plain = __import__("copy").deepcopy(model)
+    distributed.sync_batchnorm_(model)
+    assert [type(m).__name__ for m in model] == ["Conv2d", "SyncedBatchNormAct2d", "SyncedBatchNorm2d"]
+    assert set(model.state_dict()) == set(plain.state_dict())
+    monkeypatch.setattr(distributed, "active", lambda: True)  # the synced path, on one rank: the sum over ranks is the value
+    monkeypatch.setattr(distributed._SumOverRanks, "apply", staticmethod(lambda t: t))
+    assert (model.train()[:2](x) >= 0).all()  # the activation applied after the normalisation
+    model.load_state_dict(plain.state_dict())  # the running statistics as they were
+    out, expected = model.train()(x), plain.train()(x)
+    assert torch.allclose(out, expected, atol=1e-5)  # the statistics the batch's, then the ReLU
+    for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    distributed.unsync_batchnorm_(model)
+    assert [type(m) for m in model] == [torch.nn.Conv2d, BatchNormAct2d, torch.nn.BatchNorm2d]
+
+    class OwnForward(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(ConfigError, match=r"OwnForward, a BatchNorm layer of the backbone with a forward of its own, cannot be synchronised"):
+        distributed.sync_batchnorm_(torch.nn.Sequential(OwnForward(3)))
