@@ -20,6 +20,31 @@ from udaflow.experiment import load_stage, source_cache_path, source_params
 TRAINING_TAG = "udaflow-training"  # on every training task; a Prefect tag concurrency limit on it bounds trainings
 
 
+def worth_retrying(task, task_run, state) -> bool:
+    """Retry a failed training once (it resumes from its checkpoint), not when udaflow itself said why it
+    stopped (a setting, the data, a checkpoint that cannot be written, a rank that failed under torchrun)
+    or the disk is full: the same error again, after as many steps again, its output printed twice."""
+    import errno
+
+    from udaflow.errors import raised_on_purpose
+
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable result: retry, as before
+        return True
+    if not isinstance(exc, BaseException):
+        return True
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return False
+        if raised_on_purpose(exc):
+            return False
+        exc = exc.__cause__ or exc.__context__
+    return True
+
+
 def host_training_tag() -> str:
     """`udaflow-training@<host>`: with a concurrency limit of 1 on it (`udaflow schedule` makes one for
     the machine it runs on), one machine trains one model at a time, whichever worker started it."""
@@ -44,7 +69,8 @@ def source_model_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:
     return "udaflow-source-" + hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-@task(name="pretrain-source", cache_key_fn=source_model_key, persist_result=True, retries=1, tags=[TRAINING_TAG])
+@task(name="pretrain-source", cache_key_fn=source_model_key, persist_result=True, retries=1, retry_condition_fn=worth_retrying,
+      tags=[TRAINING_TAG])
 def pretrain_source(cfg: Config, source_md5: str) -> steps.StepOutcome:
     """Supervised training on the labelled source; Prefect caches it across methods and targets.
 
@@ -57,7 +83,7 @@ def pretrain_source(cfg: Config, source_md5: str) -> steps.StepOutcome:
     return outcome
 
 
-@task(name="adapt-to-target", cache_policy=NO_CACHE, retries=1, tags=[TRAINING_TAG])
+@task(name="adapt-to-target", cache_policy=NO_CACHE, retries=1, retry_condition_fn=worth_retrying, tags=[TRAINING_TAG])
 def adapt_to_target(cfg: Config, source_model: str) -> steps.StepOutcome:
     """Adapt with cfg.method; a retry (or a re-run after a kill) resumes from the checkpoint."""
     return steps.adapt(cfg, source_model=Path(source_model))

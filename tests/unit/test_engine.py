@@ -270,6 +270,32 @@ def test_a_checkpoint_that_cannot_be_written_names_its_file(tmp_path, monkeypatc
     assert not (tmp_path / "b.pt.tmp").exists() and not (tmp_path / "b.pt").exists()
 
 
+def test_a_training_task_is_retried_after_a_hiccup_not_after_udaflow_said_why_it_stopped(tmp_path):
+    """A failure udaflow raised on purpose (a checkpoint it cannot write, a rank that failed under torchrun) or a
+    full disk fails again the same way: retried, it trained as many steps again and printed its error twice."""
+    import errno
+
+    from prefect.states import Failed
+
+    from tasks.training import adapt_to_target, pretrain_source, worth_retrying
+
+    assert all(t.retries == 1 and t.retry_condition_fn is worth_retrying for t in (adapt_to_target, pretrain_source))
+    (tmp_path / "c.pt.tmp").mkdir()
+    try:
+        engine.Checkpoint(step=1, fingerprint=None, weights={}, method_extra={}, optimiser={}, scheduler={}, rng={},
+                          record=engine.Record()).save(tmp_path / "c.pt")
+    except RuntimeError as exc:
+        ours = exc
+    try:
+        torch.zeros(2) @ torch.zeros(3)  # a kernel's own error, as a crashed step raises it
+    except RuntimeError as exc:
+        torch_s = exc
+    assert not worth_retrying(None, None, Failed(data=ours))
+    assert not worth_retrying(None, None, Failed(data=OSError(errno.ENOSPC, "No space left on device")))
+    assert worth_retrying(None, None, Failed(data=torch_s))
+    assert worth_retrying(None, None, Failed(data=ConnectionResetError("connection reset by peer")))
+
+
 def test_a_terminal_bar_reads_the_loss_at_most_twice_a_second(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(engine.time, "perf_counter", lambda: clock[0])
