@@ -97,8 +97,7 @@ def test_checkpoint_is_written_atomically(tiny_shift, make_train_config, tmp_pat
     def crashing_save(obj, f, *args, **kwargs):
         saves[0] += 1
         if saves[0] == 2:  # the step-20 checkpoint: write some bytes, then die
-            with open(f, "wb") as fh:
-                fh.write(b"partial")
+            f.write(b"partial")  # into the open .tmp file the checkpoint is written through
             raise Killed("killed while writing")
         return real_save(obj, f, *args, **kwargs)
 
