@@ -197,6 +197,12 @@ def sync_batchnorm_(module: nn.Module) -> nn.Module:
     return module
 
 
+def check_syncable(module: nn.Module) -> None:
+    """ConfigError when a BatchNorm layer of `module` cannot be synced over processes (before `--nproc` trains)."""
+    for m in module.modules():
+        _synced_twin(type(m))
+
+
 def _synced_twin(cls: type) -> type | None:
     """The synced class of a BatchNorm1d/2d class (made once per subclass); None for any other module."""
     if cls in _SYNCED:

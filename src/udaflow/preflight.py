@@ -87,7 +87,7 @@ def validate_run(
     if not timm.is_model(cfg.model.backbone):
         raise refuse("model.backbone", f"model.backbone: unknown backbone '{cfg.model.backbone}'; any name from timm.list_models() works")
     try:
-        create_backbone(cfg.model.backbone, cfg.model.pretrained, **cfg.model.backbone_args)
+        backbone = create_backbone(cfg.model.backbone, cfg.model.pretrained, **cfg.model.backbone_args)
     except BackboneError as exc:  # its message names model.backbone_args.<key> where it can, or the weights file
         named = str(exc).split(":", 1)[0]
         if cfg.model.pretrained and named == str(Path(cfg.model.pretrained)):
@@ -97,6 +97,10 @@ def validate_run(
         raise refuse(named if named.startswith("model.") else "model", f"model: {exc}") from None
     except TypeError as exc:  # an argument the timm model does not take
         raise refuse("model.backbone_args", f"model.backbone_args: {exc}") from None
+    if t.nproc > 1:  # a BatchNorm layer the ranks cannot sync: refused here, not inside torchrun after pretraining began
+        from udaflow.distributed import check_syncable
+
+        check_syncable(backbone)
     work = Path(cfg.work_dir)  # checkpoints, caches, outputs: a run failed on it after Prefect had started, in a traceback
     if work.exists() and not work.is_dir():
         raise refuse("work_dir", f"work_dir: {work} is a file, not a folder")

@@ -170,3 +170,22 @@ def test_timm_s_batchnorm_with_activation_is_synced_and_a_foreign_forward_refuse
 
     with pytest.raises(ConfigError, match=r"OwnForward, a BatchNorm layer of the backbone with a forward of its own, cannot be synchronised"):
         distributed.sync_batchnorm_(torch.nn.Sequential(OwnForward(3)))
+    distributed.check_syncable(model)  # BatchNorm2d, BatchNormAct2d: nothing to refuse
+
+
+def test_a_backbone_whose_batchnorm_cannot_be_synced_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    """`--nproc 2` with such a backbone: validate_run refuses it, naming train.nproc, before Prefect starts."""
+    from udaflow import preflight
+    from udaflow.config import load_config
+
+    class OwnForward(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    monkeypatch.setattr(preflight, "create_backbone", lambda *a, **k: torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), OwnForward(3)))
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "params.yaml", None, [f"data.root={tmp_path}"])
+    preflight.validate_run(cfg, domains=())  # one process: nothing to sync
+    cfg = load_config(repo / "params.yaml", None, ["train.nproc=2", f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match="train.nproc: .*OwnForward, a BatchNorm layer of the backbone"):
+        preflight.validate_run(cfg, domains=())
