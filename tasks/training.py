@@ -22,8 +22,9 @@ TRAINING_TAG = "udaflow-training"  # on every training task; a Prefect tag concu
 
 def worth_retrying(task, task_run, state) -> bool:
     """Retry a failed training once (it resumes from its checkpoint), not when udaflow itself said why it
-    stopped (a setting, the data, a checkpoint that cannot be written, a rank that failed under torchrun)
-    or the disk is full: the same error again, after as many steps again, its output printed twice."""
+    stopped (a setting, the data, a checkpoint that cannot be written, a rank that failed under torchrun),
+    the disk is full, or a Ctrl-C lies in the error's chain (a library may wrap it): the same error again,
+    after as many steps again, its output printed twice, or a stopped run that went on."""
     import errno
 
     from udaflow.errors import raised_on_purpose
@@ -37,6 +38,8 @@ def worth_retrying(task, task_run, state) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if not isinstance(exc, Exception):  # a Ctrl-C or a termination signal, inside another error: a person stopped it
+            return False
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return False
         if raised_on_purpose(exc):

@@ -276,6 +276,40 @@ class Record:
             self.best_state = copy.deepcopy({k: v.cpu() for k, v in classifier.state_dict().items()})
 
 
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of every tensor in a nested dict / list / tuple (what a checkpoint needs on disk, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _why_unwritable(tmp: Path, exc: RuntimeError, needed: int) -> OSError:
+    """What torch's writer met, as the OSError it does not raise: a directory in the way, a folder this user
+    may not write, a disk with less room than the checkpoint (ENOSPC, which the CLI reports in one line)."""
+    import errno
+    import re
+    import shutil
+
+    def error(code: int, text: str | None = None) -> OSError:
+        return OSError(code, text or os.strerror(code), str(tmp))
+
+    if tmp.is_dir():
+        return error(errno.EISDIR)
+    if not os.access(tmp.parent, os.W_OK):
+        return error(errno.EACCES)
+    try:
+        if shutil.disk_usage(tmp.parent).free < needed:
+            return error(errno.ENOSPC)
+    except OSError:
+        pass
+    said = re.search(r"strerror: ([^\n]+)", str(exc))
+    return error(errno.EIO, said.group(1).strip() if said else " ".join(str(exc).split())[:200])
+
+
 @dataclass
 class Checkpoint:
     """A resume point: everything a killed run needs to continue to the same bits, and which run wrote it.
@@ -324,15 +358,14 @@ class Checkpoint:
         saved = {f.name: getattr(self, f.name) for f in fields(self)}
         saved["record"] = {f.name: getattr(self.record, f.name) for f in fields(self.record)}
         tmp = path.with_name(path.name + ".tmp")
-        try:  # through a Python file: torch's own writer turns a full disk into "unexpected pos 704 vs 598", naming no file
-            with open(tmp, "wb") as fh:
-                torch.save({"format": self.FORMAT, **saved}, fh)
-        except OSError as exc:
+        payload = {"format": self.FORMAT, **saved}
+        try:  # to the path, as C++ writes it: through a Python file a Ctrl-C in its write() came out as a RuntimeError
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's writer names no file: "unexpected pos 704 vs 598" on a full disk
             if tmp.is_file():
                 tmp.unlink()
-            # the CLI says a full disk in one line with the file (the OSError in the chain), anything else as this line
-            cause = OSError(exc.errno, exc.strerror or str(exc), str(tmp))
-            error = RuntimeError(f"{tmp}: the resume checkpoint could not be written ({exc.strerror or exc})")
+            cause = _why_unwritable(tmp, exc, _tensor_bytes(payload))  # the CLI says a full disk in one line, with the file
+            error = RuntimeError(f"{tmp}: the resume checkpoint could not be written ({cause.strerror})")
             error.hint = (f"make {tmp} writable (a file, not a directory, in a folder this user may write), or point "
                           "work_dir elsewhere; then run the same command again: it resumes from the previous checkpoint")
             raise error from cause

@@ -97,7 +97,8 @@ def test_checkpoint_is_written_atomically(tiny_shift, make_train_config, tmp_pat
     def crashing_save(obj, f, *args, **kwargs):
         saves[0] += 1
         if saves[0] == 2:  # the step-20 checkpoint: write some bytes, then die
-            f.write(b"partial")  # into the open .tmp file the checkpoint is written through
+            with open(f, "wb") as fh:
+                fh.write(b"partial")
             raise Killed("killed while writing")
         return real_save(obj, f, *args, **kwargs)
 
@@ -241,27 +242,33 @@ def test_step_losses_are_read_when_an_interval_closes_or_a_checkpoint_is_written
 
 
 def test_a_checkpoint_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
-    """torch.save given a path turned a full disk into "unexpected pos 704 vs 598" and a directory in the
-    way into "open file failed", naming no file: the CLI printed a traceback. Now the error names the file,
-    a full disk keeps its OSError (errno, file) in the chain for the CLI's one line, and no partial file stays."""
+    """torch's writer turned a full disk into "unexpected pos 704 vs 598" and a directory in the way into
+    "open file failed", naming no file: the CLI printed a traceback. Now the error names the file, a full disk
+    puts an OSError (ENOSPC, the file) in the chain for the CLI's one line, and no partial file stays."""
     import errno
+    import shutil
+    from collections import namedtuple
 
     from udaflow import cli
 
     def checkpoint():
-        return engine.Checkpoint(step=4, fingerprint=None, weights={}, method_extra={}, optimiser={}, scheduler={}, rng={},
-                                 record=engine.Record())
+        return engine.Checkpoint(step=4, fingerprint=None, weights={"w": torch.zeros(1000)}, method_extra={}, optimiser={},
+                                 scheduler={}, rng={}, record=engine.Record())
 
     (tmp_path / "a.pt.tmp").mkdir()
     with pytest.raises(RuntimeError, match=r"a.pt.tmp: the resume checkpoint could not be written \(Is a directory\)") as err:
         checkpoint().save(tmp_path / "a.pt")
     assert "work_dir" in err.value.hint and not (tmp_path / "a.pt").exists()
+    assert err.value.__cause__.errno == errno.EISDIR and cli._disk_full(err.value) is None
 
-    def full(obj, fh):
-        fh.write(b"PK\x03\x04 half a zip")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(obj, f):  # torch's own words when the disk fills mid-write
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(engine.torch, "save", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))  # 100 bytes left, 4,000 needed
     with pytest.raises(RuntimeError, match="could not be written \\(No space left on device\\)") as err:
         checkpoint().save(tmp_path / "b.pt")
     disk = cli._disk_full(err.value)
@@ -292,6 +299,14 @@ def test_a_training_task_is_retried_after_a_hiccup_not_after_udaflow_said_why_it
     assert not worth_retrying(None, None, Failed(data=ours))
     assert not worth_retrying(None, None, Failed(data=OSError(errno.ENOSPC, "No space left on device")))
     assert worth_retrying(None, None, Failed(data=torch_s))
+    try:  # a Ctrl-C that torch's writer wrapped (a RuntimeError whose context is the KeyboardInterrupt): stopped, never retried
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("unexpected pos 46 vs 0")
+    except RuntimeError as exc:
+        wrapped = exc
+    assert not worth_retrying(None, None, Failed(data=wrapped))
     assert worth_retrying(None, None, Failed(data=ConnectionResetError("connection reset by peer")))
 
 
