@@ -185,7 +185,26 @@ class BenchConfig(_Strict):
 
 class TrackingConfig(_Strict):
     uri: str = "sqlite:///mlflow/mlflow.db"  # MLflow tracking + registry store
-    artifact_root: Path = Path("mlflow/artifacts")  # where runs' artifacts and logged models go
+    artifact_root: Path = Path("mlflow/artifacts")  # where runs' artifacts and logged models go: a folder here
+
+    @field_validator("artifact_root", mode="before")
+    @classmethod
+    def _a_folder_here(cls, value: Any) -> Any:
+        """A folder on this machine; `file://` (MLflow's spelling of one) is read as its path. A store's URI
+        (`s3://bucket/mlflow`, as `mlflow server --default-artifact-root` takes) was read as the relative
+        path `s3:/bucket/mlflow`: every artifact and model went to a local folder of that name, silently."""
+        text = str(value) if isinstance(value, (str, Path)) else None
+        if text is None:
+            return value
+        if text.startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            return Path(unquote(urlparse(text).path))
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+            raise ValueError("a folder on this machine, not a store's URI: artifacts in S3 go through an MLflow "
+                             "tracking server started with `--artifacts-destination s3://...`, which MLFLOW_TRACKING_URI "
+                             "(or tracking.uri) names (README, \"A team's servers\")")
+        return value
 
 
 class PromotionConfig(_Strict):

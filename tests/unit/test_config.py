@@ -186,6 +186,25 @@ def test_a_wrong_value_in_the_file_names_the_file_even_beside_overrides(params):
     assert str(info.value).startswith(f"{params}: extra_key: unknown key")
 
 
+def test_artifact_root_is_a_folder_here_and_a_store_uri_is_refused(params, tmp_path, monkeypatch):
+    """`tracking.artifact_root: s3://bucket/mlflow` (as `mlflow server --default-artifact-root` takes it) was
+    read as the relative path `s3:/bucket/mlflow`: a run wrote every artifact and model to that local folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(params, overrides=["tracking.artifact_root=s3://team-bucket/mlflow"])
+    assert str(info.value).startswith("--set tracking.artifact_root: a folder on this machine, not a store's URI"), info.value
+    assert "--artifacts-destination s3://" in str(info.value) and "(got 's3://team-bucket/mlflow')" in str(info.value)
+    params.write_text(PARAMS + "tracking: {artifact_root: 'gs://bucket/x'}\n")
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(params))}: tracking.artifact_root: a folder on this machine"):
+        load_config(params)
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
+    # MLflow's spelling of a local folder is that folder; a plain path stays as written
+    params.write_text(PARAMS)
+    cfg = load_config(params, overrides=["tracking.artifact_root=file:///srv/ml%20store/artifacts"])
+    assert cfg.tracking.artifact_root == Path("/srv/ml store/artifacts")
+    assert load_config(params, overrides=["tracking.artifact_root=team/artifacts"]).tracking.artifact_root == Path("team/artifacts")
+
+
 def test_unknown_profile_lists_known(params):
     with pytest.raises(ConfigError) as info:
         load_config(params, profile="huge")
