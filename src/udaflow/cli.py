@@ -102,13 +102,37 @@ def _unreachable(exc: BaseException | None) -> tuple[str, BaseException] | None:
     kinds += [m.exceptions.ConnectionError for m in [sys.modules.get("requests")] if m is not None]
     failed = next((e for e in _chain(exc) if kinds and isinstance(e, tuple(kinds))), None)
     if failed is None:
-        return None
+        return _database_unreachable(exc)
     try:
         url = str(failed.request.url) if getattr(failed, "request", None) is not None else ""
     except RuntimeError:  # httpx: an error raised without its request
         url = ""
     match = re.match(r"^[a-z+]+://[^/]+", url)
     return (match.group(0) if match else "its server"), failed
+
+
+# a database server's connection failures as the drivers word them (psycopg, pymysql / mysqlclient): not SQLite's
+# "database is locked" or a broken schema, which are OperationalErrors too
+_DATABASE_DOWN = re.compile(r"connection (?:failed|refused|timed out)|could not connect|could not translate host name|"
+                            r"Connection refused|Can't connect to MySQL server|Name or service not known", re.IGNORECASE)
+
+
+def _database_unreachable(exc: BaseException | None) -> tuple[str, BaseException] | None:
+    """(the database's address, the error) when `exc`'s chain holds SQLAlchemy's failure to connect to the
+    MLflow store's database server (tracking.uri postgresql://..., mysql://...): MLflow retried for about 100 s,
+    then the CLI printed a traceback."""
+    errors = sys.modules.get("sqlalchemy.exc")
+    failed = next((e for e in _chain(exc) if errors is not None and isinstance(e, errors.OperationalError)
+                   and _DATABASE_DOWN.search(str(e))), None)
+    if failed is None:
+        return None
+    from urllib.parse import urlsplit
+
+    from udaflow import tracking
+
+    uri = urlsplit(tracking.mlflow_uri())
+    host = uri.netloc.rpartition("@")[2]  # never the user and password
+    return (f"{uri.scheme}://{host}" if host else "the MLflow store's database"), failed
 
 
 _UNREACHABLE_HINT = ("is it running, and named right? PREFECT_API_URL (or the Prefect profile's) names the Prefect server, "

@@ -187,6 +187,21 @@ class TrackingConfig(_Strict):
     uri: str = "sqlite:///mlflow/mlflow.db"  # MLflow tracking + registry store
     artifact_root: Path = Path("mlflow/artifacts")  # where runs' artifacts and logged models go: a folder here
 
+    @field_validator("uri")
+    @classmethod
+    def _not_a_file_store(cls, uri: str) -> str:
+        """MLflow 3 refuses its file store (`./mlruns`, `file:///...`) unless MLFLOW_ALLOW_FILE_STORE is set: it
+        came out as a traceback from the first registry call, after the run's flow had started."""
+        from urllib.parse import urlparse
+
+        scheme = urlparse(uri).scheme
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true")
+        if (scheme == "file" or not scheme) and not allowed:
+            raise ValueError("a folder is MLflow's file store, which MLflow 3 refuses: use a database (sqlite:///mlflow/mlflow.db, "
+                             "the default, or postgresql://...) or a tracking server's http:// URL (`mlflow migrate-filestore` "
+                             "moves an existing ./mlruns into a database)")
+        return uri
+
     @field_validator("artifact_root", mode="before")
     @classmethod
     def _a_folder_here(cls, value: Any) -> Any:
@@ -441,6 +456,7 @@ def load_config(
         tracking = raw.setdefault("tracking", {})
         if isinstance(tracking, dict):
             tracking["uri"] = env_uri
+            given["tracking.uri"] = "MLFLOW_TRACKING_URI"  # an error in it names the variable, not params.yaml
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:

@@ -464,3 +464,33 @@ def test_a_version_whose_announcement_failed_is_announced_again_after_a_revert(w
     result = ingest(folders[1])  # the same command, as the hint says
     assert result.exit_code == 0 and "with no record here that it was announced" in result.output, result.output
     assert announced[2:] == [version_b]
+
+
+def test_a_store_mlflow_refuses_or_cannot_reach_is_one_line(workspace: Path, monkeypatch):
+    """MLflow 3's refused file store (`./mlruns`) and a database server that does not answer came out as
+    tracebacks, the second after MLflow's 100 s of retries; each is now one line naming where it came from."""
+    import mlflow.store.db.utils as db_utils
+    import mlflow.tracking._model_registry.utils as registry_uri
+    import mlflow.tracking._tracking_service.utils as tracking_uri
+
+    for module, name in ((tracking_uri, "_tracking_uri"), (registry_uri, "_registry_uri")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # the URIs this process had stay for the tests after
+    monkeypatch.chdir(workspace)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    result = invoke(["promote", "--model", "udaflow-synth-to-mnist", "--dry-run"], workspace)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: MLFLOW_TRACKING_URI: tracking.uri: a folder is MLflow's file store, which MLflow 3 "
+                                    "refuses"), result.output
+    assert not (workspace / "mlruns").exists()
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"postgresql://team:s3cret@127.0.0.1:{port}/mlflow")
+    monkeypatch.setattr(db_utils, "MAX_RETRY_COUNT", 1)  # MLflow's own retries, about 100 s, are not what is tested
+    result = invoke(["promote", "--model", "udaflow-synth-to-mnist", "--dry-run"], workspace)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith(f"error: cannot reach postgresql://127.0.0.1:{port}: ") and "Connection refused" in lines[0], result.output
+    assert lines[1].startswith("hint: is it running") and "s3cret" not in result.output, result.output
