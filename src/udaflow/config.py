@@ -200,6 +200,9 @@ class TrackingConfig(_Strict):
             raise ValueError("a folder is MLflow's file store, which MLflow 3 refuses: use a database (sqlite:///mlflow/mlflow.db, "
                              "the default, or postgresql://...) or a tracking server's http:// URL (`mlflow migrate-filestore` "
                              "moves an existing ./mlruns into a database)")
+        if scheme == "sqlite" and not uri.startswith("sqlite:///"):  # SQLAlchemy's "Invalid SQLite URL" came as a traceback
+            raise ValueError("a SQLite store is sqlite:/// and its file: sqlite:///mlflow/mlflow.db (relative to where udaflow "
+                             "runs) or sqlite:////absolute/path/mlflow.db")
         return uri
 
     @field_validator("artifact_root", mode="before")

@@ -205,6 +205,24 @@ def test_artifact_root_is_a_folder_here_and_a_store_uri_is_refused(params, tmp_p
     assert load_config(params, overrides=["tracking.artifact_root=team/artifacts"]).tracking.artifact_root == Path("team/artifacts")
 
 
+def test_a_tracking_uri_mlflow_refuses_is_a_config_error(params, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri in ("mlruns", "./mlruns", "file:///srv/mlruns"):
+        with pytest.raises(ConfigError, match="^--set tracking.uri: a folder is MLflow's file store, which MLflow 3 refuses"):
+            load_config(params, overrides=[f"tracking.uri={uri}"])
+    with pytest.raises(ConfigError, match="^--set tracking.uri: a SQLite store is sqlite:/// and its file"):
+        load_config(params, overrides=["tracking.uri=sqlite://mlflow.db"])
+    for uri in ("sqlite:///mlflow/mlflow.db", "sqlite:////srv/m.db", "postgresql://db-host/mlflow", "https://mlflow.example.org"):
+        assert load_config(params, overrides=[f"tracking.uri={uri}"]).tracking.uri == uri
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-out is respected
+    assert load_config(params, overrides=["tracking.uri=./mlruns"]).tracking.uri == "./mlruns"
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite://x.db")  # the variable wins over params.yaml, and is named
+    with pytest.raises(ConfigError, match="^MLFLOW_TRACKING_URI: tracking.uri: a SQLite store is sqlite:///"):
+        load_config(params)
+
+
 def test_unknown_profile_lists_known(params):
     with pytest.raises(ConfigError) as info:
         load_config(params, profile="huge")
