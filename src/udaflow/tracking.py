@@ -57,6 +57,28 @@ def configure(tracking_uri: str, artifact_root: Path) -> None:
         else:
             os.environ[key] = value
     os.environ["UDAFLOW_ARTIFACT_ROOT"] = str(Path(artifact_root).resolve())
+    if is_server(tracking_uri):
+        _check_answers(tracking_uri)
+
+
+_ANSWERED: set[str] = set()  # tracking servers this process has had an answer from
+
+
+def _check_answers(uri: str) -> None:
+    """Raise requests' ConnectionError now when the tracking server at `uri` refuses the connection or its
+    name does not resolve (down, or misnamed): MLflow's client retried each call for about 4 minutes
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES 7, backoff factor 2), printing nothing, before the same error. Any
+    HTTP answer will do; a slow one (a timeout) and a TLS error, which MLflow's own settings
+    (MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_INSECURE_TLS) may resolve, are left to MLflow."""
+    if uri in _ANSWERED:
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=(5, 30))
+    except (requests.exceptions.Timeout, requests.exceptions.SSLError):
+        return
+    _ANSWERED.add(uri)
 
 
 def _create_sqlite_store(uri: str, artifact_root: Path) -> None:

@@ -494,3 +494,25 @@ def test_a_store_mlflow_refuses_or_cannot_reach_is_one_line(workspace: Path, mon
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert lines[0].startswith(f"error: cannot reach postgresql://127.0.0.1:{port}: ") and "Connection refused" in lines[0], result.output
     assert lines[1].startswith("hint: is it running") and "s3cret" not in result.output, result.output
+
+
+def test_a_tracking_server_that_refuses_the_connection_is_one_line_in_seconds(workspace: Path, monkeypatch):
+    """MLflow's client retried every call to a server that is down or misnamed for about 4 minutes (7 retries,
+    backoff factor 2), printing nothing, before the CLI's 'cannot reach' line: a user saw a hang."""
+    import mlflow.tracking._model_registry.utils as registry_uri
+    import mlflow.tracking._tracking_service.utils as tracking_uri
+
+    for module, name in ((tracking_uri, "_tracking_uri"), (registry_uri, "_registry_uri")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.chdir(workspace)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    clock = time.perf_counter()
+    result = invoke(["promote", "--model", "udaflow-synth-to-mnist", "--dry-run"], workspace)
+    seconds = time.perf_counter() - clock
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert lines[0].startswith(f"error: cannot reach http://127.0.0.1:{port}: ") and lines[1].startswith("hint: is it running"), result.output
+    assert seconds < 60, f"{seconds:.0f} s: MLflow's own retries ran"
