@@ -228,7 +228,7 @@ class TrackingConfig(_Strict):
 class PromotionConfig(_Strict):
     source_tolerance: float = Field(1.0, ge=0)  # most source val accuracy (points) a challenger may lose vs champion
     validator: str | None = None  # label-free score the gate compares without target labels; None = `validator`
-    min_diversity: float = Field(0.5, ge=0, le=1)  # below: collapsed (normalised entropy of the predicted-class histogram on the pool)
+    min_diversity: float = Field(0.5, ge=0, le=1)  # below this x the source-only model's: collapsed (normalised entropy of the predicted-class histogram on the pool)
 
 
 class DriftConfig(_Strict):

@@ -331,8 +331,11 @@ def score_weights(classifier: Classifier, data: ShiftData, target_eval: Labelled
     from udaflow.engine import per_class_accuracy
     from udaflow.engine import accuracy as top1
 
+    from udaflow.promotion import prediction_diversity
+
     validators, target_logits, val_logits = pool_scores(classifier, data, device)
-    out: dict[str, Any] = {"validators": validators, "source_val_acc": top1(val_logits, data.source_val.labels), "target_acc": None}
+    out: dict[str, Any] = {"validators": validators, "source_val_acc": top1(val_logits, data.source_val.labels), "target_acc": None,
+                           "pool_diversity": prediction_diversity(target_logits.argmax(1).tolist(), len(data.classes))}
     if target_eval is not None:
         same = digest(target_eval.images) == digest(data.target_adapt.images)  # transductive: the pool is the scored set
         logits = target_logits if same else predict(classifier, target_eval.images, device)[1]

@@ -7,7 +7,12 @@ and the source validation split; when the target domain has a labelled `val` spl
 
   1. challenger is already the champion -> nothing to do;
   2. a collapsed challenger is refused: its predictions on the pool must spread over the classes
-     (normalised entropy of the predicted-class histogram >= `min_diversity`);
+     (normalised entropy of the predicted-class histogram >= `min_diversity` x its own source-only
+     model's on the pool it adapted on, recorded at evaluation; x 1 for a version without that record).
+     The entropy is normalised by log C over the source's C classes, so a target that holds 3 of 28 of
+     them reads at most log 3 / log 28 = 0.33 for a perfect model: an absolute bar of 0.5 called every
+     model of such a target collapsed. The source model's spread on the same images says, label-free,
+     how many classes the pool shows;
   3. no champion yet (first version) -> a sanity check instead of a comparison against its own
      source-only model, both scored at evaluation: when the target has a labelled `val` split, the
      challenger's accuracy there must be at least the source-only model's; without one, its
@@ -45,6 +50,7 @@ class Recorded:
     source_only_source_val_acc: float | None
     target_val_acc: float | None = None  # the registered weights on the target's labelled `val` split, when it has one
     source_only_target_val_acc: float | None = None  # its source-only model on that split
+    source_only_diversity: float | None = None  # its source-only model's prediction diversity on the pool
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,11 @@ def decide(
         ("source_val_acc", _fmt(champion and champion.source_val_acc), _fmt(challenger.source_val_acc)),
         ("prediction_diversity", _fmt(champion and champion.diversity), _fmt(challenger.diversity)),
     ]
-    if challenger.diversity < min_diversity:
-        return Decision(False, f"collapsed: prediction diversity {challenger.diversity:.3f} < {min_diversity} on the target pool", "collapse", rows, data)
+    reference = recorded.source_only_diversity if recorded is not None and recorded.source_only_diversity is not None else None
+    bar = min_diversity * (reference if reference is not None else 1.0)
+    if challenger.diversity < bar:
+        against = (f"{min_diversity} x its source-only model's {reference:.3f} = {bar:.3f}" if reference is not None else f"{min_diversity}")
+        return Decision(False, f"collapsed: prediction diversity {challenger.diversity:.3f} < {against} on the target pool", "collapse", rows, data)
     if champion is None:
         return _first(challenger, recorded, key, source_tolerance, rows, data)
     if challenger.target_val_acc is not None and champion.target_val_acc is not None:

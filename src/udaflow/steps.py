@@ -312,6 +312,8 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
         source_only_target_acc=before["target_acc"],
         source_only_source_val_acc=before["source_val_acc"],
         validators_source_only=before["validators"],
+        # how the source model's predictions spread over the classes on the pool: the gate's collapse bar scales with it
+        source_only_prediction_diversity=round(before["pool_diversity"], 6),
         target_images=len(data.target_eval) if data.target_eval is not None else 0,
     )
 

@@ -725,7 +725,7 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
             **tags,
             "run_id": registered_by,
             **{k: metrics[k] for k in ("target_acc_selected", "target_acc_last", "source_val_acc_selected", "source_only_source_val_acc", "selected_by",
-                                       "target_val_acc_selected", "source_only_target_val_acc")
+                                       "target_val_acc_selected", "source_only_target_val_acc", "source_only_prediction_diversity")
                if metrics.get(k) is not None},
             **{f"validator_selected.{k}": round(v, 6) for k, v in metrics.get("validators_selected", {}).items()},
             **{f"validator_source_only.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
@@ -838,7 +838,7 @@ def _recorded(version, validator: str):
             return None
 
     return Recorded(num(f"validator_selected.{validator}"), num(f"validator_source_only.{validator}"), num("source_only_source_val_acc"),
-                    num("target_val_acc_selected"), num("source_only_target_val_acc"))
+                    num("target_val_acc_selected"), num("source_only_target_val_acc"), num("source_only_prediction_diversity"))
 
 
 def promote(name: str, measure: Callable[[str], Any], validator: str, source_tolerance: float, min_diversity: float,

@@ -132,6 +132,18 @@ def test_collapsed_challenger_is_refused(registry: Path, trained):
     assert "not promoted" in result.output and "collapsed: prediction diversity 0.000" in result.output and champion() is None
 
 
+def test_the_collapse_bar_is_read_from_the_version_s_own_record(registry: Path, trained):
+    """The bar is min_diversity x the source-only model's diversity that the pipeline tagged on the version at
+    evaluation; a version without that tag (registered by an older udaflow) is held to min_diversity itself."""
+    add_version(registry, variant(trained, 0, collapse=True), recorded_im=0.9, source_only_im=0.1, source_only_prediction_diversity=0.9)
+    result = cli(["promote", "--model", NAME], registry)
+    assert "collapsed: prediction diversity 0.000 < 0.5 x its source-only model's 0.900 = 0.450 on the target pool" in result.output, result.output
+    add_version(registry, variant(trained, 1), recorded_im=0.9, source_only_im=0.1, source_only_prediction_diversity=1.0)
+    spread = measured(registry, "2").diversity
+    result = cli(["promote", "--model", NAME, "--dry-run"], registry)  # a spread-out model against a bar of 0.5 x 1.0
+    assert (spread >= 0.5) == ("would promote" in result.output), result.output
+
+
 def test_labelled_target_val_split_decides_and_test_is_never_read(registry: Path, trained, project: Path):
     """A target with a labelled `val` split: the gate compares accuracy there. Its `test` files are
     made unreadable for the test: the gate must not touch them."""

@@ -57,6 +57,25 @@ def test_collapsed_challenger_is_refused_first_or_not():
     assert not d.promote and d.criterion == "collapse"
 
 
+def test_the_collapse_bar_scales_with_the_source_models_spread_on_the_pool():
+    """A target holding 3 of the source's 28 classes: a perfect model's diversity is log 3 / log 28 = 0.33, and the
+    absolute bar of 0.5 called it collapsed (a probe's flat 3-class target could never get a champion). The bar is
+    now min_diversity x the source-only model's diversity on the same pool (recorded at evaluation)."""
+    perfect = prediction_diversity([0, 1, 2] * 20, 28)
+    assert perfect == pytest.approx(math.log(3) / math.log(28))
+    spread = prediction_diversity([0, 1, 2, 3, 4, 5] * 10, 28)  # the source model, unadapted: 6 classes on the 3-class pool
+    recorded = Recorded(0.8, 0.6, 99.5, source_only_diversity=spread)
+    d = gate(m("1", diversity=perfect), recorded=recorded)
+    assert d.promote and d.criterion == "first", d.reason
+    d = gate(m("2", validator=0.9, diversity=perfect), m("1", validator=0.8), recorded=recorded)  # against a champion alike
+    assert d.promote and d.criterion == "validator.im", d.reason
+    d = gate(m("1", diversity=0.1), recorded=recorded)  # one class for nearly all: collapsed still
+    assert not d.promote and d.criterion == "collapse"
+    assert d.reason == f"collapsed: prediction diversity 0.100 < 0.5 x its source-only model's {spread:.3f} = {0.5 * spread:.3f} on the target pool"
+    d = gate(m("1", diversity=perfect), recorded=GOOD_FIRST)  # a version registered before the record: the absolute bar
+    assert not d.promote and d.reason == f"collapsed: prediction diversity {perfect:.3f} < 0.5 on the target pool"
+
+
 def test_target_val_split_decides_when_measured_on_both():
     d = gate(m("2", validator=0.1, target_val=81.0), m("1", validator=0.9, target_val=80.0))
     assert d.promote and d.criterion == "target_val_acc"
