@@ -402,6 +402,18 @@ def _retrain_outlook(verdict: str, per_model: dict[str, str]) -> str:
     return f"the scheduled retrains of {run} will run; {', '.join(idle)} saw no shift: theirs skip"
 
 
+def _warn_partial_target(name: str, source: str, absent: list[str], has_val: bool) -> None:
+    """A target holding only some of its source's classes (partial-set adaptation): a probe's 5-of-28-class target
+    was adapted to 30.00% against its source-only model's 60.00%, and promoted on IM as the first version."""
+    shown = ", ".join(f"'{c}'" for c in absent[:8]) + (" ..." if len(absent) > 8 else "")
+    then = ("its labelled val split lets the gate judge a run by accuracy" if has_val else
+            "a labelled val split (--val-fraction) lets the gate judge a run by accuracy; without one it reads the validator alone")
+    err_console.print(f"warning: '{name}' has no image of {len(absent)} of source '{source}''s classes ({shown}): udaflow's methods and its "
+                      "validators assume the target holds every source class (adamatch aligns the target's predictions to the "
+                      f"source's class mix, IM rewards spreading them over all of its classes), so a run may do worse than the source "
+                      f"model; {then}", highlight=False, soft_wrap=True)
+
+
 @data_app.command("ingest")
 def data_ingest(
     path: Annotated[Path, typer.Argument(help="an ImageFolder (<class>/<image>) or a flat folder of images")],
@@ -439,6 +451,8 @@ def data_ingest(
                           "the gate's val accuracy leaves them out", highlight=False, soft_wrap=True)
     for overlap in result.overlaps:
         err_console.print(f"warning: {overlap.describe(name)}", highlight=False, soft_wrap=True)
+    if result.source_classes_absent:
+        _warn_partial_target(name, source, result.source_classes_absent, has_val=result.splits.get("val", 0) > 0)
     state = "new version" if result.changed else "unchanged"
     console.print(f"  dvc: {result.pointer} -> {result.md5} ({state}; pushed to the default remote)", highlight=False)
     if result.replaced:

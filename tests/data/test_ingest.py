@@ -310,6 +310,18 @@ def test_val_fraction_too_small_for_the_classes_is_refused_or_named(project: Pat
     assert result.classes_without_val == ["a", "b"] and result.splits["val"] == 1
 
 
+def test_a_target_without_some_source_classes_is_named_as_partial(project: Path, tmp_path: Path):
+    """A labelled target holding only some of its source's classes is ingested, and the classes it lacks are
+    named (the CLI warns: the methods and validators assume every source class is there)."""
+    image_folder(tmp_path / "src", classes=("a", "b", "c"), per_class=10)
+    ingest(project, tmp_path / "src", "src-p")
+    image_folder(tmp_path / "part", classes=("a", "b"), per_class=10, offset=200)
+    assert ingest(project, tmp_path / "part", "tgt-p", source="src-p").source_classes_absent == ["c"]
+    image_folder(tmp_path / "part", classes=("c",), per_class=10, offset=300)
+    assert ingest(project, tmp_path / "part", "tgt-p", source="src-p", replace=True).source_classes_absent == []
+    assert ingest(project, tmp_path / "part", "tgt-alone").source_classes_absent == []  # no source named: nothing to compare
+
+
 def test_a_val_fraction_that_leaves_no_train_images_is_refused(project: Path, tmp_path: Path):
     """Each class rounds its test and val shares: 30 images at 0.2 + 0.79 kept 6 + 24 and no train image,
     the ingest succeeded, and the run failed later on 'no images in the requested split'."""

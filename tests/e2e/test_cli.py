@@ -516,3 +516,20 @@ def test_a_tracking_server_that_refuses_the_connection_is_one_line_in_seconds(wo
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert lines[0].startswith(f"error: cannot reach http://127.0.0.1:{port}: ") and lines[1].startswith("hint: is it running"), result.output
     assert seconds < 60, f"{seconds:.0f} s: MLflow's own retries ran"
+
+
+def test_a_target_missing_some_source_classes_is_ingested_with_a_warning(workspace: Path):
+    """A probe's target held 5 of its source's 28 classes: adamatch (aligned to the source's class mix) and IM
+    (rewarding a spread over every class) took it to 30.00% against the source model's 60.00%, promoted on IM."""
+    from udaflow.data.domains import build_domain
+
+    for seed, folder in ((40, "whole"), (41, "partial")):
+        build_domain("synth", workspace / folder, seed=seed, synth_size=80)
+        (workspace / folder / "synth/manifest.csv").unlink()
+    assert invoke(["data", "ingest", str(workspace / "whole/synth"), "--name", "dock-src"], workspace).exit_code == 0
+    for label in ("8", "9"):
+        shutil.rmtree(workspace / "partial/synth" / label)
+    result = invoke(["data", "ingest", str(workspace / "partial/synth"), "--name", "dock-partial", "--source", "dock-src"], workspace)
+    assert result.exit_code == 0, result.output
+    assert "warning: 'dock-partial' has no image of 2 of source 'dock-src''s classes ('8', '9'): udaflow's methods" in result.output
+    assert "a labelled val split (--val-fraction) lets the gate judge a run by accuracy" in result.output

@@ -291,6 +291,7 @@ class IngestResult:
     overlaps: list[Overlap] = field(default_factory=list)
     splits: dict[str, int] = field(default_factory=dict)  # images per split (train, val, test)
     classes_without_val: list[str] = field(default_factory=list)  # asked for a val split, too few images of these for one
+    source_classes_absent: list[str] = field(default_factory=list)  # a labelled target holding only some of the source's classes: the others
 
 
 def ingest_domain(
@@ -368,7 +369,10 @@ def _ingest_locked(folder, name, data_root, source, replace, holdout_fraction, s
         replaced = previous.md5 if previous is not None and recorded.changed else None
         in_git = replaced is not None and versioning.committed_in_git(previous.pointer, replaced, versioning.find_root(out))
         no_val = sorted({r.label for r in rows} - {r.label for r in rows if r.split == "val"}) if val_fraction else []
+        absent = []  # the folders' names only (the ingest already checks them against the source's): no label reaches a run
+        if source is not None and labelled:
+            absent = sorted({r.label for r in read_manifest(data_root / source) if r.label} - {r.label for r in rows if r.label})
         return IngestResult(out, len(rows), labelled, source, recorded.md5, recorded.pointer, recorded.changed, replaced, in_git, overlaps,
-                            dict(sorted(Counter(r.split for r in rows).items(), key=lambda kv: SPLIT_ORDER.index(kv[0]))), no_val)
+                            dict(sorted(Counter(r.split for r in rows).items(), key=lambda kv: SPLIT_ORDER.index(kv[0]))), no_val, absent)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
