@@ -839,7 +839,7 @@ def _require_model(cfg, name: str) -> None:
         raise NotFound(f"{where} in {cfg.tracking.uri}", hint)
 
 
-def _require_run(cfg, run_id: str, device: str | None = None) -> None:
+def _require_run(cfg, run_id: str, device: str | None = None):
     """Fail before any flow starts when `run_id` is not a `udaflow run` in the store (or lacks its record),
     or when the device it would re-run on (`device`, else its own train.device) is not on this machine."""
     from udaflow import tracking
@@ -876,6 +876,26 @@ def _require_run(cfg, run_id: str, device: str | None = None) -> None:
         if recorded and (now := weights_digest(weights)) != recorded:
             raise ConfigError(f"run '{run_id}' started from other weights than {weights} holds now (model.pretrained: sha256 "
                               f"{recorded[:12]} then, {now[:12]} now)", hint=put_back)
+    return record
+
+
+def _warn_other_code(run_id: str, then: str | None) -> None:
+    """Before a re-run: say when this checkout's code is not the code the run was made with. Commits that only
+    moved data pointers, params or docs are the same code (as `git.dirty` counts it): a probe's reproduce after
+    two ingests warned of another commit, after training, with identical metrics."""
+    from udaflow import tracking
+
+    now = tracking.git_state().get("git.commit")
+    if not then or then == now:
+        return
+    changed = tracking.code_changes_since(then) if then != "unknown" else None
+    if changed is None:
+        err_console.print(f"warning: run {run_id} was made at commit {then}, which this checkout ({now}) does not hold: its code "
+                          "may differ", highlight=False, soft_wrap=True)
+    elif changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        err_console.print(f"warning: run {run_id} was made at commit {then[:12]}; this checkout ({now[:12]}) differs from it in "
+                          f"{len(changed)} code file(s): {shown}", highlight=False, soft_wrap=True)
 
 
 @app.command("promote")
@@ -944,17 +964,15 @@ def reproduce(
     from udaflow import tracking, versioning
 
     cfg = _load(params, None, None, **{"train.device": device})  # a device string udaflow reads
-    _require_run(cfg, run_id, device)
+    record = _require_run(cfg, run_id, device)
+    _warn_other_code(run_id, record.tags.get("git.commit"))
     project = versioning.find_root(Path(cfg.data.root)) or Path.cwd()
     _quiet_prefect()
     from flows.reproduce import reproduce_run
 
     workspace = Path(cfg.work_dir) / "reproduce" / run_id
     result = reproduce_run(run_id, cfg.tracking.uri, str(cfg.tracking.artifact_root), str(project), str(workspace), device)
-    state = tracking.git_state()  # the code's commit, as `udaflow run` records it
-    now = state.get("git.commit")
-    if result["commit"] != now:
-        err_console.print(f"warning: run {run_id} was made at commit {result['commit']}; this checkout is {now}", highlight=False)
+    state = tracking.git_state()  # the code's commit and dirty flag, as `udaflow run` records them
     for whose, dirty in ((f"run {run_id} was made from", result["tags"].get("git.dirty")), ("this re-run is made from", state.get("git.dirty"))):
         if dirty == "true":  # code the commit does not hold: the same commit is not the same code
             err_console.print(f"warning: {whose} a checkout with uncommitted code changes (git.dirty); the commit alone does not say "

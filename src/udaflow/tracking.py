@@ -157,6 +157,16 @@ def git_state(cwd: Path | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
+def code_changes_since(commit: str, cwd: Path | None = None) -> list[str] | None:
+    """The code files (as `git_state` counts code) that differ between `commit` and HEAD; None when this checkout
+    does not hold `commit`, or is no git checkout."""
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--"], cwd=cwd, capture_output=True, text=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+    return [path for path in out.splitlines() if _is_code(path)]
+
+
 def package_versions() -> dict[str, str]:
     out = {}
     for pkg in PACKAGES:

@@ -87,6 +87,46 @@ def test_git_dirty_counts_changed_or_new_code_not_params_lock_data_pointers_or_i
     assert state() == "true"
 
 
+def test_reproduce_warns_of_other_code_only_when_code_files_changed(tmp_path, monkeypatch, capsys):
+    """`reproduce` warned "made at commit A; this checkout is B" after a probe's commits that only moved data
+    pointers, and after training; it now says so before, and only when code (as git.dirty counts it) differs."""
+    import subprocess
+
+    from udaflow import tracking
+    from udaflow.cli import _warn_other_code
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    def commit(files: dict[str, str]) -> str:
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+        git("add", ".")
+        git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "c")
+        return git("rev-parse", "HEAD")
+
+    git("init", "-q")
+    first = commit({"src/udaflow/x.py": "a = 1\n", "data/raw/yard.dvc": "md5: 1\n", "params.yaml": "seed: 0\n"})
+    data_only = commit({"data/raw/yard.dvc": "md5: 2\n", "params.yaml": "seed: 1\n", "docs/notes.md": "n\n"})
+    assert tracking.code_changes_since(first, tmp_path) == []
+    commit({"src/udaflow/x.py": "a = 2\n", "tasks/new.py": "\n"})
+    assert tracking.code_changes_since(first, tmp_path) == ["src/udaflow/x.py", "tasks/new.py"]
+    assert tracking.code_changes_since(data_only, tmp_path) == ["src/udaflow/x.py", "tasks/new.py"]
+    assert tracking.code_changes_since("0" * 40, tmp_path) is None  # a commit this checkout does not hold
+
+    monkeypatch.chdir(tmp_path)
+    git("checkout", "-q", data_only)
+    _warn_other_code("r1", first)
+    assert capsys.readouterr().err == ""  # data pointers, params and notes: the same code
+    git("checkout", "-q", "-")
+    _warn_other_code("r1", first)
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: run r1 was made at commit {first[:12]}; this checkout (") and "2 code file(s): src/udaflow/x.py, tasks/new.py" in err
+    _warn_other_code("r1", "0" * 40)
+    assert "which this checkout (" in capsys.readouterr().err
+
+
 def test_a_models_shift_skips_a_version_whose_run_was_deleted_for_good(monkeypatch):
     """`udaflow promote` read the newest version's run tags and crashed with a traceback once that run
     had been removed (`mlflow gc`); an older version's run tells the shift, else the model's name."""
