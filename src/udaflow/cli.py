@@ -179,6 +179,26 @@ class _Commands(TyperGroup):
             args = ["--debug"] + [a for i, a in enumerate(args) if a != "--debug" or i >= end]
         return super().parse_args(ctx, args)
 
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Usage errors (an unknown option, a value out of range, a missing argument) in the CLI's one-line
+        form, `error:` + `hint:`, exit 2: typer drew them as a box of rich panels under the usage line."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # typer returns an Exit's code here
+        except (click.ClickException, typer.TyperException) as exc:  # typer 0.29 raises its own copy of click's
+            if not hasattr(exc, "format_message"):
+                raise
+            if type(exc).__name__ != "NoArgsIsHelpError":  # `udaflow` alone: typer printed the help already
+                where = getattr(getattr(exc, "ctx", None), "command_path", None) or "udaflow"
+                err_console.print(Text.assemble(("error:", "bold red"), f" {exc.format_message()}"), highlight=False, soft_wrap=True)
+                err_console.print(Text(f"hint: `{where} --help` lists its options and commands"), highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, typer.Abort):
+            err_console.print("Aborted!", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

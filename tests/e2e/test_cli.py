@@ -533,3 +533,23 @@ def test_a_target_missing_some_source_classes_is_ingested_with_a_warning(workspa
     assert result.exit_code == 0, result.output
     assert "warning: 'dock-partial' has no image of 2 of source 'dock-src''s classes ('8', '9'): udaflow's methods" in result.output
     assert "a labelled val split (--val-fraction) lets the gate judge a run by accuracy" in result.output
+
+
+def test_usage_errors_are_one_line_and_a_hint(tmp_path: Path):
+    """An option out of range, an unknown option or command, a missing option: typer drew a box of rich panels
+    under the usage line; a probe and the contract ("errors are one clear line plus a hint") asked for one line."""
+    udaflow = str(Path(sys.executable).parent / "udaflow")
+    cases = {
+        ("bench", "--shifts", "synth:mnist", "--methods", "dann", "--seeds", "0"):
+            ("error: Invalid value for '--seeds': Input should be greater than or equal to 1", "udaflow bench"),
+        ("run", "--nproc", "0"): ("error: Invalid value for '--nproc': Input should be greater than or equal to 1", "udaflow run"),
+        ("rnu",): ("error: No such command 'rnu'. Did you mean 'run'?", "udaflow"),
+        ("promote",): ("error: Missing option '--model'.", "udaflow promote"),
+        ("data", "ingest", str(tmp_path), "--nmae", "x"): ("error: No such option: --nmae (Possible options: --name)", "udaflow data ingest"),
+    }
+    for args, (line, command) in cases.items():
+        out = subprocess.run([udaflow, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
+        assert out.stderr.splitlines() == [line, f"hint: `{command} --help` lists its options and commands"], (args, out.stderr)
+    out = subprocess.run([udaflow], capture_output=True, text=True, cwd=tmp_path, timeout=120)  # no command: the help, as before
+    assert out.returncode == 2 and "Usage: udaflow" in out.stdout + out.stderr and "error:" not in out.stderr
