@@ -473,6 +473,11 @@ def data_ingest(
         err_console.print(f"warning: {overlap.describe(name)}", highlight=False, soft_wrap=True)
     if result.source_classes_absent:
         _warn_partial_target(name, source, result.source_classes_absent, has_val=result.splits.get("val", 0) > 0)
+    if result.classes_gone or result.classes_new:  # a probe's source lost two classes on a replace, unsaid
+        said = lambda classes: ", ".join(f"'{c}'" for c in classes[:8]) + (" ..." if len(classes) > 8 else "") if classes else "none"  # noqa: E731
+        err_console.print(f"warning: '{name}' now has other classes than the version it replaced (gone: {said(result.classes_gone)}; "
+                          f"new: {said(result.classes_new)}): a model trained with the previous version as its source no longer "
+                          "matches it, and its gate and retrains refuse it until that version is back", highlight=False, soft_wrap=True)
     state = "new version" if result.changed else "unchanged"
     console.print(f"  dvc: {result.pointer} -> {result.md5} ({state}; pushed to the default remote)", highlight=False)
     if result.replaced:

@@ -255,7 +255,13 @@ def measure_for_gate(model: ImageClassifier, data: GateData, validator: str, dev
     from udaflow.models.packaged import input_spec
 
     if tuple(model.classes) != tuple(data.classes):
-        raise ValueError(f"the model's classes {model.classes} are not the source's {list(data.classes)}")
+        from udaflow.data.manifest import DataError
+
+        source = data.source.name
+        raise DataError(f"the model's classes {model.classes} are not the source's {list(data.classes)}",
+                        f"the model was trained on another version of '{source}': `git log -p -- data/raw/{source}.dvc` lists its "
+                        f"versions; `git checkout <commit> -- data/raw/{source}.dvc && dvc checkout data/raw/{source}.dvc` brings "
+                        "one back (`data ingest --replace` printed the command for the version it replaced)")
     pool, source_val, target_val = data.at(input_spec(model.package_config))
     classifier = model.classifier.to(device)
     pool_features, pool_logits = predict(classifier, pool, device)

@@ -320,6 +320,14 @@ def test_a_target_without_some_source_classes_is_named_as_partial(project: Path,
     image_folder(tmp_path / "part", classes=("c",), per_class=10, offset=300)
     assert ingest(project, tmp_path / "part", "tgt-p", source="src-p", replace=True).source_classes_absent == []
     assert ingest(project, tmp_path / "part", "tgt-alone").source_classes_absent == []  # no source named: nothing to compare
+    # a replace that changes the class set says which classes went and came (a probe's source lost two, unsaid)
+    shutil.rmtree(tmp_path / "src" / "c")
+    image_folder(tmp_path / "src", classes=("d",), per_class=10, offset=400)
+    result = ingest(project, tmp_path / "src", "src-p", replace=True)
+    assert (result.classes_gone, result.classes_new) == (["c"], ["d"])
+    image_folder(tmp_path / "src", classes=("a",), per_class=12, offset=500)  # more images, the same classes
+    result = ingest(project, tmp_path / "src", "src-p", replace=True)
+    assert result.changed and (result.classes_gone, result.classes_new) == ([], [])
 
 
 def test_a_val_fraction_that_leaves_no_train_images_is_refused(project: Path, tmp_path: Path):

@@ -533,6 +533,10 @@ def test_a_target_missing_some_source_classes_is_ingested_with_a_warning(workspa
     assert result.exit_code == 0, result.output
     assert "warning: 'dock-partial' has no image of 2 of source 'dock-src''s classes ('8', '9'): udaflow's methods" in result.output
     assert "a labelled val split (--val-fraction) lets the gate judge a run by accuracy" in result.output
+    shutil.rmtree(workspace / "whole/synth/9")  # the source loses a class on a replace: said, as the ingest goes through
+    result = invoke(["data", "ingest", str(workspace / "whole/synth"), "--name", "dock-src", "--replace"], workspace)
+    assert result.exit_code == 0, result.output
+    assert "warning: 'dock-src' now has other classes than the version it replaced (gone: '9'; new: none)" in result.output
 
 
 def test_usage_errors_are_one_line_and_a_hint(tmp_path: Path):

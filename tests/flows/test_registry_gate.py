@@ -144,6 +144,18 @@ def test_the_collapse_bar_is_read_from_the_version_s_own_record(registry: Path, 
     assert (spread >= 0.5) == ("would promote" in result.output), result.output
 
 
+def test_a_model_of_another_version_of_its_source_is_refused_with_the_way_back(project: Path, trained):
+    """A probe replaced a source with two classes fewer: `promote` refused with the classes, and a hint to list
+    models in the UI. The hint now says the source's version changed and how to bring one back."""
+    from udaflow.data.manifest import DataError
+
+    other = copy.deepcopy(trained)
+    other.classes = list(reversed(trained.classes))
+    with pytest.raises(DataError, match="^the model's classes .* are not the source's") as err:
+        steps.measure_for_gate(other, steps.load_gate_data(_cfg(project)), "im", "cpu")
+    assert "trained on another version of 'synth'" in err.value.hint and "git log -p -- data/raw/synth.dvc" in err.value.hint
+
+
 def test_labelled_target_val_split_decides_and_test_is_never_read(registry: Path, trained, project: Path):
     """A target with a labelled `val` split: the gate compares accuracy there. Its `test` files are
     made unreadable for the test: the gate must not touch them."""

@@ -292,6 +292,8 @@ class IngestResult:
     splits: dict[str, int] = field(default_factory=dict)  # images per split (train, val, test)
     classes_without_val: list[str] = field(default_factory=list)  # asked for a val split, too few images of these for one
     source_classes_absent: list[str] = field(default_factory=list)  # a labelled target holding only some of the source's classes: the others
+    classes_gone: list[str] = field(default_factory=list)  # a replace: classes the replaced version had and this one lacks
+    classes_new: list[str] = field(default_factory=list)  # ... and the other way round
 
 
 def ingest_domain(
@@ -362,6 +364,7 @@ def _ingest_locked(folder, name, data_root, source, replace, holdout_fraction, s
                 "pass --replace to make this folder its new version (the current one stays in the DVC cache and remote), or pick a new --name",
             )
         previous = versioning.dataset_version(out) if out.exists() else None
+        before = {r.label for r in read_manifest(out) if r.label} if (out / MANIFEST_NAME).is_file() and not same else set()
         with versioning.rollback_on_failure(out, changes_content=not same):  # the same images again: runs reading it need not end first
             os.replace(staged, out)  # identical content too: DVC then records no new version
             progress("versioning with DVC and pushing to the default remote")
@@ -372,7 +375,10 @@ def _ingest_locked(folder, name, data_root, source, replace, holdout_fraction, s
         absent = []  # the folders' names only (the ingest already checks them against the source's): no label reaches a run
         if source is not None and labelled:
             absent = sorted({r.label for r in read_manifest(data_root / source) if r.label} - {r.label for r in rows if r.label})
+        now = {r.label for r in rows if r.label}
+        gone, new = (sorted(before - now), sorted(now - before)) if before and now else ([], [])
         return IngestResult(out, len(rows), labelled, source, recorded.md5, recorded.pointer, recorded.changed, replaced, in_git, overlaps,
-                            dict(sorted(Counter(r.split for r in rows).items(), key=lambda kv: SPLIT_ORDER.index(kv[0]))), no_val, absent)
+                            dict(sorted(Counter(r.split for r in rows).items(), key=lambda kv: SPLIT_ORDER.index(kv[0]))), no_val, absent,
+                            gone, new)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
