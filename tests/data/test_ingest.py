@@ -303,7 +303,7 @@ def test_val_fraction_too_small_for_the_classes_is_refused_or_named(project: Pat
     before = snapshot(project)
     with pytest.raises(DataError, match=r"--val-fraction 0.1 keeps no image in a val split: .* \(the smallest has 3\)") as err:
         ingest(project, small, "vf3", val_fraction=0.1)
-    assert err.value.hint == "raise --val-fraction to 0.17 or more, or add images to each class"
+    assert err.value.hint == "raise --val-fraction to 0.17 or more (a val image of every class), or add images to each class"
     assert snapshot(project) == before
     image_folder(small, classes=("c",), per_class=10, offset=100)
     result = ingest(project, small, "vf3", val_fraction=0.1)

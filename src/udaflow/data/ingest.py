@@ -213,10 +213,13 @@ def stage_folder(source: Path, name: str, data_root: Path, holdout_fraction: flo
                         f"each class keeps round(images x fraction) of each (the smallest class has {smallest})",
                         "lower --val-fraction, or add images to each class")
     if val_fraction and "val" not in splits:  # each class keeps round(n x fraction) images for val: none for small classes
-        smallest = min(Counter(label for _, label, _ in entries).values())
+        counts = Counter(label for _, label, _ in entries).values()
+        smallest, largest = min(counts), max(counts)
+        every, some = math.ceil(51 / smallest) / 100, math.ceil(51 / largest) / 100  # round(n x f) >= 1 from f = 0.51 / n
         raise DataError(f"{shown(source)}: --val-fraction {val_fraction} keeps no image in a val split: round(images x {val_fraction}) "
                         f"is 0 for every class (the smallest has {smallest})",
-                        f"raise --val-fraction to {math.ceil(51 / smallest) / 100:g} or more, or add images to each class")
+                        f"raise --val-fraction to {every:g} or more (a val image of every class"
+                        + (f"; {some:g} gives one to the largest, {largest} images" if some < every else "") + "), or add images to each class")
     staged = Path(data_root) / f".{name}.ingesting"
     shutil.rmtree(staged, ignore_errors=True)
     try:
