@@ -1211,7 +1211,7 @@ def bench(
     def show(row):
         console.print(
             f"{row['shift']:>14} {row['method']:>12} seed {row['seed']}: target_acc_last {_fmt(row.get('target_acc_last'))} "
-            f"(selected {_fmt(row.get('target_acc_selected'))}), source val {_fmt(row['source_val_acc_last'])}, "
+            f"(selected {_fmt(row.get('target_acc_selected'))}), source_val_acc_last {_fmt(row['source_val_acc_last'])}, "
             f"{row['seconds']:.0f}s, {row['train_images_per_s']:.0f} img/s, {row['achieved_gflops']:.0f} GFLOP/s "
             f"({_share(row.get('matmul_fraction'))} of matmul)"
         )
