@@ -114,7 +114,7 @@ def _unreachable(exc: BaseException | None) -> tuple[str, BaseException] | None:
 # a database server's connection failures as the drivers word them (psycopg, pymysql / mysqlclient): not SQLite's
 # "database is locked" or a broken schema, which are OperationalErrors too
 _DATABASE_DOWN = re.compile(r"connection (?:failed|refused|timed out)|could not connect|could not translate host name|"
-                            r"Connection refused|Can't connect to MySQL server|Name or service not known", re.IGNORECASE)
+                            r"can't connect to mysql server|name or service not known", re.IGNORECASE)
 
 
 def _database_unreachable(exc: BaseException | None) -> tuple[str, BaseException] | None:
@@ -357,6 +357,11 @@ def _drift(cfg, name: str, md5: str) -> tuple[str, dict[str, dict], dict[str, st
     return verdict, figures, per_model
 
 
+def _classes(names: list[str], most: int = 8) -> str:
+    """Class names as a warning lists them: quoted, the first `most`, then '...'."""
+    return ", ".join(f"'{c}'" for c in names[:most]) + (" ..." if len(names) > most else "")
+
+
 def _warn_unknown_classes(cfg, source: str, name: str, model: str) -> None:
     """A new version of a target ingested without --source is checked alone: a class its source lacks
     passed, and the model's retrains (the one this ingest triggers included) then refused the target.
@@ -369,8 +374,7 @@ def _warn_unknown_classes(cfg, source: str, name: str, model: str) -> None:
     except Exception:  # noqa: BLE001 - a source that is gone: its retrain says so itself
         return
     if unknown:
-        shown = ", ".join(f"'{c}'" for c in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-        err_console.print(f"warning: class(es) {shown} of '{name}' are not among source '{source}''s classes: {model}'s "
+        err_console.print(f"warning: class(es) {_classes(unknown)} of '{name}' are not among source '{source}''s classes: {model}'s "
                           f"retrains will refuse this version (check it with `--source {source}`; add the class(es) to "
                           f"'{source}', or bring the previous version back)", highlight=False, soft_wrap=True)
 
@@ -425,10 +429,9 @@ def _retrain_outlook(verdict: str, per_model: dict[str, str]) -> str:
 def _warn_partial_target(name: str, source: str, absent: list[str], has_val: bool) -> None:
     """A target holding only some of its source's classes (partial-set adaptation): a probe's 5-of-28-class target
     was adapted to 30.00% against its source-only model's 60.00%, and promoted on IM as the first version."""
-    shown = ", ".join(f"'{c}'" for c in absent[:8]) + (" ..." if len(absent) > 8 else "")
     then = ("its labelled val split lets the gate judge a run by accuracy" if has_val else
             "a labelled val split (--val-fraction) lets the gate judge a run by accuracy; without one it reads the validator alone")
-    err_console.print(f"warning: '{name}' has no image of {len(absent)} of source '{source}''s classes ({shown}): udaflow's methods and its "
+    err_console.print(f"warning: '{name}' has no image of {len(absent)} of source '{source}''s classes ({_classes(absent)}): udaflow's methods and its "
                       "validators assume the target holds every source class (adamatch aligns the target's predictions to the "
                       f"source's class mix, IM rewards spreading them over all of its classes), so a run may do worse than the source "
                       f"model; {then}", highlight=False, soft_wrap=True)
@@ -466,17 +469,15 @@ def data_ingest(
     if result.labelled:
         console.print("  splits: " + ", ".join(f"{split} {n}" for split, n in result.splits.items()), highlight=False)
     if result.classes_without_val:
-        missing = ", ".join(f"'{c}'" for c in result.classes_without_val[:8]) + (" ..." if len(result.classes_without_val) > 8 else "")
-        err_console.print(f"warning: no val image of class(es) {missing}: too few images for --val-fraction {val_fraction}; "
+        err_console.print(f"warning: no val image of class(es) {_classes(result.classes_without_val)}: too few images for --val-fraction {val_fraction}; "
                           "the gate's val accuracy leaves them out", highlight=False, soft_wrap=True)
     for overlap in result.overlaps:
         err_console.print(f"warning: {overlap.describe(name)}", highlight=False, soft_wrap=True)
     if result.source_classes_absent:
         _warn_partial_target(name, source, result.source_classes_absent, has_val=result.splits.get("val", 0) > 0)
     if result.classes_gone or result.classes_new:  # a probe's source lost two classes on a replace, unsaid
-        said = lambda classes: ", ".join(f"'{c}'" for c in classes[:8]) + (" ..." if len(classes) > 8 else "") if classes else "none"  # noqa: E731
-        err_console.print(f"warning: '{name}' now has other classes than the version it replaced (gone: {said(result.classes_gone)}; "
-                          f"new: {said(result.classes_new)}): a model trained with the previous version as its source no longer "
+        gone, new = (_classes(c) if c else "none" for c in (result.classes_gone, result.classes_new))
+        err_console.print(f"warning: '{name}' now has other classes than the version it replaced (gone: {gone}; new: {new}): a model trained with the previous version as its source no longer "
                           "matches it, and its gate and retrains refuse it until that version is back", highlight=False, soft_wrap=True)
     state = "new version" if result.changed else "unchanged"
     console.print(f"  dvc: {result.pointer} -> {result.md5} ({state}; pushed to the default remote)", highlight=False)
