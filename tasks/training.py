@@ -25,9 +25,7 @@ def worth_retrying(task, task_run, state) -> bool:
     stopped (a setting, the data, a checkpoint that cannot be written, a rank that failed under torchrun),
     the disk is full, or a Ctrl-C lies in the error's chain (a library may wrap it): the same error again,
     after as many steps again, its output printed twice, or a stopped run that went on."""
-    import errno
-
-    from udaflow.errors import raised_on_purpose
+    from udaflow.errors import chain, disk_full, raised_on_purpose
 
     try:
         exc = state.result(raise_on_failure=False)
@@ -35,17 +33,8 @@ def worth_retrying(task, task_run, state) -> bool:
         return True
     if not isinstance(exc, BaseException):
         return True
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if not isinstance(exc, Exception):  # a Ctrl-C or a termination signal, inside another error: a person stopped it
-            return False
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return False
-        if raised_on_purpose(exc):
-            return False
-        exc = exc.__cause__ or exc.__context__
-    return True
+    # a Ctrl-C or a termination signal, even inside another error: a person stopped it
+    return not (disk_full(exc) or any(not isinstance(e, Exception) or raised_on_purpose(e) for e in chain(exc)))
 
 
 def host_training_tag() -> str:

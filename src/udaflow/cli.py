@@ -27,7 +27,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from udaflow.environment import setup_environment
-from udaflow.errors import raised_on_purpose
+from udaflow.errors import chain, disk_full, raised_on_purpose
 
 _STATE = {"debug": False}
 
@@ -80,27 +80,12 @@ def _is_known(exc: Exception) -> bool:
     return isinstance(exc, (ValueError, RuntimeError, FileNotFoundError, LookupError)) and raised_on_purpose(exc)
 
 
-def _chain(exc: BaseException | None):
-    """`exc`, then each error it was raised from or while handling (Prefect, GX and MLflow re-raise
-    what they met)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def _disk_full(exc: BaseException | None) -> OSError | None:
-    """The OSError "no space left on device" (or "disk quota exceeded") in `exc`'s chain."""
-    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
-
-
 def _unreachable(exc: BaseException | None) -> tuple[str, BaseException] | None:
     """(the server's address, the error) when `exc`'s chain holds a failed connection to a server
     (Prefect's client speaks httpx, MLflow's requests): a server that is down or misnamed, not a bug."""
     kinds = [m.TransportError for m in [sys.modules.get("httpx")] if m is not None]
     kinds += [m.exceptions.ConnectionError for m in [sys.modules.get("requests")] if m is not None]
-    failed = next((e for e in _chain(exc) if kinds and isinstance(e, tuple(kinds))), None)
+    failed = next((e for e in chain(exc) if kinds and isinstance(e, tuple(kinds))), None)
     if failed is None:
         return _database_unreachable(exc)
     try:
@@ -122,7 +107,7 @@ def _database_unreachable(exc: BaseException | None) -> tuple[str, BaseException
     MLflow store's database server (tracking.uri postgresql://..., mysql://...): MLflow retried for about 100 s,
     then the CLI printed a traceback."""
     errors = sys.modules.get("sqlalchemy.exc")
-    failed = next((e for e in _chain(exc) if errors is not None and isinstance(e, errors.OperationalError)
+    failed = next((e for e in chain(exc) if errors is not None and isinstance(e, errors.OperationalError)
                    and _DATABASE_DOWN.search(str(e))), None)
     if failed is None:
         return None
@@ -205,7 +190,7 @@ class _Commands(TyperGroup):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
             raise  # exit codes, Ctrl-C and usage errors: click's own handling (typer's Exit is a RuntimeError of its own, not click's)
         except Exception as exc:
-            if not _STATE["debug"] and (full := _disk_full(exc)) is not None:  # not a bug: the machine's, said in one line
+            if not _STATE["debug"] and (full := disk_full(exc)) is not None:  # not a bug: the machine's, said in one line
                 where = f" writing {full.filename}" if full.filename else ""
                 err_console.print(Text.assemble(("error:", "bold red"), f" {full.strerror or 'no space left on device'}{where}"),
                                   highlight=False, soft_wrap=True)

@@ -4,6 +4,7 @@ one line), and which are bugs (they keep their traceback)."""
 from __future__ import annotations
 
 import dis
+import errno
 import linecache
 import sys
 from pathlib import Path
@@ -39,3 +40,18 @@ def judged_here(exc: BaseException) -> BaseException:
     crosses a process boundary (a bench worker's, re-raised by the parent) arrives without it."""
     exc.raised_on_purpose = raised_on_purpose(exc)
     return exc
+
+
+def chain(exc: BaseException | None):
+    """`exc`, then each error it was raised from or while handling (Prefect, GX and MLflow re-raise
+    what they met)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def disk_full(exc: BaseException | None) -> OSError | None:
+    """The OSError "no space left on device" (or "disk quota exceeded") in `exc`'s chain."""
+    return next((e for e in chain(exc) if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)

@@ -249,7 +249,7 @@ def test_a_checkpoint_that_cannot_be_written_names_its_file(tmp_path, monkeypatc
     import shutil
     from collections import namedtuple
 
-    from udaflow import cli
+    from udaflow.errors import disk_full
 
     def checkpoint():
         return engine.Checkpoint(step=4, fingerprint=None, weights={"w": torch.zeros(1000)}, method_extra={}, optimiser={},
@@ -259,7 +259,7 @@ def test_a_checkpoint_that_cannot_be_written_names_its_file(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match=r"a.pt.tmp: the resume checkpoint could not be written \(Is a directory\)") as err:
         checkpoint().save(tmp_path / "a.pt")
     assert "work_dir" in err.value.hint and not (tmp_path / "a.pt").exists()
-    assert err.value.__cause__.errno == errno.EISDIR and cli._disk_full(err.value) is None
+    assert err.value.__cause__.errno == errno.EISDIR and disk_full(err.value) is None
 
     def full(obj, f):  # torch's own words when the disk fills mid-write
         with open(f, "wb") as fh:
@@ -271,7 +271,7 @@ def test_a_checkpoint_that_cannot_be_written_names_its_file(tmp_path, monkeypatc
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))  # 100 bytes left, 4,000 needed
     with pytest.raises(RuntimeError, match="could not be written \\(No space left on device\\)") as err:
         checkpoint().save(tmp_path / "b.pt")
-    disk = cli._disk_full(err.value)
+    disk = disk_full(err.value)
     assert disk is not None and disk.filename == str(tmp_path / "b.pt.tmp")
     assert not (tmp_path / "b.pt.tmp").exists() and not (tmp_path / "b.pt").exists()
 
