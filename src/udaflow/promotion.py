@@ -12,7 +12,9 @@ and the source validation split; when the target domain has a labelled `val` spl
      The entropy is normalised by log C over the source's C classes, so a target that holds 3 of 28 of
      them reads at most log 3 / log 28 = 0.33 for a perfect model: an absolute bar of 0.5 called every
      model of such a target collapsed. The source model's spread on the same images says, label-free,
-     how many classes the pool shows;
+     how many classes the pool shows. That record counts for at least two classes' worth (log 2 / log C):
+     a source model that itself predicts one class shows nothing of the pool, and a bar of 0 x it
+     would let a one-class challenger through;
   3. no champion yet (first version) -> a sanity check instead of a comparison against its own
      source-only model, both scored at evaluation: when the target has a labelled `val` split, the
      challenger's accuracy there must be at least the source-only model's; without one, its
@@ -39,6 +41,7 @@ class Measurement:
     source_val_acc: float  # accuracy (%) on the source validation split
     diversity: float  # normalised entropy of the predicted-class histogram on the pool, 0 (one class) .. 1
     target_val_acc: float | None = None  # accuracy (%) on the target's labelled `val` split, when it has one
+    num_classes: int | None = None  # the C that `diversity` is normalised by (the source's classes)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ def prediction_diversity(predicted: list[int] | tuple[int, ...], num_classes: in
     return max(0.0, entropy / math.log(num_classes))
 
 
+def two_classes_worth(num_classes: int | None) -> float:
+    """The diversity of predictions split evenly over two of `num_classes` classes, log 2 / log C: the least
+    spread the collapse bar is scaled by (1 for C = 2; 0 when C is unknown)."""
+    return math.log(2) / math.log(num_classes) if num_classes and num_classes > 1 else 0.0
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"
 
@@ -94,8 +103,12 @@ def decide(
     ]
     reference = recorded.source_only_diversity if recorded is not None and recorded.source_only_diversity is not None else None
     bar = min_diversity * (reference if reference is not None else 1.0)
+    against = f"{min_diversity} x its source-only model's {reference:.3f} = {bar:.3f}" if reference is not None else f"{min_diversity}"
+    if reference is not None and (two := two_classes_worth(challenger.num_classes)) > reference:
+        bar = min_diversity * two
+        against = (f"{min_diversity} x {two:.3f} = {bar:.3f} (two classes' worth: its source-only model's {reference:.3f} "
+                   "shows fewer on the pool)")
     if challenger.diversity < bar:
-        against = (f"{min_diversity} x its source-only model's {reference:.3f} = {bar:.3f}" if reference is not None else f"{min_diversity}")
         return Decision(False, f"collapsed: prediction diversity {challenger.diversity:.3f} < {against} on the target pool", "collapse", rows, data)
     if champion is None:
         return _first(challenger, recorded, key, source_tolerance, rows, data)

@@ -274,6 +274,7 @@ def measure_for_gate(model: ImageClassifier, data: GateData, validator: str, dev
     return Measurement(
         version="", validator=score, source_val_acc=accuracy(source_logits, source_val.labels),
         diversity=prediction_diversity(pool_logits.argmax(1).tolist(), len(data.classes)), target_val_acc=target_val_acc,
+        num_classes=len(data.classes),
     )
 
 

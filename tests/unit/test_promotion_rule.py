@@ -4,11 +4,11 @@ import math
 
 import pytest
 
-from udaflow.promotion import Measurement, Recorded, decide, prediction_diversity
+from udaflow.promotion import Measurement, Recorded, decide, prediction_diversity, two_classes_worth
 
 
-def m(version, validator=0.5, source=99.0, diversity=0.9, target_val=None):
-    return Measurement(version, validator, source, diversity, target_val)
+def m(version, validator=0.5, source=99.0, diversity=0.9, target_val=None, classes=None):
+    return Measurement(version, validator, source, diversity, target_val, num_classes=classes)
 
 
 def gate(challenger, champion=None, recorded=None, tolerance=1.0):
@@ -74,6 +74,29 @@ def test_the_collapse_bar_scales_with_the_source_models_spread_on_the_pool():
     assert d.reason == f"collapsed: prediction diversity 0.100 < 0.5 x its source-only model's {spread:.3f} = {0.5 * spread:.3f} on the target pool"
     d = gate(m("1", diversity=perfect), recorded=GOOD_FIRST)  # a version registered before the record: the absolute bar
     assert not d.promote and d.reason == f"collapsed: prediction diversity {perfect:.3f} < 0.5 on the target pool"
+
+
+def test_a_source_model_that_predicts_one_class_does_not_switch_the_collapse_check_off():
+    """A probe's weak source model predicted one class on the whole pool (recorded diversity 0.0): the bar
+    0.5 x 0 = 0 let a one-class challenger (10% accuracy, diversity 0) through as the first champion, "not
+    collapsed", and skipped the check against a champion. The record counts for two classes' worth at least."""
+    two = math.log(2) / math.log(10)
+    assert two_classes_worth(10) == pytest.approx(two) and two_classes_worth(2) == 1.0 and two_classes_worth(None) == 0.0
+    flat = Recorded(0.011, 0.002, 10.1, source_only_diversity=0.0)
+    d = gate(m("1", validator=0.011, source=10.1, diversity=0.0, classes=10), recorded=flat)
+    assert not d.promote and d.criterion == "collapse"
+    assert d.reason == (f"collapsed: prediction diversity 0.000 < 0.5 x {two:.3f} = {0.5 * two:.3f} (two classes' worth: "
+                        "its source-only model's 0.000 shows fewer on the pool) on the target pool")
+    d = gate(m("2", validator=0.9, diversity=0.0, classes=10), m("1", validator=0.1), recorded=flat)  # against a champion too
+    assert not d.promote and d.criterion == "collapse"
+    d = gate(m("1", validator=0.011, diversity=0.2, classes=10), recorded=flat)  # spread over two classes or so: judged on
+    assert d.promote and d.criterion == "first", d.reason
+    # a source model that shows more than two classes keeps its own bar (the 3-of-28-class target above)
+    three = prediction_diversity([0, 1, 2] * 20, 28)
+    d = gate(m("1", diversity=three, classes=28), recorded=Recorded(0.8, 0.6, 99.5, source_only_diversity=three))
+    assert d.promote, d.reason
+    d = gate(m("1", diversity=0.0, classes=2), recorded=Recorded(0.8, 0.6, 99.5, source_only_diversity=0.0))  # two classes: 0.5
+    assert not d.promote and "< 0.5 x 1.000 = 0.500" in d.reason
 
 
 def test_target_val_split_decides_when_measured_on_both():
