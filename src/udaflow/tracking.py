@@ -130,17 +130,20 @@ def is_server(uri: str) -> bool:
 
 
 CODE_DIRS = ("src/", "flows/", "tasks/")  # the package and the flows; with any .py file and pyproject.toml's pins: the code a run used
+NOT_RUN_DIRS = ("tests/",)  # the suite's .py files: no run imports them
 
 
 def _is_code(path: str) -> bool:
     """A path of `git status --porcelain` (from the repository root; quoted when odd; `old -> new` for a rename)."""
     path = path.split(" -> ")[-1].strip('"')
+    if path.startswith(NOT_RUN_DIRS):
+        return False
     return path.endswith(".py") or path.startswith(CODE_DIRS) or path == "pyproject.toml"
 
 
 def git_state(cwd: Path | None = None) -> dict[str, str]:
     """Commit and dirty flag of the code this run used ('unknown' outside a git checkout): dirty when a
-    code file (any .py, anything under src/, flows/ or tasks/, pyproject.toml) differs from the commit or
+    code file (any .py outside tests/, anything under src/, flows/ or tasks/, pyproject.toml) differs from the commit or
     is new and not ignored. A new method in src/udaflow/methods/ trains, and run_fingerprint hashes it, before
     it is committed. What a run records otherwise is not code: params.yaml (the run logs its resolved
     parameters), dvc.lock (runs write it) and data pointers (`data ingest` writes them; the run logs

@@ -80,6 +80,9 @@ def test_git_dirty_counts_changed_or_new_code_not_params_lock_data_pointers_or_i
     assert state() == "true"
     git("checkout", "-q", "src")
     assert state() == "false"
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests/test_new.py").write_text("def test(): pass\n")  # a test no run imports
+    assert state() == "false"
     (tmp_path / "data/my method.py").write_text("")  # a path git quotes
     assert state() == "true"
     (tmp_path / "data/my method.py").unlink()
@@ -108,7 +111,8 @@ def test_reproduce_warns_of_other_code_only_when_code_files_changed(tmp_path, mo
 
     git("init", "-q")
     first = commit({"src/udaflow/x.py": "a = 1\n", "data/raw/yard.dvc": "md5: 1\n", "params.yaml": "seed: 0\n"})
-    data_only = commit({"data/raw/yard.dvc": "md5: 2\n", "params.yaml": "seed: 1\n", "docs/notes.md": "n\n"})
+    data_only = commit({"data/raw/yard.dvc": "md5: 2\n", "params.yaml": "seed: 1\n", "docs/notes.md": "n\n",
+                        "tests/unit/test_x.py": "def test(): pass\n"})  # nor does a test (a probe: 12 of "27 code files")
     assert tracking.code_changes_since(first, tmp_path) == []
     commit({"src/udaflow/x.py": "a = 2\n", "tasks/new.py": "\n"})
     assert tracking.code_changes_since(first, tmp_path) == ["src/udaflow/x.py", "tasks/new.py"]
