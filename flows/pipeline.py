@@ -70,7 +70,7 @@ def _pipeline(cfg: Config, run, seconds: dict[str, float]) -> dict[str, Any]:
     log_training(run, "adapt", adapted, metrics["history"], False)
     log_evaluation(cfg, run, metrics)
     registered = register_challenger(cfg, run, metrics, versions)
-    decision, _, champion = promotion_gate(cfg, registered.name)
+    decision, _, champion = promotion_gate(cfg, registered.name, version=str(registered.version))
     # kept until the gate has decided: a run killed after adapting resumes at its last step, and one
     # killed after registering re-derives those weights at once and gates the version it left
     drop_checkpoint(cfg)

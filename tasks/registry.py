@@ -48,11 +48,12 @@ def registry_slot(model: str) -> Iterator[None]:
 
 
 @task(name="promotion-gate", cache_policy=NO_CACHE, tags=["udaflow-promotion"])
-def promotion_gate(cfg: Config, model: str, dry_run: bool = False) -> tuple[Decision, str, str | None]:
-    """Measure challenger and champion on the same data now; move champion only when the gate passes."""
+def promotion_gate(cfg: Config, model: str, dry_run: bool = False, version: str | None = None) -> tuple[Decision, str, str | None]:
+    """Measure challenger and champion on the same data now; move champion only when the gate passes
+    (`version`: a run's own registration, judged only while it is the challenger)."""
     tracking.configure(cfg.tracking.uri, cfg.tracking.artifact_root)
     with registry_slot(model):
-        return steps.gate(cfg, model, dry_run)
+        return steps.gate(cfg, model, dry_run, version)
 
 
 @task(name="rollback-champion", cache_policy=NO_CACHE, tags=["udaflow-promotion"])

@@ -278,9 +278,10 @@ def measure_for_gate(model: ImageClassifier, data: GateData, validator: str, dev
     )
 
 
-def gate(cfg: Config, name: str, dry_run: bool = False):
-    """The promotion gate on the registry: both versions measured now on the same data.
-    Returns (decision, challenger version, previous champion version or None)."""
+def gate(cfg: Config, name: str, dry_run: bool = False, version: str | None = None):
+    """The promotion gate on the registry: both versions measured now on the same data; `version`, when a
+    run gates the version it registered (tracking.promote). Returns (decision, challenger version, previous
+    champion version or None)."""
     from udaflow import tracking
 
     data = load_gate_data(cfg)
@@ -290,7 +291,8 @@ def gate(cfg: Config, name: str, dry_run: bool = False):
     def measure(uri: str) -> Measurement:
         return measure_for_gate(tracking.load_model(uri), data, validator, device)
 
-    return tracking.promote(name, measure, validator, cfg.promotion.source_tolerance, cfg.promotion.min_diversity, data.description, dry_run)
+    return tracking.promote(name, measure, validator, cfg.promotion.source_tolerance, cfg.promotion.min_diversity, data.description, dry_run,
+                             version)
 
 
 def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | None = None) -> dict[str, Any]:

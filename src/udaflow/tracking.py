@@ -855,11 +855,15 @@ def _recorded(version, validator: str):
 
 
 def promote(name: str, measure: Callable[[str], Any], validator: str, source_tolerance: float, min_diversity: float,
-            data: str, dry_run: bool = False):
+            data: str, dry_run: bool = False, version: str | None = None):
     """Run the gate for model `name`; move `champion` to `challenger` when it passes (unless dry_run).
 
     `measure(model_uri)` scores one version on the gate's data (a promotion.Measurement); both
     versions are measured now, under the registry lock, so they are compared on the same data.
+    `version`: the version a pipeline run registered, gated only while `challenger` points at it: a run
+    on another machine that registered a newer one since (registration and gate are two holds of the
+    lock, and without a Prefect server a shared MLflow store has no lock across machines) has its own
+    gate, and this one must not judge that version under its own number.
     Returns (decision, challenger version, previous champion version or None).
     """
     from dataclasses import replace
@@ -882,6 +886,8 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
         if challenger.tags.get(COMPLETE_TAG) != "true":  # pragma: no cover - register_model aliases complete versions only
             raise LookupError(f"model '{name}' v{challenger.version} is incomplete (its registration was cut short)")
         champion = _alias_version(name, CHAMPION)
+        if version is not None and (superseded := _superseded(name, str(version), challenger, champion, data, dry_run)):
+            return superseded
         history = _history(name, champion)
         rolled_back = challenger.tags.get("gate.rolled_back_at")
         if rolled_back and (champion is None or str(champion.version) != str(challenger.version)):
@@ -907,6 +913,8 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
         previous = None if champion is None else str(champion.version)
         if dry_run or decision.criterion == "same":
             return decision, str(challenger.version), previous
+        if version is not None and (superseded := _superseded(name, str(version), _alias_version(name, CHALLENGER), champion, data, dry_run)):
+            return superseded  # registered elsewhere while both were measured
         # the decision says "promoting" / "rejecting" until its last write (for a promotion, the alias's): a
         # kill in between leaves a pending decision the next gate or rollback settles, never a final one
         # beside another gate's reason or a champion alias that did not move
@@ -930,6 +938,23 @@ def promote(name: str, measure: Callable[[str], Any], validator: str, source_tol
             client.set_registered_model_alias(name, CHAMPION, challenger.version)
         client.set_model_version_tag(name, challenger.version, "gate.decision", "promoted" if decision.promote else "rejected")
         return decision, str(challenger.version), previous
+
+
+def _superseded(name: str, version: str, challenger, champion, data: str, dry_run: bool):
+    """(decision, version, champion) when `challenger` no longer points at `version`: a newer version was
+    registered since (its run's gate judges it), and `version` is marked superseded; None while it is the challenger."""
+    from udaflow.promotion import Decision
+
+    if challenger is not None and str(challenger.version) == version:
+        return None
+    now = "no version" if challenger is None else f"v{challenger.version}"
+    reason = f"version {version} is no longer the challenger ({now} is: registered since, and gated by its own run)"
+    if not dry_run:
+        client = _client()
+        for key, value in {"gate.decision": "superseded", "gate.reason": reason, "gate.criterion": "superseded",
+                           "gate.data": data, "gate.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}.items():
+            client.set_model_version_tag(name, version, key, value)
+    return Decision(False, reason, "superseded", data=data), version, None if champion is None else str(champion.version)
 
 
 # what to do when the gate cannot load a version: nothing was decided, no alias moved

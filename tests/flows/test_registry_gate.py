@@ -4,6 +4,7 @@ micro ViT and variants of it, registered in udaflow's packaged format."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import multiprocessing
@@ -284,6 +285,42 @@ class Payload2(torch.nn.Linear):
 def test_unknown_model_is_one_line(registry: Path):
     result = cli(["promote", "--model", "udaflow-nope"], registry)
     assert result.exit_code == 2 and "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_a_runs_gate_judges_the_version_it_registered_not_a_newer_challenger(registry: Path, trained, monkeypatch):
+    """A team probe: the pipeline's gate read `@challenger` and judged whatever it pointed at, so a version another
+    machine registered between this run's registration and its gate (two holds of the lock; a shared MLflow store
+    without a Prefect server has no lock across machines) was promoted under this run's number, and this run's own
+    version never got a gate tag. A run's gate now judges only its own version, and says when it was superseded."""
+    cfg = _cfg(registry)
+    first = add_version(registry, variant(trained, 0), recorded_im=0.6, source_only_im=0.5)
+    second = add_version(registry, variant(trained, 1, noise=0.05), recorded_im=0.6, source_only_im=0.5)  # registered elsewhere since
+    decision, judged, previous = steps.gate(cfg, NAME, version=first)
+    assert not decision.promote and decision.criterion == "superseded" and (judged, previous) == (first, None)
+    assert decision.reason == f"version {first} is no longer the challenger (v{second} is: registered since, and gated by its own run)"
+    assert champion() is None
+    tags = mlflow.MlflowClient().get_model_version(NAME, first).tags
+    assert tags["gate.decision"] == "superseded" and "gate.decision" not in mlflow.MlflowClient().get_model_version(NAME, second).tags
+    # its own version while it is the challenger: judged as before
+    decision, judged, _ = steps.gate(cfg, NAME, version=second)
+    assert decision.promote and decision.criterion == "first" and judged == second and champion() == second
+
+    # registered elsewhere while this gate measured: nothing moves, this version says why
+    third = add_version(registry, variant(trained, 2, noise=0.05), recorded_im=0.6, source_only_im=0.5)
+    measure = steps.measure_for_gate
+
+    def measure_while_another_registers(*args, **kwargs):
+        if tracking._alias_version(NAME, "challenger").version == int(third):
+            with monkeypatch.context() as elsewhere:  # another machine: this machine's lock file does not hold it
+                elsewhere.setattr(tracking, "registry_lock", lambda name: contextlib.nullcontext())
+                add_version(registry, variant(trained, 3, noise=0.05), recorded_im=0.6, source_only_im=0.5)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "measure_for_gate", measure_while_another_registers)
+    decision, judged, previous = steps.gate(cfg, NAME, version=third)
+    assert not decision.promote and decision.criterion == "superseded" and (judged, previous) == (third, second)
+    assert champion() == second and mlflow.MlflowClient().get_model_version(NAME, third).tags["gate.decision"] == "superseded"
+    assert mlflow.MlflowClient().get_registered_model(NAME).tags[tracking.HISTORY_TAG] == second
 
 
 def _promote_in_process(params: str, queue) -> None:
