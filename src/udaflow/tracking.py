@@ -17,6 +17,7 @@ import numbers
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -237,11 +238,35 @@ def _beat_tags() -> dict[str, str]:
             **({PROCESS_TAG: identity} if identity else {})}
 
 
+def _answers_now(uri: str) -> bool:
+    """Whether the tracking server at `uri` answers its /health within seconds (any HTTP answer), asked once."""
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=(3, 10))
+    except requests.exceptions.RequestException:
+        return False
+    return True
+
+
 def _start_heartbeat(run_id: str) -> None:
     stop, client = threading.Event(), _client()  # the store the run is in, whatever the process points at later
+    uri = mlflow_uri()
 
     def beat() -> None:
+        down = False
         while not stop.wait(HEARTBEAT_S):
+            # a server that does not answer: the beat is skipped, where MLflow's client retried it for about 4
+            # minutes, printing urllib3's retry warnings into the progress lines (a team probe counted 18)
+            if is_server(uri) and not _answers_now(uri):
+                if not down:
+                    print(f"warning: the tracking server {uri} does not answer ({time.strftime('%H:%M:%S')}); training goes on, "
+                          "and the run's next MLflow call waits for it (MLflow retries for about 4 minutes)", file=sys.stderr, flush=True)
+                down = True
+                continue
+            if down:
+                print(f"the tracking server {uri} answers again ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
+                down = False
             try:
                 client.set_tag(run_id, HEARTBEAT_TAG, str(int(time.time())))
             except Exception:  # noqa: BLE001 - a missed beat only delays another machine's clean-up

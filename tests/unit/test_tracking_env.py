@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from udaflow import tracking
@@ -209,3 +210,40 @@ def test_a_second_process_waiting_on_a_models_promotion_lock_says_whom_it_waits_
     err = capsys.readouterr().err
     assert err.count("waiting for another udaflow process registering, promoting or rolling back 'udaflow-synth-to-mnist'") == 1
     assert f"(pid {os.getpid()})" in err
+
+
+def test_the_heartbeat_skips_a_tracking_server_that_does_not_answer_and_says_so_once(monkeypatch, capsys):
+    """A team probe killed the MLflow server mid-run: each heartbeat waited out MLflow's retries (about 4
+    minutes) and printed urllib3's retry warnings among the progress lines, 18 of them. A beat now asks the
+    server's /health first (no retries), skips the beat while it does not answer, and says so once."""
+    import socket
+    import threading
+
+    with socket.socket() as sock:  # a port nothing listens on: the connection is refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    beats, answering = [], threading.Event()
+
+    class Client:
+        def set_tag(self, run_id, key, value):
+            beats.append((run_id, key))
+
+    monkeypatch.setattr(tracking, "_client", lambda: Client())
+    monkeypatch.setattr(tracking, "mlflow_uri", lambda: f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.05)
+    real = tracking._answers_now
+    monkeypatch.setattr(tracking, "_answers_now", lambda uri: answering.is_set() or real(uri))
+    tracking._start_heartbeat("r1")
+    try:
+        time.sleep(0.6)
+        assert beats == []  # every beat skipped, none waited on MLflow's retries
+        answering.set()
+        deadline = time.time() + 5
+        while not beats and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        tracking._stop_heartbeat("r1")
+    assert beats and beats[0] == ("r1", tracking.HEARTBEAT_TAG)
+    err = capsys.readouterr().err
+    assert err.count(f"warning: the tracking server http://127.0.0.1:{port} does not answer") == 1
+    assert err.count("answers again") == 1
