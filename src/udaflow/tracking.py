@@ -239,11 +239,15 @@ def _beat_tags() -> dict[str, str]:
 
 
 def _answers_now(uri: str) -> bool:
-    """Whether the tracking server at `uri` answers its /health within seconds (any HTTP answer), asked once."""
+    """Whether the tracking server at `uri` answers its /health within seconds (any HTTP answer), asked once.
+    A TLS error counts as an answer: MLflow's own settings (MLFLOW_TRACKING_SERVER_CERT_PATH, ...) may
+    resolve what plain requests cannot, as in `_check_answers`."""
     import requests
 
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=(3, 10))
+    except requests.exceptions.SSLError:
+        return True
     except requests.exceptions.RequestException:
         return False
     return True
