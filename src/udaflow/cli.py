@@ -228,16 +228,46 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a p
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N")]
 
 
-def _load(params: Path, profile: str | None, overrides: list[str] | None, flags: dict[str, str] | None = None, **extra: str | None):
+def _load(params: Path, profile: str | None, overrides: list[str] | None, flags: dict[str, str] | None = None,
+          trains: bool = False, **extra: str | None):
     """params + profile + --set overrides + the command's options (`extra`: key -> value). An option's
     value is checked as its key, and an error names the option (`--device: train.device: ...`), or
-    `flags[key]` when the value came from another (promote's source and target, from --model)."""
+    `flags[key]` when the value came from another (promote's source and target, from --model). A command
+    that `trains` (run, bench, schedule) warns of the keys its file left to the code's defaults."""
     from udaflow.config import load_config
 
     sets = list(overrides or [])
     sets += [f"{k}={v}" for k, v in extra.items() if v is not None]
     named = {k: f"--{k.rsplit('.', 1)[-1]}" for k, v in extra.items() if v is not None}
-    return load_config(params, profile, sets, flags={**named, **(flags or {})})
+    cfg = load_config(params, profile, sets, flags={**named, **(flags or {})})
+    if trains:
+        _warn_left_to_defaults(cfg, params)
+    return cfg
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_left_to_defaults(cfg, params: Path) -> None:
+    """A `--params` file other than this folder's params.yaml that leaves out keys params.yaml sets: one
+    warning before anything runs, naming them with both values (config.left_to_defaults says why)."""
+    from udaflow.config import ConfigError, left_to_defaults, load_config
+
+    project = Path.cwd() / "params.yaml"
+    if not project.is_file() or Path(params).resolve() == project.resolve() or str(params) in _WARNED:
+        return
+    _WARNED.add(str(params))  # once a command: promote reads its params twice
+    try:
+        theirs = load_config(project)
+    except ConfigError:
+        return  # not this command's file: its errors are for the run that reads it
+    left = left_to_defaults(cfg, theirs)
+    if left:
+        shown = "; ".join(f"{k} {ours!r} (params.yaml: {value!r})" for k, ours, value in left[:4])
+        more = f"; and {len(left) - 4} more" if len(left) > 4 else ""
+        err_console.print(f"warning: {params} leaves out {len(left)} key(s) params.yaml sets, which take the code's defaults: "
+                          f"{shown}{more}. The code's defaults are the plain methods, not params.yaml's recipe: copy "
+                          "params.yaml and change what you need, or add the keys", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.callback()
@@ -516,7 +546,7 @@ def run(
     """Run the pipeline flow: validate, version, pretrain (cached), adapt, evaluate, register."""
     from udaflow.preflight import check_device, validate_run
 
-    cfg = _load(params, profile, overrides, **{"source": source, "target": target, "method": method, "train.device": device, "train.nproc": nproc})
+    cfg = _load(params, profile, overrides, trains=True, **{"source": source, "target": target, "method": method, "train.device": device, "train.nproc": nproc})
     validate_run(cfg)  # before anything is validated, versioned or trained (the oracle included: it is never registered)
     check_device(cfg)
     _require_loadable_champion(cfg)
@@ -806,7 +836,7 @@ def schedule(
         raise BadCron(f"--pool {pool!r}: not a work pool name ({problem})",
                       "a Prefect work pool name: not empty, without '/', '%', '&', '<' or '>'") from None
     next_run = _next_cron_run(cron)
-    cfg = _load(params, profile, None, **{"source": source, "target": target, "method": method})
+    cfg = _load(params, profile, None, trains=True, **{"source": source, "target": target, "method": method})
     from udaflow.preflight import validate_run
 
     validate_run(cfg)  # a retrain at 3 a.m. must not be the first to find a bad setting
@@ -1178,7 +1208,7 @@ def bench(
 
     if protocol not in (None, "transductive", "holdout"):
         raise ValueError(f"--protocol {protocol!r}: use transductive or holdout")
-    cfg = _load(params, profile, overrides, **{"train.device": device})
+    cfg = _load(params, profile, overrides, trains=True, **{"train.device": device})
     protocol = protocol or cfg.bench.protocol  # until 2026-12-03 the option's own default won over params.yaml
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:

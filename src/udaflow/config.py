@@ -267,6 +267,7 @@ class Config(_Strict):
     # where load_config read it: the params file, and each overridden key -> the option that gave it
     _params_file: str | None = PrivateAttr(default=None)
     _given: dict[str, str] = PrivateAttr(default_factory=dict)
+    _read: frozenset[str] = PrivateAttr(default=frozenset())  # the dotted keys the file, its profile or an override gave
 
     def __eq__(self, other: object) -> bool:  # the settings, not where they were read from
         return isinstance(other, Config) and self.__dict__ == other.__dict__
@@ -465,8 +466,50 @@ def load_config(
     except ValidationError as exc:
         loc = ".".join(str(part) for part in exc.errors(include_url=False)[0]["loc"])
         raise ConfigError(f"{_where(str(path), given, loc)} {explain(exc, model=Config)}") from None
-    cfg._params_file, cfg._given = str(path), given
+    cfg._params_file, cfg._given, cfg._read = str(path), given, frozenset(_flat(raw))
     return cfg
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def left_to_defaults(cfg: Config, project: Config) -> list[tuple[str, Any, Any]]:
+    """(key, the code's default cfg took, project's value): the keys the params file `cfg` was read from
+    left out (no value in it, its profile or an override) where project's params.yaml has another value.
+
+    The code's defaults are the plain methods, not params.yaml's recipe (`method` cdtrans, no rotation task,
+    plain CDTrans, ...): they stay so that a run recorded before a key existed re-runs as it ran. So a
+    `--params` file of a few keys trains something params.yaml does not describe, and only the end of a
+    run said so. A method's options count for the methods params.yaml names."""
+    from udaflow.methods import get_method_class
+
+    ours, theirs = _flat(cfg.model_dump(mode="json")), _flat(project.model_dump(mode="json"))
+    out = []
+    for key, value in theirs.items():
+        if any(key == k or key.startswith(k + ".") for k in cfg._read):
+            continue
+        if key in ours:
+            default = ours[key]
+        elif key.startswith("methods.") and key.count(".") == 2:  # a method option: its Config's default
+            _, name, option = key.split(".")
+            try:
+                default = getattr(get_method_class(name).Config(), option)
+            except (KeyError, ValueError, AttributeError):
+                continue  # a method or option this code does not know: preflight names it
+            default = list(default) if isinstance(default, tuple) else default
+        else:
+            continue
+        if default != value:
+            out.append((key, default, value))
+    return out
 
 
 def _where(params_file: str, given: dict[str, str], key: str) -> str:

@@ -137,7 +137,7 @@ def _check_shift(cfg: Config, refuse) -> None:
 
 def _check_built_size(cfg: Config, name: str, folder: Path) -> None:
     """The built-in `synth` holds the data.synth_size images it was rendered with. A profile or --set
-    naming another size (`--profile full`: 20,000) cannot re-render it: the run would train on the old
+    naming another size (`--set data.synth_size=20000`) cannot re-render it: the run would train on the old
     images while MLflow logged the new size."""
     manifest = folder / MANIFEST_NAME
     if name != "synth" or not manifest.is_file():

@@ -293,6 +293,42 @@ def test_repository_params_load_with_every_profile():
         assert cfg.data == base.data, profile
 
 
+
+def test_a_params_file_that_leaves_out_keys_params_yaml_sets_is_told_which_and_what_fills_them(tmp_path, monkeypatch):
+    """The code's defaults are the plain methods (a run recorded before a key existed re-runs as it ran),
+    not params.yaml's recipe: a `--params` file of a few keys trained cdtrans at 1e-3 without the rotation
+    task, and only the end of a run said that its settings were not params.yaml's."""
+    from typer.testing import CliRunner
+
+    from udaflow.cli import app
+    from udaflow.config import left_to_defaults
+
+    project = load_config(REPO_PARAMS)
+    (tmp_path / "exp.yaml").write_text("source: synth\ntarget: mnist\ntrain: {adapt_steps: 10, rotation_weight: 0.5}\n"
+                                       "methods: {cdtrans: {ema: 0.5}}\n")
+    cfg = load_config(tmp_path / "exp.yaml", overrides=["train.adapt_lr=0.003"])
+    left = {key: (ours, theirs) for key, ours, theirs in left_to_defaults(cfg, project)}
+    assert left["method"] == ("cdtrans", "adamatch")
+    assert left["train.pretrain_steps"] == (1500, 1000)
+    assert left["train.pseudo_labels.neighbours"] == (0, 10)
+    assert left["methods.adamatch.weak_target_grad"] == (True, False)  # a method's option: its Config's default
+    assert left["methods.cdtrans.step_scale"] == (1.0, 1.5)
+    # what the file, its overrides or a method block in it set is the user's choice; equal defaults are no news
+    assert not {"train.adapt_steps", "train.rotation_weight", "train.adapt_lr", "methods.cdtrans.ema"} & left.keys()
+    assert not {"seed", "train.lr", "methods.dann.trade_off", "methods.ssrt.layers"} & left.keys()
+    assert left_to_defaults(load_config(REPO_PARAMS), project) == []
+
+    # through the CLI: one warning before anything runs, not for the folder's own params.yaml
+    (tmp_path / "params.yaml").write_text(REPO_PARAMS.read_text())
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(app, ["run", "--params", "exp.yaml", "--source", "nosuch"])
+    assert out.exit_code == 2 and "nosuch" in out.output
+    warnings = [line for line in out.output.splitlines() if line.startswith("warning: exp.yaml leaves out")]
+    assert len(warnings) == 1 and "method 'cdtrans' (params.yaml: 'adamatch')" in out.output
+    assert "copy params.yaml" in out.output
+    out = CliRunner().invoke(app, ["run", "--params", "params.yaml", "--source", "nosuch"])
+    assert out.exit_code == 2 and "leaves out" not in out.output
+
 # ----------------------------------------------------------------------------- methods.<name> options
 @pytest.mark.parametrize("name, options, message", [
     ("adamatch", {"tau": 1.5}, "methods.adamatch.tau: must be <= 1 (got 1.5)"),
