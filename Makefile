@@ -29,10 +29,11 @@ run: data
 
 # two pytest workers, a test file each at a time (its module fixtures and servers stay in one process):
 # most of the suite waits on subprocesses, servers and locks, so two cores run it in 60-64% of
-# the time of one worker (README); TEST_JOBS=1 runs it in this process alone
+# the time of one worker (README); TEST_JOBS=1 runs it in this process alone. The 20 slowest tests are
+# listed at the end: CI has 40 minutes, and that list says where they go
 TEST_JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+	$(BIN)/python -m pytest -q --durations=20 $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 repro: setup  # dvc.yaml's stages call `udaflow`, so the venv goes first on PATH
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
