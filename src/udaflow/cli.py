@@ -1066,8 +1066,10 @@ def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
 def stage_pretrain(params: ParamsOpt = Path("params.yaml")) -> None:
     """Source pretraining (reuses the on-disk cache)."""
     from udaflow import steps
+    from udaflow.preflight import validate_run
 
     cfg = _load(params, None, None)
+    validate_run(cfg)  # `dvc repro` runs this stage alone when validate's params did not change: the same checks, the same errors
     with steps.domains_in_use(cfg):
         outcome = steps.pretrain(cfg)
     console.print(f"source model: {outcome.path} ({'cached' if outcome.cached else 'trained'})")
@@ -1077,8 +1079,10 @@ def stage_pretrain(params: ParamsOpt = Path("params.yaml")) -> None:
 def stage_adapt(params: ParamsOpt = Path("params.yaml")) -> None:
     """Adaptation with params.yaml's method."""
     from udaflow import steps
+    from udaflow.preflight import validate_run
 
     cfg = _load(params, None, None)
+    validate_run(cfg)  # `dvc repro` runs this stage alone when validate's params did not change: the same checks, the same errors
     with steps.domains_in_use(cfg):
         outcome = steps.adapt(cfg)
     steps.drop_checkpoint(cfg)  # model.pt is the stage's output: nothing left to resume
@@ -1089,8 +1093,10 @@ def stage_adapt(params: ParamsOpt = Path("params.yaml")) -> None:
 def stage_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Metrics and figures of the adapted model."""
     from udaflow import steps
+    from udaflow.preflight import validate_run
 
     cfg = _load(params, None, None)
+    validate_run(cfg)  # `dvc repro` runs this stage alone when validate's params did not change: the same checks, the same errors
     with steps.domains_in_use(cfg):
         metrics = steps.evaluate(cfg)
     console.print(f"target_acc_selected {_fmt(metrics.get('target_acc_selected'))}, target_acc_last {_fmt(metrics.get('target_acc_last'))} -> {steps.run_paths(cfg).metrics}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -329,6 +331,22 @@ def test_a_params_file_that_leaves_out_keys_params_yaml_sets_is_told_which_and_w
     out = CliRunner().invoke(app, ["run", "--params", "params.yaml", "--source", "nosuch"])
     assert out.exit_code == 2 and "leaves out" not in out.output
 
+
+@pytest.mark.parametrize("stage", ["pretrain", "adapt", "evaluate"])
+def test_every_dvc_stage_checks_the_run_as_the_validate_stage_does(tmp_path, stage):
+    """`dvc repro` runs adapt alone after a change to `method` or `validator` (validate's params did not
+    change): the stage said "unknown method 'dnn'" without the file, the key or a hint."""
+    from typer.testing import CliRunner
+
+    from udaflow.cli import app
+
+    text = REPO_PARAMS.read_text()
+    (tmp_path / "bad.yaml").write_text(re.sub(r"(?m)^method: \w+", "method: dnn", text).replace("methods:", "methods:\n  dnn: {}", 1))
+    out = CliRunner().invoke(app, ["stage", stage, "--params", str(tmp_path / "bad.yaml")])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    assert out.output.splitlines()[0].startswith(f"error: {tmp_path / 'bad.yaml'}: method: unknown method 'dnn' (known: ")
+    assert out.output.splitlines()[1].startswith("hint: ")
+
 # ----------------------------------------------------------------------------- methods.<name> options
 @pytest.mark.parametrize("name, options, message", [
     ("adamatch", {"tau": 1.5}, "methods.adamatch.tau: must be <= 1 (got 1.5)"),
@@ -420,6 +438,11 @@ def test_dvc_yaml_s_training_stages_list_no_param_they_do_not_depend_on():
     listed = {str(p) for p in stages["pretrain"]["params"] if str(p).startswith("train")}
     assert listed == leaves(source_params(cfg, 10)["train"], "train.")
     assert "methods.${method}" in stages["adapt"]["params"] and "methods" not in stages["adapt"]["params"]
+    # adapt: every train key (a section whole) but the two that cannot change its bytes
+    from udaflow.config import TrainConfig
+
+    listed = {str(p) for p in stages["adapt"]["params"] if str(p).startswith("train")}
+    assert listed == {f"train.{k}" for k in TrainConfig.model_fields} - {"train.progress", "train.checkpoint_every"}
 
 
 def test_dvc_lock_records_the_code_the_stages_depend_on_as_it_is():
@@ -477,6 +500,52 @@ def test_a_code_change_shows_in_dvc_status_and_bytecode_does_not(tmp_path, monke
     assert status(tmp_path) == {"fit": [{"changed deps": {"src/pkg": "modified"}}]}
     assert record_stages(tmp_path, ["fit"]) == ["fit"] and status(tmp_path) == {}  # run again: recorded
 
+
+
+def test_an_older_revision_s_metrics_come_back_with_its_dvc_lock(tmp_path, monkeypatch):
+    """runs/ is git-ignored, so dvc.yaml's metrics, plots and GX result live in DVC's cache. As `cache: false`
+    (git's) they were kept by neither: `dvc exp show` showed `!`, `dvc metrics diff HEAD~1` nothing, and
+    after a checkout of an older dvc.lock `dvc metrics show` printed the newer run's figures as its own."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from udaflow.versioning import init_repo, record_stages
+
+    monkeypatch.chdir(tmp_path)
+    git = lambda *args: subprocess.run(["git", "-c", "user.name=u", "-c", "user.email=u@x", *args], cwd=tmp_path, check=True,
+                                       capture_output=True)
+    git("init", "-q")
+    init_repo(tmp_path)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):  # the real layout: the evaluate stage as it is
+        shutil.copy(REPO_PARAMS.parent / name, tmp_path / name)
+    (tmp_path / "src/udaflow").mkdir(parents=True)
+    (tmp_path / "src/udaflow/code.py").write_text("X = 1\n")
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    run = tmp_path / "runs" / f"{params['source']}-to-{params['target']}" / params["method"]
+    run.mkdir(parents=True)
+    (run / "model.pt").write_bytes(b"weights")
+
+    def evaluate(acc: float) -> None:  # what `udaflow stage evaluate` (or `udaflow run`) writes, recorded as `udaflow run` does
+        (run / "metrics.json").write_text(f'{{"target_acc_selected": {acc}}}')
+        for png in ("confusion_matrix.png", "feature_map.png"):
+            (run / png).write_bytes(f"{png} {acc}".encode())
+        assert record_stages(tmp_path, ["evaluate"]) == ["evaluate"]
+        git("add", "-A")
+        git("commit", "-qm", f"acc {acc}")
+
+    evaluate(77.5)
+    evaluate(76.0)
+    assert git("ls-files", "runs").stdout == b""  # git keeps none of it
+    dvc = str(Path(sys.executable).parent / "dvc")
+    diff = subprocess.run([dvc, "metrics", "diff", "HEAD~1", "--json"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    [(path, figures)] = json.loads(diff.stdout).items()
+    assert figures["target_acc_selected"] == {"old": 77.5, "new": 76.0, "diff": -1.5}
+    git("checkout", "-q", "HEAD~1", "--", "dvc.lock")
+    subprocess.run([dvc, "checkout", "evaluate"], cwd=tmp_path, capture_output=True, check=True)
+    assert json.loads((run / "metrics.json").read_text()) == {"target_acc_selected": 77.5}
+    assert (run / "feature_map.png").read_bytes() == b"feature_map.png 77.5"
 
 def test_every_param_dvc_yaml_lists_is_in_params_yaml_for_every_method():
     """DVC refuses a stage whose listed param is missing from params.yaml (`Parameters 'methods.x' are
