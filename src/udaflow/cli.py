@@ -693,7 +693,7 @@ def _apart_from_project(cfg) -> list[str] | None:
     [] is what dvc.yaml's stages describe: they read params.yaml, whatever file --params named. (Compared
     with --params' own file, a run of another file wrote its model into dvc.lock under params.yaml's values,
     and `dvc status` called it up to date.)"""
-    from udaflow.config import ConfigError, load_config
+    from udaflow.config import ConfigError, flatten, load_config
 
     project = Path.cwd() / "params.yaml"
     try:
@@ -702,12 +702,7 @@ def _apart_from_project(cfg) -> list[str] | None:
         theirs = None
     if theirs is None:
         return None
-
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-
-    ours, theirs, missing = dict(flat(cfg.model_dump())), dict(flat(theirs.model_dump())), object()
+    ours, theirs, missing = flatten(cfg.model_dump()), flatten(theirs.model_dump()), object()
     return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k, missing) != theirs.get(k, missing))
 
 

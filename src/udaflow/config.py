@@ -466,16 +466,16 @@ def load_config(
     except ValidationError as exc:
         loc = ".".join(str(part) for part in exc.errors(include_url=False)[0]["loc"])
         raise ConfigError(f"{_where(str(path), given, loc)} {explain(exc, model=Config)}") from None
-    cfg._params_file, cfg._given, cfg._read = str(path), given, frozenset(_flat(raw))
+    cfg._params_file, cfg._given, cfg._read = str(path), given, frozenset(flatten(raw))
     return cfg
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1, 'augment': {}}} -> {'train.lr': 1}: the dotted keys that hold a value."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -491,7 +491,7 @@ def left_to_defaults(cfg: Config, project: Config) -> list[tuple[str, Any, Any]]
     run said so. A method's options count for the methods params.yaml names."""
     from udaflow.methods import get_method_class
 
-    ours, theirs = _flat(cfg.model_dump(mode="json")), _flat(project.model_dump(mode="json"))
+    ours, theirs = flatten(cfg.model_dump(mode="json")), flatten(project.model_dump(mode="json"))
     out = []
     for key, value in theirs.items():
         if any(key == k or key.startswith(k + ".") for k in cfg._read):
