@@ -547,6 +547,35 @@ def test_an_older_revision_s_metrics_come_back_with_its_dvc_lock(tmp_path, monke
     assert json.loads((run / "metrics.json").read_text()) == {"target_acc_selected": 77.5}
     assert (run / "feature_map.png").read_bytes() == b"feature_map.png 77.5"
 
+def test_dvc_yaml_s_stages_read_and_write_where_params_yaml_s_data_root_and_work_dir_say(tmp_path):
+    """dvc.yaml wrote `data/raw/` and `runs/` itself: with another `data.root` or `work_dir` in params.yaml,
+    `udaflow run` wrote one place and `dvc repro` looked for its outputs in another."""
+    import shutil
+
+    import yaml
+    from dvc.repo import Repo
+
+    from udaflow.versioning import init_repo
+
+    init_repo(tmp_path)
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO_PARAMS.parent / name, tmp_path / name)
+    params = yaml.safe_load(REPO_PARAMS.read_text())
+    params.update(work_dir="scratch/udaflow", data={**params["data"], "root": "store/domains"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run = f"scratch/udaflow/{params['source']}-to-{params['target']}"
+    paths = {stage.name: ([str(o.def_path) for o in stage.outs],
+                                sorted(str(d.def_path) for d in stage.deps if not str(d.def_path).endswith("params.yaml")))
+             for stage in Repo(str(tmp_path)).index.stages}
+    assert paths["build@mnistm"][0] == ["store/domains/mnistm"]
+    assert paths["validate"] == ([f"{run}/validation/gx_result.json"],
+                                 sorted([f"store/domains/{params['source']}", f"store/domains/{params['target']}", "src/udaflow/data/expectations.py"]))
+    assert paths["pretrain"][0] == [f"{run}/source_model.pt"] and f"store/domains/{params['source']}" in paths["pretrain"][1]
+    assert paths["adapt"] == ([f"{run}/{params['method']}/model.pt"],
+                              sorted([f"{run}/source_model.pt", f"store/domains/{params['target']}", "src/udaflow"]))
+    assert paths["evaluate"][0] == [f"{run}/{params['method']}/{name}" for name in ("metrics.json", "confusion_matrix.png", "feature_map.png")]
+
+
 def test_every_param_dvc_yaml_lists_is_in_params_yaml_for_every_method():
     """DVC refuses a stage whose listed param is missing from params.yaml (`Parameters 'methods.x' are
     missing`), so params.yaml spells out every key the stages list: each `train` key pretraining
