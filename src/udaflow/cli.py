@@ -1040,15 +1040,24 @@ stage_app = typer.Typer(help="One pipeline step, as dvc.yaml's stages call it (`
 app.add_typer(stage_app, name="stage")
 
 
+def _stage_config(params: Path):
+    """params.yaml, checked as `udaflow run` checks it: `dvc repro` runs a stage alone when the ones before it
+    did not change (adapt after a new `method`), so every stage gives the same errors the first one does."""
+    from udaflow.preflight import validate_run
+
+    cfg = _load(params, None, None)
+    validate_run(cfg)
+    return cfg
+
+
 @stage_app.command("validate")
 def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Great Expectations suites on the source and target."""
     from udaflow import steps
     from udaflow.data.manifest import DataError
-    from udaflow.preflight import check_device, validate_run
+    from udaflow.preflight import check_device
 
-    cfg = _load(params, None, None)
-    validate_run(cfg)  # the first stage of `dvc repro`: every setting, before anything trains
+    cfg = _stage_config(params)
     check_device(cfg)
     with steps.domains_in_use(cfg):  # each stage, as a pipeline run: a `--replace` waits for it
         report = steps.validate_datasets(cfg)
@@ -1061,23 +1070,21 @@ def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
 def stage_pretrain(params: ParamsOpt = Path("params.yaml")) -> None:
     """Source pretraining (reuses the on-disk cache)."""
     from udaflow import steps
-    from udaflow.preflight import validate_run
 
-    cfg = _load(params, None, None)
-    validate_run(cfg)  # `dvc repro` runs this stage alone when validate's params did not change: the same checks, the same errors
+    cfg = _stage_config(params)
     with steps.domains_in_use(cfg):
         outcome = steps.pretrain(cfg)
-    console.print(f"source model: {outcome.path} ({'cached' if outcome.cached else 'trained'})")
+    # the stage's output, dvc.yaml's; the cache it was trained into (or read from) is keyed on source and settings
+    console.print(f"source model: {steps.run_paths(cfg).source_model} ({'read from' if outcome.cached else 'trained into'} "
+                  f"the cache {outcome.path})", highlight=False)
 
 
 @stage_app.command("adapt")
 def stage_adapt(params: ParamsOpt = Path("params.yaml")) -> None:
     """Adaptation with params.yaml's method."""
     from udaflow import steps
-    from udaflow.preflight import validate_run
 
-    cfg = _load(params, None, None)
-    validate_run(cfg)  # `dvc repro` runs this stage alone when validate's params did not change: the same checks, the same errors
+    cfg = _stage_config(params)
     with steps.domains_in_use(cfg):
         outcome = steps.adapt(cfg)
     steps.drop_checkpoint(cfg)  # model.pt is the stage's output: nothing left to resume
@@ -1088,10 +1095,8 @@ def stage_adapt(params: ParamsOpt = Path("params.yaml")) -> None:
 def stage_evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     """Metrics and figures of the adapted model."""
     from udaflow import steps
-    from udaflow.preflight import validate_run
 
-    cfg = _load(params, None, None)
-    validate_run(cfg)  # `dvc repro` runs this stage alone when validate's params did not change: the same checks, the same errors
+    cfg = _stage_config(params)
     with steps.domains_in_use(cfg):
         metrics = steps.evaluate(cfg)
     console.print(f"target_acc_selected {_fmt(metrics.get('target_acc_selected'))}, target_acc_last {_fmt(metrics.get('target_acc_last'))} -> {steps.run_paths(cfg).metrics}")

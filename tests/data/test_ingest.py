@@ -260,6 +260,8 @@ def test_dvc_repro_stages_and_the_bench_hold_their_domains_against_a_replace(pro
     for stage in ("validate", "pretrain", "adapt", "evaluate"):
         result = CliRunner().invoke(cli.app, ["stage", stage, "--params", str(tmp_path / "params.yaml")])
         assert result.exit_code == 0, result.output
+        if stage == "pretrain":  # the stage's output (dvc.yaml's), and the cache it came from
+            assert " ".join(result.output.split()) == f"source model: {tmp_path}/runs/src-to-tgt/source_model.pt (read from the cache model.pt)"
     result = CliRunner().invoke(cli.app, ["bench", "--shifts", "src:tgt", "--methods", "dann", "--out", str(tmp_path / "b.json"),
                                           "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 0, result.output
