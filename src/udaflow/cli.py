@@ -136,6 +136,9 @@ _INTERRUPTED = {  # what a Ctrl-C leaves, per command
             "\"Created version\") is taken up by it for the gate, not registered again"),
     "reproduce": "the same command resumes from the last checkpoint",
     "bench": "the rows done so far are in --out",
+    # `udaflow stage ...`, as dvc.yaml calls it: DVC removed the stage's outputs before it ran
+    "stage": ("`dvc repro` runs the stage again (adaptation from its last checkpoint); until then its outputs are "
+              "missing (`dvc checkout` brings back the ones dvc.lock records)"),
 }
 
 

@@ -347,6 +347,27 @@ def test_every_dvc_stage_checks_the_run_as_the_validate_stage_does(tmp_path, sta
     assert out.output.splitlines()[0].startswith(f"error: {tmp_path / 'bad.yaml'}: method: unknown method 'dnn' (known: ")
     assert out.output.splitlines()[1].startswith("hint: ")
 
+
+@pytest.mark.parametrize("stage", ["pretrain", "adapt", "evaluate"])
+def test_a_stage_stopped_with_ctrl_c_says_what_dvc_repro_and_dvc_checkout_do_next(monkeypatch, stage):
+    """A SIGINT'd stage printed a bare `interrupted`: not that DVC had removed its outputs, nor how to go on."""
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from udaflow import cli, steps
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_stage_config", lambda params: load_config(REPO_PARAMS))
+    monkeypatch.setattr(steps, "domains_in_use", lambda cfg: contextlib.nullcontext())
+    monkeypatch.setattr(steps, stage, stopped)
+    out = CliRunner().invoke(cli.app, ["stage", stage])
+    assert out.exit_code == 130 and "Traceback" not in out.output
+    assert " ".join(out.output.split()) == ("interrupted: `dvc repro` runs the stage again (adaptation from its last checkpoint); "
+                                            "until then its outputs are missing (`dvc checkout` brings back the ones dvc.lock records)")
+
 # ----------------------------------------------------------------------------- methods.<name> options
 @pytest.mark.parametrize("name, options, message", [
     ("adamatch", {"tau": 1.5}, "methods.adamatch.tau: must be <= 1 (got 1.5)"),
