@@ -497,7 +497,8 @@ def data_ingest(
         gone, new = (_classes(c) if c else "none" for c in (result.classes_gone, result.classes_new))
         err_console.print(f"warning: '{name}' now has other classes than the version it replaced (gone: {gone}; new: {new}): a model trained with the previous version as its source no longer "
                           "matches it, and its gate and retrains refuse it until that version is back", highlight=False, soft_wrap=True)
-    state = "new version" if result.changed else "unchanged"
+    state = "unchanged" if not result.changed else (
+        f"an earlier version again, as commit {result.earlier_commit} recorded it" if result.earlier_commit else "new version")
     console.print(f"  dvc: {result.pointer} -> {result.md5} ({state}; pushed to the default remote)", highlight=False)
     if result.replaced:
         how = (

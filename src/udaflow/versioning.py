@@ -177,6 +177,19 @@ def committed_in_git(pointer: str, md5: str, root: Path) -> bool:
             return False
 
 
+def first_commit_recording(pointer: str, md5: str, root: Path) -> str | None:
+    """The oldest git commit (short hash) whose `pointer` recorded hash `md5`, or None: tells a replace back to an
+    earlier version from new content."""
+    import subprocess
+
+    try:
+        log = subprocess.run(["git", "log", "--all", "--reverse", "--format=%h", f"-S{md5}", "--", pointer], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.split()
+    except (subprocess.CalledProcessError, FileNotFoundError):  # no git, or no commit yet
+        return None
+    return log[0] if log else None
+
+
 def version_dataset(path: Path, root: Path | None = None, push: bool = True) -> DatasetVersion:
     """Commit `path` to the DVC cache (new content only), record its hash, push to the default remote."""
     path, root = _locate(path, root)

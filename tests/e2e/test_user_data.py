@@ -133,3 +133,10 @@ def test_bring_your_own_data_in_a_fresh_clone(clone: Path, env: dict, user_folde
     assert out.returncode == 0, out.stdout + out.stderr
     assert "unchanged" in out.stdout and "no retrain triggered" in out.stdout
     assert git_status(clone) == [" M data/raw/my-camera.dvc"]
+
+    # back to the committed first version: said as such, not "new version"
+    commit = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
+    out = udaflow(clone, env, "data", "ingest", str(user_folders["camera"]), "--name", "my-camera", "--replace")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"my-camera.dvc -> {first_md5} (an earlier version again, as commit {commit} recorded it;" in out.stdout, out.stdout
+    assert git_status(clone) == []

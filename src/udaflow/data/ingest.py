@@ -297,6 +297,7 @@ class IngestResult:
     source_classes_absent: list[str] = field(default_factory=list)  # a labelled target holding only some of the source's classes: the others
     classes_gone: list[str] = field(default_factory=list)  # a replace: classes the replaced version had and this one lacks
     classes_new: list[str] = field(default_factory=list)  # ... and the other way round
+    earlier_commit: str | None = None  # a changed version that a git commit recorded before: a replace back to it
 
 
 def ingest_domain(
@@ -380,8 +381,9 @@ def _ingest_locked(folder, name, data_root, source, replace, holdout_fraction, s
             absent = sorted({r.label for r in read_manifest(data_root / source) if r.label} - {r.label for r in rows if r.label})
         now = {r.label for r in rows if r.label}
         gone, new = (sorted(before - now), sorted(now - before)) if before and now else ([], [])
+        earlier = versioning.first_commit_recording(recorded.pointer, recorded.md5, versioning.find_root(out)) if recorded.changed else None
         return IngestResult(out, len(rows), labelled, source, recorded.md5, recorded.pointer, recorded.changed, replaced, in_git, overlaps,
                             dict(sorted(Counter(r.split for r in rows).items(), key=lambda kv: SPLIT_ORDER.index(kv[0]))), no_val, absent,
-                            gone, new)
+                            gone, new, earlier)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
