@@ -75,11 +75,23 @@ def _check_answers(uri: str) -> None:
         return
     import requests
 
-    try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=(5, 30))
-    except (requests.exceptions.Timeout, requests.exceptions.SSLError):
+    error = _health_error(uri, timeout=(5, 30))
+    if isinstance(error, (requests.exceptions.Timeout, requests.exceptions.SSLError)):
         return
+    if error is not None:
+        raise error
     _ANSWERED.add(uri)
+
+
+def _health_error(uri: str, timeout: tuple[float, float]) -> Exception | None:
+    """What asking the server's /health once, without MLflow's retries, raised (None: it answered, any HTTP status)."""
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except requests.exceptions.RequestException as exc:
+        return exc
+    return None
 
 
 def _create_sqlite_store(uri: str, artifact_root: Path) -> None:
@@ -244,13 +256,8 @@ def _answers_now(uri: str) -> bool:
     resolve what plain requests cannot, as in `_check_answers`."""
     import requests
 
-    try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=(3, 10))
-    except requests.exceptions.SSLError:
-        return True
-    except requests.exceptions.RequestException:
-        return False
-    return True
+    error = _health_error(uri, timeout=(3, 10))
+    return error is None or isinstance(error, requests.exceptions.SSLError)
 
 
 def _start_heartbeat(run_id: str) -> None:
