@@ -136,6 +136,29 @@ def test_a_file_gone_since_the_manifest_names_the_file_and_the_way_back(root: Pa
                              f"manifest's; `dvc checkout {root / 'target'}` restores the versioned files, or ingest the folder again")
 
 
+def test_a_file_put_in_a_domain_after_its_manifest_is_named_and_dvcignore_d_files_are_not(root: Path, tmp_path: Path):
+    """A probe put notes.txt (and a truncated PNG) into an ingested domain: only the manifest's files were read, so
+    the run's DVC commit versioned them into a new version of the domain and a model was registered."""
+    from udaflow.versioning import init_repo
+
+    init_repo(root)
+    (root / ".dvcignore").write_text("# editors\n.DS_Store\n__pycache__/\n*.sw[po]\n")
+    (root / "target" / ".DS_Store").write_bytes(b"\x00finder")
+    (root / "target" / "__pycache__").mkdir()
+    (root / "target" / "__pycache__" / "x.pyc").write_bytes(b"\x00")
+    assert validate_shift(root, "synth", "target", tmp_path / "out").success  # what DVC leaves out of the version
+    label = _rows(root / "target")[0]["path"].split("/")[0]
+    (root / "target" / label / "notes.txt").write_text("hello\n")
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    first = report.failures[0]
+    assert first.expectation == "expect_column_pair_values_to_be_equal"
+    assert first.summary == (f"{root / 'target' / label / 'notes.txt'} is not in the manifest of domain 'target': it was put in the folder "
+                             "after the domain was built or ingested, and a run would version it unchecked; remove it, or ingest a "
+                             "folder that holds it with --replace")
+    (root / "target" / label / "notes.txt").unlink()
+    assert validate_shift(root, "synth", "target", tmp_path / "out").success
+
+
 def test_wrong_image_size_and_mode_fail(root: Path, tmp_path: Path):
     rows = _rows(root / "target")
     Image.new("CMYK", (4, 4)).save(root / "target" / rows[0]["path"].replace(".png", ".tif"))

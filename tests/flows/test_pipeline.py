@@ -225,8 +225,12 @@ def test_a_truncated_cached_source_model_is_trained_again(project: Path, first_r
     assert cached.read_bytes() == whole  # trained again to the same bits (deterministic)
 
 
-def test_corrupt_target_in_data_stops_before_training_and_registers_nothing(project: Path, first_run):
+@pytest.mark.parametrize("damage", ["truncated", "added"])
+def test_corrupt_target_in_data_stops_before_training_and_registers_nothing(project: Path, first_run, damage):
+    """A listed file truncated, or a file put in the folder by hand (a probe's notes.txt: only listed files were
+    read, and the run versioned it into a new DVC version and registered a model)."""
     from flows.pipeline import DataValidationError, adaptation_pipeline
+    from udaflow.data.expectations import ValidationReport
 
     target = project / "data/raw/fonts-b"
     backup = project / "fonts-b.bak"
@@ -234,11 +238,16 @@ def test_corrupt_target_in_data_stops_before_training_and_registers_nothing(proj
     pointer = (project / "data/raw/fonts-b.dvc").read_text()
     versions_before = len(tracking.latest_versions("udaflow-synth-to-fonts-b"))
     victim = next(p for p in sorted(target.rglob("*.png")))
+    if damage == "added":
+        victim = victim.with_name("notes.txt")
     victim.write_bytes(b"\x89PNG truncated")
     try:
         cfg = _cfg(project, method="dann")
-        with pytest.raises(DataValidationError, match=victim.name):
+        with pytest.raises(DataValidationError, match=victim.name) as caught:
             adaptation_pipeline(cfg, str(project / "params.yaml"))
+        assert caught.value.hint == ValidationReport.HINT  # the data's way out, not the run's params hint
+        if damage == "added":
+            assert f"{victim} is not in the manifest of domain 'fonts-b'" in str(caught.value)
         assert len(tracking.latest_versions("udaflow-synth-to-fonts-b")) == versions_before
         assert (project / "data/raw/fonts-b.dvc").read_text() == pointer  # no new DVC version
         failed = mlflow.search_runs(

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from udaflow.data.manifest import COLUMNS, DataError, describe_image, missing_domain_hint, read_manifest
+from udaflow.data.manifest import COLUMNS, MANIFEST_NAME, DataError, describe_image, missing_domain_hint, read_manifest
 
 ALLOWED_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "F", "CMYK", "YCbCr"]
 MIN_SIDE, MAX_SIDE = 8, 4096  # decompression bombs and thumbnails are both refused
@@ -62,6 +62,10 @@ class ValidationReport:
     data_docs: Path | None = None
     statistics: dict[str, Any] = field(default_factory=dict)
 
+    # a run's or stage's failed validation: not the params hint its command has for other errors
+    HINT = ("nothing was trained, versioned or registered; `dvc checkout <data.root>/<name>` restores a domain's versioned "
+            "files, `udaflow data ingest DIR --name NAME --replace` makes a corrected folder its new version")
+
     def error(self) -> str:
         first = self.failures[0].describe() if self.failures else "unknown failure"
         more = f" (+{len(self.failures) - 1} more failed expectations)" if len(self.failures) > 1 else ""
@@ -88,7 +92,39 @@ def image_frame(data_root: Path, source: str, target: str | None = None):
                 now = describe_image(file, root, row.label, row.split)
                 rec.update(disk_sha256=now.sha256, decodable=now.decodable, width=now.width, height=now.height, mode=now.mode)
             records.append(rec)
+        # a file put in the folder by hand since: no manifest checksum (the checksum check fails on it), where before
+        # only listed files were read and a run's DVC commit of the folder versioned it unseen
+        for file in unlisted_files(root, {r["path"] for r in records if r["domain"] == name}):
+            records.append({"domain": name, "role": role, "path": file.relative_to(root).as_posix(), "label": "", "split": "", "sha256": "",
+                            "width": 0, "height": 0, "mode": "", "decodable": False,
+                            "disk_sha256": hashlib.sha256(file.read_bytes()).hexdigest()})
     return pd.DataFrame.from_records(records, columns=["domain", "role", *COLUMNS, "disk_sha256"])
+
+
+def unlisted_files(root: Path, listed: set[str]) -> list[Path]:
+    """Files under domain folder `root` that its manifest does not list (paths relative to `root` in `listed`),
+    leaving out the manifest and what the project's .dvcignore keeps out of DVC's version of the folder."""
+    from fnmatch import fnmatch
+
+    from udaflow.versioning import find_root
+
+    project = find_root(root)
+    ignore = project / ".dvcignore" if project else None
+    patterns = [line.strip() for line in ignore.read_text().splitlines()
+                if line.strip() and not line.startswith("#")] if ignore and ignore.is_file() else []
+
+    def ignored(parts: list[str]) -> bool:  # .dvcignore's simple patterns: `name`, `*.ext`, `dir/`
+        return any(any(fnmatch(part, pattern.rstrip("/")) for part in (parts[:-1] if pattern.endswith("/") else parts))
+                   for pattern in patterns)
+
+    found = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            file = Path(folder) / name
+            relative = file.relative_to(root).as_posix()
+            if relative != MANIFEST_NAME and relative not in listed and not ignored(relative.split("/")):
+                found.append(file)
+    return sorted(found)
 
 
 def class_frame(images, min_per_class: int):
@@ -191,10 +227,14 @@ def changed_files(failure: Failure, data_root: Path) -> str | None:
     if not failure.examples:
         return None
     e = failure.examples[0]
-    state = "is missing" if not e.get("disk_sha256") else "has changed"
     more = f" ({len(failure.examples) - 1} more at least)" if len(failure.examples) > 1 else ""
-    return (f"{data_root / e['domain'] / e['path']} {state} since domain '{e['domain']}' was built or ingested{more}: its checksum is not "
-            f"the manifest's; `dvc checkout {data_root / e['domain']}` restores the versioned files, or ingest the folder again")
+    folder = data_root / e["domain"]
+    if not e.get("sha256"):
+        return (f"{folder / e['path']} is not in the manifest of domain '{e['domain']}': it was put in the folder after the domain was built or "
+                f"ingested{more}, and a run would version it unchecked; remove it, or ingest a folder that holds it with --replace")
+    state = "is missing" if not e.get("disk_sha256") else "has changed"
+    return (f"{folder / e['path']} {state} since domain '{e['domain']}' was built or ingested{more}: its checksum is not "
+            f"the manifest's; `dvc checkout {folder}` restores the versioned files, or ingest the folder again")
 
 
 def unknown_classes(images, source: str, target: str, source_classes: list[str]) -> str | None:
