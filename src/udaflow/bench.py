@@ -132,6 +132,15 @@ def run_bench(
 
 
 def _labelled_shift(cfg: Config, shift: tuple[str, str], protocol: str):
+    from udaflow.data.expectations import validate_shift
+    from udaflow.data.manifest import DataError
+
+    # the GX suites a run checks first: a target holding source images (leakage) or a file changed since its
+    # ingest was benched, where `udaflow run` refuses it
+    report = validate_shift(cfg.data.root, *shift, Path(cfg.work_dir) / "bench" / f"{shift[0]}-to-{shift[1]}" / "validation",
+                            cfg.data.min_per_class)
+    if not report.success:
+        raise DataError(report.error(), report.HINT)
     data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
     if data.target_eval is None:
         raise ValueError(f"bench needs target labels to report accuracy; domain '{shift[1]}' has none")

@@ -403,6 +403,12 @@ def test_overlap_is_a_warning_at_ingest_and_refused_when_a_run_pairs_the_domains
     assert client.search_model_versions("name='udaflow-synth-to-leaky'") == []
     assert not (ws / "runs/synth-to-leaky/dann").exists()  # nothing trained
 
+    # the bench checks what a run checks (a probe's bench trained and reported a leaking shift)
+    result = invoke(["bench", "--shifts", "synth:leaky", "--methods", "source_only", "--out", str(ws / "leaky.json")], ws)
+    assert result.exit_code == 2 and result.output.startswith("error: data validation failed: "), result.output
+    assert "expect_column_values_to_be_unique on 'sha256'" in result.output and "\nhint: nothing was trained" in result.output
+    assert not (ws / "leaky.json").exists()
+
 
 def test_an_ingest_stopped_before_its_announcement_announces_on_the_same_command_again(workspace: Path, monkeypatch):
     """A new version is recorded, then measured for drift and announced (the retrain trigger). Stopped
