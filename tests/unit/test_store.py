@@ -30,6 +30,14 @@ def test_an_image_file_indexes_like_the_tensor(tmp_path):
     with pytest.raises(ValueError, match="expected 11 images, decoded 10"):
         ImageFile.build(tmp_path / "short.u8", iter(images.numpy()), n=11, size=8)
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "short.u8").exists()
+
+    def undecodable():  # a probe's truncated image, met while the cache file was being written
+        yield images[0].numpy()
+        raise OSError("image file is truncated")
+
+    with pytest.raises(OSError, match="truncated"):
+        ImageFile.build(tmp_path / "broken.u8", undecodable(), n=2, size=8)
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "broken.u8").exists()
     (tmp_path / "torn.u8").write_bytes(b"x" * 100)
     with pytest.raises(ValueError, match="not a whole number"):
         ImageFile(tmp_path / "torn.u8", 8)

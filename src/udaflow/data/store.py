@@ -56,10 +56,14 @@ class ImageFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         written = 0
-        with tmp.open("wb") as f:
-            for array in rows:
-                f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-                written += 1
+        try:
+            with tmp.open("wb") as f:
+                for array in rows:
+                    f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+                    written += 1
+        except BaseException:  # a file that fails to decode, Ctrl-C, a full disk: no partial file left in the cache folder
+            tmp.unlink(missing_ok=True)
+            raise
         if written != n:
             tmp.unlink(missing_ok=True)
             raise ValueError(f"{path}: expected {n} images, decoded {written}")
