@@ -137,6 +137,10 @@ _INTERRUPTED = {  # what a Ctrl-C leaves, per command
     "reproduce": "the same command resumes from the last checkpoint",
     "bench": "the rows done so far are in --out",
     # `udaflow stage ...`, as dvc.yaml calls it: DVC removed the stage's outputs before it ran
+    # a replace past its commit point (DVC recorded the new version) is not rolled back: a probe could not tell
+    "data ingest": ("an ingest stopped before DVC recorded the new version left the domain as it was; one stopped after keeps "
+                    "it (its pointer in `git status`), and the same command again announces it (drift, retrain "
+                    "trigger) if it was not yet"),
     "stage": ("`dvc repro` runs the stage again (adaptation from its last checkpoint); until then its outputs are "
               "missing (`dvc checkout` brings back the ones dvc.lock records)"),
 }
@@ -188,6 +192,7 @@ class _Commands(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
+        nested = next((word for word in ctx.args if not word.startswith("-")), "")  # `ingest` of `data ingest` (click consumes ctx.args)
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
@@ -211,7 +216,7 @@ class _Commands(TyperGroup):
         except KeyboardInterrupt:  # Ctrl-C: one line and the shell's 128 + SIGINT, not the traceback of wherever it landed
             if _STATE["debug"]:
                 raise
-            after = _INTERRUPTED.get(ctx.invoked_subcommand or "")
+            after = _INTERRUPTED.get(f"{ctx.invoked_subcommand} {nested}") or _INTERRUPTED.get(ctx.invoked_subcommand or "")
             err_console.print(Text.assemble(("interrupted", "bold red"), f": {after}" if after else ""), highlight=False, soft_wrap=True)
             raise typer.Exit(code=130) from None
 
@@ -1066,7 +1071,7 @@ def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
     with steps.domains_in_use(cfg):  # each stage, as a pipeline run: a `--replace` waits for it
         report = steps.validate_datasets(cfg)
     if not report.success:
-        raise DataError(report.error())
+        raise DataError(report.error(), report.HINT)
     console.print(f"validated: {report.statistics}")
 
 

@@ -368,6 +368,22 @@ def test_a_stage_stopped_with_ctrl_c_says_what_dvc_repro_and_dvc_checkout_do_nex
     assert " ".join(out.output.split()) == ("interrupted: `dvc repro` runs the stage again (adaptation from its last checkpoint); "
                                             "until then its outputs are missing (`dvc checkout` brings back the ones dvc.lock records)")
 
+def test_an_ingest_stopped_with_ctrl_c_says_which_version_stands(monkeypatch):
+    """A probe's replace, interrupted past its commit point, printed a bare `interrupted`: the new version stood unsaid."""
+    from typer.testing import CliRunner
+
+    from udaflow import cli
+    from udaflow.data import ingest
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest, "ingest_domain", stopped)
+    out = CliRunner().invoke(cli.app, ["data", "ingest", str(REPO_PARAMS.parent), "--name", "x", "--replace"])
+    assert out.exit_code == 130 and " ".join(out.output.split()) == (
+        "interrupted: an ingest stopped before DVC recorded the new version left the domain as it was; one stopped after keeps it "
+        "(its pointer in `git status`), and the same command again announces it (drift, retrain trigger) if it was not yet")
+
 # ----------------------------------------------------------------------------- methods.<name> options
 @pytest.mark.parametrize("name, options, message", [
     ("adamatch", {"tau": 1.5}, "methods.adamatch.tau: must be <= 1 (got 1.5)"),
