@@ -511,7 +511,7 @@ def data_ingest(
             else f"put `md5: {result.replaced}` back in {result.pointer} and run `dvc checkout {result.pointer}` to bring it back"
         )
         console.print(f"  replaced version {result.replaced}: it stays in the DVC cache and remote; {how}", highlight=False)
-    if result.changed:
+    if result.changed and not result.committed:  # back to the version HEAD records: the pointer is as committed
         console.print(f"  record it in git: git add {result.pointer} && git commit", highlight=False)
     announced = _announcement_record(cfg, name)
     if result.changed:  # the record names a version only once its announcement completed: after a revert it may name this one

@@ -298,6 +298,7 @@ class IngestResult:
     classes_gone: list[str] = field(default_factory=list)  # a replace: classes the replaced version had and this one lacks
     classes_new: list[str] = field(default_factory=list)  # ... and the other way round
     earlier_commit: str | None = None  # a changed version that a git commit recorded before: a replace back to it
+    committed: bool = False  # git's HEAD holds the pointer to this version: nothing to commit
 
 
 def ingest_domain(
@@ -382,8 +383,9 @@ def _ingest_locked(folder, name, data_root, source, replace, holdout_fraction, s
         now = {r.label for r in rows if r.label}
         gone, new = (sorted(before - now), sorted(now - before)) if before and now else ([], [])
         earlier = versioning.first_commit_recording(recorded.pointer, recorded.md5, versioning.find_root(out)) if recorded.changed else None
+        committed = earlier is not None and versioning.committed_in_git(recorded.pointer, recorded.md5, versioning.find_root(out))
         return IngestResult(out, len(rows), labelled, source, recorded.md5, recorded.pointer, recorded.changed, replaced, in_git, overlaps,
                             dict(sorted(Counter(r.split for r in rows).items(), key=lambda kv: SPLIT_ORDER.index(kv[0]))), no_val, absent,
-                            gone, new, earlier)
+                            gone, new, earlier, committed)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
