@@ -13,7 +13,7 @@ from PIL import Image
 
 from udaflow.data.domains import build_domain
 from udaflow.data.expectations import validate_shift
-from udaflow.data.ingest import ingest_folder
+from udaflow.data.ingest import ingest_domain, ingest_folder
 from udaflow.data.manifest import DataError
 
 
@@ -92,6 +92,86 @@ def test_image_shared_between_source_and_target_fails(root: Path, tmp_path: Path
     assert _failed(report) == {"expect_column_values_to_be_unique"}
     assert report.error().startswith(f"data validation failed: 1 image(s) of target 'target' are also in source 'synth' (e.g. target/{tgt['path']} = synth/{src['path']}); "
                                      "a target must be images the source does not hold (expect_column_values_to_be_unique on 'sha256')")
+
+
+def _resave(src: Path, dest: Path, how: str) -> None:
+    """`src`'s picture into `dest` in other bytes: the kinds of copy a file checksum misses."""
+    from PIL import Image, PngImagePlugin
+
+    with Image.open(src) as img:
+        img.load()
+        if how == "metadata":  # a PNG re-saved by a tool that adds a text chunk and compresses harder
+            info = PngImagePlugin.PngInfo()
+            info.add_text("Software", "an image editor")
+            img.save(dest, format="PNG", pnginfo=info, compress_level=9)
+        elif how == "bmp":  # another lossless format under the same name
+            img.save(dest, format="BMP")
+        elif how == "turned":  # stored turned, with the EXIF tag that shows it upright (as phones write photos)
+            exif = Image.Exif()
+            exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+            img.transpose(Image.Transpose.ROTATE_90).save(dest, format="PNG", exif=exif)
+
+
+@pytest.mark.parametrize("how", ["metadata", "bmp", "turned"])
+def test_the_same_picture_in_other_bytes_across_target_train_and_test_fails_in_words(root: Path, tmp_path: Path, how: str):
+    from udaflow.data.manifest import describe_image, write_manifest
+
+    rows = _rows(root / "target")
+    train = next(r for r in rows if r["split"] == "train")
+    test = next(r for r in rows if r["split"] == "test")
+    _resave(root / "target" / train["path"], root / "target" / test["path"], how)
+    write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in rows])
+    assert _rows(root / "target")[rows.index(test)]["sha256"] != next(r for r in _rows(root / "target") if r["path"] == train["path"])["sha256"]
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    assert [(f.expectation, f.column) for f in report.failures] == [("expect_column_values_to_be_unique", "pixels")]
+    error = report.error()
+    assert "1 image(s) repeat another's picture in other bytes" in error and "decode to the same pixels" in error
+    assert {f"target/{train['path']}", f"target/{test['path']}"} <= set(error.replace(" and ", " ").replace("(e.g. ", " ").split())
+    assert "a copy inside domain 'target' (" in error and "scores a model on what it trained on" in error
+    # the same check stops `udaflow data ingest` of such a folder alone (suite udaflow.domain), before anything is copied in
+    folder = tmp_path / "resaved"
+    shutil.copytree(root / "target", folder)
+    (folder / "manifest.csv").unlink()
+    with pytest.raises(DataError, match="repeat another's picture in other bytes") as refused:
+        ingest_domain(folder, "again", root, holdout_fraction=0.3, report_dir=tmp_path / "ingest")
+    assert str(refused.value).startswith(f"{folder}: data validation failed: 1 image(s) repeat another's picture in other bytes (e.g. again/")
+    assert not (root / "again").exists() and not list(root.glob(".again*"))
+
+
+def test_a_source_image_re_saved_into_the_target_fails_as_a_leak_and_a_byte_copy_beside_it_does_not_hide_it(root: Path, tmp_path: Path):
+    from udaflow.data.manifest import describe_image, write_manifest
+
+    src = _rows(root / "synth")[0]
+    rows = _rows(root / "target")
+    _resave(root / "synth" / src["path"], root / "target" / rows[0]["path"], "metadata")
+    write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in rows])
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    assert [(f.expectation, f.column) for f in report.failures] == [("expect_column_values_to_be_unique", "pixels")]
+    assert "target 'target' holds source images; a target must be images the source does not hold" in report.error()
+    assert f"synth/{src['path']}" in report.error() and f"target/{rows[0]['path']}" in report.error()
+    # a byte-for-byte copy as well: the checksum check names it first, and the re-saved one is still counted
+    shutil.copyfile(root / "synth" / src["path"], root / "target" / rows[1]["path"])
+    write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in rows])
+    report = validate_shift(root, "synth", "target", tmp_path / "out2")
+    assert [f.column for f in report.failures] == ["sha256", "pixels"]
+    assert report.error().startswith("data validation failed: 1 image(s) of target 'target' are also in source 'synth'")
+    assert "1 image(s) repeat another's picture in other bytes" in report.failures[1].describe()
+
+
+def test_one_pixel_apart_is_not_the_same_picture(root: Path, tmp_path: Path):
+    from PIL import Image
+
+    from udaflow.data.manifest import describe_image, write_manifest
+
+    rows = _rows(root / "target")
+    train = next(r for r in rows if r["split"] == "train")
+    test = next(r for r in rows if r["split"] == "test")
+    with Image.open(root / "target" / train["path"]) as img:
+        near = img.convert("RGB")
+    near.putpixel((0, 0), tuple((v + 1) % 256 for v in near.getpixel((0, 0))))
+    near.save(root / "target" / test["path"])
+    write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in rows])
+    assert validate_shift(root, "synth", "target", tmp_path / "out").success
 
 
 def test_target_class_unknown_to_the_source_fails(root: Path, tmp_path: Path):

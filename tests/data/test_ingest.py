@@ -120,6 +120,29 @@ def test_overlap_with_any_domain_is_reported_and_refused_when_paired(project: Pa
     assert snapshot(project) == before
 
 
+def test_an_image_re_saved_in_other_bytes_is_an_overlap_too_and_refused_when_paired(project: Path, folders, tmp_path: Path):
+    from PIL import Image, PngImagePlugin
+
+    ingest(project, folders["labelled"], "src")
+    leaky = tmp_path / "leaky"
+    shutil.copytree(folders["flat-v2"], leaky)
+    original = sorted(folders["labelled"].glob("7/*.png"))[0]
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "exported again")
+    with Image.open(original) as img:
+        img.convert("RGB").save(leaky / "exported.png", pnginfo=info, compress_level=1)  # other bytes, the same picture
+    assert (leaky / "exported.png").read_bytes() != original.read_bytes()
+    result = ingest(project, leaky, "tgt")
+    assert [(o.domain, o.count, o.reencoded) for o in result.overlaps] == [("src", 1, 1)]
+    assert result.overlaps[0].examples == [("exported.png", f"7/{original.name}")]
+    assert result.overlaps[0].describe("tgt") == (f"1 image(s) of 'tgt' are also in domain 'src' (e.g. exported.png = src/7/{original.name}; "
+                                                  "1 of them the same picture in other bytes); a run pairing the two is refused")
+    before = snapshot(project)
+    with pytest.raises(DataError, match="target 'tgt' holds source images"):
+        ingest(project, leaky, "tgt", source="src", replace=True)
+    assert snapshot(project) == before
+
+
 def test_a_failed_push_after_the_copy_leaves_everything_as_it_was(project: Path, folders, tmp_path: Path):
     ingest(project, folders["flat"], "tgt")
     # a remote that cannot be written (a path under a regular file: refused even for root)

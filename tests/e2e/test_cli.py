@@ -409,6 +409,23 @@ def test_overlap_is_a_warning_at_ingest_and_refused_when_a_run_pairs_the_domains
     assert "expect_column_values_to_be_unique on 'sha256'" in result.output and "\nhint: nothing was trained" in result.output
     assert not (ws / "leaky.json").exists()
 
+    # the same source image re-saved in other bytes (a tool's export: a text chunk, other compression) leaks all the same
+    from PIL import Image, PngImagePlugin
+
+    (folder / "from-synth.png").unlink()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", "an image editor")
+    with Image.open(copied) as img:
+        img.save(folder / "exported.png", pnginfo=info, compress_level=9)
+    result = invoke(["data", "ingest", str(folder), "--name", "leaky-again"], ws)
+    assert result.exit_code == 0, result.output
+    assert (f"1 image(s) of 'leaky-again' are also in domain 'synth' (e.g. exported.png = synth/3/{copied.name}; "
+            "1 of them the same picture in other bytes)") in result.output
+    result = invoke(["run", "--source", "synth", "--target", "leaky-again", "--method", "dann"], ws)
+    assert result.exit_code == 2 and "expect_column_values_to_be_unique on 'pixels'" in result.output, result.output
+    assert "target 'leaky-again' holds source images" in result.output and "\nhint: nothing was trained" in result.output
+    assert client.search_model_versions("name='udaflow-synth-to-leaky-again'") == []
+
 
 def test_an_ingest_stopped_before_its_announcement_announces_on_the_same_command_again(workspace: Path, monkeypatch):
     """A new version is recorded, then measured for drift and announced (the retrain trigger). Stopped

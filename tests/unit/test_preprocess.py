@@ -121,6 +121,21 @@ def test_a_broken_image_still_fails_to_decode(tmp_path):
         packaged._decode(bytes(data), "row 3", ImageSpec(32))
 
 
+def test_the_pixel_digest_is_the_picture_the_model_sees_not_the_stored_bytes():
+    """`pixel_digest`: one picture however it is stored (grey as L or RGB, opaque alpha, a palette), and
+    another for a single changed pixel or another size."""
+    from udaflow.data.pixels import pixel_digest
+
+    grey = np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8)
+    l_img = Image.fromarray(grey, "L")
+    same = [l_img.convert("RGB"), l_img.convert("RGBA"), l_img.convert("P"), l_img.convert("LA")]
+    assert {pixel_digest(img) for img in same} == {pixel_digest(l_img)}
+    changed = grey.copy()
+    changed[3, 4] ^= 1
+    assert pixel_digest(Image.fromarray(changed, "L")) != pixel_digest(l_img)
+    assert pixel_digest(Image.fromarray(np.zeros((20, 24), np.uint8), "L")) != pixel_digest(Image.fromarray(np.zeros((24, 20), np.uint8), "L"))
+
+
 def test_per_channel_normalisation_travels_with_the_registered_model(tmp_path):
     clf = build_classifier("resnet18", 3)
     assert clf.input_mean == pytest.approx((0.485, 0.456, 0.406))

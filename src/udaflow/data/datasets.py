@@ -12,16 +12,16 @@ field at all, so no training code can read target labels by accident. Labelled t
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 
 from udaflow.data.manifest import DataError, ManifestRow, missing_domain_hint, read_manifest
+from udaflow.data.pixels import model_rgb
 from udaflow.data.store import ImageFile, Images, content_key
 from udaflow.models.preprocess import ImageSpec
 
@@ -69,52 +69,13 @@ def decode_image(path: Path | BinaryIO, size: int | ImageSpec) -> np.ndarray:
         return to_model_pixels(img, size)
 
 
-_ORIENTATIONS = {  # EXIF Orientation -> the transpose that shows the stored pixels as a viewer does
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
-}
-
-
-def upright(img: Image.Image) -> Image.Image:
-    """`img` as a viewer shows it: turned or mirrored by its EXIF Orientation tag (2-8); itself without one,
-    or with EXIF that cannot be read (the pixels decode all the same, as viewers show them). The pixels are
-    decoded first, outside that leniency: a broken image still fails here as it did before."""
-    img.load()  # a PNG's getexif() decodes the pixels to reach an eXIf chunk after them: its errors are not EXIF's
-    with warnings.catch_warnings():  # PIL warns per image on a truncated EXIF block
-        warnings.simplefilter("ignore")
-        try:
-            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-        except Exception:  # noqa: BLE001 - unreadable EXIF: no orientation to apply
-            return img
-    turn = _ORIENTATIONS.get(orientation) if isinstance(orientation, int) else None
-    return img.transpose(turn) if turn is not None else img
-
-
 def to_model_pixels(img: Image.Image, size: int | ImageSpec) -> np.ndarray:
     """A PIL image -> (3, size, size) uint8 RGB, the one conversion every decoded image goes through
     (training, evaluation and the served model). A camera's EXIF orientation is applied first: a phone
     stores a portrait photo as landscape pixels plus a tag saying how to turn them."""
     spec = size if isinstance(size, ImageSpec) else ImageSpec(size)
-    img = upright(img)
+    img = model_rgb(img)
     size = spec.size
-    # a transparent colour (PNG's tRNS chunk in a grey or RGB image, as optimisers write it) is transparency
-    # like an alpha channel's: the same picture decodes the same whichever way its file stores it
-    transparent = img.info.get("transparency") if img.mode in ("1", "L", "RGB", "I;16", "I;16B", "I;16L", "I") else None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        raw = np.asarray(img, dtype=np.float32)
-        arr = np.clip(np.nan_to_num(raw, nan=0.0, posinf=0.0), 0, None)  # a 32-bit "I" or float image may hold negatives: black, not wrapped around uint8
-        # stretched by its own maximum: a 12-bit sensor's range in 16 bits; a float image in 0-1 as it is
-        grey = Image.fromarray((arr / max(float(arr.max()), 1.0) * 255).astype(np.uint8), "L")
-        if isinstance(transparent, int):
-            grey.putalpha(Image.fromarray(np.where(raw == transparent, 0, 255).astype(np.uint8), "L"))
-        img = grey
-    elif transparent is not None:
-        img = img.convert("RGBA")  # PIL turns the transparent colour into alpha 0
-    if img.mode in ("RGBA", "LA", "P", "PA"):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(bg, img)
-    img = img.convert("RGB")
     resample = _RESAMPLE[spec.interpolation]
     if spec.crop_pct is not None:
         scale = int(size / spec.crop_pct)  # timm: floor(size / crop_pct)

@@ -5,7 +5,8 @@ re-read, so a PNG corrupted or swapped after the manifest was written is caught 
 
 Suite `udaflow.images` (one row per image of both domains):
   required columns; unique (domain, path); file checksum equals the manifest's; one checksum per
-  image across both domains (a shared checksum is leakage: source<->target or target train<->test);
+  image across both domains (a shared checksum is leakage: source<->target or target train<->test),
+  and one decoded picture (`pixels.pixel_digest`: the same leak re-saved in other bytes);
   decodable; mode in an allowed set; width/height in range; target labels within the source
   classes; a non-empty target.
 Suite `udaflow.classes` (one row per source class): at least `min_per_class` images each.
@@ -29,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from udaflow.data.manifest import COLUMNS, MANIFEST_NAME, DataError, describe_image, missing_domain_hint, read_manifest
+from udaflow.data.manifest import COLUMNS, MANIFEST_NAME, DataError, describe_image_pixels, missing_domain_hint, read_manifest
 
 ALLOWED_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "F", "CMYK", "YCbCr"]
 MIN_SIDE, MAX_SIDE = 8, 4096  # decompression bombs and thumbnails are both refused
+# the frame GX checks: the manifest's columns, what the file on disk hashes to now, and its decoded pixels' digest
+FRAME_COLUMNS = ["domain", "role", *COLUMNS, "disk_sha256", "pixels"]
 
 
 @dataclass
@@ -85,20 +88,24 @@ def image_frame(data_root: Path, source: str, target: str | None = None):
             file = root / row.path
             rec = {"domain": name, "role": role, **row.__dict__}
             if not file.resolve().is_relative_to(root.resolve()):
-                rec.update(disk_sha256="", decodable=False)  # a symlink or `..` escaping the root
+                rec.update(disk_sha256="", decodable=False, pixels=None)  # a symlink or `..` escaping the root
             elif not file.is_file():
-                rec.update(disk_sha256="", decodable=False)
+                rec.update(disk_sha256="", decodable=False, pixels=None)
             else:
-                now = describe_image(file, root, row.label, row.split)
-                rec.update(disk_sha256=now.sha256, decodable=now.decodable, width=now.width, height=now.height, mode=now.mode)
+                now, pixels = describe_image_pixels(file, root, row.label, row.split)
+                rec.update(disk_sha256=now.sha256, decodable=now.decodable, width=now.width, height=now.height, mode=now.mode, pixels=pixels)
             records.append(rec)
         # a file put in the folder by hand since: no manifest checksum (the checksum check fails on it), where before
         # only listed files were read and a run's DVC commit of the folder versioned it unseen
         for file in unlisted_files(root, {r["path"] for r in records if r["domain"] == name}):
             records.append({"domain": name, "role": role, "path": file.relative_to(root).as_posix(), "label": "", "split": "", "sha256": "",
                             "width": 0, "height": 0, "mode": "", "decodable": False,
-                            "disk_sha256": hashlib.sha256(file.read_bytes()).hexdigest()})
-    return pd.DataFrame.from_records(records, columns=["domain", "role", *COLUMNS, "disk_sha256"])
+                            "disk_sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "pixels": None})
+    frame = pd.DataFrame.from_records(records, columns=FRAME_COLUMNS)
+    # the pixel check is for the same picture in other bytes: a byte-for-byte copy is the checksum check's to name
+    # (its first file keeps its digest, so a third, re-encoded copy is still found)
+    frame.loc[frame.disk_sha256.ne("") & frame.disk_sha256.duplicated(), "pixels"] = None
+    return frame
 
 
 def unlisted_files(root: Path, listed: set[str]) -> list[Path]:
@@ -141,11 +148,12 @@ def _domain_expectations():
 
     E = gx.expectations
     return [
-        E.ExpectTableColumnsToMatchSet(column_set=["domain", "role", *COLUMNS, "disk_sha256"], exact_match=True),
+        E.ExpectTableColumnsToMatchSet(column_set=FRAME_COLUMNS, exact_match=True),
         E.ExpectTableRowCountToBeBetween(min_value=1),
         E.ExpectCompoundColumnsToBeUnique(column_list=["domain", "path"]),
         E.ExpectColumnPairValuesToBeEqual(column_A="sha256", column_B="disk_sha256"),
         E.ExpectColumnValuesToBeUnique(column="sha256"),
+        E.ExpectColumnValuesToBeUnique(column="pixels"),  # the same picture in other bytes (None where it does not decode)
         E.ExpectColumnValuesToBeInSet(column="decodable", value_set=[True]),
         E.ExpectColumnValuesToBeInSet(column="mode", value_set=ALLOWED_MODES),
         E.ExpectColumnValuesToBeBetween(column="width", min_value=MIN_SIDE, max_value=MAX_SIDE),
@@ -193,6 +201,8 @@ def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min
             failure.summary = changed_files(failure, Path(data_root))
         elif (failure.suite, failure.expectation, failure.column) == ("udaflow.images", "expect_column_values_to_be_unique", "sha256"):
             failure.summary = shared_images(images, source, target)
+        elif (failure.expectation, failure.column) == ("expect_column_values_to_be_unique", "pixels"):
+            failure.summary = same_pixels(images, Path(data_root))
     return report
 
 
@@ -206,6 +216,25 @@ def shared_images(images, source: str, target: str) -> str | None:
     twin = by_role["source"][by_role["source"].sha256 == first.sha256].iloc[0]
     return (f"{len(shared)} image(s) of target '{target}' are also in source '{source}' (e.g. {target}/{first.path} = {source}/{twin.path}); "
             "a target must be images the source does not hold")
+
+
+def same_pixels(images, data_root: Path) -> str | None:
+    """The pixel-uniqueness failure in words: which two files are the same picture in other bytes, and why that is refused."""
+    decoded = images[images.pixels.notna()]
+    twins = decoded[decoded.pixels.duplicated(keep=False)]
+    if twins.empty:
+        return None
+    first = twins[twins.pixels == twins.pixels.iloc[0]]
+    a, b = first.iloc[0], first.iloc[1]
+    pairs = twins.pixels.nunique()
+    what = (f"{len(twins) - pairs} image(s) repeat another's picture in other bytes (e.g. {a.domain}/{a.path} "
+            f"and {b.domain}/{b.path} under {data_root} decode to the same pixels: a re-saved or converted copy)")
+    if a.role != b.role:
+        why = f"target '{b.domain if b.role == 'target' else a.domain}' holds source images; a target must be images the source does not hold"
+    else:
+        why = (f"a copy inside domain '{a.domain}' ({a.split} and {b.split}) counts one picture twice and, across splits, "
+               "scores a model on what it trained on; remove one of each pair, or ingest the folder again without them")
+    return f"{what}; {why}"
 
 
 def source_classes_summary(failure: Failure, root: Path, source_classes: list[str], min_per_class: int) -> str | None:
@@ -259,7 +288,11 @@ def validate_domain(data_root: Path, name: str, out_dir: Path) -> ValidationRepo
     """
     images = image_frame(data_root, name)
     suites = {"udaflow.domain": _domain_expectations()}
-    return _validate(name, {"domain": name}, suites, {"udaflow.domain": images}, images, out_dir)
+    report = _validate(name, {"domain": name}, suites, {"udaflow.domain": images}, images, out_dir)
+    for failure in report.failures:
+        if (failure.expectation, failure.column) == ("expect_column_values_to_be_unique", "pixels"):
+            failure.summary = same_pixels(images, Path(data_root))
+    return report
 
 
 _VOLATILE_META = ("batch_markers", "validation_id", "checkpoint_id", "run_id", "validation_time")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from udaflow.data.manifest import DOMAIN_NAME, DOMAIN_NAME_RULE, IMAGE_SUFFIXES, MANIFEST_NAME, MAX_SIDE, DataError, describe_image, read_manifest, stratified_split, write_manifest
+from udaflow.data.pixels import pixel_digest
 
 SPLIT_ORDER = ("train", "val", "test")
 LAYOUT_HINT = "an ImageFolder has one sub-folder per class (<class>/<image>); a flat folder of images is an unlabelled target"
@@ -254,29 +255,58 @@ def ingest_folder(source: Path, name: str, data_root: Path, holdout_fraction: fl
 
 @dataclass(frozen=True)
 class Overlap:
-    """Images of the ingested folder that another domain of the project holds too (same sha256)."""
+    """Images of the ingested folder that another domain of the project holds too: the same file (sha256), or
+    the same picture in other bytes (`pixels.pixel_digest`; `reencoded` of `count`)."""
 
     domain: str
     count: int
     examples: list[tuple[str, str]]  # (path in the new folder, path in `domain`)
+    reencoded: int = 0
 
     def describe(self, name: str) -> str:
         pairs = ", ".join(f"{a} = {self.domain}/{b}" for a, b in self.examples)
-        return f"{self.count} image(s) of '{name}' are also in domain '{self.domain}' (e.g. {pairs}); a run pairing the two is refused"
+        other_bytes = f"; {self.reencoded} of them the same picture in other bytes" if self.reencoded else ""
+        return f"{self.count} image(s) of '{name}' are also in domain '{self.domain}' (e.g. {pairs}{other_bytes}); a run pairing the two is refused"
+
+
+def _pixels_of(file: Path) -> str | None:
+    """`pixels.pixel_digest` of an image file; None when it cannot be read or decoded."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            return pixel_digest(img)
+    except Exception:  # noqa: BLE001 - unreadable here: the GX suites name such a file, this check only looks for copies
+        return None
 
 
 def find_overlaps(staged: Path, data_root: Path, name: str, limit: int = 3) -> list[Overlap]:
-    """Leakage against every other domain under data_root, by the manifests' checksums."""
+    """Leakage against every other domain under data_root: the manifests' checksums, then the decoded pixels of
+    the images whose size (either way round: an EXIF turn) both folders hold, so a re-saved copy is found too
+    without decoding a domain of other sizes."""
+    rows = read_manifest(staged)
     mine: dict[str, str] = {}
-    for row in read_manifest(staged):
+    for row in rows:
         mine.setdefault(row.sha256, row.path)
+    sizes = {tuple(sorted((r.width, r.height))) for r in rows if r.decodable}
+    my_pixels: dict[str, str] | None = None  # decoded on the first domain with images of a shared size
     found = []
     for other in sorted(Path(data_root).iterdir()):
         if other.name.startswith(".") or other.name == name or not (other / MANIFEST_NAME).is_file():
             continue
-        shared = [(mine[r.sha256], r.path) for r in read_manifest(other) if r.sha256 in mine]
-        if shared:
-            found.append(Overlap(other.name, len(shared), shared[:limit]))
+        theirs = read_manifest(other)
+        shared = [(mine[r.sha256], r.path) for r in theirs if r.sha256 in mine]
+        same_size = [r for r in theirs if r.decodable and r.sha256 not in mine and tuple(sorted((r.width, r.height))) in sizes]
+        reencoded = []
+        if same_size:
+            if my_pixels is None:
+                my_pixels = {}
+                for r in rows:
+                    if r.decodable and (digest := _pixels_of(staged / r.path)) is not None:
+                        my_pixels.setdefault(digest, r.path)
+            reencoded = [(my_pixels[d], r.path) for r in same_size if (d := _pixels_of(other / r.path)) in my_pixels]
+        if shared or reencoded:
+            found.append(Overlap(other.name, len(shared) + len(reencoded), (shared + reencoded)[:limit], len(reencoded)))
     return found
 
 

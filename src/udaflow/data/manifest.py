@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from udaflow.data.pixels import pixel_digest
+
 # a domain: a folder under data.root, as `udaflow data ingest --name` makes and params' source / target name it;
 # its name goes into file names beside it and into the registered model's (udaflow-<source>-to-<target>)
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -55,7 +57,15 @@ def describe_image(file: Path, root: Path, label: str, split: str, shown: Path |
     """One manifest row. The header is read first: an image over MAX_SIDE px a side is described from
     its header and never decoded (decodable False); one whose header declares more pixels than PIL's
     bomb limit raises DataError naming the file (`shown`, e.g. the user's original, else `file`)."""
+    return describe_image_pixels(file, root, label, split, shown, pixels=False)[0]
+
+
+def describe_image_pixels(file: Path, root: Path, label: str, split: str, shown: Path | None = None,
+                          pixels: bool = True) -> tuple[ManifestRow, str | None]:
+    """`describe_image`'s row and, from the same decode, the image's `pixels.pixel_digest` (None when it does not
+    decode): what finds the same picture stored in other bytes."""
     data = file.read_bytes()
+    seen = None
     digest = hashlib.sha256(data).hexdigest()
     try:
         with warnings.catch_warnings():  # PIL warns from 89M pixels; the MAX_SIDE check refuses the image in our words
@@ -66,11 +76,13 @@ def describe_image(file: Path, root: Path, label: str, split: str, shown: Path |
             if max(width, height) <= MAX_SIDE:
                 img.load()
                 ok = True
+                if pixels:
+                    seen = pixel_digest(img)
     except Image.DecompressionBombError as exc:
         raise DataError(f"{shown or file}: refused before decoding, its header declares a decompression bomb ({exc})") from None
     except Exception:  # noqa: BLE001 - any decoder failure means "not decodable"
-        width, height, mode, ok = 0, 0, "", False
-    return ManifestRow(file.relative_to(root).as_posix(), label, split, digest, width, height, mode, ok)
+        width, height, mode, ok, seen = 0, 0, "", False, None
+    return ManifestRow(file.relative_to(root).as_posix(), label, split, digest, width, height, mode, ok), seen
 
 
 def write_manifest(root: Path, rows: list[ManifestRow]) -> Path:
