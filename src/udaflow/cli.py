@@ -732,6 +732,25 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
+def _show(table: Table) -> None:
+    """Print `table` without cutting a value. Rich's default shrinks columns to fit the console and ends a
+    cell it cannot fit with '…': a bench's 14 columns cut every shift and method name to 'synth:sho…'. Now
+    each column is at least as wide as its longest value, a header wraps between its words instead, and
+    the table is as wide as that needs: piped (a CI log, `| tee`, a file) at its natural width, on a
+    terminal at the terminal's width or, when the values do not fit in it, at its natural width too (the
+    terminal wraps the lines)."""
+    from rich.measure import Measurement
+
+    for column in table.columns:
+        column.overflow = "fold"  # a header word longer than its column folds rather than ending in '…'
+        column.min_width = max([1, *(len(str(cell)) for cell in column._cells)])
+    unbounded = console.options.update_width(100_000)
+    needed = Measurement.get(console, unbounded, table)
+    fits = console.is_terminal and needed.minimum <= console.width
+    width = console.width if fits else max(console.width, needed.maximum)
+    console.print(table, width=width, crop=False)
+
+
 def _share(fraction: float | None) -> str:
     """A share of the GEMM rate as a percentage of two significant digits: 51% on a 2-core CPU, 0.027% for
     a 32 px model on a GPU whose bf16 GEMM runs at 760 TFLOP/s."""
@@ -771,7 +790,7 @@ def _print_run_summary(cfg, r: dict) -> None:
     if gate:
         table.add_row("promotion gate", ("promoted to champion: " if gate["promoted"] else "champion unchanged: ") + gate["reason"])
         table.add_row("gate decided on", gate.get("data", "-"))
-    console.print(table)
+    _show(table)
     # the registry is params.yaml's store, not MLflow's default (./mlflow.db, or ./mlruns): without the URI the call finds no model.
     # A SQLite path absolute, so the line works from any folder; a server's without credentials (logs keep this line)
     from udaflow.tracking import redacted
@@ -971,7 +990,7 @@ def promote(
     for row in decision.rows:
         table.add_row(*row)
     if decision.rows:  # none when nothing was measured (the challenger is the champion already, or was rolled back)
-        console.print(table)
+        _show(table)
         console.print(f"decided on: {decision.data}", markup=False, highlight=False)  # domain names, not markup
     from udaflow import tracking
 
@@ -1037,7 +1056,7 @@ def reproduce(
         table.add_column(col, justify="left" if col == "metric" else "right")
     for key, a, b in result["rows"]:
         table.add_row(key, _fmt(a), _fmt(b))
-    console.print(table)
+    _show(table)
     if not result["same"]:
         console.print("[bold red]reproduced metrics differ from the recorded ones[/]"
                       + (" (expected on other hardware or torch: see the warning above)" if machines else ""))
@@ -1277,7 +1296,7 @@ def _print_correlations(correlations: dict) -> None:
             table.add_column(n, justify="right")
         for shift, c in correlations.items():
             table.add_row(shift, *[_fmt(c.get("regret", {}).get(n)) for n in regrets])
-        console.print(table)
+        _show(table)
     names = sorted({n for c in correlations.values() for n in c.get("spearman", {})})
     table = Table(title="validators: Spearman correlation with target accuracy (all checkpoints, all methods)")
     table.add_column("shift")
@@ -1286,35 +1305,35 @@ def _print_correlations(correlations: dict) -> None:
         table.add_column(n, justify="right")
     for shift, c in correlations.items():
         table.add_row(shift, str(c.get("checkpoints", 0)), *[_fmt(c.get("spearman", {}).get(n)) for n in names])
-    console.print(table)
+    _show(table)
 
 
 def _print_bench_table(rows: list[dict]) -> None:
     table = Table(title="udaflow bench")
-    for col in (
-        "shift", "method", "seed", "target_acc_last", "target_acc_selected", "selected_by", "selection loss", "median last 5",
-        "source_val_acc_last", "seconds", "img/s", "GFLOP/s", "of matmul", "device",
+    for col in (  # the JSON's names with spaces: a narrow column wraps a header between words
+        "shift", "method", "seed", "target acc last", "target acc selected", "selected by", "selection loss", "median last 5",
+        "source val acc last", "seconds", "img/s", "GFLOP/s", "of matmul", "device",
     ):
-        table.add_column(col, justify="right" if col not in ("shift", "method", "selected_by") else "left")
+        table.add_column(col, justify="right" if col not in ("shift", "method", "selected by") else "left")
     for r in rows:
         table.add_row(
             r["shift"], r["method"], str(r["seed"]), _fmt(r.get("target_acc_last")), _fmt(r.get("target_acc_selected")),
             r["selected_by"], _fmt(r.get("selection_loss")), _fmt(r.get("median_last5_target_acc")), _fmt(r["source_val_acc_last"]),
             _fmt(r["seconds"]), _fmt(r["train_images_per_s"]), _fmt(r.get("achieved_gflops")), _share(r.get("matmul_fraction")), r["device"],
         )
-    console.print(table)
+    _show(table)
 
 
 def _print_seed_summary(cells: list[dict]) -> None:
     from udaflow.bench import SUMMARY_KEYS
 
     table = Table(title="udaflow bench: mean ± std over seeds")
-    for col in ("shift", "method", "seeds", *SUMMARY_KEYS):
+    for col in ("shift", "method", "seeds", *(k.replace("_", " ") for k in SUMMARY_KEYS)):
         table.add_column(col, justify="left" if col in ("shift", "method") else "right")
     for c in cells:
         values = [f"{c[k]['mean']:.2f} ± {c[k]['std']:.2f}" if k in c else "-" for k in SUMMARY_KEYS]
         table.add_row(c["shift"], c["method"], str(c["seeds"]), *values)
-    console.print(table)
+    _show(table)
 
 
 def main() -> None:

@@ -229,3 +229,29 @@ def test_out_is_this_bench_s_from_its_start_and_a_folder_is_refused_before_any_t
     with pytest.raises(ValueError, match=r"^--out /proc/b.json: cannot be written \(No such file or directory\)"):
         bench.run_bench(Config(), [("synth", "mnist")], ["dann"], out="/proc/b.json")
     assert not trained and sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
+
+
+@pytest.mark.parametrize("tty, width", [(False, 160), (True, 100), (True, 220)])
+def test_the_bench_table_prints_every_shift_and_method_name_whole(monkeypatch, tty: bool, width: int):
+    """A bench's 14 columns did not fit 160 characters and rich cut the names: two own shifts both read
+    'synth:sho…', 'source_on…' (a probe, in a CI log). Piped or on a terminal, no value is cut now."""
+    import io
+
+    from rich.console import Console
+
+    import udaflow.cli as cli
+
+    row = {"seed": 0, "target_acc_last": 12.5, "target_acc_selected": 12.0, "selected_by": "im", "selection_loss": 0.5,
+           "median_last5_target_acc": 12.0, "source_val_acc_last": 99.1, "seconds": 12.0, "train_images_per_s": 900.0,
+           "achieved_gflops": 40.1, "matmul_fraction": 0.43, "device": "cpu"}
+    rows = [{**row, "shift": "synth:garage-photos-2026", "method": "source_only"}, {**row, "shift": "synth:loading-dock", "method": "adamatch"}]
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=width, force_terminal=tty, color_system=None))
+    cli._print_bench_table(rows)
+    lines = out.getvalue().splitlines()
+    assert "…" not in out.getvalue()
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    assert [c[:2] for c in cells] == [["synth:garage-photos-2026", "source_only"], ["synth:loading-dock", "adamatch"]]
+    assert cells[0][3:5] == ["12.50", "12.00"] and cells[0][-3:] == ["40.10", "43%", "cpu"]
+    if tty and width >= 220:  # a terminal wide enough: the terminal's width, headers whole
+        assert max(len(line) for line in lines) <= width and any("target acc selected" in line for line in lines)
