@@ -49,7 +49,7 @@ def _pipeline(cfg: Config, run, seconds: dict[str, float]) -> dict[str, Any]:
     log_validation(run, report)
     if not report.success:
         seconds["validate"] = time.perf_counter() - clock
-        raise DataValidationError(report.error(), report.HINT)
+        raise DataValidationError(report.error(), report.hint())
     versions = [version_dataset(cfg, cfg.source, "source"), version_dataset(cfg, cfg.target, "target")]
     log_datasets(run, versions)
     seconds["validate_version"] = time.perf_counter() - clock

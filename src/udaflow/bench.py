@@ -13,14 +13,17 @@ function, experiment.evaluate_stage).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from udaflow import locks
 from udaflow.config import Config
 from udaflow.costs import cpu_name, gemm_name, matmul_gflops, training_gflop_per_image, training_matmul
 from udaflow.data.datasets import load_oracle_data, load_shift
@@ -81,14 +84,59 @@ def run_bench(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     loaded = {shift: _labelled_shift(cfg, shift, protocol) for shift in shifts}  # a domain without labels fails here, before any training
-    if out is not None:  # --out is this bench's from now on: an earlier bench's rows there read as this one's when it stopped
-        if Path(out).is_dir():
-            raise ValueError(f"--out {out}: a folder; name a JSON file (e.g. {Path(out) / 'bench.json'})")
-        try:
-            write_rows([], out)
-        except OSError as exc:
-            raise ValueError(f"--out {out}: cannot be written ({exc.strerror or exc}); name a JSON file in a writable folder") from None
-        Path(out).with_suffix(".validators.json").unlink(missing_ok=True)
+    with _claim_out(cfg, out):
+        return _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlations, on_machine, jobs, loaded)
+
+
+@contextmanager
+def _claim_out(cfg: Config, out: Path | None):
+    """--out is this bench's from here to its end: refused when it is another file than a bench's rows (a typo'd
+    `--out params.yaml` replaced the project's parameters), or while another bench writes it (each rewrote the whole
+    file after every cell, so the later one's rows replaced the other's, and both said they wrote theirs)."""
+    if out is None:
+        yield
+        return
+    out = Path(out)
+    if out.is_dir():
+        raise _out_error(f"--out {out}: a folder; name a JSON file (e.g. {out / 'bench.json'})")
+    for path, kind in ((out, list), (out.with_suffix(".validators.json"), dict)):
+        if path.exists() and not _written_by_a_bench(path, kind):
+            raise _out_error(f"--out {out}: {path} exists and is not a bench's output; a bench replaces only its own JSON: name a new file")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise _out_error(f"--out {out}: {out.parent} is a file, not a folder; name a JSON file in a folder")
+    lock = Path(cfg.work_dir) / "bench" / f"out-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
+    try:
+        with locks.exclusive(lock, wait=False):
+            # an earlier bench's rows there would read as this one's if it stopped
+            try:
+                write_rows([], out)
+            except OSError as exc:
+                raise _out_error(f"--out {out}: cannot be written ({exc.strerror or exc}); name a JSON file in a writable folder") from None
+            out.with_suffix(".validators.json").unlink(missing_ok=True)
+            yield
+    except locks.Held as held:
+        raise _out_error(f"--out {out}: another bench is writing it ({held.holder}); give this one another --out") from None
+
+
+def _out_error(message: str) -> ValueError:
+    err = ValueError(message)
+    err.hint = ("a bench writes its rows to --out (bench.json unless named) and its validator study beside it (.validators.json), "  # type: ignore[attr-defined]
+                "replacing what an earlier bench wrote there; e.g. `--out runs/bench-own.json`")
+    return err
+
+
+def _written_by_a_bench(path: Path, kind: type) -> bool:
+    """`path` holds what a bench writes: its rows (a JSON list of objects with a shift and a method), or its validator study (a JSON object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if kind is dict:
+        return isinstance(data, dict)
+    return isinstance(data, list) and all(isinstance(r, dict) and {"shift", "method"} <= set(r) for r in data)
+
+
+def _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlations, on_machine, jobs, loaded) -> list[dict[str, Any]]:
     # the training device's GEMM rate (fp32 on CPU at a cell's thread count, bf16 on a GPU under autocast):
     # speeds below are ratios of it
     from udaflow.engine import resolve_device
@@ -140,10 +188,12 @@ def _labelled_shift(cfg: Config, shift: tuple[str, str], protocol: str):
     report = validate_shift(cfg.data.root, *shift, Path(cfg.work_dir) / "bench" / f"{shift[0]}-to-{shift[1]}" / "validation",
                             cfg.data.min_per_class)
     if not report.success:
-        raise DataError(report.error(), report.HINT)
+        raise DataError(report.error(), report.hint())
     data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
     if data.target_eval is None:
-        raise ValueError(f"bench needs target labels to report accuracy; domain '{shift[1]}' has none")
+        raise DataError(f"bench needs target labels to report accuracy; domain '{shift[1]}' has none",
+                        "a bench scores every method on the target's labels: bench a labelled target (a folder per class), "
+                        "or adapt to this one with `udaflow run`, whose gate needs no labels")
     return data
 
 

@@ -130,6 +130,26 @@ _DISK_FULL_HINT = ("free space on that disk (`df -h` shows which): `dvc gc` drop
                    "command again (a run resumes from its last checkpoint, an ingest starts over: it changed nothing)")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI job's timeout, `kill`) where a command turns it into an interruption."""
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupted():
+    """SIGTERM as Ctrl-C while the block runs: a bench a CI timeout ended exited 143 without a word, where Ctrl-C
+    says where the rows done so far are (the same line, and the shell's 128 + SIGTERM)."""
+    import signal
+
+    def stop(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 _INTERRUPTED = {  # what a Ctrl-C leaves, per command
     # stopped inside registration, a complete version may exist without a summary to say so
     "run": ("the same command resumes from the last checkpoint; a version registered before the stop (MLflow's "
@@ -213,12 +233,13 @@ class _Commands(TyperGroup):
                 raise
             _report(exc, ctx.invoked_subcommand)
             raise typer.Exit(code=2) from None
-        except KeyboardInterrupt:  # Ctrl-C: one line and the shell's 128 + SIGINT, not the traceback of wherever it landed
+        except KeyboardInterrupt as stop:  # Ctrl-C: one line and the shell's 128 + SIGINT, not the traceback of wherever it landed
             if _STATE["debug"]:
                 raise
             after = _INTERRUPTED.get(f"{ctx.invoked_subcommand} {nested}") or _INTERRUPTED.get(ctx.invoked_subcommand or "")
-            err_console.print(Text.assemble(("interrupted", "bold red"), f": {after}" if after else ""), highlight=False, soft_wrap=True)
-            raise typer.Exit(code=130) from None
+            what = "terminated" if isinstance(stop, _Terminated) else "interrupted"
+            err_console.print(Text.assemble((what, "bold red"), f": {after}" if after else ""), highlight=False, soft_wrap=True)
+            raise typer.Exit(code=143 if isinstance(stop, _Terminated) else 130) from None
 
 
 app = typer.Typer(
@@ -227,8 +248,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Build and import domains under data/raw.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 # piped output (CI logs, `| tee`) gets full-width tables instead of rich's 80-column default
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, soft_wrap=not sys.stderr.isatty())
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file (every run parameter)")]
 ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="quick | full (profiles in params.yaml)")]
@@ -1090,7 +1111,7 @@ def stage_validate(params: ParamsOpt = Path("params.yaml")) -> None:
     with steps.domains_in_use(cfg):  # each stage, as a pipeline run: a `--replace` waits for it
         report = steps.validate_datasets(cfg)
     if not report.success:
-        raise DataError(report.error(), report.HINT)
+        raise DataError(report.error(), report.hint())
     console.print(f"validated: {report.statistics}")
 
 
@@ -1276,7 +1297,7 @@ def bench(
         console.print(f"machine: {cpu_name()}, {rate}; speeds below are shares of it", highlight=False)
 
     # every shift's domains held for the whole bench, as a run holds its own: a `--replace` of one waits for it
-    with steps.domains_in_use(cfg, [d for s, t in shift_list for d in (s, t)]):
+    with steps.domains_in_use(cfg, [d for s, t in shift_list for d in (s, t)]), _terminated_as_interrupted():
         rows = run_bench(
             cfg, shift_list, method_list, seeds, protocol, out, on_row=show, on_correlations=_print_correlations, on_machine=machine,
             jobs=jobs,

@@ -148,6 +148,8 @@ def test_a_source_image_re_saved_into_the_target_fails_as_a_leak_and_a_byte_copy
     report = validate_shift(root, "synth", "target", tmp_path / "out")
     assert [(f.expectation, f.column) for f in report.failures] == [("expect_column_values_to_be_unique", "pixels")]
     assert "target 'target' holds source images; a target must be images the source does not hold" in report.error()
+    assert report.hint().endswith("take the copies out of one of the two folders and make it that domain's new version "
+                                  "(`udaflow data ingest DIR --name NAME --replace`)")
     assert f"synth/{src['path']}" in report.error() and f"target/{rows[0]['path']}" in report.error()
     # a byte-for-byte copy as well: the checksum check names it first, and the re-saved one is still counted
     shutil.copyfile(root / "synth" / src["path"], root / "target" / rows[1]["path"])
@@ -185,6 +187,9 @@ def test_target_class_unknown_to_the_source_fails(root: Path, tmp_path: Path):
     report = validate_shift(root, "synth", "target", tmp_path / "out")
     assert "expect_column_values_to_be_in_set" in _failed(report)
     assert "has class(es) 'eleven' (3 images) that source 'synth' does not have" in report.error()
+    # the way out of this failure, not of a domain changed since its ingest (a probe's `dvc checkout <data.root>/<name>`)
+    assert report.hint() == ("nothing was trained, versioned or registered; pair the target with a source that has those classes, "
+                             "or ingest the target again without them (`udaflow data ingest DIR --name NAME --replace`)")
 
 
 def test_too_few_images_per_source_class_fails(root: Path, tmp_path: Path):

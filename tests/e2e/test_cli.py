@@ -257,6 +257,11 @@ def test_bench_jobs_reports_a_workers_error_as_one_line(workspace: Path):
         (["run", "--set", "methods.cdtrans.refresh_every=0", "--source", "synth", "--target", "fonts-b"], "methods.cdtrans.refresh_every: must be >= 1 (got 0)"),
         (["run", "--set", "validator=best", "--source", "synth", "--target", "fonts-b"], "validator: unknown validator 'best'"),
         (["bench", "--shifts", "synth-mnist"], "SOURCE:TARGET"),
+        # a name ingest would refuse: the domains there, not an ingest command that fails too
+        (["bench", "--shifts", "synth:FONTS-B", "--methods", "dann"], "is missing); domain names are lower-case "
+         "letters, digits, '-' and '_', starting with a letter or digit, at most 64 characters; the domains here: "),
+        (["bench", "--shifts", "synth:fonts-b", "--methods", "dann", "--out", "{ws}/params.yaml"],  # a typo'd --out replaced it
+         "params.yaml exists and is not a bench's output"),
         (["data", "build", "--domains", "synth", "--seed", "1"], "--seed 1: the built-in domains are built with params.yaml's data.build_seed (0)"),
         (["data", "build", "--domains", ""], "--domains names no domain"),
     ],
@@ -266,10 +271,12 @@ def test_errors_are_one_line_and_nonzero(workspace: Path, args, needle):
         return sorted(str(p.relative_to(workspace)) for d in ("dvc-remote", "mlflow", "runs") if (workspace / d).exists()
                       for p in (workspace / d).rglob("*") if p.is_file() and p.suffix not in (".db-journal", ".db-wal", ".db-shm"))
     before = state()
-    result = invoke(args, workspace)
+    params = (workspace / "params.yaml").read_bytes()
+    result = invoke([a.replace("{ws}", str(workspace)) for a in args], workspace)
     assert result.exit_code == 2, result.output
     assert needle in result.output
     assert "Traceback" not in result.output
+    assert (workspace / "params.yaml").read_bytes() == params
     if args[0] == "run":
         assert state() == before  # refused before validation, versioning or training
 
@@ -479,7 +486,12 @@ def test_a_version_whose_announcement_failed_is_announced_again_after_a_revert(w
         monkeypatch.setattr(cli_module, "_announce_new_data", announce)
         return invoke(["data", "ingest", str(folder), "--name", "yard-cam", "--replace"], workspace)
 
-    assert ingest(folders[0]).exit_code == 0 and ingest(folders[1]).exit_code == 0  # A, then B, both announced
+    assert ingest(folders[0]).exit_code == 0
+    result = ingest(folders[1])  # A, then B, both announced
+    assert result.exit_code == 0
+    # the way back in one line of a log, however long (piped output was wrapped at 160 columns, splitting the command)
+    back = next(line for line in result.output.splitlines() if "replaced version" in line)
+    assert back.endswith(("brings it back", "to bring it back")) and len(back) > 160, result.output
     version_b = announced[-1]
     assert ingest(folders[0], fails=True).exit_code != 0  # back to A: recorded, not announced
     result = ingest(folders[1], fails=True)  # B again: recorded, not announced

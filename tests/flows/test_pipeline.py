@@ -230,7 +230,6 @@ def test_corrupt_target_in_data_stops_before_training_and_registers_nothing(proj
     """A listed file truncated, or a file put in the folder by hand (a probe's notes.txt: only listed files were
     read, and the run versioned it into a new DVC version and registered a model)."""
     from flows.pipeline import DataValidationError, adaptation_pipeline
-    from udaflow.data.expectations import ValidationReport
 
     target = project / "data/raw/fonts-b"
     backup = project / "fonts-b.bak"
@@ -245,7 +244,9 @@ def test_corrupt_target_in_data_stops_before_training_and_registers_nothing(proj
         cfg = _cfg(project, method="dann")
         with pytest.raises(DataValidationError, match=victim.name) as caught:
             adaptation_pipeline(cfg, str(project / "params.yaml"))
-        assert caught.value.hint == ValidationReport.HINT  # the data's way out, not the run's params hint
+        # the data's way out, not the run's params hint, with the project's data root for the placeholder it printed
+        assert caught.value.hint == (f"nothing was trained, versioned or registered; `dvc checkout {cfg.data.root}/<name>` restores a domain's "
+                                     "versioned files, `udaflow data ingest DIR --name NAME --replace` makes a corrected folder its new version")
         if damage == "added":
             assert f"{victim} is not in the manifest of domain 'fonts-b'" in str(caught.value)
         assert len(tracking.latest_versions("udaflow-synth-to-fonts-b")) == versions_before

@@ -208,7 +208,7 @@ def test_out_is_this_bench_s_from_its_start_and_a_folder_is_refused_before_any_t
     from udaflow.config import Config
 
     out = tmp_path / "bench.json"
-    out.write_text('[{"method": "an earlier bench"}]\n')
+    out.write_text('[{"shift": "synth:mnist", "method": "an earlier bench"}]\n')
     out.with_suffix(".validators.json").write_text("{}\n")
     monkeypatch.setattr(bench, "_labelled_shift", lambda *a: None)
     monkeypatch.setattr(bench, "matmul_gflops", lambda **k: 100.0)
@@ -255,3 +255,50 @@ def test_the_bench_table_prints_every_shift_and_method_name_whole(monkeypatch, t
     assert cells[0][3:5] == ["12.50", "12.00"] and cells[0][-3:] == ["40.10", "43%", "cpu"]
     if tty and width >= 220:  # a terminal wide enough: the terminal's width, headers whole
         assert max(len(line) for line in lines) <= width and any("target acc selected" in line for line in lines)
+
+
+def test_out_is_refused_when_it_is_not_a_benchs_file_or_another_bench_writes_it(tmp_path):
+    """--out was truncated at the start whatever it held (a typo'd `--out params.yaml` replaced the parameters),
+    and two benches with one --out each rewrote it whole after every cell: the later one's rows replaced the
+    other's while both said they wrote theirs (a probe)."""
+    import json
+
+    from udaflow.bench import _claim_out
+
+    cfg = SimpleNamespace(work_dir=tmp_path / "runs")
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\n")
+    with pytest.raises(ValueError, match="params.yaml exists and is not a bench's output") as refused:
+        with _claim_out(cfg, params):
+            pass
+    assert params.read_text() == "seed: 0\n" and "--out runs/bench-own.json" in refused.value.hint
+    earlier = tmp_path / "bench.json"
+    earlier.write_text(json.dumps([{"shift": "synth:mnist", "method": "dann", "seed": 0}]))
+    earlier.with_suffix(".validators.json").write_text("not json")  # a file of that name that no bench wrote
+    with pytest.raises(ValueError, match="bench.validators.json exists and is not a bench's output"):
+        with _claim_out(cfg, earlier):
+            pass
+    earlier.with_suffix(".validators.json").write_text("{}")
+    with _claim_out(cfg, earlier):
+        assert json.loads(earlier.read_text()) == [] and not earlier.with_suffix(".validators.json").exists()  # an earlier bench's: replaced
+        with pytest.raises(ValueError, match=r"--out .*bench.json: another bench is writing it \(pid \d+\); give this one another --out"):
+            with _claim_out(cfg, tmp_path / "." / "bench.json"):  # the same file by another spelling
+                pass
+    with _claim_out(cfg, earlier):  # released at the end
+        pass
+    with pytest.raises(ValueError, match="params.yaml is a file, not a folder"):
+        with _claim_out(cfg, params / "x.json"):
+            pass
+
+
+def test_an_unlabelled_target_is_refused_with_what_to_do_instead(monkeypatch, tmp_path):
+    from udaflow import bench
+    from udaflow.config import Config
+    from udaflow.data import expectations
+    from udaflow.data.manifest import DataError
+
+    monkeypatch.setattr(expectations, "validate_shift", lambda *a: expectations.ValidationReport(True))
+    monkeypatch.setattr(bench, "load_shift", lambda *a: SimpleNamespace(target_eval=None))
+    with pytest.raises(DataError, match="bench needs target labels to report accuracy; domain 'flat' has none") as refused:
+        bench._labelled_shift(Config(work_dir=str(tmp_path)), ("synth", "flat"), "transductive")
+    assert refused.value.hint.startswith("a bench scores every method on the target's labels: bench a labelled target")

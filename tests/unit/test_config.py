@@ -384,6 +384,33 @@ def test_an_ingest_stopped_with_ctrl_c_says_which_version_stands(monkeypatch):
         "interrupted: an ingest stopped before DVC recorded the new version left the domain as it was; one stopped after keeps it "
         "(its pointer in `git status`), and the same command again announces it (drift, retrain trigger) if it was not yet")
 
+
+def test_a_bench_ended_by_sigterm_says_where_its_rows_are_and_exits_143(monkeypatch):
+    """A CI job's timeout (SIGTERM) ended a bench with exit 143 and no word (a probe), where Ctrl-C says where
+    the rows done so far are. SIGTERM's own handling is back once the bench ends."""
+    import contextlib
+    import os
+    import signal
+    import time
+
+    from typer.testing import CliRunner
+
+    from udaflow import bench, cli, preflight, steps
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not turned into an interruption")
+
+    monkeypatch.setattr(steps, "recover_ingests", lambda *a: None)
+    monkeypatch.setattr(preflight, "validate_run", lambda *a, **k: None)
+    monkeypatch.setattr(steps, "domains_in_use", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(bench, "run_bench", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    out = CliRunner().invoke(cli.app, ["bench", "--shifts", "synth:mnist", "--methods", "dann", "--params", str(REPO_PARAMS)])
+    assert out.exit_code == 143 and " ".join(out.output.split()) == "terminated: the rows done so far are in --out", out.output
+    assert signal.getsignal(signal.SIGTERM) is before
+
 # ----------------------------------------------------------------------------- methods.<name> options
 @pytest.mark.parametrize("name, options, message", [
     ("adamatch", {"tau": 1.5}, "methods.adamatch.tau: must be <= 1 (got 1.5)"),

@@ -64,10 +64,24 @@ class ValidationReport:
     result_json: Path | None = None
     data_docs: Path | None = None
     statistics: dict[str, Any] = field(default_factory=dict)
+    data_root: Path | None = None  # where the domains checked are (the hint names it)
 
-    # a run's or stage's failed validation: not the params hint its command has for other errors
-    HINT = ("nothing was trained, versioned or registered; `dvc checkout <data.root>/<name>` restores a domain's versioned "
-            "files, `udaflow data ingest DIR --name NAME --replace` makes a corrected folder its new version")
+    def hint(self) -> str:
+        """A run's, stage's or bench's failed validation: what to do about its first failure (not the params hint
+        its command has for other errors), after what was left untouched."""
+        first = self.failures[0] if self.failures else None
+        untouched = "nothing was trained, versioned or registered"
+        replace = "`udaflow data ingest DIR --name NAME --replace`"
+        if first is not None and first.suite == "udaflow.images" and first.column == "label":  # target classes the source lacks
+            return f"{untouched}; pair the target with a source that has those classes, or ingest the target again without them ({replace})"
+        if first is not None and first.suite == "udaflow.classes":
+            return f"{untouched}; name a source with two classes or more and data.min_per_class images of each"
+        if first is not None and (first.expectation, first.column) in (("expect_column_values_to_be_unique", "sha256"),
+                                                                        ("expect_column_values_to_be_unique", "pixels")):
+            return f"{untouched}; take the copies out of one of the two folders and make it that domain's new version ({replace})"
+        root = self.data_root if self.data_root is not None else "<data.root>"
+        return (f"{untouched}; `dvc checkout {root}/<name>` restores a domain's versioned files, {replace} makes a corrected "
+                "folder its new version")
 
     def error(self) -> str:
         first = self.failures[0].describe() if self.failures else "unknown failure"
@@ -192,6 +206,7 @@ def validate_shift(data_root: Path, source: str, target: str, out_dir: Path, min
     suites = _suites(source_classes, min_per_class)
     frames = {"udaflow.images": images, "udaflow.classes": class_frame(images, min_per_class)}
     report = _validate(f"{source}-to-{target}", {"source": source, "target": target}, suites, frames, images, out_dir)
+    report.data_root = Path(data_root)
     for failure in report.failures:
         if (failure.suite, failure.expectation, failure.column) == ("udaflow.images", "expect_column_values_to_be_in_set", "label"):
             failure.summary = unknown_classes(images, source, target, source_classes)
@@ -289,6 +304,7 @@ def validate_domain(data_root: Path, name: str, out_dir: Path) -> ValidationRepo
     images = image_frame(data_root, name)
     suites = {"udaflow.domain": _domain_expectations()}
     report = _validate(name, {"domain": name}, suites, {"udaflow.domain": images}, images, out_dir)
+    report.data_root = Path(data_root)
     for failure in report.failures:
         if (failure.expectation, failure.column) == ("expect_column_values_to_be_unique", "pixels"):
             failure.summary = same_pixels(images, Path(data_root))

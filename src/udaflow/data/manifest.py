@@ -151,4 +151,8 @@ def missing_domain_hint(root: Path, name: str) -> str:
     pointer = root.with_name(f"{root.name}.dvc")
     if pointer.is_file():
         return f"restore it from DVC with `dvc checkout {pointer}` (`dvc pull {pointer}` when the cache lacks it)"
+    if not DOMAIN_NAME.match(name):  # a name ingest refuses (`SHOPB`, `my photos`): the folders that exist, not a command that fails too
+        there = sorted(d.name for d in root.parent.iterdir() if d.is_dir() and (d / MANIFEST_NAME).is_file()) if root.parent.is_dir() else []
+        return (f"domain names are {DOMAIN_NAME_RULE}; the domains here: {', '.join(there) or 'none'} "
+                f"(built-in: {', '.join(BUILTIN_DOMAINS)})")
     return f"ingest your images with `udaflow data ingest PATH --name {name}` (built-in domains: {', '.join(BUILTIN_DOMAINS)})"
