@@ -160,6 +160,32 @@ def test_a_source_image_re_saved_into_the_target_fails_as_a_leak_and_a_byte_copy
     assert "1 image(s) repeat another's picture in other bytes" in report.failures[1].describe()
 
 
+@pytest.mark.parametrize("second", ["copy", "twin"])
+def test_large_images_are_compared_by_sketch_then_by_every_pixel(root: Path, tmp_path: Path, second: str):
+    """Photos from 256 px a side are digested from box averages first: a re-saved photo is still caught, and a
+    photo with the same sketch but other pixels (two pixels of one box traded) is not taken for a copy."""
+    import numpy as np
+
+    from udaflow.data.manifest import describe_image, write_manifest
+
+    rows = _rows(root / "target")
+    train = next(r for r in rows if r["split"] == "train")
+    test = next(r for r in rows if r["split"] == "test")
+    photo = np.random.default_rng(3).integers(0, 256, (260, 320, 3), dtype=np.uint8)
+    photo[5, 6:8] = 100
+    Image.fromarray(photo).save(root / "target" / train["path"], format="PNG")
+    if second == "twin":
+        photo[5, 6, 1], photo[5, 7, 1] = 90, 110
+    Image.fromarray(photo).save(root / "target" / test["path"], format="BMP" if second == "copy" else "PNG")
+    write_manifest(root / "target", [describe_image(root / "target" / r["path"], root / "target", r["label"], r["split"]) for r in rows])
+    report = validate_shift(root, "synth", "target", tmp_path / "out")
+    if second == "copy":
+        assert [(f.expectation, f.column) for f in report.failures] == [("expect_column_values_to_be_unique", "pixels")]
+        assert "1 image(s) repeat another's picture in other bytes" in report.error()
+    else:
+        assert report.success, report.error()
+
+
 def test_one_pixel_apart_is_not_the_same_picture(root: Path, tmp_path: Path):
     from PIL import Image
 

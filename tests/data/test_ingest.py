@@ -143,6 +143,32 @@ def test_an_image_re_saved_in_other_bytes_is_an_overlap_too_and_refused_when_pai
     assert snapshot(project) == before
 
 
+def test_a_re_saved_photo_is_an_overlap_and_a_photo_with_its_sketch_but_other_pixels_is_not(project: Path, tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    photos = tmp_path / "photos"
+    for label in ("a", "b"):
+        (photos / label).mkdir(parents=True)
+        for i in range(2):
+            photo = rng.integers(0, 256, (264, 300, 3), dtype=np.uint8)
+            photo[0, :2] = 100
+            Image.fromarray(photo).save(photos / label / f"{i}.png")
+    ingest(project, photos, "big")
+    target = tmp_path / "target"
+    target.mkdir()
+    with Image.open(photos / "a/0.png") as img:
+        img.save(target / "copy.bmp")  # the same picture, other bytes
+    with Image.open(photos / "b/1.png") as img:
+        twin = np.asarray(img).copy()
+    twin[0, 0, 2], twin[0, 1, 2] = 101, 99  # two pixels of one 2 x 2 box: its average, so the sketch, unchanged
+    Image.fromarray(twin).save(target / "twin.png")
+    Image.fromarray(rng.integers(0, 256, (264, 300, 3), dtype=np.uint8)).save(target / "own.png")
+    result = ingest(project, target, "tgt")
+    assert [(o.domain, o.count, o.reencoded, o.examples) for o in result.overlaps] == [("big", 1, 1, [("copy.bmp", "a/0.png")])]
+
+
 def test_a_failed_push_after_the_copy_leaves_everything_as_it_was(project: Path, folders, tmp_path: Path):
     ingest(project, folders["flat"], "tgt")
     # a remote that cannot be written (a path under a regular file: refused even for root)

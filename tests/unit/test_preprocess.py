@@ -136,6 +136,28 @@ def test_the_pixel_digest_is_the_picture_the_model_sees_not_the_stored_bytes():
     assert pixel_digest(Image.fromarray(np.zeros((20, 24), np.uint8), "L")) != pixel_digest(Image.fromarray(np.zeros((24, 20), np.uint8), "L"))
 
 
+def test_a_large_images_sketch_is_settled_by_every_pixel(tmp_path):
+    """From 256 px on its shorter side an image is digested from box averages (a 12 MP photo's full digest tripled
+    its validation); two pictures with one sketch are told apart by their exact digests, copies are not."""
+    from udaflow.data.pixels import EXACT, SKETCH, file_digest, pixel_digest, settle
+
+    rng = np.random.default_rng(1)
+    photo = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    photo[0, :2] = 100
+    twin = photo.copy()
+    twin[0, 0, 0], twin[0, 1, 0] = 101, 99  # two pixels of one 2 x 2 box: its average, and so the sketch, unchanged
+    files = {}
+    for name, arr, fmt in (("a.png", photo, "PNG"), ("copy.bmp", photo, "BMP"), ("twin.png", twin, "PNG")):
+        files[name] = tmp_path / name
+        Image.fromarray(arr).save(files[name], format=fmt)
+    sketches = [file_digest(files[n]) for n in ("a.png", "copy.bmp", "twin.png")]
+    assert all(d.startswith(SKETCH) for d in sketches) and len(set(sketches)) == 1  # one sketch for the three
+    settled = settle(sketches, [files[n] for n in ("a.png", "copy.bmp", "twin.png")])
+    assert all(d.startswith(EXACT) for d in settled) and settled[0] == settled[1] != settled[2]
+    assert settle([sketches[0], None], [files["a.png"], None]) == [sketches[0], None]  # a sketch no other repeats stays
+    assert pixel_digest(Image.fromarray(photo[:200])).startswith(EXACT)  # under 256 px a side: exact at once
+
+
 def test_per_channel_normalisation_travels_with_the_registered_model(tmp_path):
     clf = build_classifier("resnet18", 3)
     assert clf.input_mean == pytest.approx((0.485, 0.456, 0.406))

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from udaflow.data.manifest import COLUMNS, MANIFEST_NAME, DataError, describe_image_pixels, missing_domain_hint, read_manifest
+from udaflow.data.pixels import settle
 
 ALLOWED_MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I;16B", "I;16L", "I", "F", "CMYK", "YCbCr"]
 MIN_SIDE, MAX_SIDE = 8, 4096  # decompression bombs and thumbnails are both refused
@@ -119,6 +120,9 @@ def image_frame(data_root: Path, source: str, target: str | None = None):
     # the pixel check is for the same picture in other bytes: a byte-for-byte copy is the checksum check's to name
     # (its first file keeps its digest, so a third, re-encoded copy is still found)
     frame.loc[frame.disk_sha256.ne("") & frame.disk_sha256.duplicated(), "pixels"] = None
+    # a large image's sketch that another repeats: its exact digest (`pixels.settle`), so equal values are the same picture
+    frame["pixels"] = settle([v if isinstance(v, str) else None for v in frame.pixels],
+                             [Path(data_root) / domain / path for domain, path in zip(frame.domain, frame.path)])
     return frame
 
 

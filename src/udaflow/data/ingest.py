@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from udaflow.data.manifest import DOMAIN_NAME, DOMAIN_NAME_RULE, IMAGE_SUFFIXES, MANIFEST_NAME, MAX_SIDE, DataError, describe_image, read_manifest, stratified_split, write_manifest
-from udaflow.data.pixels import pixel_digest
+from udaflow.data.pixels import SKETCH, file_digest
 
 SPLIT_ORDER = ("train", "val", "test")
 LAYOUT_HINT = "an ImageFolder has one sub-folder per class (<class>/<image>); a flat folder of images is an unlabelled target"
@@ -269,17 +269,6 @@ class Overlap:
         return f"{self.count} image(s) of '{name}' are also in domain '{self.domain}' (e.g. {pairs}{other_bytes}); a run pairing the two is refused"
 
 
-def _pixels_of(file: Path) -> str | None:
-    """`pixels.pixel_digest` of an image file; None when it cannot be read or decoded."""
-    from PIL import Image
-
-    try:
-        with Image.open(file) as img:
-            return pixel_digest(img)
-    except Exception:  # noqa: BLE001 - unreadable here: the GX suites name such a file, this check only looks for copies
-        return None
-
-
 def find_overlaps(staged: Path, data_root: Path, name: str, limit: int = 3) -> list[Overlap]:
     """Leakage against every other domain under data_root: the manifests' checksums, then the decoded pixels of
     the images whose size (either way round: an EXIF turn) both folders hold, so a re-saved copy is found too
@@ -289,7 +278,7 @@ def find_overlaps(staged: Path, data_root: Path, name: str, limit: int = 3) -> l
     for row in rows:
         mine.setdefault(row.sha256, row.path)
     sizes = {tuple(sorted((r.width, r.height))) for r in rows if r.decodable}
-    my_pixels: dict[str, str] | None = None  # decoded on the first domain with images of a shared size
+    my_pixels: dict[str, list[str]] | None = None  # digest -> paths; decoded on the first domain with images of a shared size
     found = []
     for other in sorted(Path(data_root).iterdir()):
         if other.name.startswith(".") or other.name == name or not (other / MANIFEST_NAME).is_file():
@@ -302,9 +291,15 @@ def find_overlaps(staged: Path, data_root: Path, name: str, limit: int = 3) -> l
             if my_pixels is None:
                 my_pixels = {}
                 for r in rows:
-                    if r.decodable and (digest := _pixels_of(staged / r.path)) is not None:
-                        my_pixels.setdefault(digest, r.path)
-            reencoded = [(my_pixels[d], r.path) for r in same_size if (d := _pixels_of(other / r.path)) in my_pixels]
+                    if r.decodable and (digest := file_digest(staged / r.path)) is not None:
+                        my_pixels.setdefault(digest, []).append(r.path)
+            for r in same_size:
+                digest = file_digest(other / r.path)
+                for path in my_pixels.get(digest or "", []):
+                    # a large image's sketch: the same picture only if every pixel says so
+                    if not digest.startswith(SKETCH) or file_digest(other / r.path, exact=True) == file_digest(staged / path, exact=True):
+                        reencoded.append((path, r.path))
+                        break
         if shared or reencoded:
             found.append(Overlap(other.name, len(shared) + len(reencoded), (shared + reencoded)[:limit], len(reencoded)))
     return found

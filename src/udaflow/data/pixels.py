@@ -57,13 +57,41 @@ def model_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(bg, img)
-    img = img.convert("RGB")
-    return img
+    return img if img.mode == "RGB" else img.convert("RGB")  # an RGB image as it is: a 12 MP photo's copy costs 20 ms
 
 
-def pixel_digest(img: Image.Image) -> str:
-    """sha256 of `model_rgb(img)`'s size and pixels: equal for files that decode to the same picture."""
+EXACT = "px:"  # a digest of every pixel: equal digests, the same picture
+SKETCH = "sk:"  # a digest of box averages (a large image): unequal sketches, different pictures; equal ones, look closer
+SKETCH_FROM = 256  # px on the shorter side: a smaller image is digested exactly (its pixels cost less than a sketch's bookkeeping)
+
+
+def pixel_digest(img: Image.Image, exact: bool = False) -> str:
+    """A digest of `model_rgb(img)`'s size and pixels, equal for files that decode to the same picture.
+
+    An image 256 px or more on its shorter side is digested from box averages of about 128 px on that side
+    (`SKETCH`) unless `exact`: hashing a 12 MP photo's 36 MB of pixels tripled its validation (61 -> 170 ms), its
+    sketch adds 15%. The same picture always has the same sketch; two pictures with the same sketch are compared
+    with `exact=True` (`settle`), which is rare outside real copies."""
     rgb = model_rgb(img)
-    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode())
-    digest.update(rgb.tobytes())
-    return digest.hexdigest()
+    factor = 1 if exact else min(rgb.size) // (SKETCH_FROM // 2) if min(rgb.size) >= SKETCH_FROM else 1
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}/{factor}:".encode())
+    digest.update((rgb.reduce(factor) if factor > 1 else rgb).tobytes())
+    return (SKETCH if factor > 1 else EXACT) + digest.hexdigest()
+
+
+def file_digest(file, exact: bool = False) -> str | None:
+    """`pixel_digest` of an image file; None when it cannot be read or decoded."""
+    try:
+        with Image.open(file) as img:
+            return pixel_digest(img, exact)
+    except Exception:  # noqa: BLE001 - unreadable here: the GX suites name such a file, this check only looks for copies
+        return None
+
+
+def settle(digests: list[str | None], files: list) -> list[str | None]:
+    """`digests` with every sketch that another digest repeats replaced by its file's exact digest: after this,
+    equal values mean the same picture and different values different pictures."""
+    from collections import Counter
+
+    seen = Counter(d for d in digests if d is not None)
+    return [file_digest(f, exact=True) if d is not None and d.startswith(SKETCH) and seen[d] > 1 else d for d, f in zip(digests, files)]
