@@ -77,7 +77,7 @@ def corrupt(base: Path):
     (f / "a/bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     return f, (
         f"{f}: data validation failed: expect_column_values_to_be_in_set on 'decodable' failed "
-        "(e.g. domain=tgt, path=a/bad.png, label=a, split=train, width=0, mode=) (+3 more failed expectations)"
+        "(e.g. domain=tgt, path=a/bad.png, label=a, split=train, width=0, mode=) (+3 more failed expectations, on the same file)"
     ), {}, f"{f}/a/bad.png is not a readable image (not an image format PIL recognises): fix or remove it and ingest again"
 
 
@@ -86,7 +86,7 @@ def truncated(base: Path):
     _truncated(f / "b/cut.png")
     return f, (
         f"{f}: data validation failed: expect_column_values_to_be_in_set on 'decodable' failed "
-        "(e.g. domain=tgt, path=b/cut.png, label=b, split=train, width=0, mode=) (+3 more failed expectations)"
+        "(e.g. domain=tgt, path=b/cut.png, label=b, split=train, width=0, mode=) (+3 more failed expectations, on the same file)"
     ), {}, f"{f}/b/cut.png is not a readable image (image file is truncated): fix or remove it and ingest again"
 
 
@@ -99,7 +99,7 @@ def several_corrupt(base: Path):
     return f, (
         f"{f}: data validation failed: expect_column_values_to_be_in_set on 'decodable' failed "
         "(e.g. domain=tgt, path=a/bad1.png, label=a, split=train, width=0, mode=; domain=tgt, path=b/bad2.jpg, label=b, split=test, width=0, mode=; "
-        "domain=tgt, path=b/x/bad3.gif, label=b, split=train, width=0, mode=) (+3 more failed expectations)"
+        "domain=tgt, path=b/x/bad3.gif, label=b, split=train, width=0, mode=) (+3 more failed expectations, on the same files)"
     ), {}, f"{f}/a/bad1.png is not a readable image (not an image format PIL recognises); 2 more cannot be decoded either (e.g. {more}): fix or remove it and ingest again"
 
 
@@ -265,7 +265,7 @@ def image_too_small(base: Path):
     write_png(f / "a/thumb.png", 950, size=4)
     return f, (
         f"{f}: data validation failed: expect_column_values_to_be_between on 'width' failed "
-        "(e.g. domain=tgt, path=a/thumb.png, label=a, split=train, width=4, mode=RGB) (+1 more failed expectations)"
+        "(e.g. domain=tgt, path=a/thumb.png, label=a, split=train, width=4, mode=RGB) (+1 more failed expectations, on the same file)"
     ), {}, f"{f}/a/thumb.png is 4x4 px: each side must be 8-4096 px; remove or enlarge the 1 image(s) under 8 px and ingest again"
 
 

@@ -84,9 +84,20 @@ class ValidationReport:
         return (f"{untouched}; `dvc checkout {root}/<name>` restores a domain's versioned files, {replace} makes a corrected "
                 "folder its new version")
 
+    def _same_files(self) -> str:
+        """", on the same file" when every other failure's examples are files the first one names: one broken or
+        hand-added file fails four to seven expectations, which read as that many problems."""
+        def files(f: Failure) -> set[tuple[str, str]]:
+            return {(e.get("domain", ""), e.get("path", "")) for e in f.examples if e.get("path")}
+
+        first = files(self.failures[0])
+        if not first or not all(f.examples and files(f) and files(f) <= first for f in self.failures[1:]):
+            return ""
+        return f", on the same file{'s' if len(first) > 1 else ''}"
+
     def error(self) -> str:
         first = self.failures[0].describe() if self.failures else "unknown failure"
-        more = f" (+{len(self.failures) - 1} more failed expectations)" if len(self.failures) > 1 else ""
+        more = f" (+{len(self.failures) - 1} more failed expectations{self._same_files()})" if len(self.failures) > 1 else ""
         return f"data validation failed: {first}{more}; full report: {self.data_docs or self.result_json}"
 
 
