@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+import tempfile
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -84,12 +85,12 @@ def run_bench(
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     loaded = {shift: _labelled_shift(cfg, shift, protocol) for shift in shifts}  # a domain without labels fails here, before any training
-    with _claim_out(cfg, out):
+    with _claim_out(out):
         return _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlations, on_machine, jobs, loaded)
 
 
 @contextmanager
-def _claim_out(cfg: Config, out: Path | None):
+def _claim_out(out: Path | None):
     """--out is this bench's from here to its end: refused when it is another file than a bench's rows (a typo'd
     `--out params.yaml` replaced the project's parameters), or while another bench writes it (each rewrote the whole
     file after every cell, so the later one's rows replaced the other's, and both said they wrote theirs)."""
@@ -104,18 +105,20 @@ def _claim_out(cfg: Config, out: Path | None):
             raise _out_error(f"--out {out}: {path} exists and is not a bench's output; a bench replaces only its own JSON: name a new file")
     if out.parent.exists() and not out.parent.is_dir():
         raise _out_error(f"--out {out}: {out.parent} is a file, not a folder; name a JSON file in a folder")
-    lock = Path(cfg.work_dir) / "bench" / f"out-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
-    try:
-        with locks.exclusive(lock, wait=False):
-            # an earlier bench's rows there would read as this one's if it stopped
-            try:
-                write_rows([], out)
-            except OSError as exc:
-                raise _out_error(f"--out {out}: cannot be written ({exc.strerror or exc}); name a JSON file in a writable folder") from None
-            out.with_suffix(".validators.json").unlink(missing_ok=True)
-            yield
-    except locks.Held as held:
-        raise _out_error(f"--out {out}: another bench is writing it ({held.holder}); give this one another --out") from None
+    # keyed on the file itself, not on this project's work_dir or the folder it was started from: two benches naming
+    # one file by other paths, from other folders or with other params, see each other
+    lock = Path(tempfile.gettempdir()) / f"udaflow-bench-out-{os.getuid()}" / f"{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
+    with ExitStack() as hold:
+        try:
+            hold.enter_context(locks.exclusive(lock, wait=False))
+        except locks.Held as held:
+            raise _out_error(f"--out {out}: another bench is writing it ({held.holder}); give this one another --out") from None
+        try:  # an earlier bench's rows there would read as this one's if it stopped
+            write_rows([], out)
+        except OSError as exc:
+            raise _out_error(f"--out {out}: cannot be written ({exc.strerror or exc}); name a JSON file in a writable folder") from None
+        out.with_suffix(".validators.json").unlink(missing_ok=True)
+        yield
 
 
 def _out_error(message: str) -> ValueError:
@@ -131,8 +134,8 @@ def _written_by_a_bench(path: Path, kind: type) -> bool:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    if kind is dict:
-        return isinstance(data, dict)
+    if kind is dict:  # per shift ("synth:mnist"), its study
+        return isinstance(data, dict) and all(":" in k and isinstance(v, dict) for k, v in data.items())
     return isinstance(data, list) and all(isinstance(r, dict) and {"shift", "method"} <= set(r) for r in data)
 
 

@@ -147,7 +147,7 @@ def _terminated_as_interrupted():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)  # None: a handler set from C
 
 
 _INTERRUPTED = {  # what a Ctrl-C leaves, per command
@@ -754,22 +754,24 @@ def _fmt(v) -> str:
 
 
 def _show(table: Table) -> None:
-    """Print `table` without cutting a value. Rich's default shrinks columns to fit the console and ends a
-    cell it cannot fit with '…': a bench's 14 columns cut every shift and method name to 'synth:sho…'. Now
-    each column is at least as wide as its longest value, a header wraps between its words instead, and
-    the table is as wide as that needs: piped (a CI log, `| tee`, a file) at its natural width, on a
-    terminal at the terminal's width or, when the values do not fit in it, at its natural width too (the
-    terminal wraps the lines)."""
+    """Print `table` without cutting a word. Rich's default shrinks columns to fit the console and ends a word it
+    cannot fit with '…': a bench's 14 columns cut every shift and method name to 'synth:sho…'. Now each column is
+    at least as wide as the longest word of its cells (a sentence still wraps between words), and the table is as
+    wide as that needs: piped (a CI log, `| tee`, a file) at its natural width, on a terminal at the terminal's
+    width or, when the words do not fit in it, at its natural width too (the terminal wraps the lines)."""
+    from rich.cells import cell_len
     from rich.measure import Measurement
+
+    def words(cell) -> list[str]:
+        plain = cell.plain if isinstance(cell, Text) else Text.from_markup(cell).plain if isinstance(cell, str) else ""
+        return plain.split()
 
     for column in table.columns:
         column.overflow = "fold"  # a header word longer than its column folds rather than ending in '…'
-        column.min_width = max([1, *(len(str(cell)) for cell in column._cells)])
-    unbounded = console.options.update_width(100_000)
-    needed = Measurement.get(console, unbounded, table)
+        column.min_width = max([1, *(cell_len(w) for cell in column.cells for w in words(cell))])
+    needed = Measurement.get(console, console.options.update_width(100_000), table)
     fits = console.is_terminal and needed.minimum <= console.width
-    width = console.width if fits else max(console.width, needed.maximum)
-    console.print(table, width=width, crop=False)
+    console.print(table, width=console.width if fits else max(console.width, needed.maximum), crop=False)
 
 
 def _share(fraction: float | None) -> str:

@@ -148,7 +148,7 @@ def test_a_source_image_re_saved_into_the_target_fails_as_a_leak_and_a_byte_copy
     report = validate_shift(root, "synth", "target", tmp_path / "out")
     assert [(f.expectation, f.column) for f in report.failures] == [("expect_column_values_to_be_unique", "pixels")]
     assert "target 'target' holds source images; a target must be images the source does not hold" in report.error()
-    assert report.hint().endswith("take the copies out of one of the two folders and make it that domain's new version "
+    assert report.hint().endswith("take the copies out of the folder that holds them and make it that domain's new version "
                                   "(`udaflow data ingest DIR --name NAME --replace`)")
     assert f"synth/{src['path']}" in report.error() and f"target/{rows[0]['path']}" in report.error()
     # a byte-for-byte copy as well: the checksum check names it first, and the re-saved one is still counted

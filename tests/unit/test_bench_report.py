@@ -257,37 +257,40 @@ def test_the_bench_table_prints_every_shift_and_method_name_whole(monkeypatch, t
         assert max(len(line) for line in lines) <= width and any("target acc selected" in line for line in lines)
 
 
-def test_out_is_refused_when_it_is_not_a_benchs_file_or_another_bench_writes_it(tmp_path):
+def test_out_is_refused_when_it_is_not_a_benchs_file_or_another_bench_writes_it(tmp_path, monkeypatch):
     """--out was truncated at the start whatever it held (a typo'd `--out params.yaml` replaced the parameters),
     and two benches with one --out each rewrote it whole after every cell: the later one's rows replaced the
     other's while both said they wrote theirs (a probe)."""
     import json
 
+    from pathlib import Path
+
     from udaflow.bench import _claim_out
 
-    cfg = SimpleNamespace(work_dir=tmp_path / "runs")
     params = tmp_path / "params.yaml"
     params.write_text("seed: 0\n")
     with pytest.raises(ValueError, match="params.yaml exists and is not a bench's output") as refused:
-        with _claim_out(cfg, params):
+        with _claim_out(params):
             pass
     assert params.read_text() == "seed: 0\n" and "--out runs/bench-own.json" in refused.value.hint
     earlier = tmp_path / "bench.json"
     earlier.write_text(json.dumps([{"shift": "synth:mnist", "method": "dann", "seed": 0}]))
-    earlier.with_suffix(".validators.json").write_text("not json")  # a file of that name that no bench wrote
+    earlier.with_suffix(".validators.json").write_text('{"not": "a study"}')  # a file of that name that no bench wrote
     with pytest.raises(ValueError, match="bench.validators.json exists and is not a bench's output"):
-        with _claim_out(cfg, earlier):
+        with _claim_out(earlier):
             pass
-    earlier.with_suffix(".validators.json").write_text("{}")
-    with _claim_out(cfg, earlier):
+    earlier.with_suffix(".validators.json").write_text('{"synth:mnist": {"checkpoints": 3}}')
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    with _claim_out(earlier):
         assert json.loads(earlier.read_text()) == [] and not earlier.with_suffix(".validators.json").exists()  # an earlier bench's: replaced
-        with pytest.raises(ValueError, match=r"--out .*bench.json: another bench is writing it \(pid \d+\); give this one another --out"):
-            with _claim_out(cfg, tmp_path / "." / "bench.json"):  # the same file by another spelling
+        with pytest.raises(ValueError, match=r"--out \.\./bench.json: another bench is writing it \(pid \d+\); give this one another --out"):
+            with _claim_out(Path("../bench.json")):  # the same file by another path, from another folder
                 pass
-    with _claim_out(cfg, earlier):  # released at the end
+    with _claim_out(earlier):  # released at the end
         pass
     with pytest.raises(ValueError, match="params.yaml is a file, not a folder"):
-        with _claim_out(cfg, params / "x.json"):
+        with _claim_out(params / "x.json"):
             pass
 
 
@@ -302,3 +305,28 @@ def test_an_unlabelled_target_is_refused_with_what_to_do_instead(monkeypatch, tm
     with pytest.raises(DataError, match="bench needs target labels to report accuracy; domain 'flat' has none") as refused:
         bench._labelled_shift(Config(work_dir=str(tmp_path)), ("synth", "flat"), "transductive")
     assert refused.value.hint.startswith("a bench scores every method on the target's labels: bench a labelled target")
+
+
+def test_a_sentence_in_a_table_still_wraps_between_words_on_a_terminal(monkeypatch):
+    """Only words are kept whole: a run summary's long promotion-gate reason wraps inside a 100-column terminal
+    (a review: every cell kept whole made the table 191 columns wide, which the terminal broke mid-box)."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    import udaflow.cli as cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=100, force_terminal=True, color_system=None))
+    table = Table(title="run")
+    table.add_column("metric")
+    table.add_column("value")
+    reason = "promoted to champion: im 2.25 >= 1.01 + gate.min_gain 0.0 on the mnist train pool; its val split reads 100 against 95"
+    table.add_row("promotion gate", reason)
+    table.add_row("target", "synth:garage-photos-2026")
+    cli._show(table)
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 100 and "…" not in out.getvalue()
+    cells = " ".join(line.split("│")[2].strip() for line in lines if line.startswith("│"))
+    assert reason in cells and "synth:garage-photos-2026" in cells.split()

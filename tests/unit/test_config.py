@@ -398,6 +398,7 @@ def test_a_bench_ended_by_sigterm_says_where_its_rows_are_and_exits_143(monkeypa
     from udaflow import bench, cli, preflight, steps
 
     def terminated(*args, **kwargs):
+        assert callable(signal.getsignal(signal.SIGTERM)), "SIGTERM not handled: it would end pytest itself"
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
         raise AssertionError("SIGTERM was not turned into an interruption")

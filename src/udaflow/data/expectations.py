@@ -79,7 +79,7 @@ class ValidationReport:
             return f"{untouched}; name a source with two classes or more and data.min_per_class images of each"
         if first is not None and (first.expectation, first.column) in (("expect_column_values_to_be_unique", "sha256"),
                                                                         ("expect_column_values_to_be_unique", "pixels")):
-            return f"{untouched}; take the copies out of one of the two folders and make it that domain's new version ({replace})"
+            return f"{untouched}; take the copies out of the folder that holds them and make it that domain's new version ({replace})"
         root = self.data_root if self.data_root is not None else "<data.root>"
         return (f"{untouched}; `dvc checkout {root}/<name>` restores a domain's versioned files, {replace} makes a corrected "
                 "folder its new version")
@@ -129,8 +129,9 @@ def image_frame(data_root: Path, source: str, target: str | None = None):
                             "disk_sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "pixels": None})
     frame = pd.DataFrame.from_records(records, columns=FRAME_COLUMNS)
     # the pixel check is for the same picture in other bytes: a byte-for-byte copy is the checksum check's to name
-    # (its first file keeps its digest, so a third, re-encoded copy is still found)
-    frame.loc[frame.disk_sha256.ne("") & frame.disk_sha256.duplicated(), "pixels"] = None
+    # (the first of its files with a digest keeps it, so a third, re-encoded copy is still found)
+    digested = frame[frame.pixels.notna() & frame.disk_sha256.ne("")]
+    frame.loc[digested.index[digested.disk_sha256.duplicated()], "pixels"] = None
     # a large image's sketch that another repeats: its exact digest (`pixels.settle`), so equal values are the same picture
     frame["pixels"] = settle([v if isinstance(v, str) else None for v in frame.pixels],
                              [Path(data_root) / domain / path for domain, path in zip(frame.domain, frame.path)])
