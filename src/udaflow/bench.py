@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from contextlib import ExitStack, contextmanager
@@ -153,6 +154,7 @@ def _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlatio
     rows: list[dict[str, Any]] = []
 
     def done(cell: tuple, result: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
+        result = (settle_row(result[0]), result[1])
         results[cell] = result
         rows[:] = [results[c][0] for c in cells if c in results]  # the cells' order, whichever finished first
         if on_row:
@@ -198,6 +200,28 @@ def _labelled_shift(cfg: Config, shift: tuple[str, str], protocol: str):
                         "a bench scores every method on the target's labels: bench a labelled target (a folder per class), "
                         "or adapt to this one with `udaflow run`, whose gate needs no labels")
     return data
+
+
+def _significant(value: Any) -> Any:
+    """Floats to 6 significant digits, in nested dicts and lists too: accuracies computed in float32 read
+    `10.899999618530273` in --out (float32 holds about 7 digits; the tables print 2 decimals)."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _significant(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_significant(v) for v in value]
+    return value
+
+
+def settle_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A finished cell's row as --out and the table show it. A source model from the cache (an earlier bench's or
+    run's) carries that training's seconds and images/s: its share of this bench's GEMM rate compared two
+    machines' states, so it is left out (`cached_pretraining`; its achieved GFLOP/s stays, that training's own)."""
+    row = _significant(row)
+    if row.get("cached_pretraining"):
+        row["matmul_fraction"] = None
+    return row
 
 
 def _seeded(cfg: Config, seed: int) -> Config:

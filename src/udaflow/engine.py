@@ -600,7 +600,8 @@ def _scores(
 
 
 def _say(line: str) -> None:
-    sys.stderr.write(line + "\n")
+    # a bench worker's tag too (`plain_progress`): its resume line came untagged among two cells' lines
+    sys.stderr.write(f"{_PLAIN_PROGRESS or ''}{line}\n")
     sys.stderr.flush()
 
 

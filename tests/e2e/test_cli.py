@@ -104,6 +104,11 @@ def test_build_ingest_run_bench(workspace: Path):
         assert (row["target_acc"], row["source_val_acc"], row["validators"]) == (
             row["target_acc_selected"], row["source_val_acc_selected"], row["validators_selected"])
     assert bench[0]["cached_pretraining"] is True  # pretraining shared with the earlier runs
+    # its seconds are the earlier training's: no share of this bench's GEMM rate; the trained rows have one
+    assert bench[0]["matmul_fraction"] is None and all(0 < r["matmul_fraction"] < 1 for r in bench[1:])
+    assert "source_only seed 0: " in result.output and "(a cached source model: an earlier training's speed)" in " ".join(result.output.split())
+    # float32 accuracies written at float32's precision, not 10.899999618530273
+    assert all(r[k] == float(f"{r[k]:.6g}") for r in bench for k in ("target_acc_last", "source_val_acc_last")), bench
     for row in bench:
         assert set(row["validators_last"]) == {"entropy", "im", "snd", "bnm", "dev"}
         if row["method"] != "oracle":  # the validator study: reported, never used
@@ -147,6 +152,7 @@ def test_bench_jobs_runs_cells_in_parallel_with_the_rows_of_one_process(workspac
             assert parallel[key] == serial[key], (serial["method"], serial["seed"], key)
     assert rows[2][1]["validators_last"] != rows[2][4]["validators_last"]  # dann's two seeds: two runs, not one copied
     assert rows[2][3]["method"] == "source_only" and rows[2][3]["cached_pretraining"] is False  # seed 1's: trained in this bench
+    assert rows[2][3]["matmul_fraction"] is not None  # its seconds are this bench's own
     assert [r["cached_pretraining"] for r in rows[1] if r["method"] == "source_only"] == [True, True]
     study = json.loads((ws / "bench-jobs2.validators.json").read_text())["synth:fonts-b"]
     assert study == json.loads((ws / "bench-jobs1.validators.json").read_text())["synth:fonts-b"]

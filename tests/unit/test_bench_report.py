@@ -330,3 +330,21 @@ def test_a_sentence_in_a_table_still_wraps_between_words_on_a_terminal(monkeypat
     assert max(len(line) for line in lines) <= 100 and "…" not in out.getvalue()
     cells = " ".join(line.split("│")[2].strip() for line in lines if line.startswith("│"))
     assert reason in cells and "synth:garage-photos-2026" in cells.split()
+
+
+def test_a_finished_row_is_written_at_float32s_precision_and_a_cached_source_model_gets_no_matmul_share():
+    """--out read `"target_acc_last": 10.899999618530273` (a float32 accuracy); and a source_only row read from
+    the cache carried an earlier training's seconds, divided by this bench's GEMM rate (6.2%, 11%, 9.1%, 10%
+    for the same row across four benches)."""
+    from udaflow.bench import settle_row
+
+    row = {"method": "source_only", "target_acc_last": 10.899999618530273, "seconds": 25.318400383, "peak_rss_mb": 1862,
+           "validators_last": {"im": 1.2345678912, "entropy": -0.000123456789}, "regret": {"im": 0.5},
+           "cached_pretraining": True, "achieved_gflops": 8.4, "matmul_fraction": 0.062, "selected_by": "im"}
+    settled = settle_row(row)
+    assert settled["target_acc_last"] == 10.9 and settled["seconds"] == 25.3184 and settled["peak_rss_mb"] == 1862
+    assert settled["validators_last"] == {"im": 1.23457, "entropy": -0.000123457} and settled["regret"] == {"im": 0.5}
+    assert settled["matmul_fraction"] is None and settled["achieved_gflops"] == 8.4 and settled["selected_by"] == "im"
+    assert row["matmul_fraction"] == 0.062  # the caller's row is left as it was
+    trained = settle_row({**row, "cached_pretraining": False})
+    assert trained["matmul_fraction"] == 0.062

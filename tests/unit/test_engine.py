@@ -716,3 +716,18 @@ def test_a_cpu_training_loop_skips_the_nan_fill_of_new_tensors_and_keeps_its_bit
     assert seen == [True] * 8
     assert kept.last_state.keys() == filled.last_state.keys()
     assert all(torch.equal(kept.last_state[k], filled.last_state[k]) for k in kept.last_state)
+
+
+def test_a_bench_workers_resume_and_progress_lines_carry_its_cell_tag(monkeypatch, capsys):
+    """In a `--jobs 2` bench two cells share the terminal: 'pretrain shopb: resuming from step 20 (...)' came
+    untagged among '[shopb:shopa seed 0] pretrain shopb: resumed at step 20/60' lines."""
+    from udaflow import engine as eng
+
+    monkeypatch.setattr(eng, "_PLAIN_PROGRESS", "[synth:mnist seed 0] ")
+    eng._say("pretrain synth: resuming from step 20 (runs/cache/source-synth-x.ckpt)")
+    with eng.ProgressReport(True, "pretrain synth", total=40, completed=20) as report:
+        report.update(40, 0.5)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[synth:mnist seed 0] pretrain synth: resuming from step 20 (runs/cache/source-synth-x.ckpt)"
+    assert lines[1] == "[synth:mnist seed 0] pretrain synth: resumed at step 20/40"
+    assert lines[2].startswith("[synth:mnist seed 0] pretrain synth: 40/40 steps (100%), loss 0.500")
