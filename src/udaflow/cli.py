@@ -1,7 +1,7 @@
 """The `udaflow` command.
 
 Errors a person can fix (bad params, bad data, unknown names, a model or run that does not exist)
-print one line plus a hint and exit with code 2; `--debug` shows the traceback instead. One place
+print one line plus a hint and exit with code 2; `--debug` prints the traceback before them. One place
 does this for every command (`_Commands.invoke`); any other exception is a bug and keeps its
 traceback.
 """
@@ -152,9 +152,9 @@ def _terminated_as_interrupted():
 
 _INTERRUPTED = {  # what a Ctrl-C leaves, per command
     # stopped inside registration, a complete version may exist without a summary to say so
-    "run": ("the same command resumes from the last checkpoint; a version registered before the stop (MLflow's "
-            "\"Created version\") is taken up by it for the gate, not registered again"),
-    "reproduce": "the same command resumes from the last checkpoint",
+    "run": ("the same command resumes from the last checkpoint (train.checkpoint_every; from the start before the first); "
+            "a version registered before the stop (MLflow's \"Created version\") is taken up by it for the gate, not registered again"),
+    "reproduce": "the same command resumes from the last checkpoint (train.checkpoint_every; from the start before the first)",
     "bench": "the rows done so far are in --out",
     # `udaflow stage ...`, as dvc.yaml calls it: DVC removed the stage's outputs before it ran
     # a replace past its commit point (DVC recorded the new version) is not rolled back: a probe could not tell
@@ -181,8 +181,8 @@ def _report(exc: Exception, command: str | None) -> None:
 
 class _Commands(TyperGroup):
     """The root command group: every command runs inside its `invoke`, the one place that turns a
-    known error into `error: <one line>` (+ `hint:`) and exit code 2. Any other exception, and
-    every exception under --debug, propagates with its traceback."""
+    known error into `error: <one line>` (+ `hint:`) and exit code 2 (under --debug after its traceback).
+    Any other exception propagates with its traceback."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # `--debug` is the root's option; users also type it after the command (`udaflow run ... --debug`)
@@ -218,18 +218,22 @@ class _Commands(TyperGroup):
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
             raise  # exit codes, Ctrl-C and usage errors: click's own handling (typer's Exit is a RuntimeError of its own, not click's)
         except Exception as exc:
-            if not _STATE["debug"] and (full := disk_full(exc)) is not None:  # not a bug: the machine's, said in one line
+            if _STATE["debug"] and (_is_known(exc) or disk_full(exc) is not None or _unreachable(exc) is not None):
+                # --debug: the traceback first, then the same lines and exit code 2 (it exited 1, as a bug, and a
+                # script that tells a data error (2) from a crash (1) read a debug run's data error as a crash)
+                err_console.print_exception()
+            if (full := disk_full(exc)) is not None:  # not a bug: the machine's, said in one line
                 where = f" writing {full.filename}" if full.filename else ""
                 err_console.print(Text.assemble(("error:", "bold red"), f" {full.strerror or 'no space left on device'}{where}"),
                                   highlight=False, soft_wrap=True)
                 err_console.print(Text(f"hint: {_DISK_FULL_HINT}"), highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2) from None
-            if not _STATE["debug"] and (down := _unreachable(exc)) is not None:
+            if (down := _unreachable(exc)) is not None:
                 what = str(down[1]).strip().splitlines()[0][:200] if str(down[1]).strip() else type(down[1]).__name__
                 err_console.print(Text.assemble(("error:", "bold red"), f" cannot reach {down[0]}: {what}"), highlight=False, soft_wrap=True)
                 err_console.print(Text(f"hint: {getattr(exc, 'hint', None) or _UNREACHABLE_HINT}"), highlight=False, soft_wrap=True)
                 raise typer.Exit(code=2) from None
-            if _STATE["debug"] or not _is_known(exc):
+            if not _is_known(exc):
                 raise
             _report(exc, ctx.invoked_subcommand)
             raise typer.Exit(code=2) from None
@@ -330,7 +334,7 @@ def data_build(
     if not names:
         raise ValueError(f"--domains names no domain (known: {', '.join(BUILTIN_DOMAINS)})")
     if unknown:
-        raise ValueError(f"unknown built-in domain(s) {unknown} (known: {', '.join(BUILTIN_DOMAINS)})")
+        raise ValueError(f"unknown built-in domain(s) {', '.join(repr(d) for d in unknown)} (known: {', '.join(BUILTIN_DOMAINS)})")
     for name in names:
         t0 = time.perf_counter()
         out = build_domain(name, cfg.data.root, seed=seed, synth_size=cfg.data.synth_size, holdout_fraction=cfg.data.holdout_fraction)
@@ -633,6 +637,19 @@ class _BelowCritical(logging.Filter):
 _QUIET = _BelowCritical()
 
 
+class _BelowWarning(logging.Filter):
+    """Drops INFO and DEBUG: MLflow's `mlflow.pyfunc` printed a timestamped 'INFO mlflow.pyfunc: Validating input
+    example against model signature' in the middle of every run's plain progress lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+# a filter on the logger that writes the line (not its parent: a parent's filters skip its children's records);
+# MLflow sets its loggers' levels and handlers on import, not their filters
+logging.getLogger("mlflow.pyfunc").addFilter(_BelowWarning())
+
+
 def _quiet_prefect() -> None:
     """Prefect logs a failed flow's traceback; the CLI prints one line instead (unless --debug).
 
@@ -753,6 +770,15 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
+def _difference(key: str, original, reproduced) -> str:
+    """What `reproduce` compared, exactly (a validator's score within 1e-6, as steps.compare_metrics): the two
+    columns round to 2 decimals, so 97.304 against 97.296 read 97.30 twice in a table that said they differ."""
+    if original is None or reproduced is None:
+        return "missing"
+    delta = float(reproduced) - float(original)
+    return "none" if abs(delta) <= (1e-6 if key.startswith("validator_selected.") else 0.0) else f"{delta:+.4g}"
+
+
 def _show(table: Table) -> None:
     """Print `table` without cutting a word. Rich's default shrinks columns to fit the console and ends a word it
     cannot fit with '…': a bench's 14 columns cut every shift and method name to 'synth:sho…'. Now each column is
@@ -797,7 +823,7 @@ def _print_run_summary(cfg, r: dict) -> None:
     aliases = r.get("aliases", [r["alias"]])  # read from the registry after the gate: champion too when it promoted this version
     table.add_row("model version", " ".join([f"{r['model']} v{r['version']}", *(f"@{a}" for a in aliases)]))
     if r.get("adopted_from_run"):  # a run killed between registration and its gate registered these weights
-        table.add_row("registered by", f"run {r['adopted_from_run']} (killed before its gate; the same weights: no copy registered)")
+        table.add_row("registered by", Text(f"run {r['adopted_from_run']} (killed before its gate; the same weights: no copy registered)", justify="left"))
     table.add_row("source model", "reused (cached Prefect task)" if r["prefect_task_cached"] else ("reused cached checkpoint" if r["source_cached"] else "trained"))
     table.add_row(f"target_acc_selected (registered: {m['selected_by']} pick, step {m['selected_step']})", _fmt(m.get("target_acc_selected")))
     table.add_row("target_acc_last (last iterate)", _fmt(m.get("target_acc_last")))
@@ -811,8 +837,9 @@ def _print_run_summary(cfg, r: dict) -> None:
     table.add_row("seconds: total", f"{r['wall_seconds']:.1f}")
     gate = r.get("gate")
     if gate:
-        table.add_row("promotion gate", ("promoted to champion: " if gate["promoted"] else "champion unchanged: ") + gate["reason"])
-        table.add_row("gate decided on", gate.get("data", "-"))
+        # sentences left-aligned in the right-aligned column: wrapped, a right-aligned sentence's lines started anywhere
+        table.add_row("promotion gate", Text(("promoted to champion: " if gate["promoted"] else "champion unchanged: ") + gate["reason"], justify="left"))
+        table.add_row("gate decided on", Text(gate.get("data", "-"), justify="left"))
     _show(table)
     # the registry is params.yaml's store, not MLflow's default (./mlflow.db, or ./mlruns): without the URI the call finds no model.
     # A SQLite path absolute, so the line works from any folder; a server's without credentials (logs keep this line)
@@ -863,7 +890,8 @@ def schedule(
     from tasks import named_prefect_api
 
     if named_prefect_api() is None:  # the environment's or the Prefect profile's (`prefect config set PREFECT_API_URL=...`)
-        raise RuntimeError("no Prefect server: start `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        raise RuntimeError("no Prefect server: PREFECT_API_URL is set neither in the environment nor in the Prefect profile, "
+                           "and a schedule lives on a server (udaflow run's temporary one ends with the run)")
     from prefect.client.schemas.schedules import CronSchedule
 
     try:
@@ -1075,10 +1103,10 @@ def reproduce(
                           "training repeats its bits only on the same CPU model (MKL and oneDNN pick kernels, and so the order "
                           "of floating-point sums, by CPU), GPU and torch build", highlight=False)
     table = Table(title=f"reproduce {run_id} (workspace {result['workspace']})")
-    for col in ("metric", "original", "reproduced"):
+    for col in ("metric", "original", "reproduced", "difference"):
         table.add_column(col, justify="left" if col == "metric" else "right")
     for key, a, b in result["rows"]:
-        table.add_row(key, _fmt(a), _fmt(b))
+        table.add_row(key, _fmt(a), _fmt(b), _difference(key, a, b))
     _show(table)
     if not result["same"]:
         console.print("[bold red]reproduced metrics differ from the recorded ones[/]"
@@ -1286,7 +1314,8 @@ def bench(
             f"{row['shift']:>14} {row['method']:>12} seed {row['seed']}: target_acc_last {_fmt(row.get('target_acc_last'))} "
             f"(selected {_fmt(row.get('target_acc_selected'))}), source_val_acc_last {_fmt(row['source_val_acc_last'])}, "
             f"{row['seconds']:.0f}s, {row['train_images_per_s']:.0f} img/s, {row['achieved_gflops']:.0f} GFLOP/s "
-            f"({_share(row.get('matmul_fraction'))} of matmul)"
+            + ("(a cached source model: an earlier training's speed)" if row.get("cached_pretraining") else
+               f"({_share(row.get('matmul_fraction'))} of matmul)")
         )
 
     def machine(gflops: float, threads: int) -> None:

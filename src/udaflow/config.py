@@ -421,7 +421,9 @@ def load_config(
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {'a folder, not a params file' if path.is_dir() else 'no such params file'} "
-                          "(run from the repository root or pass --params)")
+                          "(run from the repository root or pass --params)",
+                          "this folder's params.yaml is there: leave --params out to use it" if Path("params.yaml").is_file() else
+                          "this folder has no params.yaml: cd to the repository root (where dvc.yaml is), or pass --params with its path")
     try:
         raw = read_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:  # a Latin-1 byte, or a copy a Windows editor saved as UTF-16

@@ -1076,7 +1076,7 @@ def rollback(name: str, dry_run: bool = False) -> tuple[str, str]:
             gone = f" (its last champion, v{recorded[-1]}, was deleted)" if recorded and recorded[-1] not in history else ""
             raise LookupError(f"model '{name}' has no champion to roll back from{gone}; `udaflow promote` makes one")
         if len(history) < 2:
-            raise LookupError(f"model '{name}' has no previous champion to roll back to (history: {history or 'empty'})")
+            raise LookupError(f"model '{name}' has no previous champion to roll back to (champion history: {', '.join(f'v{v}' for v in history) or 'empty'})")
         current, previous = history[-1], history[-2]
         # a champion nothing can load is worse than the one rolled back from (and that one is then barred from the gate)
         check_loadable(name, previous, f"v{previous} (the previous champion, the rollback's target)",

@@ -223,6 +223,7 @@ def test_rollback_and_a_promotion_cut_short_between_its_two_writes(registry: Pat
     for dry in (["--dry-run"], []):  # the dry run refuses as the rollback does
         result = cli(["rollback", "--model", NAME, *dry], registry)
         assert result.exit_code == 2 and "no previous champion" in result.output and champion() == "1"
+        assert "(champion history: v1)" in result.output, result.output  # not a Python list's repr
     assert tracking._history(NAME, tracking._alias_version(NAME, "champion")) == ["1"]
 
 

@@ -233,9 +233,15 @@ def test_unknown_profile_lists_known(params):
     assert "under `profiles:`" in info.value.hint, info.value.hint
 
 
-def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match="no such params file"):
+def test_missing_and_malformed_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no such params file") as info:
         load_config(tmp_path / "absent.yaml")
+    assert "this folder has no params.yaml: cd to the repository root" in info.value.hint, info.value.hint
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match="no such params file") as info:
+        load_config("absent.yaml")  # a typo'd --params beside the project's own file
+    assert info.value.hint == "this folder's params.yaml is there: leave --params out to use it"
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
