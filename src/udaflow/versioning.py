@@ -691,6 +691,9 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
             raise VersioningError(f"{what}: its file {'/'.join(key)} ({oid}){more} is in neither the DVC cache nor the remote", hint)
         tmp = dest.with_name(dest.name + ".restoring")
         shutil.rmtree(tmp, ignore_errors=True)
+        # a line a person can follow (stderr, as training's progress): a photo domain's copy takes minutes
+        sys.stderr.write(f"restore {what}: {len(files)} files into {dest}\n")
+        sys.stderr.flush()
         try:
             for key, _, src in files:
                 out = tmp.joinpath(*key)

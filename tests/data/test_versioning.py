@@ -47,14 +47,17 @@ def test_stage_outputs_are_committed_through_their_stage(repo: Path):
     assert not (repo / "data/raw/dom.dvc").exists()
 
 
-def test_restore_an_old_version_into_another_folder_and_missing_objects(repo: Path, tmp_path_factory, caplog):
+def test_restore_an_old_version_into_another_folder_and_missing_objects(repo: Path, tmp_path_factory, caplog, capsys):
     folder = repo / "data/raw/dom"
     old = versioning.version_dataset(folder).md5
     (folder / "a/1.png").write_bytes(b"changed")
     versioning.version_dataset(folder)
     dest = tmp_path_factory.mktemp("restore") / "dom"
+    capsys.readouterr()
     versioning.restore_dataset(old, dest, repo)
     assert (dest / "a/1.png").read_bytes() == b"one" and (folder / "a/1.png").read_bytes() == b"changed"
+    # a person following `udaflow reproduce` sees what is being copied (it was silent for minutes on photos)
+    assert capsys.readouterr().err == f"restore dataset 'dom' at DVC version {old}: 2 files into {dest}\n"
 
     # an object gone from the cache is fetched back from the remote
     shutil.rmtree(repo / ".dvc/cache")

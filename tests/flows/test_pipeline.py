@@ -310,7 +310,8 @@ def test_reproduce_on_other_hardware_names_both_machines(project: Path, first_ru
     cfg, result = first_run
     recorded = mlflow.MlflowClient().get_run(result["run_id"]).data.tags
     other = {**recorded, "hardware.cpu": "AMD EPYC 9R14 (AuthenticAMD, family 25, model 17)"}
-    rows = [("target_acc_selected", 72.9, 67.78)]
+    # the columns round to 2 decimals: a difference they hide is written out, a validator's float noise is none
+    rows = [("target_acc_selected", 72.9, 67.78), ("target_acc_last", 97.304, 97.296), ("validator_selected.im", 1.5, 1.5 + 1e-9)]
 
     def replayed(*args, **kwargs):  # the flow itself is tested above; here, what the command makes of its result
         return {"same": False, "rows": rows, "validation": True, "commit": recorded["git.commit"], "workspace": "ws",
@@ -322,6 +323,9 @@ def test_reproduce_on_other_hardware_names_both_machines(project: Path, first_ru
     text = " ".join(out.output.split())  # rich wraps long lines
     assert f"CPU: AMD EPYC 9R14 (AuthenticAMD, family 25, model 17) -> {costs.cpu_name()}" in text
     assert "differ from the recorded ones (expected on other hardware or torch" in text
+    cells = " ".join(out.output.replace("│", " ").split())
+    assert "target_acc_selected 72.90 67.78 -5.12" in cells and "target_acc_last 97.30 97.30 -0.008" in cells, cells
+    assert "validator_selected.im 1.50 1.50 none" in cells, cells
 
     monkeypatch.setattr(flows.reproduce, "reproduce_run", lambda *a, **k: {**replayed(), "tags": recorded})
     out = CliRunner().invoke(app, ["reproduce", result["run_id"], "--params", str(project / "params.yaml")])

@@ -247,3 +247,20 @@ def test_the_heartbeat_skips_a_tracking_server_that_does_not_answer_and_says_so_
     err = capsys.readouterr().err
     assert err.count(f"warning: the tracking server http://127.0.0.1:{port} does not answer") == 1
     assert err.count("answers again") == 1
+
+
+def test_the_cli_keeps_mlflow_pyfunc_info_out_of_a_runs_output_but_not_its_warnings(capfd):
+    """Every `udaflow run` printed MLflow's timestamped 'INFO mlflow.pyfunc: Validating input example against
+    model signature' between its progress lines; a warning from the same logger still shows."""
+    import logging
+
+    import mlflow.pyfunc  # noqa: F401 - configures MLflow's loggers (levels, a stderr handler) as a run does
+
+    import udaflow.cli  # noqa: F401
+
+    logger = logging.getLogger("mlflow.pyfunc")
+    capfd.readouterr()
+    logger.info("Validating input example against model signature")
+    logger.warning("a warning MLflow gives")
+    err = capfd.readouterr().err
+    assert "Validating input example" not in err and "a warning MLflow gives" in err, err
