@@ -28,7 +28,7 @@ def _worth_retrying(task, task_run, state) -> bool:
 @task(name="restore-dataset", cache_policy=NO_CACHE, retries=1, retry_condition_fn=_worth_retrying)
 def restore_dataset(md5: str, dest: str, project: str) -> str:
     """Check out exactly the recorded dataset version (cache or remote) into the isolated workspace."""
-    return str(versioning.restore_dataset(md5, Path(dest), Path(project)))
+    return str(versioning.restore_dataset(md5, Path(dest), Path(project), announce=True))
 
 
 @task(name="data-unchanged-since-champion", cache_policy=NO_CACHE)

@@ -202,25 +202,27 @@ def _labelled_shift(cfg: Config, shift: tuple[str, str], protocol: str):
     return data
 
 
-def _significant(value: Any) -> Any:
-    """Floats to 6 significant digits, in nested dicts and lists too: accuracies computed in float32 read
-    `10.899999618530273` in --out (float32 holds about 7 digits; the tables print 2 decimals)."""
+def _as_written(value: Any) -> Any:
+    """A float that a float32 holds exactly (an accuracy or a loss computed in float32) as the shortest decimal
+    that reads back as the same float32: `10.9`, where --out read `10.899999618530273`. Nothing is lost at
+    float32's precision; a float64 figure keeps every digit. In nested dicts and lists too."""
     if isinstance(value, float):
-        return float(f"{value:.6g}") if math.isfinite(value) else value
+        short = float(str(np.float32(value)))  # numpy prints the shortest round-trip digits
+        return short if math.isfinite(value) and float(np.float32(value)) == value else value
     if isinstance(value, dict):
-        return {k: _significant(v) for k, v in value.items()}
+        return {k: _as_written(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_significant(v) for v in value]
+        return [_as_written(v) for v in value]
     return value
 
 
 def settle_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A finished cell's row as --out and the table show it. A source model from the cache (an earlier bench's or
-    run's) carries that training's seconds and images/s: its share of this bench's GEMM rate compared two
-    machines' states, so it is left out (`cached_pretraining`; its achieved GFLOP/s stays, that training's own)."""
-    row = _significant(row)
-    if row.get("cached_pretraining"):
-        row["matmul_fraction"] = None
+    """A finished cell's row. A source model from the cache (an earlier bench's or run's) carries that
+    training's seconds and images/s: its share of this bench's GEMM rate compared two states of the machine
+    (a probe read 6.2%, 11%, 9.1% and 10% for one row in four benches), so it is left out (`cached_pretraining`;
+    its achieved GFLOP/s stays, that training's own)."""
+    if row.get("cached_pretraining") and "matmul_fraction" in row:
+        row = {**row, "matmul_fraction": None}
     return row
 
 
@@ -459,7 +461,7 @@ def write_rows(rows: list[dict[str, Any]] | dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     try:
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+        tmp.write_text(json.dumps(_as_written(rows), indent=2) + "\n")
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)  # gone after the rename; left by a failed one

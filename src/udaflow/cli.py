@@ -152,9 +152,11 @@ def _terminated_as_interrupted():
 
 _INTERRUPTED = {  # what a Ctrl-C leaves, per command
     # stopped inside registration, a complete version may exist without a summary to say so
-    "run": ("the same command resumes from the last checkpoint (train.checkpoint_every; from the start before the first); "
-            "a version registered before the stop (MLflow's \"Created version\") is taken up by it for the gate, not registered again"),
-    "reproduce": "the same command resumes from the last checkpoint (train.checkpoint_every; from the start before the first)",
+    "run": ("the same command resumes from the last checkpoint (saved every train.checkpoint_every steps; a run stopped "
+            "before the first starts over); a version registered before the stop (MLflow's \"Created version\") is taken "
+            "up by it for the gate, not registered again"),
+    "reproduce": ("the same command resumes from the last checkpoint (saved every train.checkpoint_every steps; a run "
+                  "stopped before the first starts over)"),
     "bench": "the rows done so far are in --out",
     # `udaflow stage ...`, as dvc.yaml calls it: DVC removed the stage's outputs before it ran
     # a replace past its commit point (DVC recorded the new version) is not rolled back: a probe could not tell
@@ -238,8 +240,8 @@ class _Commands(TyperGroup):
             _report(exc, ctx.invoked_subcommand)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt as stop:  # Ctrl-C: one line and the shell's 128 + SIGINT, not the traceback of wherever it landed
-            if _STATE["debug"]:
-                raise
+            if _STATE["debug"]:  # where it landed, then the same line and exit code (typer made it a silent exit 130)
+                err_console.print_exception()
             after = _INTERRUPTED.get(f"{ctx.invoked_subcommand} {nested}") or _INTERRUPTED.get(ctx.invoked_subcommand or "")
             what = "terminated" if isinstance(stop, _Terminated) else "interrupted"
             err_console.print(Text.assemble((what, "bold red"), f": {after}" if after else ""), highlight=False, soft_wrap=True)
@@ -642,7 +644,7 @@ class _BelowWarning(logging.Filter):
     example against model signature' in the middle of every run's plain progress lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
+        return record.levelno >= logging.WARNING or _STATE["debug"]
 
 
 # a filter on the logger that writes the line (not its parent: a parent's filters skip its children's records);
@@ -770,13 +772,14 @@ def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
 
-def _difference(key: str, original, reproduced) -> str:
-    """What `reproduce` compared, exactly (a validator's score within 1e-6, as steps.compare_metrics): the two
+def _difference(original, reproduced, same: bool) -> str:
+    """What `reproduce` compared (`same`: steps.compare_metrics' verdict on the row), written out: the two
     columns round to 2 decimals, so 97.304 against 97.296 read 97.30 twice in a table that said they differ."""
+    if same:
+        return "none"
     if original is None or reproduced is None:
         return "missing"
-    delta = float(reproduced) - float(original)
-    return "none" if abs(delta) <= (1e-6 if key.startswith("validator_selected.") else 0.0) else f"{delta:+.4g}"
+    return f"{float(reproduced) - float(original):+.4g}"
 
 
 def _show(table: Table) -> None:
@@ -1105,8 +1108,8 @@ def reproduce(
     table = Table(title=f"reproduce {run_id} (workspace {result['workspace']})")
     for col in ("metric", "original", "reproduced", "difference"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for key, a, b in result["rows"]:
-        table.add_row(key, _fmt(a), _fmt(b), _difference(key, a, b))
+    for key, a, b, same in result["rows"]:
+        table.add_row(key, _fmt(a), _fmt(b), _difference(a, b, same))
     _show(table)
     if not result["same"]:
         console.print("[bold red]reproduced metrics differ from the recorded ones[/]"

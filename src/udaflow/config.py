@@ -420,10 +420,10 @@ def load_config(
     maps an override's key to the option a CLI took it from instead, e.g. train.device -> --device)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: {'a folder, not a params file' if path.is_dir() else 'no such params file'} "
-                          "(run from the repository root or pass --params)",
-                          "this folder's params.yaml is there: leave --params out to use it" if Path("params.yaml").is_file() else
-                          "this folder has no params.yaml: cd to the repository root (where dvc.yaml is), or pass --params with its path")
+        raise ConfigError(f"{path}: {'a folder, not a params file' if path.is_dir() else 'no such params file'}",
+                          "the current folder's params.yaml is there: leave --params out to use it, or pass the path of another file"
+                          if Path("params.yaml").is_file() else
+                          "the current folder has no params.yaml: run from the repository root (where dvc.yaml is), or pass --params PATH")
     try:
         raw = read_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:  # a Latin-1 byte, or a copy a Windows editor saved as UTF-16

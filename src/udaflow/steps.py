@@ -366,8 +366,9 @@ REPRODUCED_METRICS = ("target_acc_selected", "target_acc_last", "source_val_acc_
 LEGACY_NAMES = {"target_acc_selected": "target_acc", "source_val_acc_selected": "source_val_acc"}
 
 
-def compare_metrics(original: dict[str, float], reproduced: dict[str, Any], tolerance: float = 0.0) -> tuple[bool, list[tuple[str, Any, Any]]]:
-    """Side-by-side rows of the headline metrics; equal when every pair differs by <= tolerance."""
+def compare_metrics(original: dict[str, float], reproduced: dict[str, Any], tolerance: float = 0.0) -> tuple[bool, list[tuple[str, Any, Any, bool]]]:
+    """Side-by-side rows of the headline metrics, each with its verdict; equal when every pair differs by <= tolerance
+    (a validator's score by <= 1e-6 at least)."""
     rows, same = [], True
     for key in REPRODUCED_METRICS:
         a, b = original.get(key, original.get(LEGACY_NAMES.get(key, ""))), reproduced.get(key)
@@ -375,11 +376,12 @@ def compare_metrics(original: dict[str, float], reproduced: dict[str, Any], tole
             continue
         ok = a is not None and b is not None and abs(float(a) - float(b)) <= tolerance
         same &= ok
-        rows.append((key, a, b))
+        rows.append((key, a, b, ok))
     for key, value in sorted(reproduced.get("validators_selected", {}).items()):
         a = original.get(f"validator_selected.{key}", original.get(f"validator.{key}"))
-        same &= a is not None and abs(float(a) - float(value)) <= max(tolerance, 1e-6)
-        rows.append((f"validator_selected.{key}", a, value))
+        ok = a is not None and abs(float(a) - float(value)) <= max(tolerance, 1e-6)
+        same &= ok
+        rows.append((f"validator_selected.{key}", a, value, ok))
     return same, rows
 
 

@@ -648,12 +648,16 @@ def status(root: Path) -> dict:
         return repo.status()
 
 
-def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
-    """Check out the folder whose DVC hash is `md5` into `dest`, from the cache or the default remote."""
+def restore_dataset(md5: str, dest: Path, root: Path, announce: bool = False) -> Path:
+    """Check out the folder whose DVC hash is `md5` into `dest`, from the cache or the default remote.
+    `announce`: first say so on stderr (`udaflow reproduce`: a photo domain's download and copy take minutes)."""
     from dvc_data.hashfile.hash_info import HashInfo
 
     dest = Path(dest)
     what = f"dataset '{dest.name}' at DVC version {md5}"
+    if announce:
+        sys.stderr.write(f"restore {what} into {dest} (from the DVC cache; what it lacks, from the default remote)\n")
+        sys.stderr.flush()
     hint = ("that version was never pushed, or the cache and remote were cleaned since: `dvc push` it from a clone that has "
             "it, or point the default remote (`dvc remote default`) at the storage that holds it")
     with _repo(root) as repo:
@@ -691,9 +695,6 @@ def restore_dataset(md5: str, dest: Path, root: Path) -> Path:
             raise VersioningError(f"{what}: its file {'/'.join(key)} ({oid}){more} is in neither the DVC cache nor the remote", hint)
         tmp = dest.with_name(dest.name + ".restoring")
         shutil.rmtree(tmp, ignore_errors=True)
-        # a line a person can follow (stderr, as training's progress): a photo domain's copy takes minutes
-        sys.stderr.write(f"restore {what}: {len(files)} files into {dest}\n")
-        sys.stderr.flush()
         try:
             for key, _, src in files:
                 out = tmp.joinpath(*key)

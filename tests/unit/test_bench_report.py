@@ -332,19 +332,48 @@ def test_a_sentence_in_a_table_still_wraps_between_words_on_a_terminal(monkeypat
     assert reason in cells and "synth:garage-photos-2026" in cells.split()
 
 
-def test_a_finished_row_is_written_at_float32s_precision_and_a_cached_source_model_gets_no_matmul_share():
+def test_out_writes_float32_figures_as_their_shortest_decimal_and_a_cached_source_model_gets_no_matmul_share(tmp_path):
     """--out read `"target_acc_last": 10.899999618530273` (a float32 accuracy); and a source_only row read from
     the cache carried an earlier training's seconds, divided by this bench's GEMM rate (6.2%, 11%, 9.1%, 10%
     for the same row across four benches)."""
-    from udaflow.bench import settle_row
+    import json
 
-    row = {"method": "source_only", "target_acc_last": 10.899999618530273, "seconds": 25.318400383, "peak_rss_mb": 1862,
-           "validators_last": {"im": 1.2345678912, "entropy": -0.000123456789}, "regret": {"im": 0.5},
+    import numpy as np
+
+    from udaflow.bench import settle_row, write_rows
+
+    acc = float(np.float32(10.9))  # 10.899999618530273, as an accuracy computed in float32 reads in Python
+    im = float(np.float32(1.2345678))
+    row = {"method": "source_only", "target_acc_last": acc, "seconds": 25.318400383, "peak_rss_mb": 1862, "flag": True,
+           "validators_last": {"im": im, "snd": 0.123456789012345}, "nan": float("nan"), "regret": [0.5, acc],
            "cached_pretraining": True, "achieved_gflops": 8.4, "matmul_fraction": 0.062, "selected_by": "im"}
+    out = tmp_path / "bench.json"
+    write_rows([row], out)
+    text = out.read_text()
+    assert "10.899999618530273" not in text and '"target_acc_last": 10.9,' in text
+    [back] = json.loads(text)
+    # nothing lost at float32's precision; float64 figures (seconds, a float64 score) keep every digit
+    assert np.float32(back["target_acc_last"]) == np.float32(acc) and np.float32(back["validators_last"]["im"]) == np.float32(im)
+    assert back["validators_last"]["im"] == 1.2345678 and back["regret"] == [0.5, 10.9]
+    assert back["seconds"] == 25.318400383 and back["validators_last"]["snd"] == 0.123456789012345
+    assert back["peak_rss_mb"] == 1862 and back["flag"] is True and back["nan"] != back["nan"]
+
     settled = settle_row(row)
-    assert settled["target_acc_last"] == 10.9 and settled["seconds"] == 25.3184 and settled["peak_rss_mb"] == 1862
-    assert settled["validators_last"] == {"im": 1.23457, "entropy": -0.000123457} and settled["regret"] == {"im": 0.5}
-    assert settled["matmul_fraction"] is None and settled["achieved_gflops"] == 8.4 and settled["selected_by"] == "im"
+    assert settled["matmul_fraction"] is None and settled["achieved_gflops"] == 8.4 and settled["target_acc_last"] == acc
     assert row["matmul_fraction"] == 0.062  # the caller's row is left as it was
-    trained = settle_row({**row, "cached_pretraining": False})
-    assert trained["matmul_fraction"] == 0.062
+    assert settle_row({**row, "cached_pretraining": False})["matmul_fraction"] == 0.062
+    assert "matmul_fraction" not in settle_row({"cached_pretraining": True})
+
+
+def test_reproduce_compares_each_metric_exactly_and_a_validator_within_1e_6_and_says_which_differ():
+    from udaflow.steps import compare_metrics
+
+    original = {"target_acc_selected": 97.304, "target_acc_last": 97.3, "validator_selected.im": 1.5, "validator_selected.snd": 2.0}
+    same, rows = compare_metrics(original, {"target_acc_selected": 97.296, "target_acc_last": 97.3,
+                                            "validators_selected": {"im": 1.5 + 1e-9, "snd": 2.1}})
+    verdicts = {key: ok for key, _, _, ok in rows}
+    assert not same and verdicts["target_acc_selected"] is False and verdicts["target_acc_last"] is True
+    assert verdicts["validator_selected.im"] is True and verdicts["validator_selected.snd"] is False
+    assert compare_metrics({"target_acc_last": 97.3}, {"target_acc_last": 97.3, "validators_selected": {}}) == (True, [("target_acc_last", 97.3, 97.3, True)])
+    same, rows = compare_metrics({}, {"target_acc_last": 97.3, "validators_selected": {"im": 1.0}})  # not recorded: not the same
+    assert not same and [r[3] for r in rows] == [False, False]

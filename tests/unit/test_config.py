@@ -237,11 +237,11 @@ def test_missing_and_malformed_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="no such params file") as info:
         load_config(tmp_path / "absent.yaml")
-    assert "this folder has no params.yaml: cd to the repository root" in info.value.hint, info.value.hint
+    assert "the current folder has no params.yaml: run from the repository root" in info.value.hint, info.value.hint
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     with pytest.raises(ConfigError, match="no such params file") as info:
         load_config("absent.yaml")  # a typo'd --params beside the project's own file
-    assert info.value.hint == "this folder's params.yaml is there: leave --params out to use it"
+    assert info.value.hint.startswith("the current folder's params.yaml is there: leave --params out to use it")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -373,6 +373,28 @@ def test_a_stage_stopped_with_ctrl_c_says_what_dvc_repro_and_dvc_checkout_do_nex
     assert out.exit_code == 130 and "Traceback" not in out.output
     assert " ".join(out.output.split()) == ("interrupted: `dvc repro` runs the stage again (adaptation from its last checkpoint); "
                                             "until then its outputs are missing (`dvc checkout` brings back the ones dvc.lock records)")
+
+def test_debug_shows_where_a_ctrl_c_landed_then_the_same_line_and_exit_code(monkeypatch):
+    """Under --debug a Ctrl-C printed nothing at all and exited 130 (typer's silent exit): no traceback, no line."""
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    from udaflow import cli, steps
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_stage_config", lambda params: load_config(REPO_PARAMS))
+    monkeypatch.setattr(steps, "domains_in_use", lambda cfg: contextlib.nullcontext())
+    monkeypatch.setattr(steps, "adapt", stopped)
+    try:
+        out = CliRunner().invoke(cli.app, ["--debug", "stage", "adapt"])
+    finally:
+        cli._STATE["debug"] = False  # the process's flag, set by each invocation's --debug: not left on for the tests after
+    assert out.exit_code == 130 and "Traceback" in out.output and "KeyboardInterrupt" in out.output, out.output
+    assert "interrupted: `dvc repro` runs the stage again" in " ".join(out.output.split())
+
 
 def test_an_ingest_stopped_with_ctrl_c_says_which_version_stands(monkeypatch):
     """A probe's replace, interrupted past its commit point, printed a bare `interrupted`: the new version stood unsaid."""

@@ -264,3 +264,9 @@ def test_the_cli_keeps_mlflow_pyfunc_info_out_of_a_runs_output_but_not_its_warni
     logger.warning("a warning MLflow gives")
     err = capfd.readouterr().err
     assert "Validating input example" not in err and "a warning MLflow gives" in err, err
+    udaflow.cli._STATE["debug"] = True  # --debug shows it all
+    try:
+        logger.info("Validating input example against model signature")
+    finally:
+        udaflow.cli._STATE["debug"] = False
+    assert "Validating input example" in capfd.readouterr().err
