@@ -337,9 +337,12 @@ def data_build(
         raise ValueError(f"--domains names no domain (known: {', '.join(BUILTIN_DOMAINS)})")
     if unknown:
         raise ValueError(f"unknown built-in domain(s) {', '.join(repr(d) for d in unknown)} (known: {', '.join(BUILTIN_DOMAINS)})")
+    from udaflow import versioning
+
     for name in names:
         t0 = time.perf_counter()
-        out = build_domain(name, cfg.data.root, seed=seed, synth_size=cfg.data.synth_size, holdout_fraction=cfg.data.holdout_fraction)
+        with versioning.replacing_domain(Path(cfg.data.root) / name):  # not under a run reading it (dvc.yaml: persist)
+            out = build_domain(name, cfg.data.root, seed=seed, synth_size=cfg.data.synth_size, holdout_fraction=cfg.data.holdout_fraction)
         n = sum(1 for _ in (out / "manifest.csv").open()) - 1
         console.print(f"built [bold]{name}[/]: {n} images in {out} ({time.perf_counter() - t0:.1f}s)")
         _version(out)

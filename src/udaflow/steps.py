@@ -306,6 +306,8 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
     from udaflow import plots
     from udaflow.shift import mmd, proxy_a_distance
 
+    if cfg.train.num_threads:  # as training ran: `udaflow stage evaluate` (dvc repro) is a fresh process at torch's default,
+        torch.set_num_threads(cfg.train.num_threads)  # and its MMD's sums in another order wrote other metrics.json bytes
     data = data or load_data(cfg)
     paths = run_paths(cfg)
     device = resolve_device(cfg.train.device)

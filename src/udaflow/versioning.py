@@ -495,15 +495,16 @@ def domains_in_use(paths: Iterable[Path]):
                 fcntl.flock(marker, fcntl.LOCK_UN)
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise VersioningError(f"{folder}: an ingest of '{folder.name}' is replacing it; wait for it to finish",
-                                      f"`udaflow data ingest --replace` holds {lock} while it swaps the folder") from None
+                raise VersioningError(f"{folder}: an ingest or a build of '{folder.name}' is replacing it; wait for it to finish",
+                                      f"`udaflow data ingest --replace` and `udaflow data build` hold {lock} while they swap the folder") from None
             stack.callback(fcntl.flock, fh, fcntl.LOCK_UN)
         yield
 
 
 @contextmanager
-def _replacing(path: Path, root: Path):
-    """The domain's in-use lock, exclusive: waits (saying so) for the runs reading the folder to end."""
+def _replacing(path: Path, root: Path, wait: bool = True):
+    """The domain's in-use lock, exclusive: waits (saying so) for the runs reading the folder to end, or with
+    `wait=False` raises VersioningError at once."""
     import fcntl
 
     lock = _in_use_lock(path, root)
@@ -511,19 +512,43 @@ def _replacing(path: Path, root: Path):
     # first the marker runs check without waiting: on Linux a waiting LOCK_EX lets new LOCK_SH holders in,
     # so runs starting while this waits (scheduled retrains) would keep it waiting for good
     with open(lock.with_suffix(".replacing"), "a+") as marker, open(lock, "a+") as fh:
-        fcntl.flock(marker, fcntl.LOCK_EX)  # the name's ingest lock is held: no other ingest of it contends
         try:
+            # an ingest holds the name's ingest lock first: no other ingest of it contends; a builder may meet one
+            fcntl.flock(marker, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise VersioningError(
+                    f"{path}: udaflow run(s) or an ingest are reading or replacing '{path.name}'; rebuilding it under them "
+                    "would change the data they train, evaluate and gate on",
+                    "run the same command again once they finish (`dvc repro` cannot wait here: a run versioning its "
+                    "data waits for the DVC lock `dvc repro` holds)") from None
             sys.stderr.write(f"waiting for the udaflow run(s) reading '{path.name}' to finish: replacing it under them would "
                              "change the data they train, evaluate and gate on\n")
             sys.stderr.flush()
+            fcntl.flock(marker, fcntl.LOCK_EX)
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
             fcntl.flock(marker, fcntl.LOCK_UN)
+
+
+@contextmanager
+def replacing_domain(path: Path):
+    """A builder's swap of the domain folder `path` (`udaflow data build`), as a replacing ingest's: held
+    exclusive against the runs reading it. A build swapped the folder under a running run (a probe: `dvc repro
+    -f` beside `udaflow run`, which then failed in evaluate with the domain gone). It waits for them, saying
+    so; inside `dvc repro` it refuses at once instead (VersioningError): a run versioning its data waits for the
+    DVC lock that `dvc repro` holds, so each would wait for the other. Outside a DVC project, or for a folder
+    not there yet, nothing to hold."""
+    path, root = _locate(Path(path), None)
+    if root is None or not path.exists():
+        yield
+        return
+    with _replacing(path, root, wait=not inside_dvc_stage()):
+        yield
 
 
 @contextmanager

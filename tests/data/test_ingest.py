@@ -249,7 +249,7 @@ def test_a_replacing_ingest_waits_for_the_runs_reading_the_domain(project: Path,
                     break
     else:
         raise AssertionError("the replacing ingest never reached its swap")
-    with pytest.raises(versioning.VersioningError, match="an ingest of 'tgt' is replacing it"):
+    with pytest.raises(versioning.VersioningError, match="an ingest or a build of 'tgt' is replacing it"):
         with versioning.domains_in_use([folder]):  # a run starting now: refused, so it cannot keep the ingest waiting
             pass
     time.sleep(0.5)

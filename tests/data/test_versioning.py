@@ -124,3 +124,39 @@ def test_versioning_waits_for_another_dvc_command_holding_the_lock(repo: Path, c
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_build_waits_for_the_runs_reading_its_domain_and_refuses_at_once_inside_dvc_repro(repo: Path, monkeypatch, capfd):
+    """A probe: `dvc repro -f` beside a `udaflow run` rebuilt data/raw/synth under it (DVC deleted the folder,
+    `data build` swapped in the new one) and the run failed in evaluate with the domain gone."""
+    import threading
+
+    folder = repo / "data/raw/dom"
+    swapped = threading.Event()
+
+    def build():
+        with versioning.replacing_domain(folder):
+            swapped.set()
+
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    with versioning.domains_in_use([folder]):  # a run reading it
+        builder = threading.Thread(target=build)
+        builder.start()
+        assert not swapped.wait(1.0)  # it waits, and says why
+        assert "waiting for the udaflow run(s) reading 'dom' to finish" in capfd.readouterr().err
+        with pytest.raises(versioning.VersioningError, match="an ingest or a build of 'dom' is replacing it"):
+            with versioning.domains_in_use([folder]):  # a run starting meanwhile is refused, not run on a half swap
+                pass
+    builder.join(10)
+    assert swapped.is_set()
+
+    monkeypatch.setenv("DVC_STAGE", "build@dom")  # inside dvc repro, which holds the DVC lock such a run may wait on
+    with versioning.domains_in_use([folder]):
+        with pytest.raises(versioning.VersioningError, match="udaflow run\\(s\\) or an ingest are reading or replacing 'dom'") as info:
+            with versioning.replacing_domain(folder):
+                pytest.fail("swapped under a running run")
+    assert "run the same command again once they finish" in info.value.hint
+    with versioning.replacing_domain(folder):  # nobody reading it: no wait
+        pass
+    with versioning.replacing_domain(repo / "data/raw/new"):  # not there yet: nothing to hold
+        pass

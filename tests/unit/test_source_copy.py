@@ -90,3 +90,30 @@ def test_two_shifts_of_one_source_pretrain_in_turn(tmp_path, new_shift_project, 
     assert outcomes[0][1] == outcomes[1][1]
     cache = Path(outcomes[0][1]).parent
     assert not list(cache.glob("*.stale")) and not list(cache.glob("*.ckpt"))
+
+
+def test_evaluate_runs_at_train_num_threads_as_training_did(monkeypatch):
+    """A probe: with train.num_threads 1, `dvc repro`'s evaluate stage (a fresh process, torch's default threads)
+    and `udaflow run`'s (after training at 1 thread) wrote metrics.json bytes apart (the MMD, at 1e-16)."""
+    from udaflow.config import Config
+
+    class Loaded(Exception):
+        pass
+
+    seen = []
+
+    def load_data(cfg):
+        seen.append(torch.get_num_threads())
+        raise Loaded
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(steps, "load_data", load_data)
+    cfg = Config().model_copy(update={"train": Config().train.model_copy(update={"num_threads": 1})})
+    try:
+        try:
+            steps.evaluate(cfg)
+        except Loaded:
+            pass
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)
