@@ -173,6 +173,29 @@ def test_accuracy_by_hand():
     assert per_class[3] is None  # no example of class 3
 
 
+def test_predict_chunks_on_a_cpu_without_changing_a_bit():
+    # evaluation and cdtrans's refresh embed whole domains in chunks: 128 images a chunk on a CPU keeps the
+    # activations in cache; each image's features must not depend on which chunk it fell in
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_tiny3", 10)
+    for m in clf.modules():  # running statistics of a trained model, not the identity of a fresh one
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    clf.train()
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    calls = []
+    hook = clf.backbone.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    features, logits = engine.predict(clf, images)
+    hook.remove()
+    assert calls == [128, 128, 44]  # the CPU's default chunk
+    assert clf.training  # the mode is restored
+    for batch_size in (512, 37):
+        f, g = engine.predict(clf, images, batch_size=batch_size)
+        assert torch.equal(f, features) and torch.equal(g, logits), batch_size
+    assert features.shape == (300, clf.num_features) and logits.shape == (300, 10)
+
+
 def test_dev_selection_uses_source_val_and_keeps_scored_checkpoints(tiny_shift, make_train_config):
     source, target, _ = tiny_shift
     val = LabelledImages(source.images[:30], source.labels[:30], source.classes, "src-val")
