@@ -377,3 +377,14 @@ def test_reproduce_compares_each_metric_exactly_and_a_validator_within_1e_6_and_
     assert compare_metrics({"target_acc_last": 97.3}, {"target_acc_last": 97.3, "validators_selected": {}}) == (True, [("target_acc_last", 97.3, 97.3, True)])
     same, rows = compare_metrics({}, {"target_acc_last": 97.3, "validators_selected": {"im": 1.0}})  # not recorded: not the same
     assert not same and [r[3] for r in rows] == [False, False]
+
+
+@pytest.mark.parametrize("fraction, shown", [
+    (0.5123, "51%"), (1.04, "104%"), (0.0996, "10%"), (0.053, "5.3%"), (0.00027, "0.027%"), (None, "-"),
+])
+def test_a_share_of_the_gemm_reads_as_a_plain_percentage(fraction, shown):
+    """A cell can train faster than the GEMM the bench measured while the machine was busier (a share over 100%,
+    seen when `.ci/run` shared the cores at the bench's start): it read `1e+02%`."""
+    from udaflow.cli import _share
+
+    assert _share(fraction) == shown
