@@ -191,6 +191,25 @@ def test_augmentation_scales_with_the_input_size():
             assert augment_view(x, AugmentConfig(), torch.Generator().manual_seed(0), view).shape == x.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_the_shift_is_a_replicate_pad_then_a_crop_in_the_images_own_dtype(dtype):
+    """transforms.shift against a plain re-computation, image by image: pad each border with its edge pixels
+    by t, then crop H x W at (dy, dx), the offsets drawn as dx then dy from the generator."""
+    import torch.nn.functional as F
+
+    from udaflow.data.transforms import shift
+
+    images = torch.randint(0, 256, (9, 3, 11, 14), generator=torch.Generator().manual_seed(2)).to(dtype)
+    for t in (1, 3, 6):
+        out = shift(images, t, torch.Generator().manual_seed(t))
+        draws = torch.Generator().manual_seed(t)
+        dx, dy = torch.randint(0, 2 * t + 1, (9,), generator=draws), torch.randint(0, 2 * t + 1, (9,), generator=draws)
+        assert out.dtype == dtype and out.shape == images.shape
+        for i in range(9):
+            padded = F.pad(images[i : i + 1].float(), (t, t, t, t), mode="replicate")[0]  # (3, H + 2t, W + 2t)
+            assert torch.equal(out[i].float(), padded[:, dy[i] : dy[i] + 11, dx[i] : dx[i] + 14]), (t, i)
+
+
 @pytest.mark.parametrize("view", ["weak", "default", "strong"])
 def test_augmentation_computes_where_the_images_are_and_draws_on_the_cpu_generator(view):
     """The engine augments a GPU run's batch on the GPU. The meta device stands in for one here: an operand

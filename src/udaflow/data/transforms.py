@@ -80,11 +80,11 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: Draws) -> torch
     may be on any device.
     """
     b, device = images.shape[0], images.device
-    x = images.float() / 255.0
     if cfg.rotate > 0 or cfg.scale > 0:
+        x = images.float() / 255.0
         x = affine(x, pixels(cfg.translate, x), cfg.rotate, cfg.scale, generator)
-    elif cfg.translate > 0:
-        x = shift(x, pixels(cfg.translate, x), generator)
+    else:  # the shift moves the stored bytes, then the scaling: the same floats as scaling first (a shift only moves values)
+        x = (shift(images, pixels(cfg.translate, images), generator) if cfg.translate > 0 else images).float() / 255.0
     if cfg.color:
         # random convex channel mix: covers grey<->colour and hue swaps between domains
         mix = _rand(generator, b, 3, 3) + torch.eye(3) * 2.0
@@ -114,16 +114,21 @@ def pixels(translate: float, images: torch.Tensor) -> int:
 
 
 def shift(images: torch.Tensor, translate: int, generator: Draws) -> torch.Tensor:
-    """Random integer shift of up to `translate` px with replicated borders: (B, C, H, W) -> same."""
-    b, _, h, w = images.shape
+    """Random integer shift of up to `translate` px with replicated borders: (B, C, H, W) -> same, same dtype.
+
+    One gather from the image itself, each output pixel reading the clamped source row and column (what a
+    replicate pad then a crop reads), in the images' own dtype: uint8 batches move a quarter of the bytes.
+    Until 2026-12-07 a replicate pad of a float copy and an advanced-indexing gather: the same pixels
+    (a test), 4-5x the time (1.0 ms against 0.2 ms a 64-image view on one thread, an AMD EPYC: 1.5-2% of
+    an adaptation step)."""
+    b, c, h, w = images.shape
     t = translate
-    padded = F.pad(images.float(), (t, t, t, t), mode="replicate")  # (B, C, H+2t, W+2t)
     dx = _randint(generator, 0, 2 * t + 1, b).to(images.device)
     dy = _randint(generator, 0, 2 * t + 1, b).to(images.device)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (B, 1, W)
-    out = padded[torch.arange(b, device=images.device)[:, None, None], :, rows, cols]  # (B, H, W, C): one gather, no per-image loop
-    return out.permute(0, 3, 1, 2).contiguous().to(images.dtype)
+    rows = (dy[:, None] - t + torch.arange(h, device=images.device)).clamp_(0, h - 1)  # (B, H): the source row of each output row
+    cols = (dx[:, None] - t + torch.arange(w, device=images.device)).clamp_(0, w - 1)  # (B, W)
+    index = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)  # (B, C, H*W) into H*W
+    return images.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
 
 
 def affine(images: torch.Tensor, translate: float, rotate: float, scale: float, generator: Draws,
