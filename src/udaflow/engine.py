@@ -28,6 +28,7 @@ from udaflow import distributed
 from udaflow.auxiliary import RotationHead, rotation_loss
 from udaflow.config import AugmentConfig, TrainConfig
 from udaflow.data.datasets import LabelledImages, UnlabelledImages
+from udaflow.data.store import digest
 from udaflow.data.transforms import Draws, RowDraws, augment_view, to_device, to_input
 from udaflow.methods.base import Batch, Method, StepContext
 from udaflow.models.heads import Classifier
@@ -209,10 +210,26 @@ class TrainResult:
     # the target pool's logits (N, K) at each kept state, as the validators scored it (label-free); the
     # benchmark's validator study reads them instead of predicting the pool again. Not saved in a stage file.
     checkpoint_logits: list[torch.Tensor] = field(default_factory=list)
+    # the last evaluation's, at the last step (the last iterate's weights): `Scored`, for `evaluate_stage` in the same
+    # process; None when the run resumed past it. Not saved in a stage file either
+    final_scores: "Scored | None" = None
 
     @property
     def images_per_s(self) -> float:
         return self.train_images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Scored:
+    """One set of weights as an evaluation scored them: every label-free validator's score, the target pool's
+    logits (N, K) and source val's (or None), with the digests of the images they were predicted from."""
+
+    validators: dict[str, float]
+    pool_logits: torch.Tensor
+    val_logits: torch.Tensor | None
+    pool_digest: str
+    val_digest: str | None
+    amp: bool  # whether the predictions ran under autocast (bf16 on a GPU; nothing on a CPU)
 
 
 def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
@@ -497,10 +514,12 @@ def train(
     rotation_batch = cfg.rotation_batch or cfg.batch_size
     rotation_from_source = round(rotation_batch * cfg.rotation_source)  # Sun et al. 2019 train the task on both domains
     modules = {"classifier": classifier, "method": method, **({"rotation": rotation} if rotation is not None else {})}
-    optimiser = torch.optim.AdamW(_param_groups(list(modules.values()), cfg.weight_decay), lr=lr, betas=(0.9, 0.999))
+    # foreach: one kernel per update over all tensors, as torch picks on a GPU; on a CPU torch's default is a loop
+    # over the 56+ tensors, 0.5 ms more a step (the same bits: tests/unit/test_engine.py)
+    optimiser = torch.optim.AdamW(_param_groups(list(modules.values()), cfg.weight_decay), lr=lr, betas=(0.9, 0.999), foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg.warmup_steps, steps))
     generator = torch.Generator().manual_seed(seed)
-    start, record = 0, Record()
+    start, record, final = 0, Record(), None
     ckpt = Checkpoint.load(checkpoint_path, fingerprint, description, main)
     if ckpt is not None:
         start, record = ckpt.step, ckpt.restore(modules, method, optimiser, scheduler, generator)
@@ -558,8 +577,11 @@ def train(
             if evaluate:
                 record.close_loss_interval(done)
                 if tgt is not None:
-                    scores, logits = _scores(tgt, classifier, source_val, device, cfg.amp)
+                    scores, logits, val_logits = _scores(tgt, classifier, source_val, device, cfg.amp)
                     record.add_scores(done, scores, logits, classifier, validator, done >= selectable_from, keep_checkpoints)
+                    if done == steps:
+                        final = Scored(dict(scores), logits, val_logits, digest(target.images),
+                                       digest(source_val.images) if source_val is not None else None, cfg.amp)
             if checkpoint:
                 Checkpoint.capture(done, fingerprint, modules, method, optimiser, scheduler, generator, record).save(checkpoint_path)
 
@@ -581,6 +603,7 @@ def train(
         extra={"selectable_from": selectable_from},
         checkpoint_states=record.kept,
         checkpoint_logits=record.kept_logits,
+        final_scores=final,
     )
 
 
@@ -597,15 +620,16 @@ def _draw_batch(source: _Domain, target: _Domain | None, source_labels: torch.Te
 
 def _scores(
     target: _Domain, classifier: Classifier, source_val: LabelledImages | None, device: torch.device, amp: bool,
-) -> tuple[dict[str, float], torch.Tensor]:
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
     """Every label-free validator's score of the current classifier (DEV when labelled source validation
-    data is given), and the target pool's logits (N, K) they read."""
+    data is given), the target pool's logits (N, K) they read, and source val's (or None)."""
     target_features, logits = target.embed()
     scores = score_all(logits)
+    val_logits = None
     if source_val is not None:
         val_features, val_logits = distributed.gather_rows(len(source_val.images), lambda rows: predict(classifier, source_val.images[rows], device, amp=amp))
         scores["dev"] = dev_score(val_features, val_logits, source_val.labels, target_features)
-    return scores, logits
+    return scores, logits, val_logits
 
 
 def _say(line: str) -> None:

@@ -8,6 +8,7 @@ that shapes the source model, so methods of one shift share it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -26,7 +27,7 @@ from udaflow.data.datasets import LabelledImages, ShiftData, UnlabelledImages
 from udaflow.data.manifest import MANIFEST_NAME
 from udaflow.data.store import digest
 from udaflow.locks import exclusive
-from udaflow.engine import Record, TrainResult, peak_rss_mb, predict, resolve_device, seed_everything, train
+from udaflow.engine import Record, Scored, TrainResult, peak_rss_mb, predict, resolve_device, seed_everything, train
 from udaflow.methods import create_method, get_method_class
 from udaflow.models import Classifier, build_classifier
 from udaflow.models.backbone import weights_digest
@@ -117,6 +118,7 @@ def save_stage(path: Path, result: TrainResult, wall_seconds: float, classes: tu
     # the pool's logits are the scoring target's: a cached source model serves every target. Left out, the
     # file also keeps the bytes its DVC hash in dvc.lock records
     fields_.pop("checkpoint_logits")
+    fields_.pop("final_scores")  # the same: the scored pool's, kept for this process's evaluation
     torch.save({"result": fields_, "classes": list(classes)}, tmp)
     tmp.replace(path)
 
@@ -214,6 +216,7 @@ def _pretrain_source(cfg: Config, data: ShiftData, source: str, cache: Path) -> 
     wall = time.perf_counter() - t0
     if distributed.is_main():  # under torchrun rank 0 alone writes
         save_stage(cache, result, wall, data.classes)
+        _save_scored_pool(cache, cfg, data, result)
         cache.with_suffix(".ckpt").unlink(missing_ok=True)
     return StageResult(classifier, result, wall, info={"cache": str(cache), "key": key})
 
@@ -226,6 +229,44 @@ def source_fingerprint(cfg: Config, start: torch.nn.Module, data: ShiftData) -> 
     the checkpoints."""
     params = {**source_params(cfg, len(data.classes)), "validator": cfg.validator}
     return run_fingerprint(cfg, "source_only", start, data.source_train, data.target_adapt, data.source_val, params=params)
+
+
+def _scored_pool_path(cache: Path) -> Path:
+    return cache.with_suffix(".pool")  # not *.pt: a cache folder's source models stay `source-*.pt` alone
+
+
+def _scored_pool_key(cfg: Config, data: ShiftData) -> dict[str, Any]:
+    return {"pool": digest(data.target_adapt.images), "source_val": digest(data.source_val.images) if data.source_val is not None else None,
+            "validator": cfg.validator, "amp": bool(cfg.train.amp)}
+
+
+def _save_scored_pool(cache: Path, cfg: Config, data: ShiftData, result: TrainResult) -> None:
+    """Beside a cached source model: the pool its checkpoints were scored on (digests), and their logits there (a
+    few MB). `rescore_on_pool` on that same pool then reads them instead of predicting it with every checkpoint again."""
+    path = _scored_pool_path(cache)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**_scored_pool_key(cfg, data), "validator_history": result.validator_history, "logits": result.checkpoint_logits}, tmp)
+    tmp.replace(path)
+
+
+def _scored_here_before(cfg: Config, stage: StageResult, data: ShiftData) -> list[torch.Tensor] | None:
+    """The kept checkpoints' pool logits `_save_scored_pool` wrote, when the cached stage was scored and selected on
+    this pool, with this source val, validator and autocast (so its history is what rescoring computes), else None."""
+    cache = stage.info.get("cache")
+    path = _scored_pool_path(Path(cache)) if cache else None
+    if path is None or not path.is_file() or stage.train.selected_by != cfg.validator:
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: rescored, as without it
+        return None
+    key = _scored_pool_key(cfg, data)
+    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in key.items()):
+        return None
+    logits = saved.get("logits")
+    if saved.get("validator_history") != stage.train.validator_history or not isinstance(logits, list) or len(logits) != len(stage.train.checkpoint_states):
+        return None
+    return logits
 
 
 def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageResult:
@@ -241,6 +282,9 @@ def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageRe
     result = stage.train
     if not result.checkpoint_states:
         return stage
+    kept = _scored_here_before(cfg, stage, data)
+    if kept is not None:  # scored on this pool when it was trained: the same scores, the same pick (12 s of a bench cell)
+        return dataclasses.replace(stage, train=dataclasses.replace(result, checkpoint_logits=kept))
     device = resolve_device(cfg.train.device)
     classifier = stage.classifier.to(device)
     selectable_from = result.extra.get("selectable_from", 0)
@@ -325,15 +369,31 @@ def pool_scores(classifier: Classifier, data: ShiftData, device, amp: bool = Tru
     return scores, target_logits, val_logits
 
 
-def score_weights(classifier: Classifier, data: ShiftData, target_eval: LabelledImages | None, device) -> dict[str, Any]:
+def _scored_here(scored: Scored | None, data: ShiftData) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None] | None:
+    """What `pool_scores` would compute, when training's evaluation of the same weights predicted the same pool and
+    source val images under autocast (as `pool_scores` does): the same calls on the same inputs (on a CPU the same
+    bits; on a GPU the kernels training's determinism chose)."""
+    if scored is None or not scored.amp or (data.source_val is None) != (scored.val_logits is None):
+        return None
+    if scored.pool_digest != digest(data.target_adapt.images):
+        return None
+    if data.source_val is not None and scored.val_digest != digest(data.source_val.images):
+        return None
+    return dict(scored.validators), scored.pool_logits, scored.val_logits
+
+
+def score_weights(classifier: Classifier, data: ShiftData, target_eval: LabelledImages | None, device,
+                  scored: Scored | None = None) -> dict[str, Any]:
     """One set of weights, scored: the label-free validators on the target pool, source val accuracy
-    and, when `target_eval` is given, target accuracy (per class too). Labels are read only here."""
+    and, when `target_eval` is given, target accuracy (per class too). Labels are read only here.
+    `scored`: training's own evaluation of these weights (`TrainResult.final_scores`), read instead of
+    predicting the pool and source val again when it scored the same images."""
     from udaflow.engine import per_class_accuracy
     from udaflow.engine import accuracy as top1
 
     from udaflow.promotion import prediction_diversity
 
-    validators, target_logits, val_logits = pool_scores(classifier, data, device)
+    validators, target_logits, val_logits = _scored_here(scored, data) or pool_scores(classifier, data, device)
     out: dict[str, Any] = {"validators": validators, "source_val_acc": top1(val_logits, data.source_val.labels), "target_acc": None,
                            "pool_diversity": prediction_diversity(target_logits.argmax(1).tolist(), len(data.classes))}
     if target_eval is not None:
@@ -343,6 +403,10 @@ def score_weights(classifier: Classifier, data: ShiftData, target_eval: Labelled
         out["target_per_class_acc"] = dict(zip(data.classes, per_class_accuracy(logits, target_eval.labels, len(data.classes))))
         out["predictions"] = logits.argmax(1)
     return out
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a is b or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
 
 
 def evaluate_stage(cfg: Config, stage: StageResult, data: ShiftData, target_eval: LabelledImages | None = None) -> dict[str, Any]:
@@ -360,9 +424,17 @@ def evaluate_stage(cfg: Config, stage: StageResult, data: ShiftData, target_eval
     target_eval = target_eval if target_eval is not None else data.target_eval
     classifier = stage.classifier
     out: dict[str, Any] = {}
+    # the last iterate as training's last evaluation scored it (same process); the selected checkpoint is most often
+    # the last iterate too (the validator's pick at the last step): scored once
+    classifier.load_state_dict(stage.train.last_state)
+    last = score_weights(classifier, data, target_eval, device, stage.train.final_scores)
     for name, state in (("selected", stage.train.selected_state), ("last", stage.train.last_state)):
-        classifier.load_state_dict(state)
-        scores = score_weights(classifier, data, target_eval, device)
+        if name == "last" or _same_weights(state, stage.train.last_state):
+            scores = copy.deepcopy(last)
+        else:
+            classifier.load_state_dict(state)
+            scores = score_weights(classifier, data, target_eval, device)
+            classifier.load_state_dict(stage.train.last_state)
         out[f"target_acc_{name}"] = scores["target_acc"]
         out[f"source_val_acc_{name}"] = scores["source_val_acc"]
         out[f"validators_{name}"] = scores["validators"]

@@ -158,6 +158,92 @@ def test_the_validator_study_reads_the_logits_training_scored_and_predicts_only_
         assert c["target_acc"] == engine.accuracy(real_predict(clf, target.images[:20])[1], labels[:20])
 
 
+def test_a_cached_source_model_on_the_pool_it_was_scored_on_is_not_predicted_again(tmp_path, tiny_shift, make_train_config, monkeypatch):
+    """A bench's source-only cell reads the source model its workers just cached: `rescore_on_pool` then takes the
+    pool logits pretraining kept beside the cache (`.pool`), when the pool, source val, validator and autocast are
+    the ones it was scored with: what predicting the pool with every checkpoint again gives, with no pass.
+    Another pool, or the sidecar gone, is predicted."""
+    from conftest import CLASSES, colour_images
+
+    from udaflow import experiment
+    from udaflow.config import Config, ModelConfig
+    from udaflow.data.datasets import UnlabelledImages
+    from udaflow.data.manifest import MANIFEST_NAME
+
+    source, target, labels = tiny_shift
+    (tmp_path / "data/src").mkdir(parents=True)
+    (tmp_path / "data/src" / MANIFEST_NAME).write_text("path,label\n")
+    cfg = Config(model=ModelConfig(backbone="udaflow_vit_micro"), train=make_train_config(pretrain_steps=15, eval_every=5), work_dir=tmp_path / "runs")
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": tmp_path / "data"})})
+    val = LabelledImages(source.images[:12], source.labels[:12], source.classes, "src-val")
+    data = ShiftData(source, val, target, LabelledImages(target.images, labels, CLASSES, "tgt"), "transductive")
+    assert not experiment.pretrain_source(cfg, data, "src").cached
+    cached = experiment.pretrain_source(cfg, data, "src")
+    assert cached.cached and cached.train.checkpoint_logits == []  # a stage file leaves them out
+    passes = []
+    real_predict = experiment.predict
+    monkeypatch.setattr(experiment, "predict", lambda model, images, *a, **k: passes.append(len(images)) or real_predict(model, images, *a, **k))
+
+    read = experiment.rescore_on_pool(cfg, cached, data)
+    assert passes == []
+    predicted = experiment.rescore_on_pool(cfg, dataclasses.replace(cached, info={}), data)  # no sidecar known: every checkpoint predicted
+    assert passes == [len(target), len(val)] * 3
+    assert read.train.validator_history == predicted.train.validator_history and read.train.selected_step == predicted.train.selected_step
+    assert len(read.train.checkpoint_logits) == 3 and all(torch.equal(a, b) for a, b in zip(read.train.checkpoint_logits, predicted.train.checkpoint_logits))
+
+    xb, labels_b = colour_images(60, seed=2, shift=-30.0)
+    passes.clear()
+    experiment.rescore_on_pool(cfg, cached, dataclasses.replace(data, target_adapt=UnlabelledImages(xb, "tgt-b")))
+    assert passes == [60, len(val)] * 3  # another pool: scored again
+
+
+def test_a_stage_is_evaluated_from_trainings_last_scoring_and_each_set_of_weights_once(tiny_shift, make_train_config, monkeypatch):
+    """evaluate_stage: the last iterate's figures come from training's last evaluation of the same pool and source
+    val (no pass over either), a selected checkpoint that is the last iterate is not predicted again, one that is
+    not is (once), and every figure is what evaluating from scratch gives. Another pool is predicted."""
+    from conftest import CLASSES, colour_images
+
+    from udaflow import experiment
+    from udaflow.data.datasets import UnlabelledImages
+
+    source, target, labels = tiny_shift
+    val = LabelledImages(source.images[:12], source.labels[:12], source.classes, "src-val")
+    data = ShiftData(source, val, target, LabelledImages(target.images, labels, CLASSES, "tgt"), "transductive")
+    cfg = SimpleNamespace(train=SimpleNamespace(device="cpu", amp=True))
+    torch.manual_seed(0)
+    clf = build_classifier("udaflow_vit_micro", 3)
+    result = engine.train(clf, create_method("dann", clf, None), source, target, make_train_config(eval_every=5), steps=15,
+                          lr=3e-3, seed=0, source_val=val, keep_checkpoints=True)
+    assert result.final_scores is not None and result.final_scores.validators == {k: v for k, v in result.validator_history[-1].items() if k != "step"}
+    passes = []
+    real_predict = experiment.predict
+    monkeypatch.setattr(experiment, "predict", lambda model, images, *a, **k: passes.append(len(images)) or real_predict(model, images, *a, **k))
+
+    def evaluated(train_result, on=data):
+        passes.clear()
+        out = experiment.evaluate_stage(cfg, StageResult(clf, train_result, 1.0), on)
+        assert all(torch.equal(p, q) for p, q in zip(clf.state_dict().values(), result.last_state.values()))  # left at the last iterate
+        return {k: v for k, v in out.items() if k != "peak_rss_mb"}, list(passes)
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+    kept = dict(result.checkpoint_states)
+    for step, state in ((15, result.last_state), (5, kept[5])):
+        picked = dataclasses.replace(result, selected_state=state, selected_step=step)
+        scratch, scratch_passes = evaluated(dataclasses.replace(picked, final_scores=None))
+        assert scratch_passes == ([len(target), len(val)] if step == 15 else [len(target), len(val)] * 2)
+        reused, reused_passes = evaluated(picked)
+        assert same(reused, scratch)
+        assert reused_passes == ([] if step == 15 else [len(target), len(val)])  # the earlier checkpoint alone
+    assert reused["validators_selected"] != reused["validators_last"]  # two sets of weights were scored
+
+    xb, labels_b = colour_images(60, seed=2, shift=-30.0)
+    other = ShiftData(source, val, UnlabelledImages(xb, "tgt-b"), LabelledImages(xb, labels_b, CLASSES, "tgt-b"), "transductive")
+    _, other_passes = evaluated(dataclasses.replace(result, selected_state=result.last_state), other)
+    assert other_passes == [60, len(val)]  # not the pool training scored: predicted
+
+
 def test_a_cached_source_model_is_scored_and_selected_again_on_each_target_pool(tiny_shift, make_train_config):
     """A source model is cached per source and serves every target: on another target its validator
     history and selected checkpoint must be this pool's, as if it had been trained beside this pool."""

@@ -741,6 +741,28 @@ def test_a_cpu_training_loop_skips_the_nan_fill_of_new_tensors_and_keeps_its_bit
     assert all(torch.equal(kept.last_state[k], filled.last_state[k]) for k in kept.last_state)
 
 
+def test_the_optimiser_updates_every_tensor_at_once_with_the_loops_bits(tiny_shift, make_train_config, monkeypatch):
+    """AdamW runs torch's foreach implementation (one kernel per update over all tensors; torch's CPU default is a
+    Python loop over them): the weights the loop would give, to the bit."""
+    source, target, _ = tiny_shift
+    real, made = torch.optim.AdamW, []
+
+    def adamw(*args, **kwargs):
+        made.append(kwargs.get("foreach"))
+        return real(*args, **kwargs)
+
+    def run():
+        clf, method = _fresh("adamatch", None)
+        return engine.train(clf, method, source, target, make_train_config(), steps=8, lr=3e-3, seed=0).last_state
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    at_once = run()
+    assert made == [True]
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *args, **kwargs: real(*args, **{**kwargs, "foreach": False}))
+    looped = run()
+    assert all(torch.equal(at_once[k], looped[k]) for k in looped)
+
+
 def test_a_bench_workers_resume_and_progress_lines_carry_its_cell_tag(monkeypatch, capsys):
     """In a `--jobs 2` bench two cells share the terminal: 'pretrain shopb: resuming from step 20 (...)' came
     untagged among '[shopb:shopa seed 0] pretrain shopb: resumed at step 20/60' lines."""
