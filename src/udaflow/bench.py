@@ -85,9 +85,17 @@ def run_bench(
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": max(1, (os.cpu_count() or 1) // jobs)})})
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    loaded = {shift: _labelled_shift(cfg, shift, protocol) for shift in shifts}  # a domain without labels fails here, before any training
-    with _claim_out(out):
-        return _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlations, on_machine, jobs, loaded)
+    if jobs == 1:
+        loaded = {shift: _labelled_shift(cfg, shift, protocol) for shift in shifts}  # a domain without labels fails here, before any training
+        with _claim_out(out):
+            return _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlations, on_machine, None, loaded)
+    with _workers(cfg, jobs) as pool:
+        # the same checks, every shift at once in the workers (in this process, one shift after the other, they held
+        # a two-shift bench's start for 25-30 s with the other core idle); a failure stops the bench here, before any training
+        for check in [pool.submit(_in_worker, _check_shift, cfg, shift, protocol) for shift in shifts]:
+            check.result()
+        with _claim_out(out):
+            return _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlations, on_machine, pool, {})
 
 
 @contextmanager
@@ -140,7 +148,7 @@ def _written_by_a_bench(path: Path, kind: type) -> bool:
     return isinstance(data, list) and all(isinstance(r, dict) and {"shift", "method"} <= set(r) for r in data)
 
 
-def _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlations, on_machine, jobs, loaded) -> list[dict[str, Any]]:
+def _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlations, on_machine, pool, loaded) -> list[dict[str, Any]]:
     # the training device's GEMM rate (fp32 on CPU at a cell's thread count, bf16 on a GPU under autocast):
     # speeds below are ratios of it
     from udaflow.engine import resolve_device
@@ -162,16 +170,15 @@ def _run_cells(cfg, shifts, methods, seeds, protocol, out, on_row, on_correlatio
         if out is not None:
             write_rows(rows, out)
 
-    if jobs == 1:
+    if pool is None:
         for shift in shifts:
             data = loaded.pop(shift)
             for seed in range(seeds):
                 pretrained = pretrain_source(_seeded(cfg, seed), data, shift[0])
                 for method in methods:
                     done((shift, seed, method), bench_cell(_seeded(cfg, seed), shift, method, protocol, machine_gflops, data, pretrained))
-    else:
-        loaded.clear()  # each worker loads its own
-        _run_parallel(cfg, cells, protocol, machine_gflops, jobs, done)
+    else:  # each worker loads its own
+        _run_parallel(cfg, cells, protocol, machine_gflops, pool, done)
     correlations: dict[str, Any] = {}
     for shift in shifts:
         name = f"{shift[0]}:{shift[1]}"
@@ -299,6 +306,11 @@ def _in_worker(task: Callable, cfg: Config, shift: tuple[str, str], *args):
         raise
 
 
+def _check_shift(cfg: Config, shift: tuple[str, str], protocol: str) -> None:
+    """`_labelled_shift` in a bench worker: the shift's GX suites pass and its target has labels (the data stays here)."""
+    _labelled_shift(cfg, shift, protocol)
+
+
 def _pretrain_cell(cfg: Config, shift: tuple[str, str], protocol: str) -> bool:
     """Trains (shift, cfg.seed)'s source model into the on-disk cache; True when it was there already."""
     data = load_shift(cfg.data.root, *shift, image_spec(cfg), protocol, cfg.image_cache)  # type: ignore[arg-type]
@@ -312,30 +324,16 @@ def _worker_start(num_threads: int, parent: int) -> None:
     torch.set_num_threads(num_threads)
 
 
-def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops: float, jobs: int, done: Callable) -> None:
+@contextmanager
+def _workers(cfg: Config, jobs: int):
+    """`jobs` bench worker processes (each with `train.num_threads`), for the `with` block's work."""
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start, initargs=(cfg.train.num_threads, os.getpid()))
     try:
-        # the source models first, each into the on-disk cache once; then every cell, the longest first
-        # (all shifts' together), so no long cell starts last
-        pretraining = {(shift, seed): pool.submit(_in_worker, _pretrain_cell, _seeded(cfg, seed), shift, protocol)
-                       for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)}
-        cached = {key: future.result() for key, future in pretraining.items()}  # a worker's error stops the bench here
-        pending = {}
-        for cell in sorted(cells, key=lambda c: -_cell_work(cfg, c[2])):  # stable: the cells' order among equals
-            shift, seed, method = cell
-            pending[pool.submit(_in_worker, bench_cell, _seeded(cfg, seed), shift, method, protocol, machine_gflops)] = cell
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                cell = pending.pop(future)
-                row, study = future.result()
-                if "cached_pretraining" in row:  # the cell read the cache a worker had just filled
-                    row["cached_pretraining"] = cached[cell[:2]]
-                done(cell, (row, study))
+        yield pool
     except BaseException:
         # an error (or Ctrl-C) ends the bench now, not once the other workers' cells finish; the rows
         # done so far are already in --out
@@ -344,6 +342,28 @@ def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def _run_parallel(cfg: Config, cells: list[tuple], protocol: str, machine_gflops: float, pool, done: Callable) -> None:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    # the source models first, each into the on-disk cache once; then every cell, the longest first
+    # (all shifts' together), so no long cell starts last
+    pretraining = {(shift, seed): pool.submit(_in_worker, _pretrain_cell, _seeded(cfg, seed), shift, protocol)
+                   for shift, seed in dict.fromkeys((c[0], c[1]) for c in cells)}
+    cached = {key: future.result() for key, future in pretraining.items()}  # a worker's error stops the bench here
+    pending = {}
+    for cell in sorted(cells, key=lambda c: -_cell_work(cfg, c[2])):  # stable: the cells' order among equals
+        shift, seed, method = cell
+        pending[pool.submit(_in_worker, bench_cell, _seeded(cfg, seed), shift, method, protocol, machine_gflops)] = cell
+    while pending:
+        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in finished:
+            cell = pending.pop(future)
+            row, study = future.result()
+            if "cached_pretraining" in row:  # the cell read the cache a worker had just filled
+                row["cached_pretraining"] = cached[cell[:2]]
+            done(cell, (row, study))
 
 
 def training_cost(cfg: Config, stage, images_per_s: float, machine_gflops: float) -> dict[str, float]:

@@ -393,6 +393,24 @@ def test_an_unlabelled_target_is_refused_with_what_to_do_instead(monkeypatch, tm
     assert refused.value.hint.startswith("a bench scores every method on the target's labels: bench a labelled target")
 
 
+def test_a_parallel_bench_checks_every_shift_in_its_workers_before_any_training(tmp_path):
+    """`--jobs 2` runs the shifts' checks in the worker processes, all at once: a shift that fails them stops the
+    bench with its one clear error (raised on purpose, across the process boundary), before any training and
+    before --out is touched."""
+    from udaflow import bench
+    from udaflow.config import Config
+    from udaflow.data.manifest import DataError
+
+    out = tmp_path / "bench.json"
+    out.write_text('[{"shift": "synth:mnist", "method": "an earlier bench"}]\n')
+    cfg = Config(work_dir=str(tmp_path / "runs"), data={"root": str(tmp_path / "raw")})
+    with pytest.raises(DataError, match=r"domain 'nowhere' not found; ingest your images") as refused:
+        bench.run_bench(cfg, [("nowhere", "else")], ["dann"], out=out, jobs=2)
+    assert refused.value.raised_on_purpose
+    assert out.read_text() == '[{"shift": "synth:mnist", "method": "an earlier bench"}]\n'
+    assert not (tmp_path / "runs" / "cache").exists()  # no source model trained
+
+
 def test_a_sentence_in_a_table_still_wraps_between_words_on_a_terminal(monkeypatch):
     """Only words are kept whole: a run summary's long promotion-gate reason wraps inside a 100-column terminal
     (a review: every cell kept whole made the table 191 columns wide, which the terminal broke mid-box)."""
