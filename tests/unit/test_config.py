@@ -320,7 +320,8 @@ def test_a_params_file_that_leaves_out_keys_params_yaml_sets_is_told_which_and_w
     assert left["train.pretrain_steps"] == (1500, 1000)
     assert left["train.pseudo_labels.neighbours"] == (0, 10)
     assert left["methods.adamatch.weak_target_grad"] == (True, False)  # a method's option: its Config's default
-    assert left["methods.cdtrans.step_scale"] == (1.0, 1.25)
+    assert left["methods.cdtrans.warmup_fraction"] == (0.0, 0.5)
+    assert "methods.cdtrans.step_scale" not in left  # params.yaml's 1.0 is the code's: no news
     # what the file, its overrides or a method block in it set is the user's choice; equal defaults are no news
     assert not {"train.adapt_steps", "train.rotation_weight", "train.adapt_lr", "methods.cdtrans.ema"} & left.keys()
     assert not {"seed", "train.lr", "methods.dann.trade_off", "methods.ssrt.layers"} & left.keys()
