@@ -15,12 +15,17 @@ and the source validation split; when the target domain has a labelled `val` spl
      how many classes the pool shows. That record counts for at least two classes' worth (log 2 / log C):
      a source model that itself predicts one class shows nothing of the pool, and a bar of 0 x it
      would let a one-class challenger through;
-  3. no champion yet (first version) -> a sanity check instead of a comparison against its own
+  3. a challenger whose own record flags swapped classes is refused, unless accuracy on the target's
+     labelled `val` split decides (accuracy there sees a swap itself). At evaluation the pipeline reads
+     the adapted model's labels on the pool in its source-only model's features (shift.class_swaps): a
+     pair of classes whose pool images each sit nearer the *other* class's source images. No label-free
+     validator sees such a swap: predictions stay confident and balanced (docs/measurements.md);
+  4. no champion yet (first version) -> a sanity check instead of a comparison against its own
      source-only model, both scored at evaluation: when the target has a labelled `val` split, the
      challenger's accuracy there must be at least the source-only model's; without one, its
      validator must beat the source-only model's on the pool it adapted on. Either way its source
      val accuracy may not fall more than `source_tolerance` points below that source-only model's;
-  4. otherwise score = target `val` accuracy when that split exists, else the validator on the
+  5. otherwise score = target `val` accuracy when that split exists, else the validator on the
      current pool (higher is better for every validator here); promote when challenger >= champion
      AND the challenger's source val accuracy is no more than `source_tolerance` points below the
      champion's.
@@ -54,13 +59,14 @@ class Recorded:
     target_val_acc: float | None = None  # the registered weights on the target's labelled `val` split, when it has one
     source_only_target_val_acc: float | None = None  # its source-only model on that split
     source_only_diversity: float | None = None  # its source-only model's prediction diversity on the pool
+    class_swaps: tuple[tuple[str, str], ...] | None = None  # pairs of class names shift.class_swaps flagged; None = not recorded
 
 
 @dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
-    criterion: str  # "target_val_acc" | "validator.<name>" | "first" | "same" | "collapse"
+    criterion: str  # "target_val_acc" | "validator.<name>" | "first" | "same" | "collapse" | "class_swap"
     rows: list[tuple[str, str, str]] = field(default_factory=list)  # (metric, champion, challenger)
     data: str = ""  # which data decided, in words
 
@@ -81,6 +87,11 @@ def two_classes_worth(num_classes: int | None) -> float:
     """The diversity of predictions split evenly over two of `num_classes` classes, log 2 / log C: the least
     spread the collapse bar is scaled by (1 for C = 2; 0 when C is unknown)."""
     return math.log(2) / math.log(num_classes) if num_classes and num_classes > 1 else 0.0
+
+
+def format_swaps(swaps) -> str:
+    """`[("2", "7")]` -> "2<->7"; none -> "none"."""
+    return ", ".join(f"{a}<->{b}" for a, b in swaps) or "none"
 
 
 def _fmt(v: float | None) -> str:
@@ -110,6 +121,17 @@ def decide(
                    "shows fewer on the pool)")
     if challenger.diversity < bar:
         return Decision(False, f"collapsed: prediction diversity {challenger.diversity:.3f} < {against} on the target pool", "collapse", rows, data)
+    swaps = recorded.class_swaps if recorded is not None else None
+    if swaps is not None:
+        rows.append(("class swaps at evaluation", "-", format_swaps(swaps)))
+    if champion is None:  # what will decide: accuracy on the target's labelled val split sees a swap itself
+        on_val = recorded is not None and recorded.target_val_acc is not None and recorded.source_only_target_val_acc is not None
+    else:
+        on_val = challenger.target_val_acc is not None and champion.target_val_acc is not None
+    if swaps and not on_val:
+        return Decision(False, f"classes look swapped: {format_swaps(swaps)} (each pair's pool images sit nearer the other class's source "
+                               "images in its source-only model's features; no label-free score sees a swap, a labelled target val split would)",
+                        "class_swap", rows, data)
     if champion is None:
         return _first(challenger, recorded, key, source_tolerance, rows, data)
     if challenger.target_val_acc is not None and champion.target_val_acc is not None:

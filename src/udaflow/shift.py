@@ -4,6 +4,8 @@ proxy A-distance (Ben-David et al. 2007): train a linear domain classifier on ha
 measure its error eps on the other half; PAD = 2 (1 - 2 eps). 0 = indistinguishable, 2 = separable.
 MMD: squared maximum mean discrepancy with a Gaussian kernel, bandwidth by the median heuristic,
 and its permutation test (is the difference more than sampling noise?).
+Class swaps: pairs of classes an adapted model looks to have exchanged on the target, read in the source
+model's feature space (`class_swaps`).
 """
 
 from __future__ import annotations
@@ -105,3 +107,42 @@ def mmd_test(source: torch.Tensor, target: torch.Tensor, permutations: int = 500
     shuffled = (ka * a).sum(1) / ns**2 + (kb * b).sum(1) / (n - ns) ** 2 - 2 * (ka * b).sum(1) / (ns * (n - ns))
     p_value = (1 + int((shuffled >= observed - 1e-12).sum())) / (1 + permutations)
     return observed, float(p_value)
+
+
+def class_swaps(source_features: torch.Tensor, source_labels, target_features: torch.Tensor, predicted,
+                num_classes: int) -> list[tuple[int, int]]:
+    """Pairs of classes (a, b) whose names the adapted model looks to have exchanged on the target pool.
+
+    Self-training can lock in a swap that no label-free score sees: the pseudo-labels of two classes
+    trade places early, class-balanced alignment keeps the pair exactly as balanced as a right one,
+    and the adapted extractor then moves each swapped cluster next to the source class it is named
+    after (docs/measurements.md, "A fourth shift"). The source model has not moved: its features still
+    place the target images of each class nearer the source images of that class, weakly.
+
+    All features are the *source* model's: `source_features` (N, D) of the labelled source val images
+    (`source_labels`, N), `target_features` (M, D) of the target pool, which the adapted model labels
+    `predicted` (M). Each domain's features are centred on that domain's own mean (the shift moves every
+    target feature the same way: uncentred, that common offset outweighs the weak class signal) and each
+    row L2-normalised; m_s[c] is the normalised mean of source class c, m_t[c] of the pool images
+    predicted c; sim[a, b] = m_t[a] . m_s[b] (a cosine). A pair is flagged when both sides say so:
+
+        sim[a, b] > sim[a, a]  and  sim[b, a] > sim[b, b],
+
+    i.e. the images named a sit nearer source b than source a, and the images named b nearer source a.
+    Weak features make one-sided confusions common; a mutual one is what a swap leaves. Classes
+    without source val images or without pool predictions are left out. Returns sorted pairs, a < b.
+    """
+    import torch.nn.functional as F
+
+    ys, pt = torch.as_tensor(source_labels).long(), torch.as_tensor(predicted).long()
+    fs, ft = source_features.float(), target_features.float()
+    fs, ft = F.normalize(fs - fs.mean(0), dim=1), F.normalize(ft - ft.mean(0), dim=1)
+    present = [c for c in range(num_classes) if bool((ys == c).any()) and bool((pt == c).any())]
+    if len(present) < 2:
+        return []
+    ms = F.normalize(torch.stack([fs[ys == c].mean(0) for c in present]), dim=1)
+    mt = F.normalize(torch.stack([ft[pt == c].mean(0) for c in present]), dim=1)
+    sim = mt @ ms.T
+    k = len(present)
+    return [(present[i], present[j]) for i in range(k) for j in range(i + 1, k)
+            if sim[i, j] > sim[i, i] and sim[j, i] > sim[j, j]]

@@ -304,7 +304,7 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
     target pool features, before (source model) and after (registered weights) adaptation.
     """
     from udaflow import plots
-    from udaflow.shift import mmd, proxy_a_distance
+    from udaflow.shift import class_swaps, mmd, proxy_a_distance
 
     if cfg.train.num_threads:  # as training ran: `udaflow stage evaluate` (dvc repro) is a fresh process at torch's default,
         torch.set_num_threads(cfg.train.num_threads)  # and its MMD's sums in another order wrote other metrics.json bytes
@@ -338,7 +338,12 @@ def evaluate(cfg: Config, data: ShiftData | None = None, source_model: Path | No
             target_val_images=len(val),
         )
     feats_before = (predict(source.classifier, data.source_val.images, device)[0], predict(source.classifier, data.target_adapt.images, device)[0])
-    feats_after = (predict(adapted.classifier, data.source_val.images, device)[0], predict(adapted.classifier, data.target_adapt.images, device)[0])
+    pool_after = predict(adapted.classifier, data.target_adapt.images, device)
+    feats_after = (predict(adapted.classifier, data.source_val.images, device)[0], pool_after[0])
+    # the registered weights' labels on the pool, read in the source model's features: the gate refuses flagged swaps
+    swaps = class_swaps(feats_before[0], data.source_val.labels, feats_before[1], pool_after[1].argmax(1), len(data.classes))
+    metrics["class_swaps"] = [[data.classes[a], data.classes[b]] for a, b in swaps]
+    metrics["class_swaps_flagged"] = len(swaps)
     metrics["shift"] = {
         "pad_before": proxy_a_distance(*feats_before, seed=cfg.seed),
         "pad_after": proxy_a_distance(*feats_after, seed=cfg.seed),

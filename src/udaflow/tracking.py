@@ -778,6 +778,7 @@ def register_challenger(run: PipelineRun, package: Path, input_example: Any, met
                if metrics.get(k) is not None},
             **{f"validator_selected.{k}": round(v, 6) for k, v in metrics.get("validators_selected", {}).items()},
             **{f"validator_source_only.{k}": round(v, 6) for k, v in metrics.get("validators_source_only", {}).items()},
+            **({"class_swaps": json.dumps(metrics["class_swaps"])} if metrics.get("class_swaps") is not None else {}),
         }
 
     with registry_lock(name):
@@ -886,8 +887,15 @@ def _recorded(version, validator: str):
         except (KeyError, ValueError):
             return None
 
+    def pairs(key):  # a JSON list of [a, b] class-name pairs; None when not recorded (a version from before the check)
+        try:
+            return tuple((str(a), str(b)) for a, b in json.loads(version.tags[key]))
+        except (KeyError, ValueError, TypeError):
+            return None
+
     return Recorded(num(f"validator_selected.{validator}"), num(f"validator_source_only.{validator}"), num("source_only_source_val_acc"),
-                    num("target_val_acc_selected"), num("source_only_target_val_acc"), num("source_only_prediction_diversity"))
+                    num("target_val_acc_selected"), num("source_only_target_val_acc"), num("source_only_prediction_diversity"),
+                    pairs("class_swaps"))
 
 
 def promote(name: str, measure: Callable[[str], Any], validator: str, source_tolerance: float, min_diversity: float,

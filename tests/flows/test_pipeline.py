@@ -141,6 +141,8 @@ def test_one_name_per_figure_in_metrics_mlflow_registry_and_bench(project: Path,
     # the source model's spread on the pool, which the gate's collapse bar scales with (promotion.py)
     spread = metrics["source_only_prediction_diversity"]
     assert 0 < spread <= 1 and float(tags["source_only_prediction_diversity"]) == spread and logged["source_only_prediction_diversity"] == spread
+    # the class-swap check read the registered weights' labels in the source model's features: JSON pairs on the version
+    assert json.loads(tags["class_swaps"]) == metrics["class_swaps"] and logged["class_swaps_flagged"] == len(metrics["class_swaps"])
     for name, value in metrics["validators_selected"].items():
         assert row["validators_selected"][name] == pytest.approx(value, abs=1e-6), name
         assert logged[f"validator_selected.{name}"] == pytest.approx(value, abs=1e-6)

@@ -145,6 +145,20 @@ def test_the_collapse_bar_is_read_from_the_version_s_own_record(registry: Path, 
     assert (spread >= 0.5) == ("would promote" in result.output), result.output
 
 
+def test_a_version_recorded_with_swapped_classes_is_refused_and_says_why(registry: Path, trained):
+    """Evaluation tagged the version with the pairs shift.class_swaps flagged (JSON): the gate refuses it, first
+    version or not, and its table shows the pairs; a version whose record flags none passes the same way as before."""
+    add_version(registry, variant(trained, 1), recorded_im=0.9, source_only_im=0.1, class_swaps=[["A", "B"]])
+    assert mlflow.MlflowClient().get_model_version(NAME, "1").tags["class_swaps"] == '[["A", "B"]]'
+    result = cli(["promote", "--model", NAME], registry)
+    assert "not promoted" in result.output and "classes look swapped: A<->B" in result.output and champion() is None, result.output
+    tags = mlflow.MlflowClient().get_model_version(NAME, "1").tags
+    assert tags["gate.criterion"] == "class_swap" and ["class swaps at evaluation", "-", "A<->B"] in yaml.safe_load(tags["gate.table"])
+    add_version(registry, variant(trained, 2, noise=0.01), recorded_im=0.9, source_only_im=0.1, class_swaps=[])
+    result = cli(["promote", "--model", NAME], registry)
+    assert champion() == "2", result.output
+
+
 def test_a_model_of_another_version_of_its_source_is_refused_with_the_way_back(project: Path, trained):
     """A probe replaced a source with two classes fewer: `promote` refused with the classes, and a hint to list
     models in the UI. The hint now says the source's version changed and how to bring one back."""

@@ -130,3 +130,25 @@ def test_prediction_diversity():
     assert prediction_diversity([2] * 20, 4) == 0.0
     assert prediction_diversity([0, 0, 1, 1], 4) == pytest.approx(math.log(2) / math.log(4))
     assert prediction_diversity([], 4) == 1.0 and prediction_diversity([0, 0], 1) == 1.0
+
+
+def test_a_challenger_recorded_with_swapped_classes_is_refused_unless_a_val_split_decides():
+    """shift.class_swaps flagged a pair at evaluation: no label-free score would see it, so the gate refuses the
+    version, first or not. Accuracy on a labelled target val split sees a swap itself: there it decides."""
+    swapped = Recorded(0.8, 0.6, 99.5, class_swaps=(("2", "7"),))
+    d = gate(m("1"), recorded=swapped)
+    assert not d.promote and d.criterion == "class_swap" and d.reason.startswith("classes look swapped: 2<->7 (")
+    assert ("class swaps at evaluation", "-", "2<->7") in d.rows
+    d = gate(m("2", validator=0.9), m("1", validator=0.1), recorded=Recorded(0.9, 0.1, 99.0, class_swaps=(("a", "b"), ("c", "d"))))
+    assert not d.promote and "a<->b, c<->d" in d.reason
+    # a labelled val split decides: the first version on its recorded val accuracy, a later one on both versions' now
+    on_val = Recorded(0.8, 0.6, 99.5, target_val_acc=90.0, source_only_target_val_acc=60.0, class_swaps=(("2", "7"),))
+    assert gate(m("1", target_val=90.0), recorded=on_val).promote
+    d = gate(m("2", target_val=81.0), m("1", target_val=80.0), recorded=Recorded(0.9, 0.1, 99.0, class_swaps=(("2", "7"),)))
+    assert d.promote and d.criterion == "target_val_acc"
+    # a val split now, none recorded at evaluation: the validator would decide, so the flag still refuses
+    assert gate(m("1", target_val=90.0), recorded=swapped).criterion == "class_swap"
+    # nothing flagged, or not recorded (a version from before the check): the rule as before
+    clean = gate(m("1"), recorded=Recorded(0.8, 0.6, 99.5, class_swaps=()))
+    assert clean.promote and ("class swaps at evaluation", "-", "none") in clean.rows
+    assert gate(m("1"), recorded=GOOD_FIRST).promote and all(r[0] != "class swaps at evaluation" for r in gate(m("1"), recorded=GOOD_FIRST).rows)
