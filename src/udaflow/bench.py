@@ -39,7 +39,7 @@ from udaflow.validators import ensemble_agreement
 ROW_KEYS = (
     "shift", "method", "seed", "protocol", "target_acc_last", "target_acc_selected", "selected_by", "selected_step",
     "source_val_acc_last", "source_val_acc_selected", "validators_last", "validators_selected", "seconds", "train_images_per_s",
-    "peak_rss_mb", "device",
+    "peak_rss_mb", "device", "swap_retries",
 )  # plus training_cost's keys; for every non-oracle method: best_checkpoint_target_acc, selection_loss,
 # regret (per validator) and median_last5_target_acc (reported, never used to select)
 CONTRACT_KEYS = ("target_acc", "source_val_acc", "validators")

@@ -156,6 +156,7 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(100, ge=0)  # linear warm-up, then cosine decay to 0
     grad_clip: float = Field(1.0, gt=0)
     pretrain_steps: int = Field(1500, ge=0)  # source pretraining steps (shared by the methods of a shift)
+    swap_retries: int = Field(0, ge=0)  # adapt again, with another seed, when the adapted model's classes look swapped (shift.class_swaps)
     adapt_steps: int = Field(2000, ge=0)  # adaptation steps per method
     eval_every: int = Field(200, gt=0)  # steps between label-free validator evaluations (checkpoint candidates)
     checkpoint_every: int = Field(200, gt=0)  # steps between atomic checkpoint writes (resume points)

@@ -47,7 +47,8 @@ def new_classifier(cfg: Config, num_classes: int) -> Classifier:
 
 def source_params(cfg: Config, num_classes: int) -> dict:
     """Every parameter the source model depends on (not the adaptation ones)."""
-    adaptation_only = ("adapt_steps", "adapt_lr", "rotation_weight", "rotation_batch", "rotation_source", "pseudo_labels", "progress", "checkpoint_every")
+    adaptation_only = ("adapt_steps", "adapt_lr", "rotation_weight", "rotation_batch", "rotation_source", "pseudo_labels", "swap_retries",
+                       "progress", "checkpoint_every")
     # the strong view's warp is adaptation's too: pretraining reads the default view only
     exclude = {**dict.fromkeys(adaptation_only, True), "augment": {"strong_rotate", "strong_shear"}}
     train_cfg = cfg.train.model_dump(mode="json", exclude=exclude)
@@ -303,6 +304,10 @@ def rescore_on_pool(cfg: Config, stage: StageResult, data: ShiftData) -> StageRe
     return dataclasses.replace(stage, train=rescored)
 
 
+# an adaptation run again after a flagged swap draws from seed + 1 + attempt x this: far from the seeds a bench's seeds use
+RETRY_SEED_STRIDE = 1000
+
+
 def adapt_to_target(
     cfg: Config,
     method_name: str,
@@ -313,23 +318,65 @@ def adapt_to_target(
     source_val: LabelledImages | None = None,
     keep_checkpoints: bool = False,
 ) -> StageResult:
-    """Adapt a copy of the source model with `method_name` on labelled source + unlabelled target."""
+    """Adapt a copy of the source model with `method_name` on labelled source + unlabelled target.
+
+    With `train.swap_retries` = n > 0 and labelled `source_val`, the adapted model's labels on the pool are
+    read in the source model's features (`shift.class_swaps`, the check the promotion gate applies): when a
+    pair of classes looks swapped, adaptation runs again from the source model with another seed
+    (seed + 1 + attempt x RETRY_SEED_STRIDE), at most n times. Self-training locks a swap in early and
+    keeps it (docs/measurements.md, "A fourth shift"); a fresh draw of batches need not. The last attempt
+    is the result; `train.extra["swap_retries"]` lists the attempts set aside (seed, pairs, seconds), and
+    `wall_seconds` counts them all. Each attempt has a checkpoint of its own (`retry_checkpoint`).
+    A run the check never flags trains and returns exactly what it did without the check.
+    """
     cls = get_method_class(method_name)
     if cls.uses_target_labels:
         raise ValueError(f"method '{method_name}' trains on target labels: benchmark only (`udaflow bench`), never registered")
-    seed_everything(cfg.seed + 1, cfg.train.deterministic, cfg.train.num_threads)  # the method's own modules too
-    classifier = new_classifier(cfg, len(source_train.classes))
-    classifier.load_state_dict(source_model.train.last_state)
-    fingerprint = run_fingerprint(cfg, method_name, classifier, source_train, target_adapt, *([source_val] if source_val is not None else []))
-    method = create_method(method_name, classifier, cfg.methods.get(method_name), cfg.train.pseudo_labels.model_dump())
     t0 = time.perf_counter()
-    result = train(
-        classifier, method, source_train, target_adapt, cfg.train,
-        steps=method.adapt_steps(cfg.train.adapt_steps), lr=cfg.train.adapt_lr, seed=cfg.seed + 1, validator=cfg.validator,
-        checkpoint_path=checkpoint_path, description=f"adapt {method_name}",
-        source_val=source_val, keep_checkpoints=keep_checkpoints, auxiliary=True, fingerprint=fingerprint,
-    )
+    reference, set_aside = None, []
+    retries = cfg.train.swap_retries if source_val is not None else 0
+    for attempt in range(retries + 1):
+        seed = cfg.seed + 1 + attempt * RETRY_SEED_STRIDE
+        seed_everything(seed, cfg.train.deterministic, cfg.train.num_threads)  # the method's own modules too
+        classifier = new_classifier(cfg, len(source_train.classes))
+        classifier.load_state_dict(source_model.train.last_state)
+        fingerprint = run_fingerprint(cfg, method_name, classifier, source_train, target_adapt, *([source_val] if source_val is not None else []))
+        if attempt:
+            fingerprint = hashlib.sha256(f"{fingerprint} retry {attempt}".encode()).hexdigest()[:16]
+        method = create_method(method_name, classifier, cfg.methods.get(method_name), cfg.train.pseudo_labels.model_dump())
+        result = train(
+            classifier, method, source_train, target_adapt, cfg.train,
+            steps=method.adapt_steps(cfg.train.adapt_steps), lr=cfg.train.adapt_lr, seed=seed, validator=cfg.validator,
+            checkpoint_path=retry_checkpoint(checkpoint_path, attempt), description=f"adapt {method_name}" + (f" (retry {attempt})" if attempt else ""),
+            source_val=source_val, keep_checkpoints=keep_checkpoints, auxiliary=True, fingerprint=fingerprint,
+        )
+        if attempt == retries:
+            break
+        from udaflow.shift import class_swaps
+
+        device, model = resolve_device(cfg.train.device), copy.deepcopy(classifier)  # a copy draws no random numbers
+        if reference is None:  # the source model's features of source val and the pool, as the gate's check reads them
+            model.load_state_dict(source_model.train.last_state)
+            reference = (predict(model, source_val.images, device)[0], source_val.labels, predict(model, target_adapt.images, device)[0])
+        model.load_state_dict(result.selected_state)  # the weights the pipeline registers
+        swaps = class_swaps(*reference, predict(model, target_adapt.images, device)[1].argmax(1), len(source_train.classes))
+        if not swaps:
+            break
+        names = ", ".join(f"{source_train.classes[a]}<->{source_train.classes[b]}" for a, b in swaps)
+        set_aside.append({"seed": seed, "class_swaps": [[source_train.classes[a], source_train.classes[b]] for a, b in swaps],
+                          "seconds": round(result.seconds, 2)})
+        if distributed.is_main():
+            print(f"adapt {method_name}: classes {names} look swapped on the target pool (their labels there sit nearer the other's "
+                  f"source images in the source model's features): adapting again from the source model, seed "
+                  f"{seed + RETRY_SEED_STRIDE} (retry {attempt + 1} of {retries})", file=sys.stderr, flush=True)
+    if retries:
+        result.extra["swap_retries"] = set_aside
     return StageResult(classifier, result, time.perf_counter() - t0)
+
+
+def retry_checkpoint(path: Path | None, attempt: int) -> Path | None:
+    """The resume point of adaptation attempt `attempt` (0: `path` itself; n: checkpoint.retry<n>.pt beside it)."""
+    return path if path is None or attempt == 0 else path.with_name(f"{path.stem}.retry{attempt}{path.suffix}")
 
 
 def train_oracle(cfg: Config, source_model: StageResult, target_train_labelled: LabelledImages) -> StageResult:
@@ -443,6 +490,9 @@ def evaluate_stage(cfg: Config, stage: StageResult, data: ShiftData, target_eval
             out[f"_predictions_{name}"] = scores["predictions"]
     out["selected_by"] = stage.train.selected_by
     out["selected_step"] = stage.train.selected_step
+    if "swap_retries" in stage.train.extra:  # adaptation attempts set aside for a flagged swap (adapt_to_target)
+        out["swap_retries"] = stage.train.extra["swap_retries"]
+        out["swap_retry_count"] = len(out["swap_retries"])
     out["seconds"] = round(stage.wall_seconds, 2)
     out["train_images_per_s"] = round(stage.train.images_per_s, 1)
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)

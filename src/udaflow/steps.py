@@ -167,7 +167,10 @@ def adapt(cfg: Config, data: ShiftData | None = None, source_model: Path | None 
 
 def drop_checkpoint(cfg: Config) -> None:
     """Remove the adaptation's resume point, once what it trained is kept (registered, or a stage's output)."""
-    run_paths(cfg).checkpoint.unlink(missing_ok=True)
+    checkpoint = run_paths(cfg).checkpoint
+    checkpoint.unlink(missing_ok=True)
+    for retry in checkpoint.parent.glob(f"{checkpoint.stem}.retry*{checkpoint.suffix}"):  # adaptation run again after a flagged swap
+        retry.unlink(missing_ok=True)
 
 
 def registered_model(cfg: Config) -> tuple[Path, Any]:

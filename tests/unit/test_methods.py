@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -132,7 +133,6 @@ def test_only_adversarial_methods_own_parameters():
 ])
 def test_adaptation_length_follows_the_method(name, options, expected, tiny_shift, make_train_config):
     """`train.adapt_steps` for every method, times cdtrans's `step_scale` for cdtrans."""
-    from types import SimpleNamespace
 
     from udaflow.config import Config
     from udaflow.experiment import adapt_to_target
@@ -146,3 +146,71 @@ def test_adaptation_length_follows_the_method(name, options, expected, tiny_shif
     stage = adapt_to_target(cfg, name, start, source, target)
     assert stage.train.steps == expected
     assert [row["step"] for row in stage.train.validator_history][-1] == expected
+
+
+def _adapt(tiny_shift, make_train_config, tmp_path=None, seed=0, swap_retries=1, source_val=True):
+    from udaflow.config import Config
+    from udaflow.experiment import adapt_to_target
+
+    source, target, _ = tiny_shift
+    cfg = Config(seed=seed, model={"backbone": "udaflow_vit_micro"}, train=make_train_config(adapt_steps=8, eval_every=4, swap_retries=swap_retries))
+    torch.manual_seed(0)
+    start = SimpleNamespace(train=SimpleNamespace(last_state=build_classifier("udaflow_vit_micro", len(source.classes)).state_dict()))
+    return adapt_to_target(cfg, "adamatch", start, source, target, tmp_path / "checkpoint.pt" if tmp_path else None,
+                           source if source_val else None)
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_swap_flagged_after_adaptation_adapts_again_with_another_seed(tiny_shift, make_train_config, monkeypatch, tmp_path, capsys):
+    import udaflow.shift
+    from udaflow.experiment import RETRY_SEED_STRIDE
+
+    read = []
+    monkeypatch.setattr(udaflow.shift, "class_swaps", lambda *a: read.append(a) or [(0, 1)])
+    retried = _adapt(tiny_shift, make_train_config, tmp_path)
+    assert len(read) == 1  # the first attempt is checked; the last is the gate's to check
+    source_features, labels, pool_features, predicted, classes = read[0]
+    assert source_features.shape == pool_features.shape == (60, 32) and predicted.shape == (60,) and classes == 3
+    names = list(tiny_shift[0].classes)
+    assert [{k: v for k, v in a.items() if k != "seconds"} for a in retried.train.extra["swap_retries"]] == [
+        {"seed": 1, "class_swaps": [[names[0], names[1]]]}]
+    assert f"classes {names[0]}<->{names[1]} look swapped on the target pool" in capsys.readouterr().err
+    # the retry is the run a seed RETRY_SEED_STRIDE further on trains, bit for bit
+    direct = _adapt(tiny_shift, make_train_config, seed=RETRY_SEED_STRIDE, swap_retries=0)
+    assert _same(retried.train.last_state, direct.train.last_state)
+    assert "swap_retries" not in direct.train.extra
+    # each attempt kept its own resume point: run again, both resume at their last step and train nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.retry1.pt"]
+    again = _adapt(tiny_shift, make_train_config, tmp_path)
+    assert again.train.resumed_from == 8 and _same(again.train.last_state, retried.train.last_state) and len(read) == 2
+
+
+def test_a_run_the_check_never_flags_is_the_run_without_it(tiny_shift, make_train_config, monkeypatch):
+    import udaflow.shift
+
+    read = []
+    monkeypatch.setattr(udaflow.shift, "class_swaps", lambda *a: read.append(a) or [])
+    checked = _adapt(tiny_shift, make_train_config)
+    assert len(read) == 1 and checked.train.extra["swap_retries"] == []
+    for unchecked in (_adapt(tiny_shift, make_train_config, swap_retries=0), _adapt(tiny_shift, make_train_config, source_val=False)):
+        assert _same(checked.train.last_state, unchecked.train.last_state) and "swap_retries" not in unchecked.train.extra
+    assert len(read) == 1  # no check without retries to spend, nor without labelled source val to read it on
+
+
+def test_the_pipeline_drops_every_attempts_resume_point(tmp_path):
+    from udaflow import steps
+    from udaflow.config import Config
+    from udaflow.experiment import retry_checkpoint
+
+    cfg = Config(work_dir=str(tmp_path))
+    checkpoint = steps.run_paths(cfg).checkpoint
+    checkpoint.parent.mkdir(parents=True)
+    kept = checkpoint.parent / "model.pt"
+    for path in (checkpoint, retry_checkpoint(checkpoint, 1), retry_checkpoint(checkpoint, 2), kept):
+        path.write_bytes(b"x")
+    assert retry_checkpoint(checkpoint, 2).name == "checkpoint.retry2.pt" and retry_checkpoint(checkpoint, 0) == checkpoint
+    steps.drop_checkpoint(cfg)
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["model.pt"]
